@@ -1,0 +1,45 @@
+namespace LocalVllm.Engine;
+
+/// <summary>Engine settings, named as in vLLM. Validated when the engine starts.</summary>
+public sealed class EngineOptions
+{
+    /// <summary>A Hugging Face model directory.</summary>
+    public string Model { get; set; } = "";
+    /// <summary>"cpu" (default) or "cuda" (needs the CUDA build of TorchSharp).</summary>
+    public string Device { get; set; } = "cpu";
+    /// <summary>Compute dtype: "float32" (default), "bfloat16" or "float16".</summary>
+    public string DType { get; set; } = "float32";
+    /// <summary>Tokens per KV block.</summary>
+    public int BlockSize { get; set; } = 16;
+    /// <summary>Bytes of KV cache to allocate; when null, 256 MiB on CPU or 80% of free memory on CUDA.</summary>
+    public long? KvCacheMemoryBytes { get; set; }
+    /// <summary>Number of KV blocks; overrides <see cref="KvCacheMemoryBytes"/> when set.</summary>
+    public int? NumKvBlocks { get; set; }
+    /// <summary>Token budget per engine step (prefill chunks and decodes together).</summary>
+    public int MaxNumBatchedTokens { get; set; } = 2048;
+    /// <summary>Sequences that may run at once.</summary>
+    public int MaxNumSeqs { get; set; } = 128;
+    /// <summary>Context length cap; defaults to the model's max_position_embeddings.</summary>
+    public int? MaxModelLen { get; set; }
+    /// <summary>Reuse KV blocks of identical prompt prefixes.</summary>
+    public bool EnablePrefixCaching { get; set; } = true;
+    /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
+    public bool UseProgressBar { get; set; }
+    /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
+    public int? NumThreads { get; set; }
+
+    internal void Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Model)) throw new ArgumentException("EngineOptions.Model must name a model directory.", nameof(Model));
+        if (BlockSize < 1) throw new ArgumentOutOfRangeException(nameof(BlockSize), BlockSize, "BlockSize must be at least 1.");
+        if (MaxNumBatchedTokens < 1) throw new ArgumentOutOfRangeException(nameof(MaxNumBatchedTokens), MaxNumBatchedTokens, "MaxNumBatchedTokens must be at least 1.");
+        if (MaxNumSeqs < 1) throw new ArgumentOutOfRangeException(nameof(MaxNumSeqs), MaxNumSeqs, "MaxNumSeqs must be at least 1.");
+        if (KvCacheMemoryBytes is <= 0) throw new ArgumentOutOfRangeException(nameof(KvCacheMemoryBytes), KvCacheMemoryBytes, "KvCacheMemoryBytes must be positive.");
+        if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
+        if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
+        if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))
+            throw new ArgumentException($"Unknown device '{Device}'; use 'cpu' or 'cuda'.", nameof(Device));
+        if (DType is not ("float32" or "bfloat16" or "float16"))
+            throw new ArgumentException($"Unknown dtype '{DType}'; use 'float32', 'bfloat16' or 'float16'.", nameof(DType));
+    }
+}

@@ -1,0 +1,266 @@
+using System.Diagnostics;
+using LocalVllm.Engine.Cache;
+using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Sampling;
+using LocalVllm.Engine.Scheduling;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Engine;
+
+/// <summary>
+/// The synchronous engine core: requests in, one <see cref="Step"/> at a time (schedule, run the model, sample,
+/// post-process), outputs out. Not thread-safe: one thread owns it (<see cref="Llm"/> or the async engine loop).
+/// </summary>
+public sealed class LlmEngine : IDisposable
+{
+    private sealed class Request(string id, string? prompt, int[] promptIds, SamplingParams sampling, Sequence[] seqs)
+    {
+        public readonly string Id = id;
+        public readonly string? Prompt = prompt;
+        public readonly int[] PromptIds = promptIds;
+        public readonly SamplingParams Sampling = sampling;
+        public readonly Sequence[] Sequences = seqs;
+        public bool Finished => Sequences.All(s => s.Status == SequenceStatus.Finished);
+    }
+
+    private readonly Dictionary<string, Request> _requests = [];
+    private readonly ModelRunner _runner;
+    private readonly Sampler _sampler = new();
+    private readonly HashSet<int> _eos;
+    private long _nextId;
+
+    /// <summary>Loads the model and allocates the KV cache as <paramref name="options"/> say.</summary>
+    public LlmEngine(EngineOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        Options = options;
+        if (options.NumThreads is int threads) torch.set_num_threads(threads);
+        Directory = ModelDirectory.Open(options.Model);
+        var device = torch.device(options.Device);
+        var dtype = options.DType switch
+        {
+            "bfloat16" => ScalarType.BFloat16,
+            "float16" => ScalarType.Float16,
+            _ => ScalarType.Float32,
+        };
+        Model = CausalLm.Load(Directory, dtype, device);
+        var c = Model.Config;
+        MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
+        long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);
+        int numBlocks = options.NumKvBlocks
+            ?? (int)Math.Max(1, Math.Min(int.MaxValue, (options.KvCacheMemoryBytes ?? 256L * 1024 * 1024) / bytesPerBlock));
+        Cache = new KvCache(c.NumHiddenLayers, numBlocks, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype, device);
+        Blocks = new BlockManager(numBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c));
+        Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs);
+        _runner = new ModelRunner(Model, Cache);
+        _eos = [.. Directory.EosTokenIds];
+    }
+
+    public EngineOptions Options { get; }
+    public ModelDirectory Directory { get; }
+    public CausalLm Model { get; }
+    public KvCache Cache { get; }
+    public BlockManager Blocks { get; }
+    public Scheduler Scheduler { get; }
+    /// <summary>The longest sequence (prompt plus output) the engine serves.</summary>
+    public int MaxModelLen { get; }
+    /// <summary>Whether any request is still waiting or running.</summary>
+    public bool HasUnfinishedRequests => _requests.Count > 0;
+    /// <summary>Cumulative counters.</summary>
+    public EngineCounters Counters { get; } = new();
+
+    /// <summary>
+    /// Validates and queues a request; throws <see cref="ArgumentException"/> naming the bad value and its limit.
+    /// Returns the request id.
+    /// </summary>
+    public string AddRequest(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null, string? requestId = null, string? prompt = null)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        sampling ??= new SamplingParams();
+        var c = Model.Config;
+        sampling.Validate(c.VocabSize);
+        if (promptTokenIds.Count == 0) throw new ArgumentException("The prompt is empty: at least one token id is needed.", nameof(promptTokenIds));
+        for (int i = 0; i < promptTokenIds.Count; i++)
+            if (promptTokenIds[i] < 0 || promptTokenIds[i] >= c.VocabSize)
+                throw new ArgumentOutOfRangeException(nameof(promptTokenIds), promptTokenIds[i],
+                    $"Token id {promptTokenIds[i]} at prompt position {i} is outside the vocabulary [0, {c.VocabSize}).");
+        if (promptTokenIds.Count >= MaxModelLen)
+            throw new ArgumentException(
+                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} (max_position_embeddings / MaxModelLen); at least one token must be left to generate.",
+                nameof(promptTokenIds));
+        int capacity = Blocks.NumBlocks * Blocks.BlockSize;
+        if (promptTokenIds.Count + 1 > capacity)
+            throw new ArgumentException(
+                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({Blocks.NumBlocks} blocks of {Blocks.BlockSize}); raise KvCacheMemoryBytes.",
+                nameof(promptTokenIds));
+        requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
+        if (_requests.ContainsKey(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
+
+        var ids = promptTokenIds.ToArray();
+        long now = Stopwatch.GetTimestamp();
+        var seqs = Enumerable.Range(0, sampling.N).Select(i => new Sequence(requestId, i, ids, sampling, now)).ToArray();
+        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs);
+        foreach (var s in seqs)
+        {
+            if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
+            if (sampling.Logprobs is not null) s.OutputLogprobs = [];
+            Scheduler.Add(s);
+        }
+        return requestId;
+    }
+
+    /// <summary>Aborts a request; its blocks are released at once. Returns its final output, or null if unknown.</summary>
+    public RequestOutput? Abort(string requestId)
+    {
+        if (!_requests.Remove(requestId, out var request)) return null;
+        foreach (var s in request.Sequences)
+            if (s.Status != SequenceStatus.Finished) Scheduler.Finish(s, FinishReasons.Abort);
+        return BuildOutput(request);
+    }
+
+    /// <summary>Runs one engine step and returns an output for every request that made progress.</summary>
+    public List<RequestOutput> Step()
+    {
+        var outputs = new List<RequestOutput>();
+        if (!HasUnfinishedRequests) return outputs;
+        using var scope = NewDisposeScope();
+        var batch = Scheduler.Schedule();
+        if (batch.Count == 0)
+        {
+            // Nothing fits even alone: the first waiting sequence has outgrown the whole cache.
+            var stuck = Scheduler.Unfinished.First();
+            Scheduler.Finish(stuck, FinishReasons.Length);
+            outputs.AddRange(Collect([stuck]));
+            return outputs;
+        }
+        var step = _runner.Run(batch);
+        var samplers = new List<Sequence>();
+        var samplerRows = new List<long>();
+        for (int i = 0; i < batch.Count; i++)
+            if (step.SampleRows[i] >= 0)
+            {
+                samplers.Add(batch[i].Sequence);
+                samplerRows.Add(step.SampleRows[i]);
+            }
+        SampledToken[] sampled = [];
+        if (samplers.Count > 0)
+        {
+            using var rows = tensor(samplerRows.ToArray(), device: step.Logits.device);
+            using var sampleLogits = step.Logits.index_select(0, rows);
+            sampled = _sampler.Sample(sampleLogits, samplers);
+        }
+        RecordPromptLogprobs(batch, step);
+
+        long now = Stopwatch.GetTimestamp();
+        var touched = new List<Sequence>();
+        int k = 0;
+        for (int i = 0; i < batch.Count; i++)
+        {
+            var (seq, numNew) = batch[i];
+            bool isPrefill = seq.NumComputedTokens < seq.NumPromptTokens;
+            if (isPrefill) Counters.PrefillTokens += numNew; else Counters.DecodeTokens += numNew;
+            seq.NumComputedTokens += numNew;
+            Blocks.CacheFullBlocks(seq);
+            if (step.SampleRows[i] < 0) continue;
+            var token = sampled[k++];
+            seq.Append(token.TokenId);
+            seq.FirstTokenTicks ??= now;
+            if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
+            CheckStop(seq, token.TokenId);
+            touched.Add(seq);
+        }
+        Counters.Steps++;
+        outputs.AddRange(Collect(touched));
+        return outputs;
+    }
+
+    private void CheckStop(Sequence seq, int token)
+    {
+        var p = seq.Sampling;
+        int generated = seq.NumOutputTokens;
+        if (generated >= p.MinTokens)
+        {
+            if (!p.IgnoreEos && _eos.Contains(token)) { Scheduler.Finish(seq, FinishReasons.Stop, token); return; }
+            if (p.StopTokenIds.Contains(token)) { Scheduler.Finish(seq, FinishReasons.Stop, token); return; }
+        }
+        if (generated >= p.MaxTokens || seq.NumTokens >= MaxModelLen) Scheduler.Finish(seq, FinishReasons.Length);
+    }
+
+    private void RecordPromptLogprobs(IReadOnlyList<ScheduledSequence> batch, StepLogits step)
+    {
+        for (int i = 0; i < batch.Count; i++)
+        {
+            if (step.PromptRows[i] is not var (row, position, count)) continue;
+            var seq = batch[i].Sequence;
+            int k = seq.Sampling.PromptLogprobs ?? 0;
+            using var scope = NewDisposeScope();
+            var lp = step.Logits.narrow(0, row, count).log_softmax(-1);
+            for (int j = 0; j < count; j++)
+            {
+                int target = position + j + 1;
+                seq.PromptLogprobs![target] = Sampler.Logprobs(lp[j], seq.PromptTokenIds[target], k);
+            }
+        }
+    }
+
+    private IEnumerable<RequestOutput> Collect(IEnumerable<Sequence> touched)
+    {
+        foreach (var id in touched.Select(s => s.RequestId).Distinct())
+        {
+            if (!_requests.TryGetValue(id, out var request)) continue;
+            var output = BuildOutput(request);
+            if (output.Finished)
+            {
+                _requests.Remove(id);
+                Counters.FinishedRequests++;
+            }
+            yield return output;
+        }
+    }
+
+    private static RequestOutput BuildOutput(Request r)
+    {
+        var first = r.Sequences.Where(s => s.FirstTokenTicks is not null).Select(s => s.FirstTokenTicks!.Value).DefaultIfEmpty().Min();
+        return new RequestOutput
+        {
+            RequestId = r.Id,
+            Prompt = r.Prompt,
+            PromptTokenIds = r.PromptIds,
+            PromptLogprobs = r.Sequences[0].PromptLogprobs,
+            Outputs = r.Sequences.Select(s => new CompletionOutput
+            {
+                Index = s.Index,
+                TokenIds = s.OutputTokens(),
+                Logprobs = s.OutputLogprobs?.ToArray(),
+                FinishReason = s.FinishReason,
+                StopReason = s.StopReason,
+            }).ToArray(),
+            Finished = r.Finished,
+            NumCachedTokens = r.Sequences.Max(s => s.NumCachedPromptTokens),
+            TimeToFirstTokenSeconds = first == 0 ? null : Stopwatch.GetElapsedTime(r.Sequences[0].ArrivalTicks, first).TotalSeconds,
+        };
+    }
+
+    private static ulong ModelSalt(ModelConfig c) =>
+        System.IO.Hashing.XxHash64.HashToUInt64(System.Text.Encoding.UTF8.GetBytes(
+            $"{c.Architecture}/{c.VocabSize}/{c.HiddenSize}/{c.NumHiddenLayers}/{c.NumAttentionHeads}/{c.NumKeyValueHeads}/{c.HeadDim}"));
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        Cache.Dispose();
+        Model.Dispose();
+    }
+}
+
+/// <summary>Cumulative engine counters.</summary>
+public sealed class EngineCounters
+{
+    public long Steps { get; internal set; }
+    public long PrefillTokens { get; internal set; }
+    public long DecodeTokens { get; internal set; }
+    public long FinishedRequests { get; internal set; }
+}

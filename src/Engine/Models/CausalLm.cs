@@ -1,0 +1,198 @@
+using LocalVllm.Engine.Attention;
+using LocalVllm.Engine.Cache;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace LocalVllm.Engine.Models;
+
+/// <summary>
+/// A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3 with per-head q/k
+/// norm). Weights are keyed exactly as in the checkpoint; q/k/v and gate/up are concatenated at load time so that each
+/// runs as one matrix multiply over all packed tokens.
+/// </summary>
+public sealed class CausalLm : IDisposable
+{
+    private sealed class Layer : IDisposable
+    {
+        public required Tensor InputNorm;
+        public required Tensor QkvWeight; // [(heads + 2 * kvHeads) * headDim, hidden]
+        public Tensor? QkvBias;
+        public Tensor? QNorm, KNorm; // [headDim]
+        public required Tensor OWeight; // [hidden, heads * headDim]
+        public required Tensor PostNorm;
+        public required Tensor GateUpWeight; // [2 * intermediate, hidden]
+        public required Tensor DownWeight; // [hidden, intermediate]
+
+        public void Dispose()
+        {
+            foreach (var t in new[] { InputNorm, QkvWeight, QkvBias, QNorm, KNorm, OWeight, PostNorm, GateUpWeight, DownWeight })
+                t?.Dispose();
+        }
+    }
+
+    private readonly Layer[] _layers;
+    private readonly Tensor _embed; // [vocab, hidden]
+    private readonly Tensor _norm; // [hidden]
+    private readonly Tensor _lmHead; // [vocab, hidden]; the embedding itself when tied
+    private readonly RotaryEmbedding _rope;
+    private readonly IAttentionBackend _attention;
+
+    private CausalLm(ModelConfig config, Layer[] layers, Tensor embed, Tensor norm, Tensor lmHead, RotaryEmbedding rope,
+        IAttentionBackend attention, ScalarType dtype, Device device)
+    {
+        Config = config;
+        _layers = layers;
+        _embed = embed;
+        _norm = norm;
+        _lmHead = lmHead;
+        _rope = rope;
+        _attention = attention;
+        DType = dtype;
+        Device = device;
+    }
+
+    /// <summary>The model's configuration.</summary>
+    public ModelConfig Config { get; }
+    /// <summary>The compute dtype.</summary>
+    public ScalarType DType { get; }
+    /// <summary>The device the weights live on.</summary>
+    public Device Device { get; }
+
+    /// <summary>Every checkpoint key the architecture expects, with its shape.</summary>
+    public static IReadOnlyDictionary<string, long[]> ExpectedTensors(ModelConfig c)
+    {
+        var t = new Dictionary<string, long[]>(StringComparer.Ordinal)
+        {
+            ["model.embed_tokens.weight"] = [c.VocabSize, c.HiddenSize],
+            ["model.norm.weight"] = [c.HiddenSize],
+            ["lm_head.weight"] = [c.VocabSize, c.HiddenSize],
+        };
+        long q = (long)c.NumAttentionHeads * c.HeadDim, kv = (long)c.NumKeyValueHeads * c.HeadDim;
+        for (int i = 0; i < c.NumHiddenLayers; i++)
+        {
+            var p = $"model.layers.{i}.";
+            t[p + "input_layernorm.weight"] = [c.HiddenSize];
+            t[p + "post_attention_layernorm.weight"] = [c.HiddenSize];
+            t[p + "self_attn.q_proj.weight"] = [q, c.HiddenSize];
+            t[p + "self_attn.k_proj.weight"] = [kv, c.HiddenSize];
+            t[p + "self_attn.v_proj.weight"] = [kv, c.HiddenSize];
+            t[p + "self_attn.o_proj.weight"] = [c.HiddenSize, q];
+            if (c.AttentionBias)
+            {
+                t[p + "self_attn.q_proj.bias"] = [q];
+                t[p + "self_attn.k_proj.bias"] = [kv];
+                t[p + "self_attn.v_proj.bias"] = [kv];
+            }
+            if (c.QkNorm)
+            {
+                t[p + "self_attn.q_norm.weight"] = [c.HeadDim];
+                t[p + "self_attn.k_norm.weight"] = [c.HeadDim];
+            }
+            t[p + "mlp.gate_proj.weight"] = [c.IntermediateSize, c.HiddenSize];
+            t[p + "mlp.up_proj.weight"] = [c.IntermediateSize, c.HiddenSize];
+            t[p + "mlp.down_proj.weight"] = [c.HiddenSize, c.IntermediateSize];
+        }
+        return t;
+    }
+
+    /// <summary>Loads the model in <paramref name="dir"/> onto <paramref name="device"/> in <paramref name="dtype"/>.</summary>
+    public static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention = null)
+    {
+        var c = dir.Config;
+        using var weights = new WeightLoader(dir.WeightFiles);
+        var expected = ExpectedTensors(c);
+        var optional = c.TieWordEmbeddings ? new HashSet<string> { "lm_head.weight" } : new HashSet<string>();
+        weights.Validate(expected, optional, key => key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal));
+
+        Tensor Read(string key) => weights.Read(key, dtype, device);
+        Tensor ReadCat(params string[] keys)
+        {
+            var parts = keys.Select(Read).ToArray();
+            var joined = cat(parts, 0);
+            foreach (var p in parts) p.Dispose();
+            return joined;
+        }
+
+        var layers = new Layer[c.NumHiddenLayers];
+        for (int i = 0; i < layers.Length; i++)
+        {
+            var p = $"model.layers.{i}.";
+            layers[i] = new Layer
+            {
+                InputNorm = Read(p + "input_layernorm.weight"),
+                QkvWeight = ReadCat(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                QkvBias = c.AttentionBias ? ReadCat(p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias") : null,
+                QNorm = c.QkNorm ? Read(p + "self_attn.q_norm.weight") : null,
+                KNorm = c.QkNorm ? Read(p + "self_attn.k_norm.weight") : null,
+                OWeight = Read(p + "self_attn.o_proj.weight"),
+                PostNorm = Read(p + "post_attention_layernorm.weight"),
+                GateUpWeight = ReadCat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                DownWeight = Read(p + "mlp.down_proj.weight"),
+            };
+        }
+        var embed = Read("model.embed_tokens.weight");
+        var lmHead = weights.Contains("lm_head.weight") && !c.TieWordEmbeddings ? Read("lm_head.weight") : embed.alias();
+        return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
+            attention ?? new TorchPagedAttention(), dtype, device);
+    }
+
+    /// <summary>
+    /// Runs the packed tokens of one step. <paramref name="inputIds"/> and <paramref name="positions"/> are int64
+    /// [tokens]; <paramref name="logitIndices"/> (int64) picks the rows whose logits are returned, [rows, vocab] float32.
+    /// </summary>
+    public Tensor Forward(Tensor inputIds, Tensor positions, int maxPosition, AttentionMetadata metadata, KvCache cache, Tensor logitIndices)
+    {
+        using var scope = NewDisposeScope();
+        var c = Config;
+        int tokens = (int)inputIds.shape[0];
+        long qSize = (long)c.NumAttentionHeads * c.HeadDim, kvSize = (long)c.NumKeyValueHeads * c.HeadDim;
+        var (cos, sin) = _rope.CosSin(positions, maxPosition);
+
+        var x = _embed.index_select(0, inputIds); // [tokens, hidden]
+        for (int l = 0; l < _layers.Length; l++)
+        {
+            var layer = _layers[l];
+            using var layerScope = NewDisposeScope();
+            var h = RmsNorm(x, layer.InputNorm, c.RmsNormEps);
+            var qkv = F.linear(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
+            var q = qkv.narrow(1, 0, qSize).view(tokens, c.NumAttentionHeads, c.HeadDim);
+            var k = qkv.narrow(1, qSize, kvSize).view(tokens, c.NumKeyValueHeads, c.HeadDim);
+            var v = qkv.narrow(1, qSize + kvSize, kvSize).reshape(tokens, c.NumKeyValueHeads, c.HeadDim);
+            if (layer.QNorm is not null) q = RmsNorm(q, layer.QNorm, c.RmsNormEps);
+            if (layer.KNorm is not null) k = RmsNorm(k, layer.KNorm, c.RmsNormEps);
+            q = RotaryEmbedding.Apply(q, cos, sin);
+            k = RotaryEmbedding.Apply(k, cos, sin);
+            var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
+            var hidden = x + F.linear(attn, layer.OWeight);
+            var h2 = RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
+            var gateUp = F.linear(h2, layer.GateUpWeight); // [tokens, 2 * intermediate]
+            var gate = gateUp.narrow(1, 0, c.IntermediateSize);
+            var up = gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
+            x = (hidden + F.linear(F.silu(gate) * up, layer.DownWeight)).MoveToOuterDisposeScope();
+        }
+        var selected = x.index_select(0, logitIndices);
+        var normed = RmsNorm(selected, _norm, c.RmsNormEps);
+        var logits = F.linear(normed, _lmHead).to(ScalarType.Float32); // [rows, vocab]
+        return logits.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>RMSNorm as transformers computes it: normalise in float32, cast back, then scale.</summary>
+    internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
+    {
+        using var scope = NewDisposeScope();
+        var xf = x.dtype == ScalarType.Float32 ? x : x.to(ScalarType.Float32);
+        var variance = xf.pow(2).mean([-1], keepdim: true);
+        var normed = xf * (variance + eps).rsqrt();
+        return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        foreach (var l in _layers) l.Dispose();
+        _embed.Dispose();
+        _norm.Dispose();
+        _lmHead.Dispose();
+        _rope.Dispose();
+    }
+}

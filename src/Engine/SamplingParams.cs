@@ -1,0 +1,67 @@
+namespace LocalVllm.Engine;
+
+/// <summary>
+/// How to generate for one request, named and defaulted as in vLLM. <see cref="Temperature"/> 0 is greedy (exact
+/// argmax); a request with a <see cref="Seed"/> samples the same tokens whatever else is in the batch.
+/// </summary>
+public sealed record SamplingParams
+{
+    /// <summary>Completions to generate for the prompt; they share the prompt's KV blocks.</summary>
+    public int N { get; init; } = 1;
+    /// <summary>Softmax temperature; 0 means greedy.</summary>
+    public float Temperature { get; init; } = 1.0f;
+    /// <summary>Nucleus sampling mass, in (0, 1].</summary>
+    public float TopP { get; init; } = 1.0f;
+    /// <summary>Keep only the K most likely tokens; 0 or -1 disables.</summary>
+    public int TopK { get; init; }
+    /// <summary>Drop tokens whose probability is below MinP times the most likely token's; 0 disables.</summary>
+    public float MinP { get; init; }
+    /// <summary>Hugging Face repetition penalty over prompt and output tokens; 1 disables.</summary>
+    public float RepetitionPenalty { get; init; } = 1.0f;
+    /// <summary>OpenAI presence penalty over output tokens, in [-2, 2].</summary>
+    public float PresencePenalty { get; init; }
+    /// <summary>OpenAI frequency penalty over output tokens, in [-2, 2].</summary>
+    public float FrequencyPenalty { get; init; }
+    /// <summary>Seed for this request's random draws.</summary>
+    public long? Seed { get; init; }
+    /// <summary>Maximum tokens to generate.</summary>
+    public int MaxTokens { get; init; } = 16;
+    /// <summary>Tokens to generate before EOS or stop tokens may end the request.</summary>
+    public int MinTokens { get; init; }
+    /// <summary>Strings that end generation; the matched string is not included in the text.</summary>
+    public IReadOnlyList<string> Stop { get; init; } = [];
+    /// <summary>Token ids that end generation (besides EOS).</summary>
+    public IReadOnlyList<int> StopTokenIds { get; init; } = [];
+    /// <summary>Keep generating past EOS.</summary>
+    public bool IgnoreEos { get; init; }
+    /// <summary>Return the top-k log-probabilities of each generated token (plus the sampled one).</summary>
+    public int? Logprobs { get; init; }
+    /// <summary>Return the top-k log-probabilities at every prompt position after the first.</summary>
+    public int? PromptLogprobs { get; init; }
+    /// <summary>Leave special tokens out of the returned text.</summary>
+    public bool SkipSpecialTokens { get; init; } = true;
+
+    /// <summary>Whether this request is greedy.</summary>
+    public bool IsGreedy => Temperature == 0f;
+
+    /// <summary>Throws an <see cref="ArgumentException"/> naming the first invalid field and its allowed range.</summary>
+    public void Validate(int vocabSize)
+    {
+        if (N < 1) throw new ArgumentOutOfRangeException(nameof(N), N, "N must be at least 1.");
+        if (float.IsNaN(Temperature) || Temperature < 0) throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, "Temperature must be >= 0 (0 is greedy).");
+        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(TopP), TopP, "TopP must be in (0, 1].");
+        if (TopK < -1) throw new ArgumentOutOfRangeException(nameof(TopK), TopK, "TopK must be -1, 0 (disabled) or a positive count.");
+        if (!(MinP >= 0 && MinP <= 1)) throw new ArgumentOutOfRangeException(nameof(MinP), MinP, "MinP must be in [0, 1].");
+        if (!(RepetitionPenalty > 0)) throw new ArgumentOutOfRangeException(nameof(RepetitionPenalty), RepetitionPenalty, "RepetitionPenalty must be > 0 (1 disables).");
+        if (!(PresencePenalty >= -2 && PresencePenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(PresencePenalty), PresencePenalty, "PresencePenalty must be in [-2, 2].");
+        if (!(FrequencyPenalty >= -2 && FrequencyPenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(FrequencyPenalty), FrequencyPenalty, "FrequencyPenalty must be in [-2, 2].");
+        if (MaxTokens < 1) throw new ArgumentOutOfRangeException(nameof(MaxTokens), MaxTokens, "MaxTokens must be at least 1.");
+        if (MinTokens < 0 || MinTokens > MaxTokens) throw new ArgumentOutOfRangeException(nameof(MinTokens), MinTokens, $"MinTokens must be in [0, MaxTokens = {MaxTokens}].");
+        if (Logprobs is < 0 || Logprobs > vocabSize) throw new ArgumentOutOfRangeException(nameof(Logprobs), Logprobs, $"Logprobs must be in [0, vocabulary size {vocabSize}].");
+        if (PromptLogprobs is < 0 || PromptLogprobs > vocabSize) throw new ArgumentOutOfRangeException(nameof(PromptLogprobs), PromptLogprobs, $"PromptLogprobs must be in [0, vocabulary size {vocabSize}].");
+        foreach (var id in StopTokenIds)
+            if (id < 0 || id >= vocabSize) throw new ArgumentOutOfRangeException(nameof(StopTokenIds), id, $"Stop token id {id} is outside the vocabulary [0, {vocabSize}).");
+        foreach (var s in Stop)
+            if (string.IsNullOrEmpty(s)) throw new ArgumentException("Stop strings must not be empty.", nameof(Stop));
+    }
+}

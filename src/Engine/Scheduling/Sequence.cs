@@ -1,0 +1,65 @@
+namespace LocalVllm.Engine.Scheduling;
+
+/// <summary>Where a sequence is in its life.</summary>
+public enum SequenceStatus { Waiting, Running, Finished }
+
+/// <summary>
+/// One completion being generated: its tokens (prompt then output), how many of them have K/V in the cache, and the
+/// blocks that hold them. Owned by the engine thread.
+/// </summary>
+public sealed class Sequence
+{
+    private readonly List<int> _tokens;
+
+    internal Sequence(string requestId, int index, int[] promptTokenIds, SamplingParams sampling, long arrivalTicks)
+    {
+        RequestId = requestId;
+        Index = index;
+        PromptTokenIds = promptTokenIds;
+        Sampling = sampling;
+        _tokens = [.. promptTokenIds];
+        ArrivalTicks = arrivalTicks;
+        long seed = sampling.Seed is long s ? s + index : Random.Shared.NextInt64();
+        Random = new Random(unchecked((int)(seed ^ (seed >> 32))));
+    }
+
+    public string RequestId { get; }
+    /// <summary>Which of the request's N completions this is.</summary>
+    public int Index { get; }
+    public int[] PromptTokenIds { get; }
+    public SamplingParams Sampling { get; }
+    public SequenceStatus Status { get; internal set; } = SequenceStatus.Waiting;
+    /// <summary>Prompt then generated tokens.</summary>
+    public IReadOnlyList<int> Tokens => _tokens;
+    public int NumTokens => _tokens.Count;
+    public int NumPromptTokens => PromptTokenIds.Length;
+    public int NumOutputTokens => _tokens.Count - PromptTokenIds.Length;
+    /// <summary>Tokens whose K/V are in the cache.</summary>
+    public int NumComputedTokens { get; internal set; }
+    /// <summary>Prompt tokens found in the prefix cache when the sequence was first scheduled.</summary>
+    public int NumCachedPromptTokens { get; internal set; }
+    /// <summary>The sequence's blocks, in order.</summary>
+    public List<int> BlockTable { get; } = [];
+    /// <summary>Chained hashes of the sequence's full blocks (prefix caching), computed as blocks fill.</summary>
+    internal List<ulong> BlockHashes { get; } = [];
+    /// <summary>Leading blocks of the table already registered in the prefix cache.</summary>
+    internal int NumRegisteredBlocks { get; set; }
+    internal Random Random { get; }
+    public string? FinishReason { get; internal set; }
+    public object? StopReason { get; internal set; }
+    internal List<PositionLogprobs>? OutputLogprobs { get; set; }
+    internal PositionLogprobs?[]? PromptLogprobs { get; set; }
+    internal long ArrivalTicks { get; }
+    internal long? FirstTokenTicks { get; set; }
+    /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>
+    internal bool SamplesAfter(int numNewTokens) => NumComputedTokens + numNewTokens == NumTokens;
+
+    internal IEnumerable<int> OutputTokenIds => _tokens.Skip(PromptTokenIds.Length);
+
+    internal List<int> TokenList => _tokens;
+
+    internal void Append(int token) => _tokens.Add(token);
+
+    /// <summary>Output tokens as a list (copy).</summary>
+    public int[] OutputTokens() => _tokens.GetRange(PromptTokenIds.Length, NumOutputTokens).ToArray();
+}

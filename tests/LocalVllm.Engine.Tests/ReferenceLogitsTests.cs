@@ -1,0 +1,125 @@
+namespace LocalVllm.Engine.Tests;
+
+/// <summary>The forward pass against logits and greedy ids produced by transformers / llama.cpp (shared/fixtures).</summary>
+public sealed class ReferenceLogitsTests
+{
+    public static TheoryData<string> IdModels => new(Fixtures.IdModels);
+
+    [Theory]
+    [MemberData(nameof(IdModels))]
+    public void Logits_match_the_reference_within_1e4(string model)
+    {
+        using var llm = new Llm(EngineHarness.Options(model));
+        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
+            var reference = c["logits"]!.AsArray();
+            bool all = c["logits_positions"]!.GetValue<string>() == "all";
+            for (int r = 0; r < reference.Count; r++)
+            {
+                var mine = all ? rows[r] : rows[^1];
+                Assert.True(EngineHarness.MaxAbsDiff(mine, Fixtures.Floats(reference[r])) <= 1e-4f,
+                    $"{model}/{c["name"]} row {r}: max abs diff {EngineHarness.MaxAbsDiff(mine, Fixtures.Floats(reference[r]))}");
+            }
+        }
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Theory]
+    [MemberData(nameof(IdModels))]
+    public void Greedy_continuations_equal_the_reference(string model)
+    {
+        using var llm = new Llm(EngineHarness.Options(model));
+        var cases = Fixtures.Reference(model)["cases"]!.AsArray();
+        foreach (var c in cases)
+        {
+            var expected = Fixtures.Ints(c!["greedy_ids"]);
+            var output = llm.Generate([Fixtures.Ints(c["prompt_ids"])], EngineHarness.Greedy(expected.Length))[0];
+            Assert.Equal(expected, output.Outputs[0].TokenIds);
+            Assert.Equal(FinishReasons.Length, output.Outputs[0].FinishReason);
+        }
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public void Prompt_logprobs_equal_the_reference_log_softmax()
+    {
+        using var llm = new Llm(EngineHarness.Options("tiny-llama"));
+        var c = Fixtures.Reference("tiny-llama")["cases"]!.AsArray().First(x => x!["logits_positions"]!.GetValue<string>() == "all")!;
+        var ids = Fixtures.Ints(c["prompt_ids"]);
+        var output = llm.Generate([ids], EngineHarness.Greedy(1) with { PromptLogprobs = 3, Logprobs = 2 })[0];
+        Assert.Null(output.PromptLogprobs![0]);
+        var logits = c["logits"]!.AsArray();
+        for (int pos = 1; pos < ids.Length; pos++)
+        {
+            var row = Fixtures.Floats(logits[pos - 1]).Select(x => (double)x).ToArray();
+            double max = row.Max(), lse = max + Math.Log(row.Sum(x => Math.Exp(x - max)));
+            var lp = output.PromptLogprobs[pos]!;
+            Assert.Equal(ids[pos], lp.TokenId);
+            Assert.True(Math.Abs(lp.Logprob - (row[ids[pos]] - lse)) <= 1e-4, $"position {pos}");
+            Assert.Equal(3, lp.Top.Count);
+            int best = Array.IndexOf(row, max);
+            Assert.Equal(best, lp.Top[0].TokenId);
+        }
+        // The sampled token's logprob is the reference's last-row log-softmax at the greedy choice.
+        var last = Fixtures.Floats(logits[ids.Length - 1]).Select(x => (double)x).ToArray();
+        double m2 = last.Max(), lse2 = m2 + Math.Log(last.Sum(x => Math.Exp(x - m2)));
+        var gen = output.Outputs[0].Logprobs![0];
+        Assert.Equal(1, gen.Rank);
+        Assert.True(Math.Abs(gen.Logprob - (m2 - lse2)) <= 1e-4);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public void Stories260K_matches_transformers_and_llama2c()
+    {
+        using var llm = new Llm(EngineHarness.Options("stories260K"));
+        var reference = Fixtures.Reference("stories260K");
+        foreach (var c in reference["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
+            var expected = Fixtures.Floats(c["last_logits"]);
+            Assert.True(EngineHarness.MaxAbsDiff(rows[^1], expected) <= 1e-4f, $"{c["name"]}: {EngineHarness.MaxAbsDiff(rows[^1], expected)}");
+        }
+        var prompts = reference["cases"]!.AsArray().Select(c => (IReadOnlyList<int>)Fixtures.Ints(c!["prompt_ids"])).ToArray();
+        var outputs = llm.Generate(prompts, EngineHarness.Greedy(64));
+        for (int i = 0; i < prompts.Length; i++)
+            Assert.Equal(Fixtures.Ints(reference["cases"]![i]!["greedy_ids"]), outputs[i].Outputs[0].TokenIds);
+
+        var story = reference["unconditional_story"]!;
+        var storyIds = Fixtures.Ints(story["greedy_ids"]);
+        var storyOut = llm.Generate([Fixtures.Ints(story["prompt_ids"])], EngineHarness.Greedy(storyIds.Length))[0];
+        Assert.Equal(storyIds, storyOut.Outputs[0].TokenIds);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public void Qwen3_with_the_real_vocabulary_matches_the_reference()
+    {
+        using var llm = new Llm(EngineHarness.Options("tiny-qwen3-chat"));
+        foreach (var c in Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
+            var expected = Fixtures.Floats(c["last_logits"]);
+            Assert.True(EngineHarness.MaxAbsDiff(rows[^1], expected) <= 1e-4f, $"{c["name"]}: {EngineHarness.MaxAbsDiff(rows[^1], expected)}");
+            var greedy = Fixtures.Ints(c["greedy_ids"]);
+            Assert.Equal(greedy, llm.Generate([ids], EngineHarness.Greedy(greedy.Length))[0].Outputs[0].TokenIds);
+        }
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public void Sharded_checkpoint_loads_to_the_same_logits_as_the_single_file()
+    {
+        using var single = new Llm(EngineHarness.Options("tiny-llama"));
+        using var sharded = new Llm(EngineHarness.Options("tiny-llama-sharded"));
+        Assert.Equal(2, sharded.Engine.Directory.WeightFiles.Count);
+        var ids = Fixtures.Ints(Fixtures.Reference("tiny-llama")["cases"]![2]!["prompt_ids"]);
+        var a = EngineHarness.AllPositionLogits(single.Engine, ids);
+        var b = EngineHarness.AllPositionLogits(sharded.Engine, ids);
+        for (int i = 0; i < a.Length; i++) Assert.Equal(a[i], b[i]);
+    }
+}
