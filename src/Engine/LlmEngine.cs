@@ -57,6 +57,7 @@ public sealed class LlmEngine : IDisposable
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs);
         _runner = new ModelRunner(Model, Cache);
         _eos = [.. Directory.EosTokenIds];
+        EngineMetrics.Register(this);
     }
 
     public EngineOptions Options { get; }
@@ -72,14 +73,59 @@ public sealed class LlmEngine : IDisposable
     /// <summary>Cumulative counters.</summary>
     public EngineCounters Counters { get; } = new();
 
+    /// <summary>The stats published after the last step (safe to read from any thread).</summary>
+    public EngineStats? LastStats { get; private set; }
+
+    /// <summary>A snapshot of queue, cache and token counts (call on the engine's thread).</summary>
+    public EngineStats GetStats() => new()
+    {
+        Running = Scheduler.NumRunning,
+        Waiting = Scheduler.NumWaiting,
+        KvBlocksTotal = Blocks.NumBlocks,
+        KvBlocksUsed = Blocks.NumUsedBlocks,
+        KvBlocksFree = Blocks.NumFreeBlocks - Blocks.NumCachedFreeBlocks,
+        KvBlocksCached = Blocks.NumCachedFreeBlocks,
+        PromptTokens = Scheduler.AdmittedPromptTokens,
+        PrefixCacheHitTokens = Scheduler.CachedPromptTokens,
+        PrefillTokens = Counters.PrefillTokens,
+        DecodeTokens = Counters.DecodeTokens,
+        Preemptions = Scheduler.NumPreemptions,
+        Steps = Counters.Steps,
+        FinishedRequests = Counters.FinishedRequests,
+    };
+
     /// <summary>
     /// Validates and queues a request; throws <see cref="ArgumentException"/> naming the bad value and its limit.
     /// Returns the request id.
     /// </summary>
     public string AddRequest(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null, string? requestId = null, string? prompt = null)
     {
-        ArgumentNullException.ThrowIfNull(promptTokenIds);
         sampling ??= new SamplingParams();
+        ValidateRequest(promptTokenIds, sampling);
+        requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
+        if (_requests.ContainsKey(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
+
+        var ids = promptTokenIds.ToArray();
+        long now = Stopwatch.GetTimestamp();
+        var seqs = Enumerable.Range(0, sampling.N).Select(i => new Sequence(requestId, i, ids, sampling, now)).ToArray();
+        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs);
+        foreach (var s in seqs)
+        {
+            if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
+            if (sampling.Logprobs is not null) s.OutputLogprobs = [];
+            Scheduler.Add(s);
+        }
+        return requestId;
+    }
+
+    /// <summary>
+    /// Checks a request against the model and cache limits without touching engine state (safe from any thread);
+    /// throws <see cref="ArgumentException"/> naming the bad value and its limit.
+    /// </summary>
+    public void ValidateRequest(IReadOnlyList<int> promptTokenIds, SamplingParams sampling)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        ArgumentNullException.ThrowIfNull(sampling);
         var c = Model.Config;
         sampling.Validate(c.VocabSize);
         if (promptTokenIds.Count == 0) throw new ArgumentException("The prompt is empty: at least one token id is needed.", nameof(promptTokenIds));
@@ -96,20 +142,6 @@ public sealed class LlmEngine : IDisposable
             throw new ArgumentException(
                 $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({Blocks.NumBlocks} blocks of {Blocks.BlockSize}); raise KvCacheMemoryBytes.",
                 nameof(promptTokenIds));
-        requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
-        if (_requests.ContainsKey(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
-
-        var ids = promptTokenIds.ToArray();
-        long now = Stopwatch.GetTimestamp();
-        var seqs = Enumerable.Range(0, sampling.N).Select(i => new Sequence(requestId, i, ids, sampling, now)).ToArray();
-        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs);
-        foreach (var s in seqs)
-        {
-            if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
-            if (sampling.Logprobs is not null) s.OutputLogprobs = [];
-            Scheduler.Add(s);
-        }
-        return requestId;
     }
 
     /// <summary>Aborts a request; its blocks are released at once. Returns its final output, or null if unknown.</summary>
@@ -162,18 +194,25 @@ public sealed class LlmEngine : IDisposable
             var (seq, numNew) = batch[i];
             bool isPrefill = seq.NumComputedTokens < seq.NumPromptTokens;
             if (isPrefill) Counters.PrefillTokens += numNew; else Counters.DecodeTokens += numNew;
+            (isPrefill ? EngineMetrics.PrefillTokens : EngineMetrics.DecodeTokens).Add(numNew);
             seq.NumComputedTokens += numNew;
             Blocks.CacheFullBlocks(seq);
             if (step.SampleRows[i] < 0) continue;
             var token = sampled[k++];
             seq.Append(token.TokenId);
-            seq.FirstTokenTicks ??= now;
+            if (seq.FirstTokenTicks is null)
+            {
+                seq.FirstTokenTicks = now;
+                EngineMetrics.TimeToFirstToken.Record(Stopwatch.GetElapsedTime(seq.ArrivalTicks, now).TotalSeconds);
+            }
             if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
             CheckStop(seq, token.TokenId);
             touched.Add(seq);
         }
         Counters.Steps++;
         outputs.AddRange(Collect(touched));
+        LastStats = GetStats();
+        EngineMetrics.Publish(this, LastStats);
         return outputs;
     }
 
@@ -216,6 +255,7 @@ public sealed class LlmEngine : IDisposable
             {
                 _requests.Remove(id);
                 Counters.FinishedRequests++;
+                EngineMetrics.FinishedRequests.Add(1);
             }
             yield return output;
         }
@@ -251,6 +291,7 @@ public sealed class LlmEngine : IDisposable
     /// <inheritdoc />
     public void Dispose()
     {
+        EngineMetrics.Unregister(this);
         Cache.Dispose();
         Model.Dispose();
     }

@@ -28,6 +28,10 @@ public sealed class Scheduler
     public int NumWaiting => _waiting.Count;
     public int NumRunning => _running.Count;
     public bool HasUnfinished => _waiting.Count > 0 || _running.Count > 0;
+    /// <summary>Prompt tokens of admitted sequences, and how many of them the prefix cache served.</summary>
+    public long AdmittedPromptTokens { get; private set; }
+    /// <summary>Prompt tokens served from the prefix cache at admission.</summary>
+    public long CachedPromptTokens { get; private set; }
     /// <summary>Preemptions since start.</summary>
     public long NumPreemptions { get; private set; }
 
@@ -68,7 +72,12 @@ public sealed class Scheduler
             int numNew = Math.Min(seq.NumTokens - computed, budget);
             if (!_blocks.CanAllocate(seq, hits, computed + numNew)) break; // first come, first served: do not skip ahead
             _blocks.Allocate(seq, hits, computed + numNew);
-            if (seq.NumOutputTokens == 0) seq.NumCachedPromptTokens = computed;
+            if (seq.NumOutputTokens == 0 && seq.NumCachedPromptTokens == 0)
+            {
+                seq.NumCachedPromptTokens = computed;
+                CachedPromptTokens += computed;
+                AdmittedPromptTokens += seq.NumPromptTokens;
+            }
             seq.NumComputedTokens = computed;
             seq.Status = SequenceStatus.Running;
             _waiting.RemoveFirst();

@@ -1,0 +1,209 @@
+using System.Runtime.CompilerServices;
+using System.Threading.Channels;
+
+namespace LocalVllm.Engine;
+
+/// <summary>
+/// The engine behind a background loop: one thread owns all engine state; callers add requests and receive their
+/// outputs as streams through channels. Many callers may generate at once; their requests batch together.
+/// Cancelling a stream (its token, or leaving the enumeration early) aborts the request and frees its blocks.
+/// </summary>
+public sealed class AsyncLlmEngine : IDisposable
+{
+    private abstract record Command;
+    private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, Channel<RequestOutput> Output) : Command;
+    private sealed record AbortCommand(string Id) : Command;
+    private sealed record CallCommand(Action<LlmEngine> Action, TaskCompletionSource Done) : Command;
+
+    private readonly Channel<Command> _commands = Channel.CreateUnbounded<Command>(new UnboundedChannelOptions { SingleReader = true });
+    private readonly Dictionary<string, Channel<RequestOutput>> _streams = [];
+    private readonly Thread _thread;
+    private readonly CancellationTokenSource _stop = new();
+    private long _nextId;
+    private volatile bool _disposed;
+
+    /// <summary>Loads the model and starts the engine loop.</summary>
+    public AsyncLlmEngine(EngineOptions options) : this(new LlmEngine(options)) { }
+
+    /// <summary>Takes ownership of <paramref name="engine"/> and starts the loop.</summary>
+    public AsyncLlmEngine(LlmEngine engine)
+    {
+        Engine = engine;
+        _thread = new Thread(Loop) { IsBackground = true, Name = "LocalVllm engine loop" };
+        _thread.Start();
+    }
+
+    /// <summary>The engine core; touch its state only through <see cref="InvokeAsync"/>.</summary>
+    public LlmEngine Engine { get; }
+
+    /// <summary>Stats as of the last step (safe from any thread).</summary>
+    public EngineStats Stats => Engine.LastStats ?? new EngineStats();
+
+    /// <summary>
+    /// Submits a request and streams its outputs: one per step in which it made progress, the last with
+    /// <see cref="RequestOutput.Finished"/> set. Invalid requests throw before anything is queued.
+    /// </summary>
+    public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
+        string? requestId = null, string? prompt = null, [EnumeratorCancellation] CancellationToken cancellationToken = default)
+    {
+        var reader = Submit(promptTokenIds, sampling, requestId, prompt, out var id);
+        bool finished = false;
+        using var registration = cancellationToken.Register(() => Abort(id));
+        try
+        {
+            while (true)
+            {
+                RequestOutput output;
+                try
+                {
+                    if (!await reader.WaitToReadAsync(cancellationToken).ConfigureAwait(false)) break;
+                    if (!reader.TryRead(out output!)) continue;
+                }
+                catch (ChannelClosedException e) when (e.InnerException is not null)
+                {
+                    throw e.InnerException;
+                }
+                if (output.Finished) finished = true;
+                if (output.Finished && output.Outputs.All(o => o.FinishReason == FinishReasons.Abort) && cancellationToken.IsCancellationRequested)
+                    cancellationToken.ThrowIfCancellationRequested();
+                yield return output;
+                if (finished) yield break;
+            }
+            ObjectDisposedException.ThrowIf(_disposed, this);
+        }
+        finally
+        {
+            if (!finished) Abort(id);
+        }
+    }
+
+    /// <summary>Runs a request to completion and returns its final output.</summary>
+    public async Task<RequestOutput> GenerateFinalAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
+        CancellationToken cancellationToken = default)
+    {
+        RequestOutput? last = null;
+        await foreach (var o in GenerateAsync(promptTokenIds, sampling, cancellationToken: cancellationToken).ConfigureAwait(false)) last = o;
+        return last ?? throw new InvalidOperationException("The engine ended the request without output.");
+    }
+
+    /// <summary>Aborts a request (no-op when it has finished).</summary>
+    public void Abort(string requestId)
+    {
+        if (!_disposed) _commands.Writer.TryWrite(new AbortCommand(requestId));
+    }
+
+    /// <summary>Runs <paramref name="action"/> on the engine thread between steps (for stats, tests and tools).</summary>
+    public Task InvokeAsync(Action<LlmEngine> action)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        _commands.Writer.TryWrite(new CallCommand(action, done));
+        return done.Task;
+    }
+
+    private ChannelReader<RequestOutput> Submit(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling, string? requestId, string? prompt, out string id)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        sampling ??= new SamplingParams();
+        Engine.ValidateRequest(promptTokenIds, sampling);
+        id = requestId ?? $"areq-{Interlocked.Increment(ref _nextId)}";
+        var channel = Channel.CreateUnbounded<RequestOutput>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
+        _commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, channel));
+        return channel.Reader;
+    }
+
+    private void Loop()
+    {
+        var reader = _commands.Reader;
+        while (!_stop.IsCancellationRequested)
+        {
+            try
+            {
+                if (!Engine.HasUnfinishedRequests)
+                {
+                    // Idle: block until a command arrives.
+                    if (!reader.WaitToReadAsync(_stop.Token).AsTask().GetAwaiter().GetResult()) break;
+                }
+                while (reader.TryRead(out var command)) Handle(command);
+                if (!Engine.HasUnfinishedRequests) continue;
+                List<RequestOutput> outputs;
+                try
+                {
+                    outputs = Engine.Step();
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    FailAll(e);
+                    continue;
+                }
+                foreach (var o in outputs) Deliver(o);
+            }
+            catch (OperationCanceledException) when (_stop.IsCancellationRequested)
+            {
+                break;
+            }
+        }
+        foreach (var (id, channel) in _streams)
+            channel.Writer.TryComplete(new ObjectDisposedException(nameof(AsyncLlmEngine), $"The engine was disposed while request '{id}' was running."));
+        _streams.Clear();
+    }
+
+    private void Handle(Command command)
+    {
+        switch (command)
+        {
+            case AddCommand add:
+                try
+                {
+                    Engine.AddRequest(add.Prompt, add.Sampling, add.Id, add.Text);
+                    _streams[add.Id] = add.Output;
+                }
+                catch (Exception e)
+                {
+                    add.Output.Writer.TryComplete(e);
+                }
+                break;
+            case AbortCommand abort:
+                if (Engine.Abort(abort.Id) is { } final) Deliver(final);
+                break;
+            case CallCommand call:
+                try { call.Action(Engine); call.Done.TrySetResult(); }
+                catch (Exception e) { call.Done.TrySetException(e); }
+                break;
+        }
+    }
+
+    private void Deliver(RequestOutput output)
+    {
+        if (!_streams.TryGetValue(output.RequestId, out var channel)) return;
+        channel.Writer.TryWrite(output);
+        if (output.Finished)
+        {
+            channel.Writer.TryComplete();
+            _streams.Remove(output.RequestId);
+        }
+    }
+
+    /// <summary>A failure in the step (e.g. the forward pass) fails the requests in flight; the engine carries on.</summary>
+    private void FailAll(Exception e)
+    {
+        foreach (var (id, channel) in _streams.ToArray())
+        {
+            Engine.Abort(id);
+            channel.Writer.TryComplete(new InvalidOperationException($"Request '{id}' failed in the engine step: {e.Message}", e));
+        }
+        _streams.Clear();
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        _stop.Cancel();
+        _commands.Writer.TryComplete();
+        _thread.Join();
+        Engine.Dispose();
+        _stop.Dispose();
+    }
+}
