@@ -1,0 +1,47 @@
+using LocalVllm.Engine.Models;
+
+namespace LocalVllm.Bench;
+
+/// <summary>Finds or generates the benchmark models; generated ones are cached under eng/bench/.cache.</summary>
+internal static class BenchModels
+{
+    public static string Resolve(string size)
+    {
+        if (Directory.Exists(size)) return size;
+        switch (size)
+        {
+            case "stories":
+                return FindShared("fixtures/stories260K");
+            case "qwen3-0.6b":
+            {
+                var dir = Path.Combine(CacheDir(), "qwen3-0.6b-random-seed0");
+                if (!File.Exists(Path.Combine(dir, "model.safetensors")))
+                {
+                    Console.Error.WriteLine($"Generating a random-weight Qwen3-0.6B-shaped model in {dir} (once)...");
+                    RandomModel.Write(dir, RandomModelSpec.Qwen3_0_6B, seed: 0);
+                }
+                return dir;
+            }
+            default:
+                throw new ArgumentException($"Unknown --size '{size}': use qwen3-0.6b, stories or a model directory.");
+        }
+    }
+
+    public static string FindShared(string relative)
+    {
+        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+        {
+            var p = Path.Combine(d.FullName, "shared", relative);
+            if (Directory.Exists(p) || File.Exists(p)) return p;
+        }
+        throw new DirectoryNotFoundException($"shared/{relative} not found beside the checkout.");
+    }
+
+    private static string CacheDir()
+    {
+        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+            if (File.Exists(Path.Combine(d.FullName, "Provider.sln")))
+                return Path.Combine(d.FullName, "eng", "bench", ".cache");
+        return Path.Combine(Path.GetTempPath(), "localvllm-bench");
+    }
+}

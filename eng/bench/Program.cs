@@ -1,0 +1,23 @@
+using System.CommandLine;
+using LocalVllm.Bench;
+
+var size = new Option<string>("--size") { Description = "qwen3-0.6b (random weights, Qwen3-0.6B's shape), stories (the stories260K fixture) or a model directory", DefaultValueFactory = _ => "stories" };
+var numSeqs = new Option<int>("--num-seqs") { Description = "sequences in the workload", DefaultValueFactory = _ => 64 };
+var minInput = new Option<int>("--min-input") { DefaultValueFactory = _ => 32 };
+var maxInput = new Option<int>("--max-input") { DefaultValueFactory = _ => 256 };
+var minOutput = new Option<int>("--min-output") { DefaultValueFactory = _ => 32 };
+var maxOutput = new Option<int>("--max-output") { DefaultValueFactory = _ => 128 };
+var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0 };
+var threads = new Option<int?>("--threads") { Description = "libtorch intra-op threads (default: libtorch's)" };
+var json = new Option<string?>("--json") { Description = "write the results as JSON to this file" };
+
+var throughput = new Command("throughput", "nano-vllm's throughput workload scaled to this machine: batched engine vs one request at a time")
+{
+    size, numSeqs, minInput, maxInput, minOutput, maxOutput, seed, threads, json,
+};
+throughput.SetAction(r => ThroughputBench.Run(new ThroughputBench.Settings(
+    r.GetValue(size)!, r.GetValue(numSeqs), r.GetValue(minInput), r.GetValue(maxInput),
+    r.GetValue(minOutput), r.GetValue(maxOutput), r.GetValue(seed), r.GetValue(threads), r.GetValue(json))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput };
+return root.Parse(args).Invoke();
