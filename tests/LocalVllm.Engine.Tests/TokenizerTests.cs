@@ -1,0 +1,85 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Tokenization;
+
+namespace LocalVllm.Engine.Tests;
+
+/// <summary>Tokenizers against llama.cpp's / Hugging Face's test vectors and the fixtures' prompt ids.</summary>
+public sealed class TokenizerTests
+{
+    private static ModelTokenizer Load(string fixtureRelative) => ModelTokenizer.Load(ModelDirectoryFor(fixtureRelative));
+
+    /// <summary>Tokenizer folders have no config.json; borrow a model directory view over the tokenizer files.</summary>
+    private static ModelDirectory ModelDirectoryFor(string relative) => relative switch
+    {
+        "qwen3" => ModelDirectory.Open(Fixtures.Model("tiny-qwen3-chat")),
+        "stories" => ModelDirectory.Open(Fixtures.Model("stories260K")),
+        _ => throw new ArgumentException(relative),
+    };
+
+    private static JsonArray Vectors(string name) => JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Root, "tokenizers", "vectors", name)))!.AsArray();
+
+    [Fact]
+    public void Qwen3_byte_level_bpe_encodes_every_vector_exactly_and_round_trips()
+    {
+        var sw = Stopwatch.StartNew();
+        var tok = Load("qwen3");
+        sw.Stop();
+        var failures = new List<string>();
+        foreach (var v in Vectors("qwen2.json"))
+        {
+            var text = v!["text"]!.GetValue<string>();
+            var expected = Fixtures.Ints(v["ids"]);
+            var ids = tok.Encode(text, addSpecialTokens: false);
+            if (!ids.SequenceEqual(expected)) failures.Add($"{JsonValue.Create(text)}: [{string.Join(",", ids)}] vs [{string.Join(",", expected)}]");
+            else if (tok.Decode(ids) != text.Normalize(System.Text.NormalizationForm.FormC)) failures.Add($"decode {JsonValue.Create(text)}");
+        }
+        Assert.True(failures.Count == 0, string.Join("\n", failures));
+        Assert.True(sw.Elapsed.TotalSeconds < 5, $"loading took {sw.Elapsed.TotalSeconds:F1}s");
+    }
+
+    [Fact]
+    public void Qwen3_chat_prompts_encode_to_the_reference_ids_with_special_tokens_whole()
+    {
+        var tok = Load("qwen3");
+        foreach (var c in Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray())
+        {
+            var ids = tok.Encode(c!["prompt_text"]!.GetValue<string>());
+            Assert.Equal(Fixtures.Ints(c["prompt_ids"]), ids);
+        }
+        Assert.Equal(151644, tok.AddedTokens["<|im_start|>"]);
+        Assert.True(tok.IsSpecial(151645));
+        Assert.False(tok.IsSpecial(tok.AddedTokens["<think>"]));
+    }
+
+    [Fact]
+    public void Llama2_sentencepiece_encodes_the_vectors()
+    {
+        var tok = ModelTokenizer.Load(Path.Combine(Fixtures.Root, "tokenizers", "llama2"));
+        var failures = new List<string>();
+        foreach (var v in Vectors("llama-spm.json"))
+        {
+            var text = v!["text"]!.GetValue<string>();
+            var expected = Fixtures.Ints(v["ids"]);
+            var ids = tok.Encode(text, addSpecialTokens: false);
+            if (!ids.SequenceEqual(expected)) failures.Add($"{JsonValue.Create(text)}: [{string.Join(",", ids)}] vs [{string.Join(",", expected)}]");
+        }
+        Assert.True(failures.Count == 0, string.Join("\n", failures));
+    }
+
+    [Fact]
+    public void Stories_sentencepiece_encodes_the_reference_samples()
+    {
+        var tok = Load("stories");
+        foreach (var c in Fixtures.Reference("stories260K")["tokenizer_samples"]!["cases"]!.AsArray())
+            Assert.Equal(Fixtures.Ints(c!["ids"]), tok.Encode(c["text"]!.GetValue<string>()));
+        foreach (var c in Fixtures.Reference("stories260K")["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            Assert.Equal(ids, tok.Encode(c["text"]!.GetValue<string>()));
+            var full = ids.Concat(Fixtures.Ints(c["greedy_ids"]));
+            Assert.Equal(c["full_text"]!.GetValue<string>(), tok.Decode(full));
+        }
+    }
+}
