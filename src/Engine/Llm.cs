@@ -12,18 +12,26 @@ public sealed class Llm : IDisposable
     /// <summary>The engine this API drives.</summary>
     public LlmEngine Engine { get; }
 
-    /// <summary>Text prompts need the tokenizer, which a later release wires in.</summary>
-    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null) =>
-        throw new NotSupportedException("Text prompts need a tokenizer, which is not wired in yet; pass token ids.");
+    /// <summary>Generates for each text prompt (tokenized with the model's tokenizer); outputs come back in prompt order.</summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
+        return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), sampling);
+    }
 
     /// <summary>Generates for each token-id prompt; outputs come back in prompt order.</summary>
     public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, SamplingParams? sampling = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
-        var ids = new List<string>(promptTokenIds.Count);
+        return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), sampling);
+    }
+
+    private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, SamplingParams? sampling)
+    {
+        var ids = new List<string>(prompts.Count);
         try
         {
-            foreach (var p in promptTokenIds) ids.Add(Engine.AddRequest(p, sampling));
+            foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, sampling, prompt: text));
         }
         catch
         {

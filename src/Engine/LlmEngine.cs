@@ -57,11 +57,16 @@ public sealed class LlmEngine : IDisposable
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs);
         _runner = new ModelRunner(Model, Cache);
         _eos = [.. Directory.EosTokenIds];
+        bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
+            || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
+        Tokenizer = hasTokenizer ? Tokenization.ModelTokenizer.Load(Directory) : null;
         EngineMetrics.Register(this);
     }
 
     public EngineOptions Options { get; }
     public ModelDirectory Directory { get; }
+    /// <summary>The model's tokenizer, or null when the directory has no tokenizer files.</summary>
+    public Tokenization.ModelTokenizer? Tokenizer { get; }
     public CausalLm Model { get; }
     public KvCache Cache { get; }
     public BlockManager Blocks { get; }
@@ -113,6 +118,7 @@ public sealed class LlmEngine : IDisposable
         {
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
+            if (Tokenizer is not null) s.Detokenizer = new Tokenization.IncrementalDetokenizer(Tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop);
             Scheduler.Add(s);
         }
         return requestId;
@@ -220,6 +226,11 @@ public sealed class LlmEngine : IDisposable
     {
         var p = seq.Sampling;
         int generated = seq.NumOutputTokens;
+        if (seq.Detokenizer is { } detok)
+        {
+            detok.Add(token);
+            if (detok.MatchedStop is string matched) { Scheduler.Finish(seq, FinishReasons.Stop, matched); return; }
+        }
         if (generated >= p.MinTokens)
         {
             if (!p.IgnoreEos && _eos.Contains(token)) { Scheduler.Finish(seq, FinishReasons.Stop, token); return; }
@@ -273,6 +284,7 @@ public sealed class LlmEngine : IDisposable
             Outputs = r.Sequences.Select(s => new CompletionOutput
             {
                 Index = s.Index,
+                Text = s.Detokenizer is null ? "" : s.Status == SequenceStatus.Finished ? FinalText(s.Detokenizer) : s.Detokenizer.Text,
                 TokenIds = s.OutputTokens(),
                 Logprobs = s.OutputLogprobs?.ToArray(),
                 FinishReason = s.FinishReason,
@@ -282,6 +294,21 @@ public sealed class LlmEngine : IDisposable
             NumCachedTokens = r.Sequences.Max(s => s.NumCachedPromptTokens),
             TimeToFirstTokenSeconds = first == 0 ? null : Stopwatch.GetElapsedTime(r.Sequences[0].ArrivalTicks, first).TotalSeconds,
         };
+    }
+
+    private static string FinalText(Tokenization.IncrementalDetokenizer d)
+    {
+        d.Flush();
+        return d.Text;
+    }
+
+    /// <summary>Encodes a text prompt with the model's tokenizer (special tokens in the text kept whole, BOS as configured).</summary>
+    public int[] EncodePrompt(string prompt)
+    {
+        ArgumentNullException.ThrowIfNull(prompt);
+        if (Tokenizer is null)
+            throw new NotSupportedException($"The model directory '{Directory.Path}' has no tokenizer files (tokenizer.json, vocab.json + merges.txt or tokenizer.model); pass token ids instead.");
+        return Tokenizer.Encode(prompt);
     }
 
     private static ulong ModelSalt(ModelConfig c) =>

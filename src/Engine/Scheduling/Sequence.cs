@@ -50,6 +50,8 @@ public sealed class Sequence
     internal List<PositionLogprobs>? OutputLogprobs { get; set; }
     internal PositionLogprobs?[]? PromptLogprobs { get; set; }
     internal long ArrivalTicks { get; }
+    /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
+    internal Tokenization.IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
     /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>
     internal bool SamplesAfter(int numNewTokens) => NumComputedTokens + numNewTokens == NumTokens;
