@@ -1,0 +1,67 @@
+using System.Text.Json.Nodes;
+using LocalVllm.Engine.Templating;
+
+namespace LocalVllm.Engine.Tests;
+
+/// <summary>Six real chat templates rendered exactly as transformers' apply_chat_template renders them (renders.json).</summary>
+public sealed class ChatTemplateTests
+{
+    private static readonly string Dir = Path.Combine(Fixtures.Root, "tokenizers", "chat_templates");
+
+    public static TheoryData<string, string> Cases()
+    {
+        var data = new TheoryData<string, string>();
+        var renders = JsonNode.Parse(File.ReadAllText(Path.Combine(Dir, "renders.json")))!["templates"]!.AsObject();
+        foreach (var (file, t) in renders)
+            foreach (var c in t!["cases"]!.AsArray())
+                data.Add(file, c!["name"]!.GetValue<string>());
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void Renders_exactly_as_transformers(string file, string caseName)
+    {
+        var t = JsonNode.Parse(File.ReadAllText(Path.Combine(Dir, "renders.json")))!["templates"]![file]!;
+        var c = t["cases"]!.AsArray().First(x => x!["name"]!.GetValue<string>() == caseName)!;
+        var special = t["special_tokens"]!.AsObject().ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<string>());
+        var template = new ChatTemplate(File.ReadAllText(Path.Combine(Dir, file)), special);
+        var extra = c["extra_context"]?.AsObject().ToDictionary(kv => kv.Key, kv => kv.Value?.DeepClone());
+        string Render() => template.Render(c["messages"]!.AsArray(), c["tools"]?.AsArray(), c["add_generation_prompt"]!.GetValue<bool>(), extra);
+        if (c["expected_error"] is JsonNode error)
+            Assert.Equal(error.GetValue<string>(), Assert.Throws<TemplateRaisedException>(Render).Message);
+        else
+            Assert.Equal(c["expected"]!.GetValue<string>(), Render());
+    }
+
+    [Fact]
+    public void The_qwen3_fixture_loads_its_template_from_tokenizer_config_and_reproduces_the_reference_prompts()
+    {
+        var template = ChatTemplate.Load(Fixtures.Model("tiny-qwen3-chat"))!;
+        foreach (var c in Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray())
+        {
+            var extra = new Dictionary<string, JsonNode?> { ["enable_thinking"] = c!["enable_thinking"]!.DeepClone() };
+            Assert.Equal(c["prompt_text"]!.GetValue<string>(),
+                template.Render(c["messages"]!.AsArray(), c["tools"]?.AsArray(), c["add_generation_prompt"]!.GetValue<bool>(), extra));
+        }
+    }
+
+    [Theory]
+    [InlineData("{% for x in y %}", "line 1")]
+    [InlineData("hello\n{{ x | frobnicate }}", "frobnicate")]
+    [InlineData("{% macro %}", "line 1")]
+    [InlineData("a\n  {% include 'x' %}", "include")]
+    public void Unsupported_constructs_name_themselves_with_a_position(string source, string expected)
+    {
+        var e = Assert.Throws<TemplateException>(() => new ChatTemplate(source).Render([]));
+        Assert.Contains(expected, e.Message);
+        Assert.Contains("line", e.Message);
+    }
+
+    [Fact]
+    public void Whitespace_control_follows_trim_blocks_and_lstrip_blocks()
+    {
+        var t = new JinjaTemplate("A\n  {% if true %}\n  B\n  {% endif %}\nC {{- ' D ' -}} E\n{# note #}\nF");
+        Assert.Equal("A\n  B\nC D E\nF", t.Render(new Dictionary<string, object?>()));
+    }
+}
