@@ -131,6 +131,10 @@ internal static class JinjaFilters
         _ => throw Error(at, $"unsupported test '{name}'"),
     };
 
+    /// <summary>The string methods templates may call; other attributes of a string are undefined.</summary>
+    public static readonly HashSet<string> StringMethods =
+        ["startswith", "endswith", "strip", "lstrip", "rstrip", "upper", "lower", "title", "capitalize", "replace", "split", "splitlines", "find", "count", "join", "isdigit"];
+
     public static object? StringMethod(string s, string name, List<object?> args, Node at)
     {
         string? StrArg(int i) => i < args.Count && args[i] is string a ? a : null;

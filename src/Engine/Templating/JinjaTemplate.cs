@@ -266,7 +266,7 @@ public sealed class JinjaTemplate
                 case Namespace ns:
                     return ns.Values.TryGetValue(name, out var nv) ? nv : Undefined.Instance;
                 case string s:
-                    return new BoundMethod(s, name);
+                    return JinjaFilters.StringMethods.Contains(name) ? new BoundMethod(s, name) : Undefined.Instance;
                 case List<object?> l when long.TryParse(name, out var idx):
                     return GetItem(l, idx);
                 default:
