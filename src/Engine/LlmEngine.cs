@@ -60,6 +60,7 @@ public sealed class LlmEngine : IDisposable
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
         Tokenizer = hasTokenizer ? Tokenization.ModelTokenizer.Load(Directory) : null;
+        ChatTemplate = Templating.ChatTemplate.Load(Directory);
         EngineMetrics.Register(this);
     }
 
@@ -67,6 +68,8 @@ public sealed class LlmEngine : IDisposable
     public ModelDirectory Directory { get; }
     /// <summary>The model's tokenizer, or null when the directory has no tokenizer files.</summary>
     public Tokenization.ModelTokenizer? Tokenizer { get; }
+    /// <summary>The model's chat template, or null when it has none.</summary>
+    public Templating.ChatTemplate? ChatTemplate { get; }
     public CausalLm Model { get; }
     public KvCache Cache { get; }
     public BlockManager Blocks { get; }

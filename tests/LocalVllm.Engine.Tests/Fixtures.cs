@@ -2,6 +2,8 @@ using System.Text.Json.Nodes;
 
 namespace LocalVllm.Engine.Tests;
 
+// Shared with tests/LocalVllm.Tests (linked file).
+
 /// <summary>The shared fixtures (../shared/fixtures beside the checkout), found from the test's bin folder upwards.</summary>
 internal static class Fixtures
 {

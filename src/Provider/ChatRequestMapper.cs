@@ -1,0 +1,151 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LocalVllm.Engine;
+using LocalVllm.Engine.Models;
+using Microsoft.Extensions.AI;
+
+namespace LocalVllm;
+
+/// <summary>A chat request translated for the engine: the template's inputs and the sampling parameters.</summary>
+internal sealed record MappedRequest(JsonArray Messages, JsonArray? Tools, Dictionary<string, JsonNode?> ExtraContext, ChatOptions? Options);
+
+/// <summary>
+/// Maps Microsoft.Extensions.AI messages and options onto the chat template's variables and the engine's
+/// <see cref="SamplingParams"/>; every option is either honoured or rejected with a message that names it.
+/// </summary>
+internal static class ChatRequestMapper
+{
+    /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
+    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k"];
+
+    public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        var list = messages.ToList();
+        if (list.Count == 0) throw new ArgumentException("The message list is empty: a chat request needs at least one message.", nameof(messages));
+        if (options?.ModelId is string requested && !string.Equals(requested, modelId, StringComparison.OrdinalIgnoreCase))
+            throw new ArgumentException($"ChatOptions.ModelId '{requested}' does not match the loaded model '{modelId}'.", nameof(options));
+        if (options?.ResponseFormat is ChatResponseFormatJson)
+            throw new NotSupportedException("ChatOptions.ResponseFormat JSON is not supported yet (no constrained decoding); use ChatResponseFormat.Text.");
+
+        var json = new JsonArray();
+        if (options?.Instructions is { Length: > 0 } instructions)
+            json.Add(new JsonObject { ["role"] = "system", ["content"] = instructions });
+        var knownCalls = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var m in list)
+        {
+            var results = m.Contents.OfType<FunctionResultContent>().ToList();
+            if (results.Count > 0)
+            {
+                foreach (var r in results)
+                {
+                    if (!knownCalls.Contains(r.CallId))
+                        throw new ArgumentException($"A tool result refers to call id '{r.CallId}', which no earlier assistant message made.", nameof(messages));
+                    json.Add(new JsonObject { ["role"] = "tool", ["tool_call_id"] = r.CallId, ["content"] = ResultText(r.Result) });
+                }
+                continue;
+            }
+            var role = m.Role.Value;
+            var obj = new JsonObject { ["role"] = role, ["content"] = string.Concat(m.Contents.OfType<TextContent>().Select(t => t.Text)) };
+            var reasoning = string.Concat(m.Contents.OfType<TextReasoningContent>().Select(t => t.Text));
+            if (reasoning.Length > 0) obj["reasoning_content"] = reasoning;
+            var calls = m.Contents.OfType<FunctionCallContent>().ToList();
+            if (calls.Count > 0)
+            {
+                var arr = new JsonArray();
+                foreach (var c in calls)
+                {
+                    knownCalls.Add(c.CallId);
+                    arr.Add(new JsonObject
+                    {
+                        ["id"] = c.CallId,
+                        ["type"] = "function",
+                        ["function"] = new JsonObject { ["name"] = c.Name, ["arguments"] = JsonSerializer.SerializeToNode(c.Arguments ?? new Dictionary<string, object?>()) },
+                    });
+                }
+                obj["tool_calls"] = arr;
+            }
+            json.Add(obj);
+        }
+        // Instructions join an existing leading system message rather than adding a second one.
+        if (json.Count > 1 && options?.Instructions is { Length: > 0 } && json[1]!["role"]!.GetValue<string>() == "system")
+        {
+            var merged = options.Instructions + "\n\n" + json[1]!["content"]!.GetValue<string>();
+            json.RemoveAt(1);
+            json[0]!["content"] = merged;
+        }
+
+        JsonArray? tools = null;
+        if (options?.Tools is { Count: > 0 } && options.ToolMode is not NoneChatToolMode)
+        {
+            if (options.ToolMode is RequiredChatToolMode)
+                throw new NotSupportedException("ChatOptions.ToolMode RequireAny/RequireSpecific is not supported yet (no constrained decoding); use Auto or None.");
+            tools = [];
+            foreach (var tool in options.Tools)
+            {
+                if (tool is not AIFunctionDeclaration f)
+                    throw new NotSupportedException($"Tool '{tool.Name}' of type {tool.GetType().Name} is not supported; only function tools are.");
+                var schema = f.JsonSchema;
+                if (schema.ValueKind != JsonValueKind.Object)
+                    throw new ArgumentException($"Tool '{f.Name}' has a malformed JSON schema: expected an object, got {schema.ValueKind}.", nameof(options));
+                tools.Add(new JsonObject
+                {
+                    ["type"] = "function",
+                    ["function"] = new JsonObject
+                    {
+                        ["name"] = f.Name,
+                        ["description"] = f.Description,
+                        ["parameters"] = JsonNode.Parse(schema.GetRawText()),
+                    },
+                });
+            }
+        }
+
+        var extra = new Dictionary<string, JsonNode?>();
+        if (options?.AdditionalProperties?.TryGetValue("enable_thinking", out var think) == true)
+            extra["enable_thinking"] = JsonValue.Create(Convert.ToBoolean(think, System.Globalization.CultureInfo.InvariantCulture));
+        return new MappedRequest(json, tools, extra, options);
+    }
+
+    public static SamplingParams ToSampling(ChatOptions? o, GenerationConfig defaults, int promptTokens, int maxModelLen)
+    {
+        if (o?.Temperature is < 0) throw new ArgumentOutOfRangeException(nameof(o.Temperature), o.Temperature, "ChatOptions.Temperature must be >= 0.");
+        if (o?.TopP is float p && !(p > 0 && p <= 1)) throw new ArgumentOutOfRangeException(nameof(o.TopP), p, "ChatOptions.TopP must be in (0, 1].");
+        if (o?.TopK is < 0) throw new ArgumentOutOfRangeException(nameof(o.TopK), o.TopK, "ChatOptions.TopK must be >= 0.");
+        if (o?.MaxOutputTokens is < 1) throw new ArgumentOutOfRangeException(nameof(o.MaxOutputTokens), o.MaxOutputTokens, "ChatOptions.MaxOutputTokens must be at least 1.");
+        int room = maxModelLen - promptTokens;
+        if (room < 1)
+            throw new ArgumentException($"The rendered prompt has {promptTokens} tokens but the model's context length is {maxModelLen}; nothing is left to generate.");
+
+        T? Extra<T>(string key) where T : struct =>
+            o?.AdditionalProperties?.TryGetValue(key, out var v) == true && v is not null
+                ? (T)Convert.ChangeType(v is JsonElement e ? e.ToString() : v, typeof(T), System.Globalization.CultureInfo.InvariantCulture)
+                : null;
+
+        bool sample = o?.Temperature is not null || defaults.DoSample;
+        float temperature = o?.Temperature ?? (defaults.DoSample ? defaults.Temperature ?? 1f : 0f);
+        return new SamplingParams
+        {
+            Temperature = temperature,
+            TopP = o?.TopP ?? (sample ? defaults.TopP ?? 1f : 1f),
+            TopK = o?.TopK ?? Extra<int>("top_k") ?? (sample ? defaults.TopK ?? 0 : 0),
+            MinP = Extra<float>("min_p") ?? 0f,
+            RepetitionPenalty = Extra<float>("repetition_penalty") ?? defaults.RepetitionPenalty ?? 1f,
+            PresencePenalty = o?.PresencePenalty ?? 0f,
+            FrequencyPenalty = o?.FrequencyPenalty ?? 0f,
+            Seed = o?.Seed,
+            MaxTokens = Math.Min(o?.MaxOutputTokens ?? room, room),
+            MinTokens = Extra<int>("min_tokens") ?? 0,
+            IgnoreEos = Extra<bool>("ignore_eos") ?? false,
+            Stop = o?.StopSequences?.ToArray() ?? [],
+        };
+    }
+
+    private static string ResultText(object? result) => result switch
+    {
+        null => "",
+        string s => s,
+        JsonElement e when e.ValueKind == JsonValueKind.String => e.GetString() ?? "",
+        _ => JsonSerializer.Serialize(result),
+    };
+}

@@ -1,0 +1,55 @@
+using LocalVllm.Engine;
+using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Templating;
+
+namespace LocalVllm;
+
+/// <summary>
+/// What the chat client needs from an engine: its chat template, its tokenizer, its defaults and a streaming generate.
+/// The real implementation is <see cref="LocalVllmEngine"/>; tests substitute scripted output at this seam.
+/// </summary>
+public interface ILocalVllmEngine
+{
+    /// <summary>The model id reported in responses.</summary>
+    string ModelId { get; }
+    /// <summary>The model's chat template.</summary>
+    ChatTemplate ChatTemplate { get; }
+    /// <summary>The model's sampling defaults (generation_config.json).</summary>
+    GenerationConfig Defaults { get; }
+    /// <summary>The longest prompt plus output the engine serves.</summary>
+    int MaxModelLen { get; }
+    /// <summary>Tokenizes a rendered chat prompt (special tokens in the text kept whole; no BOS added: templates carry it).</summary>
+    int[] EncodeChatPrompt(string renderedPrompt);
+    /// <summary>Streams a request's outputs (cumulative text and ids); cancellation aborts it and frees its blocks.</summary>
+    IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken);
+}
+
+/// <summary>An <see cref="AsyncLlmEngine"/> serving one model directory, as the chat client sees it.</summary>
+public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
+{
+    /// <summary>Loads the model and starts the engine loop.</summary>
+    public LocalVllmEngine(EngineOptions options, string? modelId = null)
+    {
+        Engine = new AsyncLlmEngine(options);
+        var core = Engine.Engine;
+        if (core.Tokenizer is null)
+            throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
+        ChatTemplate = core.ChatTemplate
+            ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
+        ModelId = modelId ?? Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar));
+    }
+
+    /// <summary>The engine behind this client.</summary>
+    public AsyncLlmEngine Engine { get; }
+    public string ModelId { get; }
+    public ChatTemplate ChatTemplate { get; }
+    public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
+    public int MaxModelLen => Engine.Engine.MaxModelLen;
+    public int[] EncodeChatPrompt(string renderedPrompt) => Engine.Engine.Tokenizer!.Encode(renderedPrompt, addSpecialTokens: false);
+
+    public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken) =>
+        Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);
+
+    /// <inheritdoc />
+    public void Dispose() => Engine.Dispose();
+}

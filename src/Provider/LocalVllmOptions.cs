@@ -1,0 +1,36 @@
+using LocalVllm.Engine;
+
+namespace LocalVllm;
+
+/// <summary>Settings for <c>AddLocalVllm</c>: the model to serve and the engine's knobs (bindable from configuration).</summary>
+public sealed class LocalVllmOptions
+{
+    /// <summary>A Hugging Face model directory (config.json, safetensors, tokenizer files with a chat template).</summary>
+    public string Model { get; set; } = "";
+    /// <summary>The model id reported in responses and matched against <c>ChatOptions.ModelId</c>; defaults to the directory name.</summary>
+    public string? ModelId { get; set; }
+    /// <summary>The engine settings; <see cref="EngineOptions.Model"/> is taken from <see cref="Model"/>.</summary>
+    public EngineOptions Engine { get; set; } = new();
+
+    /// <summary>Throws an <see cref="InvalidOperationException"/> saying which option is wrong and why.</summary>
+    public void Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Model))
+            throw new InvalidOperationException("LocalVllmOptions.Model is not set: give the path of a Hugging Face model directory.");
+        if (!Directory.Exists(Model))
+            throw new InvalidOperationException($"LocalVllmOptions.Model: no such directory '{Path.GetFullPath(Model)}'.");
+        if (!File.Exists(Path.Combine(Model, "config.json")))
+            throw new InvalidOperationException($"LocalVllmOptions.Model: '{Path.GetFullPath(Model)}' has no config.json; it is not a Hugging Face model directory.");
+    }
+
+    internal EngineOptions ToEngineOptions()
+    {
+        var e = Engine;
+        return new EngineOptions
+        {
+            Model = Model, Device = e.Device, DType = e.DType, BlockSize = e.BlockSize, KvCacheMemoryBytes = e.KvCacheMemoryBytes,
+            NumKvBlocks = e.NumKvBlocks, MaxNumBatchedTokens = e.MaxNumBatchedTokens, MaxNumSeqs = e.MaxNumSeqs,
+            MaxModelLen = e.MaxModelLen, EnablePrefixCaching = e.EnablePrefixCaching, NumThreads = e.NumThreads,
+        };
+    }
+}

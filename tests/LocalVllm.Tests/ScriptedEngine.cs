@@ -1,0 +1,60 @@
+using System.Runtime.CompilerServices;
+using LocalVllm.Engine;
+using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Templating;
+using LocalVllm.Engine.Tokenization;
+
+namespace LocalVllm.Tests;
+
+/// <summary>
+/// The test double at the engine seam: the real Qwen3 chat template and tokenizer, but the model's output is scripted
+/// (random-weight models never emit tool calls). Each script is a list of streamed text chunks, one per "token".
+/// </summary>
+internal sealed class ScriptedEngine : ILocalVllmEngine
+{
+    private readonly ModelDirectory _dir = ModelDirectory.Open(Fixtures.Model("tiny-qwen3-chat"));
+    private readonly ModelTokenizer _tokenizer;
+    private readonly Queue<string[]> _scripts = new();
+
+    public ScriptedEngine(params string[][] scripts)
+    {
+        _tokenizer = ModelTokenizer.Load(_dir);
+        ChatTemplate = ChatTemplate.Load(_dir)!;
+        foreach (var s in scripts) _scripts.Enqueue(s);
+    }
+
+    public List<string> Prompts { get; } = [];
+    public List<SamplingParams> Samplings { get; } = [];
+    public string ModelId => "scripted-qwen3";
+    public ChatTemplate ChatTemplate { get; }
+    public GenerationConfig Defaults => _dir.Generation;
+    public int MaxModelLen => 40960;
+    public int[] EncodeChatPrompt(string renderedPrompt)
+    {
+        Prompts.Add(renderedPrompt);
+        return _tokenizer.Encode(renderedPrompt, addSpecialTokens: false);
+    }
+
+    public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId,
+        [EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        Samplings.Add(sampling);
+        var chunks = _scripts.Dequeue();
+        var text = "";
+        for (int i = 0; i < chunks.Length; i++)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            await Task.Yield();
+            text += chunks[i];
+            bool last = i == chunks.Length - 1;
+            yield return new RequestOutput
+            {
+                RequestId = requestId,
+                PromptTokenIds = promptTokenIds,
+                Outputs = [new CompletionOutput { Index = 0, Text = text, TokenIds = new int[i + 1], FinishReason = last ? FinishReasons.Stop : null }],
+                Finished = last,
+                NumCachedTokens = 16,
+            };
+        }
+    }
+}
