@@ -33,6 +33,37 @@ public sealed record RandomModelSpec
 /// </summary>
 public static class RandomModel
 {
+    /// <summary>
+    /// Writes a byte-level BPE tokenizer with no merges (one token per byte) plus ChatML's special tokens and a ChatML
+    /// chat template, so that a generated model can be driven through the chat client. Returns the vocabulary size used.
+    /// </summary>
+    public static int WriteByteTokenizer(string dir)
+    {
+        System.IO.Directory.CreateDirectory(dir);
+        var vocab = new JsonObject();
+        for (int b = 0; b < 256; b++) vocab[Tokenization.ByteLevelAlphabet.Char((byte)b).ToString()] = b;
+        string[] special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+        var added = new JsonArray();
+        for (int i = 0; i < special.Length; i++)
+            added.Add(new JsonObject { ["id"] = 256 + i, ["content"] = special[i], ["special"] = true });
+        var tokenizer = new JsonObject
+        {
+            ["added_tokens"] = added,
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "ByteLevel" },
+            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray() },
+        };
+        File.WriteAllText(Path.Combine(dir, "tokenizer.json"), tokenizer.ToJsonString());
+        const string template =
+            "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}" +
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"), new JsonObject
+        {
+            ["eos_token"] = "<|im_end|>", ["pad_token"] = "<|endoftext|>", ["add_bos_token"] = false, ["chat_template"] = template,
+        }.ToJsonString());
+        return 256 + special.Length;
+    }
+
     /// <summary>Creates <paramref name="dir"/> with config.json, generation_config.json and model.safetensors.</summary>
     public static void Write(string dir, RandomModelSpec spec, long seed)
     {

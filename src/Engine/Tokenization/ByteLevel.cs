@@ -30,3 +30,10 @@ internal static class ByteLevel
         return bytes;
     }
 }
+
+/// <summary>GPT-2's byte-to-character map, for writing byte-level vocabularies.</summary>
+public static class ByteLevelAlphabet
+{
+    /// <summary>The printable character that stands for byte <paramref name="b"/>.</summary>
+    public static char Char(byte b) => ByteLevel.ByteToChar[b];
+}
