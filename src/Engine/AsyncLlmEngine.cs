@@ -86,6 +86,32 @@ public sealed class AsyncLlmEngine : IDisposable
         return last ?? throw new InvalidOperationException("The engine ended the request without output.");
     }
 
+    /// <summary>
+    /// Computes each prefix (if not cached) and pins its full blocks so they are never evicted; returns the pin ids,
+    /// for <see cref="UnpinAsync"/>. Use it at start-up for system prompts and tool lists that every call shares.
+    /// </summary>
+    public async Task<IReadOnlyList<string>> WarmUpAsync(IEnumerable<IReadOnlyList<int>> prefixes, CancellationToken cancellationToken = default)
+    {
+        var pins = new List<string>();
+        foreach (var ids in prefixes)
+        {
+            var pinId = $"pin-{Interlocked.Increment(ref _nextId)}";
+            var channel = Channel.CreateUnbounded<RequestOutput>();
+            await InvokeAsync(e => _streams[e.AddPinRequest(ids, pinId)] = channel).ConfigureAwait(false);
+            await foreach (var _ in channel.Reader.ReadAllAsync(cancellationToken).ConfigureAwait(false)) { }
+            pins.Add(pinId);
+        }
+        return pins;
+    }
+
+    /// <summary>Releases a pinned prefix; its blocks stay cached until evicted.</summary>
+    public async Task<bool> UnpinAsync(string pinId)
+    {
+        bool removed = false;
+        await InvokeAsync(e => removed = e.Unpin(pinId)).ConfigureAwait(false);
+        return removed;
+    }
+
     /// <summary>Aborts a request (no-op when it has finished).</summary>
     public void Abort(string requestId)
     {

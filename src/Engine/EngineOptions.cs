@@ -23,6 +23,25 @@ public sealed class EngineOptions
     public int? MaxModelLen { get; set; }
     /// <summary>Reuse KV blocks of identical prompt prefixes.</summary>
     public bool EnablePrefixCaching { get; set; } = true;
+    /// <summary>Requests arriving together with the same uncached head compute it once (the others wait a step for its blocks).</summary>
+    public bool DeduplicateSharedPrefixes { get; set; } = true;
+    /// <summary>Admit waiting requests with longer cached prefixes first, with a bounded wait for the others.</summary>
+    public bool CacheAwareScheduling { get; set; } = true;
+    /// <summary>Evict blocks that only one request used before blocks that several shared (system prompts, tool lists).</summary>
+    public bool SharedAwareEviction { get; set; } = true;
+    /// <summary>Text prefixes (tokenized with the model's tokenizer) computed at start-up and never evicted.</summary>
+    public IReadOnlyList<string> PinnedPrefixes { get; set; } = [];
+    /// <summary>Token-id prefixes computed at start-up and never evicted.</summary>
+    public IReadOnlyList<IReadOnlyList<int>> PinnedPrefixTokenIds { get; set; } = [];
+
+    /// <summary>Plain vLLM-style automatic prefix caching: LRU eviction, no shared-head dedup, no cache-aware ordering.</summary>
+    public void UsePlainPrefixCaching()
+    {
+        DeduplicateSharedPrefixes = false;
+        CacheAwareScheduling = false;
+        SharedAwareEviction = false;
+    }
+
     /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
     public bool UseProgressBar { get; set; }
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>

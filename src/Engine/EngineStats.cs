@@ -14,10 +14,18 @@ public sealed record EngineStats
     public int KvBlocksFree { get; init; }
     /// <summary>Blocks with reference count zero that still hold a cached prefix.</summary>
     public int KvBlocksCached { get; init; }
+    /// <summary>Blocks held by pinned prefixes (they count as used).</summary>
+    public int KvBlocksPinned { get; init; }
+    /// <summary>Cached blocks evicted to make room.</summary>
+    public long Evictions { get; init; }
+    /// <summary>Times a request waited a step for another to compute the head they share.</summary>
+    public long DeferredForSharedPrefix { get; init; }
     /// <summary>Prompt tokens of admitted requests.</summary>
     public long PromptTokens { get; init; }
     /// <summary>Prompt tokens served from the prefix cache (prefill tokens saved).</summary>
     public long PrefixCacheHitTokens { get; init; }
+    /// <summary>Prefill tokens the prefix cache saved (same as <see cref="PrefixCacheHitTokens"/>).</summary>
+    public long PrefillTokensSaved => PrefixCacheHitTokens;
     /// <summary>Prefix cache hit rate over admitted prompt tokens.</summary>
     public double PrefixCacheHitRate => PromptTokens == 0 ? 0 : (double)PrefixCacheHitTokens / PromptTokens;
     public long PrefillTokens { get; init; }
@@ -43,6 +51,9 @@ internal static class EngineMetrics
     {
         Meter.CreateObservableGauge("localvllm.kv_blocks_used", () => _last.Sum(s => s.KvBlocksUsed), "{block}");
         Meter.CreateObservableGauge("localvllm.kv_blocks_cached", () => _last.Sum(s => s.KvBlocksCached), "{block}");
+        Meter.CreateObservableGauge("localvllm.kv_blocks_pinned", () => _last.Sum(s => s.KvBlocksPinned), "{block}");
+        Meter.CreateObservableGauge("localvllm.kv_blocks_free", () => _last.Sum(s => s.KvBlocksFree), "{block}");
+        Meter.CreateObservableGauge("localvllm.prefix_cache_hit_rate", () => { var l = _last; long p = l.Sum(s => s.PromptTokens); return p == 0 ? 0 : (double)l.Sum(s => s.PrefixCacheHitTokens) / p; });
         Meter.CreateObservableGauge("localvllm.requests_running", () => _last.Sum(s => s.Running), "{request}");
         Meter.CreateObservableGauge("localvllm.requests_waiting", () => _last.Sum(s => s.Waiting), "{request}");
         Meter.CreateObservableCounter("localvllm.prefix_cache_hit_tokens", () => _last.Sum(s => s.PrefixCacheHitTokens), "{token}");

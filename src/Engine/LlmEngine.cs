@@ -17,6 +17,7 @@ public sealed class LlmEngine : IDisposable
 {
     private sealed class Request(string id, string? prompt, int[] promptIds, SamplingParams sampling, Sequence[] seqs)
     {
+        public string? PinId;
         public readonly string Id = id;
         public readonly string? Prompt = prompt;
         public readonly int[] PromptIds = promptIds;
@@ -26,6 +27,7 @@ public sealed class LlmEngine : IDisposable
     }
 
     private readonly Dictionary<string, Request> _requests = [];
+    private readonly Dictionary<string, IReadOnlyList<int>> _pins = [];
     private readonly ModelRunner _runner;
     private readonly Sampler _sampler = new();
     private readonly HashSet<int> _eos;
@@ -53,8 +55,8 @@ public sealed class LlmEngine : IDisposable
         int numBlocks = options.NumKvBlocks
             ?? (int)Math.Max(1, Math.Min(int.MaxValue, (options.KvCacheMemoryBytes ?? 256L * 1024 * 1024) / bytesPerBlock));
         Cache = new KvCache(c.NumHiddenLayers, numBlocks, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype, device);
-        Blocks = new BlockManager(numBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c));
-        Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs);
+        Blocks = new BlockManager(numBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
+        Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
         _runner = new ModelRunner(Model, Cache);
         _eos = [.. Directory.EosTokenIds];
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
@@ -62,7 +64,41 @@ public sealed class LlmEngine : IDisposable
         Tokenizer = hasTokenizer ? Tokenization.ModelTokenizer.Load(Directory) : null;
         ChatTemplate = Templating.ChatTemplate.Load(Directory);
         EngineMetrics.Register(this);
+        WarmUp(options.PinnedPrefixes.Select(p => (IReadOnlyList<int>)EncodePrompt(p)).Concat(options.PinnedPrefixTokenIds));
     }
+
+    /// <summary>Computes each prefix now and pins its full blocks (used at start-up, before any caller).</summary>
+    private void WarmUp(IEnumerable<IReadOnlyList<int>> prefixes)
+    {
+        int n = 0;
+        foreach (var ids in prefixes) AddPinRequest(ids, $"pin-{n++}");
+        while (HasUnfinishedRequests) Step();
+    }
+
+    /// <summary>
+    /// Queues a request that computes <paramref name="prefixTokenIds"/> and, when it finishes, pins the prefix's full
+    /// blocks under <paramref name="pinId"/>: they are never evicted until <see cref="Unpin"/>.
+    /// </summary>
+    public string AddPinRequest(IReadOnlyList<int> prefixTokenIds, string pinId)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(pinId);
+        if (!Blocks.EnablePrefixCaching) throw new InvalidOperationException("Pinning a prefix needs EnablePrefixCaching.");
+        if (_pins.ContainsKey(pinId)) throw new ArgumentException($"A prefix is already pinned as '{pinId}'.", nameof(pinId));
+        var id = AddRequest(prefixTokenIds, new SamplingParams { Temperature = 0, MaxTokens = 1, IgnoreEos = true });
+        _requests[id].PinId = pinId;
+        return id;
+    }
+
+    /// <summary>Releases a pinned prefix; its blocks stay cached until evicted. Returns false if it was not pinned.</summary>
+    public bool Unpin(string pinId)
+    {
+        if (!_pins.Remove(pinId, out var blocks)) return false;
+        Blocks.Unpin(blocks);
+        return true;
+    }
+
+    /// <summary>The ids of the pinned prefixes.</summary>
+    public IReadOnlyCollection<string> PinnedPrefixIds => _pins.Keys;
 
     public EngineOptions Options { get; }
     public ModelDirectory Directory { get; }
@@ -93,6 +129,9 @@ public sealed class LlmEngine : IDisposable
         KvBlocksUsed = Blocks.NumUsedBlocks,
         KvBlocksFree = Blocks.NumFreeBlocks - Blocks.NumCachedFreeBlocks,
         KvBlocksCached = Blocks.NumCachedFreeBlocks,
+        KvBlocksPinned = Blocks.NumPinnedBlocks,
+        Evictions = Blocks.NumEvictions,
+        DeferredForSharedPrefix = Scheduler.NumDeferredForSharedPrefix,
         PromptTokens = Scheduler.AdmittedPromptTokens,
         PrefixCacheHitTokens = Scheduler.CachedPromptTokens,
         PrefillTokens = Counters.PrefillTokens,
@@ -267,6 +306,12 @@ public sealed class LlmEngine : IDisposable
             var output = BuildOutput(request);
             if (output.Finished)
             {
+                if (request.PinId is string pin)
+                {
+                    var blocks = Blocks.CachedBlocksOf(request.PromptIds);
+                    Blocks.Pin(blocks);
+                    _pins[pin] = blocks;
+                }
                 _requests.Remove(id);
                 Counters.FinishedRequests++;
                 EngineMetrics.FinishedRequests.Add(1);

@@ -16,11 +16,34 @@ public sealed class Scheduler
     private readonly LinkedList<Sequence> _waiting = new();
     private readonly List<Sequence> _running = [];
 
-    public Scheduler(BlockManager blocks, int maxNumBatchedTokens, int maxNumSeqs)
+    public Scheduler(BlockManager blocks, int maxNumBatchedTokens, int maxNumSeqs, bool deduplicateSharedPrefixes = false, bool cacheAwareOrdering = false)
     {
         _blocks = blocks;
         MaxNumBatchedTokens = maxNumBatchedTokens;
         MaxNumSeqs = maxNumSeqs;
+        DeduplicateSharedPrefixes = deduplicateSharedPrefixes;
+        CacheAwareOrdering = cacheAwareOrdering;
+    }
+
+    /// <summary>Waiting requests considered for admission each step.</summary>
+    public const int AdmissionWindow = 64;
+    /// <summary>How often a waiting request may be passed over (by cache-aware ordering or shared-head deferral) before it goes first.</summary>
+    public const int MaxTimesPassedOver = 32;
+
+    /// <summary>Hold back a request whose next uncached block another request is computing in this step.</summary>
+    public bool DeduplicateSharedPrefixes { get; }
+    /// <summary>Admit waiting requests with longer cached prefixes first (bounded by <see cref="MaxTimesPassedOver"/>).</summary>
+    public bool CacheAwareOrdering { get; }
+    /// <summary>Times a request was held back because its head was being computed by another.</summary>
+    public long NumDeferredForSharedPrefix { get; private set; }
+
+    private HashSet<ulong> PendingBlockHashes()
+    {
+        var pending = new HashSet<ulong>();
+        foreach (var seq in _running)
+            for (int b = seq.NumComputedTokens / _blocks.BlockSize; b < seq.NumPromptTokens / _blocks.BlockSize && b < seq.BlockHashes.Count; b++)
+                pending.Add(seq.BlockHashes[b]);
+        return pending;
     }
 
     public int MaxNumBatchedTokens { get; }
@@ -64,13 +87,33 @@ public sealed class Scheduler
             i++;
         }
 
-        while (!preempted && budget > 0 && _waiting.Count > 0 && _running.Count < MaxNumSeqs)
+        if (preempted || budget <= 0 || _waiting.Count == 0 || _running.Count >= MaxNumSeqs) return scheduled;
+
+        // Hashes of uncached prompt blocks that sequences in prefill are computing right now: a waiting request whose
+        // next block is among them waits a step and then finds the block cached, instead of computing it again.
+        var pending = DeduplicateSharedPrefixes && _blocks.EnablePrefixCaching ? PendingBlockHashes() : null;
+        var candidates = _waiting.Take(AdmissionWindow).ToList();
+        var hitsOf = candidates.ToDictionary(seq => seq,
+            seq => seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : (IReadOnlyList<int>)[]);
+        if (CacheAwareOrdering && candidates.Count > 1 && candidates[0].TimesPassedOver < MaxTimesPassedOver)
+            candidates = candidates.OrderByDescending(seq => hitsOf[seq].Count).ToList(); // stable: arrival order among equals
+
+        bool admittedAny = false;
+        foreach (var seq in candidates)
         {
-            var seq = _waiting.First!.Value;
-            var hits = seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : [];
+            if (budget <= 0 || _running.Count >= MaxNumSeqs) break;
+            // Look again: admitting an earlier candidate may have evicted blocks this one would have hit.
+            var hits = seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : hitsOf[seq];
+            if (pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
+                && seq.TimesDeferred < MaxTimesPassedOver)
+            {
+                seq.TimesDeferred++;
+                NumDeferredForSharedPrefix++;
+                continue;
+            }
             int computed = hits.Count * _blocks.BlockSize;
             int numNew = Math.Min(seq.NumTokens - computed, budget);
-            if (!_blocks.CanAllocate(seq, hits, computed + numNew)) break; // first come, first served: do not skip ahead
+            if (!_blocks.CanAllocate(seq, hits, computed + numNew)) break; // out of blocks: admit nobody else this step
             _blocks.Allocate(seq, hits, computed + numNew);
             if (seq.NumOutputTokens == 0 && seq.NumCachedPromptTokens == 0)
             {
@@ -80,11 +123,16 @@ public sealed class Scheduler
             }
             seq.NumComputedTokens = computed;
             seq.Status = SequenceStatus.Running;
-            _waiting.RemoveFirst();
+            _waiting.Remove(seq);
             _running.Add(seq);
             scheduled.Add(new ScheduledSequence(seq, numNew));
             budget -= numNew;
+            admittedAny = true;
+            if (pending is not null)
+                for (int b = seq.NumComputedTokens / _blocks.BlockSize; b < seq.NumPromptTokens / _blocks.BlockSize && b < seq.BlockHashes.Count; b++)
+                    pending.Add(seq.BlockHashes[b]);
         }
+        if (admittedAny && _waiting.First is { } head) head.Value.TimesPassedOver++; // someone was admitted while it waited
         return scheduled;
     }
 

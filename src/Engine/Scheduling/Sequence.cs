@@ -45,6 +45,10 @@ public sealed class Sequence
     /// <summary>Leading blocks of the table already registered in the prefix cache.</summary>
     internal int NumRegisteredBlocks { get; set; }
     internal Random Random { get; }
+    /// <summary>Steps in which later requests were admitted ahead of this one (bounded-wait fairness).</summary>
+    internal int TimesPassedOver { get; set; }
+    /// <summary>Steps this request waited for another to compute the head they share.</summary>
+    internal int TimesDeferred { get; set; }
     public string? FinishReason { get; internal set; }
     public object? StopReason { get; internal set; }
     internal List<PositionLogprobs>? OutputLogprobs { get; set; }
