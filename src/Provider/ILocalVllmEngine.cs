@@ -22,6 +22,10 @@ public interface ILocalVllmEngine
     int[] EncodeChatPrompt(string renderedPrompt);
     /// <summary>Streams a request's outputs (cumulative text and ids); cancellation aborts it and frees its blocks.</summary>
     IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken);
+    /// <summary>Computes and pins a token prefix so it is never evicted; returns its pin id.</summary>
+    Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken);
+    /// <summary>Releases a pin.</summary>
+    Task<bool> UnpinAsync(string pinId);
 }
 
 /// <summary>An <see cref="AsyncLlmEngine"/> serving one model directory, as the chat client sees it.</summary>
@@ -49,6 +53,11 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
 
     public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken) =>
         Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);
+
+    public async Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken) =>
+        (await Engine.WarmUpAsync([prefixTokenIds], cancellationToken).ConfigureAwait(false))[0];
+
+    public Task<bool> UnpinAsync(string pinId) => Engine.UnpinAsync(pinId);
 
     /// <inheritdoc />
     public void Dispose() => Engine.Dispose();

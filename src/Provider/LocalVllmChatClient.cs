@@ -124,6 +124,21 @@ public sealed class LocalVllmChatClient : IChatClient
         }
     }
 
+    /// <summary>
+    /// Computes the head of a conversation (system prompt, tool list, few-shot turns, a RAG document) now and pins its
+    /// KV blocks, so that every later call that starts with it skips that prefill and it is never evicted. Render it
+    /// with the same <paramref name="options"/> (tools) the calls will use. Returns the pin id for <see cref="UnpinAsync"/>.
+    /// </summary>
+    public Task<string> WarmUpAsync(IEnumerable<ChatMessage> head, ChatOptions? options = null, CancellationToken cancellationToken = default)
+    {
+        var request = ChatRequestMapper.Map(head, options, _engine.ModelId);
+        var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext);
+        return _engine.PinAsync(_engine.EncodeChatPrompt(text), cancellationToken);
+    }
+
+    /// <summary>Releases a head pinned by <see cref="WarmUpAsync"/>; its blocks stay cached until evicted.</summary>
+    public Task<bool> UnpinAsync(string pinId) => _engine.UnpinAsync(pinId);
+
     /// <inheritdoc />
     public object? GetService(Type serviceType, object? serviceKey = null)
     {

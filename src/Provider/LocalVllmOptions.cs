@@ -9,6 +9,11 @@ public sealed class LocalVllmOptions
     public string Model { get; set; } = "";
     /// <summary>The model id reported in responses and matched against <c>ChatOptions.ModelId</c>; defaults to the directory name.</summary>
     public string? ModelId { get; set; }
+    /// <summary>
+    /// System prompts computed at start-up and pinned (never evicted): each is rendered with the chat template as a
+    /// conversation holding only that system message, which is the head of every call that starts with it.
+    /// </summary>
+    public List<string> PinnedSystemPrompts { get; set; } = [];
     /// <summary>The engine settings; <see cref="EngineOptions.Model"/> is taken from <see cref="Model"/>.</summary>
     public EngineOptions Engine { get; set; } = new();
 
@@ -31,6 +36,8 @@ public sealed class LocalVllmOptions
             Model = Model, Device = e.Device, DType = e.DType, BlockSize = e.BlockSize, KvCacheMemoryBytes = e.KvCacheMemoryBytes,
             NumKvBlocks = e.NumKvBlocks, MaxNumBatchedTokens = e.MaxNumBatchedTokens, MaxNumSeqs = e.MaxNumSeqs,
             MaxModelLen = e.MaxModelLen, EnablePrefixCaching = e.EnablePrefixCaching, NumThreads = e.NumThreads,
+            DeduplicateSharedPrefixes = e.DeduplicateSharedPrefixes, CacheAwareScheduling = e.CacheAwareScheduling,
+            SharedAwareEviction = e.SharedAwareEviction, PinnedPrefixes = e.PinnedPrefixes, PinnedPrefixTokenIds = e.PinnedPrefixTokenIds,
         };
     }
 }

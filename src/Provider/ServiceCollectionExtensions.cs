@@ -20,9 +20,21 @@ public static class ServiceCollectionExtensions
         var options = new LocalVllmOptions();
         configure(options);
         options.Validate();
-        services.AddSingleton(sp => new LocalVllmEngine(options.ToEngineOptions(), options.ModelId));
+        services.AddSingleton(sp => Start(options));
         services.AddSingleton<ILocalVllmEngine>(sp => sp.GetRequiredService<LocalVllmEngine>());
         return services.AddChatClient(sp => new LocalVllmChatClient(sp.GetRequiredService<ILocalVllmEngine>(), sp.GetService<ILogger<LocalVllmChatClient>>()));
+    }
+
+    private static LocalVllmEngine Start(LocalVllmOptions options)
+    {
+        var engine = new LocalVllmEngine(options.ToEngineOptions(), options.ModelId);
+        if (options.PinnedSystemPrompts.Count > 0)
+        {
+            var client = new LocalVllmChatClient(engine);
+            foreach (var prompt in options.PinnedSystemPrompts)
+                client.WarmUpAsync([new ChatMessage(ChatRole.System, prompt)]).GetAwaiter().GetResult();
+        }
+        return engine;
     }
 
     /// <summary>Registers from a configuration section shaped like <see cref="LocalVllmOptions"/> (Model, ModelId, Engine:...).</summary>
@@ -40,7 +52,7 @@ public static class ServiceCollectionExtensions
         var options = new LocalVllmOptions();
         configure(options);
         options.Validate();
-        services.AddKeyedSingleton(key, (sp, _) => new LocalVllmEngine(options.ToEngineOptions(), options.ModelId));
+        services.AddKeyedSingleton(key, (sp, _) => Start(options));
         return services.AddKeyedChatClient(key, sp => new LocalVllmChatClient(sp.GetRequiredKeyedService<LocalVllmEngine>(key), sp.GetService<ILogger<LocalVllmChatClient>>()));
     }
 }

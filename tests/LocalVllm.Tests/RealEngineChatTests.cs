@@ -111,6 +111,58 @@ public sealed class RealEngineChatTests
     }
 
     [Fact]
+    public async Task A_pinned_system_prompt_serves_the_first_call_from_cache()
+    {
+        var system = string.Join(" ", Enumerable.Repeat("You are a careful assistant that follows the house rules.", 12));
+        var services = new ServiceCollection();
+        services.AddLocalVllm(o => { o.Model = ModelDir; o.Engine.KvCacheMemoryBytes = 8L << 20; o.PinnedSystemPrompts = [system]; });
+        using var sp = services.BuildServiceProvider();
+        var client = sp.GetRequiredService<IChatClient>();
+        var engine = client.GetService<AsyncLlmEngine>()!;
+        Assert.True(engine.Stats.KvBlocksPinned > 0);
+        var r = await client.GetResponseAsync([new ChatMessage(ChatRole.System, system), new ChatMessage(ChatRole.User, "First question")], Greedy);
+        Assert.Equal(engine.Stats.KvBlocksPinned * 16, r.Usage!.CachedInputTokenCount);
+    }
+
+    [Fact]
+    public async Task A_second_turn_reuses_the_first_turn_up_to_where_the_template_rewrites_history()
+    {
+        using var engine = NewEngine();
+        var client = new LocalVllmChatClient(engine);
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var template = engine.ChatTemplate;
+        List<ChatMessage> conversation = [new(ChatRole.System, "You are terse."), new(ChatRole.User, "Name three colours.")];
+        var options = Greedy.Clone();
+        options.AdditionalProperties!.Remove("ignore_eos");
+        var first = await client.GetResponseAsync(conversation, options);
+        var firstIds = Render(conversation, addGenerationPrompt: true);
+
+        conversation.AddRange(first.Messages);
+        conversation.Add(new(ChatRole.User, "And three more."));
+        var second = await client.GetResponseAsync(conversation, options);
+        var secondIds = Render(conversation, addGenerationPrompt: true);
+
+        // What the cache can serve: the longest common prefix of the new prompt and turn 1's prompt + reply, in full blocks.
+        var turn1 = firstIds.Concat(tokenizer.Encode(first.Text, addSpecialTokens: false)).ToArray();
+        int common = 0;
+        while (common < Math.Min(turn1.Length, secondIds.Length) && turn1[common] == secondIds[common]) common++;
+        Assert.Equal(common / 16 * 16, second.Usage!.CachedInputTokenCount);
+        Assert.True(second.Usage.CachedInputTokenCount >= firstIds.Length / 16 * 16 - 16);
+        // Qwen3's template drops the empty <think></think> block from earlier assistant turns, so the reply is not
+        // reused: the common prefix ends at the first turn's "<|im_start|>assistant\n".
+        var header = tokenizer.Encode("<|im_start|>assistant\n", addSpecialTokens: false);
+        int assistantStart = Enumerable.Range(0, firstIds.Length - header.Length + 1).Last(i => firstIds.Skip(i).Take(header.Length).SequenceEqual(header));
+        Assert.Equal(firstIds.Length - header.Length - 4, assistantStart); // then <think>, "\n\n", </think>, "\n\n" 
+        Assert.Equal(assistantStart + header.Length, common);
+
+        int[] Render(List<ChatMessage> messages, bool addGenerationPrompt)
+        {
+            var mapped = ChatRequestMapper.Map(messages, options, engine.ModelId);
+            return tokenizer.Encode(template.Render(mapped.Messages, mapped.Tools, addGenerationPrompt, mapped.ExtraContext), addSpecialTokens: false);
+        }
+    }
+
+    [Fact]
     public void Bad_options_fail_at_registration_with_a_clear_message()
     {
         var e = Assert.Throws<InvalidOperationException>(() => new ServiceCollection().AddLocalVllm(o => { }));

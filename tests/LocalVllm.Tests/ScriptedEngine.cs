@@ -35,6 +35,14 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
         return _tokenizer.Encode(renderedPrompt, addSpecialTokens: false);
     }
 
+    public List<IReadOnlyList<int>> Pinned { get; } = [];
+    public Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken)
+    {
+        Pinned.Add(prefixTokenIds);
+        return Task.FromResult($"pin-{Pinned.Count}");
+    }
+    public Task<bool> UnpinAsync(string pinId) => Task.FromResult(true);
+
     public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId,
         [EnumeratorCancellation] CancellationToken cancellationToken)
     {
