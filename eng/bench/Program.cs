@@ -19,5 +19,23 @@ throughput.SetAction(r => ThroughputBench.Run(new ThroughputBench.Settings(
     r.GetValue(size)!, r.GetValue(numSeqs), r.GetValue(minInput), r.GetValue(maxInput),
     r.GetValue(minOutput), r.GetValue(maxOutput), r.GetValue(seed), r.GetValue(threads), r.GetValue(json))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput };
+var agents = new Option<int>("--agents") { DefaultValueFactory = _ => 2 };
+var conversations = new Option<int>("--conversations") { DefaultValueFactory = _ => 4 };
+var turns = new Option<int>("--turns") { DefaultValueFactory = _ => 2 };
+var headTokens = new Option<int>("--head-tokens") { DefaultValueFactory = _ => 1500 };
+var userTokens = new Option<int>("--user-tokens") { DefaultValueFactory = _ => 40 };
+var replyTokens = new Option<int>("--reply-tokens") { DefaultValueFactory = _ => 8 };
+var docTokens = new Option<int>("--doc-tokens") { DefaultValueFactory = _ => 2000 };
+var ragQuestions = new Option<int>("--rag-questions") { DefaultValueFactory = _ => 16 };
+var batched = new Option<int>("--max-num-batched-tokens") { DefaultValueFactory = _ => 8192 };
+var agentsSize = new Option<string>("--size") { Description = "qwen3-0.6b (default), stories or a model directory", DefaultValueFactory = _ => "qwen3-0.6b" };
+var agentsCmd = new Command("agents", "multi-agent and RAG workload: no prefix caching vs plain prefix caching vs the agent-tuned cache")
+{
+    agentsSize, agents, conversations, turns, headTokens, userTokens, replyTokens, docTokens, ragQuestions, batched, threads, json,
+};
+agentsCmd.SetAction(r => AgentsBench.Run(new AgentsBench.Settings(r.GetValue(agentsSize)!, r.GetValue(agents), r.GetValue(conversations),
+    r.GetValue(turns), r.GetValue(headTokens), r.GetValue(userTokens), r.GetValue(replyTokens), r.GetValue(docTokens), r.GetValue(ragQuestions),
+    r.GetValue(batched), r.GetValue(threads), r.GetValue(json))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd };
 return root.Parse(args).Invoke();
