@@ -11,7 +11,7 @@ namespace LocalVllm.Engine;
 public sealed class AsyncLlmEngine : IDisposable
 {
     private abstract record Command;
-    private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, Channel<RequestOutput> Output) : Command;
+    private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, DateTimeOffset? Deadline, Channel<RequestOutput> Output) : Command;
     private sealed record AbortCommand(string Id) : Command;
     private sealed record CallCommand(Action<LlmEngine> Action, TaskCompletionSource Done) : Command;
 
@@ -20,10 +20,11 @@ public sealed class AsyncLlmEngine : IDisposable
     private readonly Thread _thread;
     private readonly CancellationTokenSource _stop = new();
     private long _nextId;
+    private int _queuedAdds;
     private volatile bool _disposed;
 
-    /// <summary>Loads the model and starts the engine loop.</summary>
-    public AsyncLlmEngine(EngineOptions options) : this(new LlmEngine(options)) { }
+    /// <summary>Loads the model and starts the engine loop; rejected and failed requests are logged to <paramref name="logger"/>.</summary>
+    public AsyncLlmEngine(EngineOptions options, Microsoft.Extensions.Logging.ILogger? logger = null) : this(new LlmEngine(options, logger)) { }
 
     /// <summary>Takes ownership of <paramref name="engine"/> and starts the loop.</summary>
     public AsyncLlmEngine(LlmEngine engine)
@@ -44,9 +45,10 @@ public sealed class AsyncLlmEngine : IDisposable
     /// <see cref="RequestOutput.Finished"/> set. Invalid requests throw before anything is queued.
     /// </summary>
     public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
-        string? requestId = null, string? prompt = null, [EnumeratorCancellation] CancellationToken cancellationToken = default)
+        string? requestId = null, string? prompt = null, [EnumeratorCancellation] CancellationToken cancellationToken = default,
+        DateTimeOffset? deadline = null)
     {
-        var reader = Submit(promptTokenIds, sampling, requestId, prompt, out var id);
+        var reader = Submit(promptTokenIds, sampling, requestId, prompt, deadline, out var id);
         bool finished = false;
         using var registration = cancellationToken.Register(() => Abort(id));
         try
@@ -127,14 +129,30 @@ public sealed class AsyncLlmEngine : IDisposable
         return done.Task;
     }
 
-    private ChannelReader<RequestOutput> Submit(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling, string? requestId, string? prompt, out string id)
+    private ChannelReader<RequestOutput> Submit(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling, string? requestId, string? prompt,
+        DateTimeOffset? deadline, out string id)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         sampling ??= new SamplingParams();
-        Engine.ValidateRequest(promptTokenIds, sampling);
         id = requestId ?? $"areq-{Interlocked.Increment(ref _nextId)}";
+        try
+        {
+            Engine.ValidateRequest(promptTokenIds, sampling);
+            // Reject at once, on the caller's thread, when the waiting queue (as of the last step) plus adds not yet
+            // taken by the loop is full: an overloaded engine answers immediately instead of making callers hang.
+            int waiting = Stats.Waiting + Volatile.Read(ref _queuedAdds);
+            if (waiting + sampling.N > Engine.Options.MaxWaitingRequests)
+                throw new EngineOverloadedException(
+                    $"The engine's waiting queue is full ({waiting} waiting, MaxWaitingRequests = {Engine.Options.MaxWaitingRequests}); request '{id}' was rejected. Retry later.");
+        }
+        catch (Exception e)
+        {
+            EngineLog.Rejected(Engine.Logger, id, e.Message);
+            throw;
+        }
         var channel = Channel.CreateUnbounded<RequestOutput>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
-        _commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, channel));
+        Interlocked.Increment(ref _queuedAdds);
+        _commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, deadline, channel));
         return channel.Reader;
     }
 
@@ -179,9 +197,10 @@ public sealed class AsyncLlmEngine : IDisposable
         switch (command)
         {
             case AddCommand add:
+                Interlocked.Decrement(ref _queuedAdds);
                 try
                 {
-                    Engine.AddRequest(add.Prompt, add.Sampling, add.Id, add.Text);
+                    Engine.AddRequest(add.Prompt, add.Sampling, add.Id, add.Text, add.Deadline);
                     _streams[add.Id] = add.Output;
                 }
                 catch (Exception e)
@@ -202,6 +221,12 @@ public sealed class AsyncLlmEngine : IDisposable
     private void Deliver(RequestOutput output)
     {
         if (!_streams.TryGetValue(output.RequestId, out var channel)) return;
+        if (output.Error is not null || output.Outputs.Any(o => o.FinishReason == FinishReasons.Timeout))
+        {
+            channel.Writer.TryComplete(output.Error ?? new TimeoutException($"Request '{output.RequestId}' passed its deadline."));
+            _streams.Remove(output.RequestId);
+            return;
+        }
         channel.Writer.TryWrite(output);
         if (output.Finished)
         {

@@ -3,8 +3,10 @@ namespace LocalVllm.Engine;
 /// <summary>Engine settings, named as in vLLM. Validated when the engine starts.</summary>
 public sealed class EngineOptions
 {
-    /// <summary>A Hugging Face model directory.</summary>
+    /// <summary>A Hugging Face model directory, or a hub repository id (<c>owner/name</c>, optionally <c>@revision</c>) found in or downloaded into the Hugging Face cache.</summary>
     public string Model { get; set; } = "";
+    /// <summary>Hub and cache settings for repository ids; null reads them from the environment (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).</summary>
+    public Hub.HubOptions? Hub { get; set; }
     /// <summary>"cpu" (default) or "cuda" (needs the CUDA build of TorchSharp).</summary>
     public string Device { get; set; } = "cpu";
     /// <summary>Compute dtype: "float32" (default), "bfloat16" or "float16".</summary>
@@ -42,6 +44,11 @@ public sealed class EngineOptions
         SharedAwareEviction = false;
     }
 
+    /// <summary>Requests that may wait for admission; beyond it new requests are rejected at once with <see cref="EngineOverloadedException"/>.</summary>
+    public int MaxWaitingRequests { get; set; } = 4096;
+    /// <summary>The paged-attention implementation; null picks <see cref="Attention.TorchPagedAttention"/>.</summary>
+    public Attention.IAttentionBackend? AttentionBackend { get; set; }
+
     /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
     public bool UseProgressBar { get; set; }
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
@@ -55,6 +62,7 @@ public sealed class EngineOptions
         if (MaxNumSeqs < 1) throw new ArgumentOutOfRangeException(nameof(MaxNumSeqs), MaxNumSeqs, "MaxNumSeqs must be at least 1.");
         if (KvCacheMemoryBytes is <= 0) throw new ArgumentOutOfRangeException(nameof(KvCacheMemoryBytes), KvCacheMemoryBytes, "KvCacheMemoryBytes must be positive.");
         if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
+        if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))
             throw new ArgumentException($"Unknown device '{Device}'; use 'cpu' or 'cuda'.", nameof(Device));

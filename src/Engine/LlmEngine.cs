@@ -4,6 +4,8 @@ using LocalVllm.Engine.Execution;
 using LocalVllm.Engine.Models;
 using LocalVllm.Engine.Sampling;
 using LocalVllm.Engine.Scheduling;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -18,6 +20,8 @@ public sealed class LlmEngine : IDisposable
     private sealed class Request(string id, string? prompt, int[] promptIds, SamplingParams sampling, Sequence[] seqs)
     {
         public string? PinId;
+        public DateTimeOffset? Deadline;
+        public Exception? Error;
         public readonly string Id = id;
         public readonly string? Prompt = prompt;
         public readonly int[] PromptIds = promptIds;
@@ -33,14 +37,18 @@ public sealed class LlmEngine : IDisposable
     private readonly HashSet<int> _eos;
     private long _nextId;
 
-    /// <summary>Loads the model and allocates the KV cache as <paramref name="options"/> say.</summary>
-    public LlmEngine(EngineOptions options)
+    private readonly ILogger _logger;
+    internal ILogger Logger => _logger;
+
+    /// <summary>Loads the model and allocates the KV cache as <paramref name="options"/> say; rejected and failed requests are logged to <paramref name="logger"/>.</summary>
+    public LlmEngine(EngineOptions options, ILogger? logger = null)
     {
         ArgumentNullException.ThrowIfNull(options);
+        _logger = logger ?? NullLogger.Instance;
         options.Validate();
         Options = options;
         if (options.NumThreads is int threads) torch.set_num_threads(threads);
-        Directory = ModelDirectory.Open(options.Model);
+        Directory = ModelDirectory.Open(System.IO.Directory.Exists(options.Model) ? options.Model : Hub.ModelResolver.Resolve(options.Model, options.Hub));
         var device = torch.device(options.Device);
         var dtype = options.DType switch
         {
@@ -48,7 +56,7 @@ public sealed class LlmEngine : IDisposable
             "float16" => ScalarType.Float16,
             _ => ScalarType.Float32,
         };
-        Model = CausalLm.Load(Directory, dtype, device);
+        Model = CausalLm.Load(Directory, dtype, device, options.AttentionBackend);
         var c = Model.Config;
         MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
         long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);
@@ -145,17 +153,29 @@ public sealed class LlmEngine : IDisposable
     /// Validates and queues a request; throws <see cref="ArgumentException"/> naming the bad value and its limit.
     /// Returns the request id.
     /// </summary>
-    public string AddRequest(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null, string? requestId = null, string? prompt = null)
+    public string AddRequest(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null, string? requestId = null, string? prompt = null,
+        DateTimeOffset? deadline = null)
     {
         sampling ??= new SamplingParams();
-        ValidateRequest(promptTokenIds, sampling);
         requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
-        if (_requests.ContainsKey(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
+        try
+        {
+            ValidateRequest(promptTokenIds, sampling);
+            if (_requests.ContainsKey(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
+            if (Scheduler.NumWaiting + sampling.N > Options.MaxWaitingRequests)
+                throw new EngineOverloadedException(
+                    $"The engine's waiting queue is full ({Scheduler.NumWaiting} waiting, MaxWaitingRequests = {Options.MaxWaitingRequests}); request '{requestId}' was rejected. Retry later.");
+        }
+        catch (Exception e)
+        {
+            EngineLog.Rejected(_logger, requestId, e.Message);
+            throw;
+        }
 
         var ids = promptTokenIds.ToArray();
         long now = Stopwatch.GetTimestamp();
         var seqs = Enumerable.Range(0, sampling.N).Select(i => new Sequence(requestId, i, ids, sampling, now)).ToArray();
-        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs);
+        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs) { Deadline = deadline };
         foreach (var s in seqs)
         {
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
@@ -206,6 +226,8 @@ public sealed class LlmEngine : IDisposable
     {
         var outputs = new List<RequestOutput>();
         if (!HasUnfinishedRequests) return outputs;
+        ExpireDeadlines(outputs);
+        if (!HasUnfinishedRequests) return outputs;
         using var scope = NewDisposeScope();
         var batch = Scheduler.Schedule();
         if (batch.Count == 0)
@@ -216,23 +238,34 @@ public sealed class LlmEngine : IDisposable
             outputs.AddRange(Collect([stuck]));
             return outputs;
         }
-        var step = _runner.Run(batch);
-        var samplers = new List<Sequence>();
-        var samplerRows = new List<long>();
-        for (int i = 0; i < batch.Count; i++)
-            if (step.SampleRows[i] >= 0)
-            {
-                samplers.Add(batch[i].Sequence);
-                samplerRows.Add(step.SampleRows[i]);
-            }
+        StepLogits step;
         SampledToken[] sampled = [];
-        if (samplers.Count > 0)
+        try
         {
-            using var rows = tensor(samplerRows.ToArray(), device: step.Logits.device);
-            using var sampleLogits = step.Logits.index_select(0, rows);
-            sampled = _sampler.Sample(sampleLogits, samplers);
+            step = _runner.Run(batch);
+            var samplers = new List<Sequence>();
+            var samplerRows = new List<long>();
+            for (int i = 0; i < batch.Count; i++)
+                if (step.SampleRows[i] >= 0)
+                {
+                    samplers.Add(batch[i].Sequence);
+                    samplerRows.Add(step.SampleRows[i]);
+                }
+            if (samplers.Count > 0)
+            {
+                using var rows = tensor(samplerRows.ToArray(), device: step.Logits.device);
+                using var sampleLogits = step.Logits.index_select(0, rows);
+                sampled = _sampler.Sample(sampleLogits, samplers);
+            }
+            RecordPromptLogprobs(batch, step);
         }
-        RecordPromptLogprobs(batch, step);
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            // The forward pass or the sampler failed: the step's requests fail with the cause; the engine carries on.
+            foreach (var id in batch.Select(b => b.Sequence.RequestId).Distinct().ToArray())
+                outputs.Add(Fail(id, new EngineStepException($"Request '{id}' failed in the engine step: {e.Message}", e)));
+            return outputs;
+        }
 
         long now = Stopwatch.GetTimestamp();
         var touched = new List<Sequence>();
@@ -254,14 +287,46 @@ public sealed class LlmEngine : IDisposable
                 EngineMetrics.TimeToFirstToken.Record(Stopwatch.GetElapsedTime(seq.ArrivalTicks, now).TotalSeconds);
             }
             if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
-            CheckStop(seq, token.TokenId);
-            touched.Add(seq);
+            try
+            {
+                CheckStop(seq, token.TokenId);
+                touched.Add(seq);
+            }
+            catch (Exception e)
+            {
+                // A failure in one request's own processing (detokenizer, stop condition) fails that request only.
+                outputs.Add(Fail(seq.RequestId, new RequestFailedException($"Request '{seq.RequestId}' failed while processing its output: {e.Message}", e)));
+            }
         }
         Counters.Steps++;
         outputs.AddRange(Collect(touched));
         LastStats = GetStats();
         EngineMetrics.Publish(this, LastStats);
         return outputs;
+    }
+
+    private void ExpireDeadlines(List<RequestOutput> outputs)
+    {
+        var now = DateTimeOffset.UtcNow;
+        foreach (var r in _requests.Values.Where(r => r.Deadline is { } d && d <= now).ToArray())
+        {
+            foreach (var s in r.Sequences)
+                if (s.Status != SequenceStatus.Finished) Scheduler.Finish(s, FinishReasons.Timeout);
+            _requests.Remove(r.Id);
+            EngineLog.Failed(_logger, r.Id, $"deadline {r.Deadline:O} passed");
+            outputs.Add(BuildOutput(r));
+        }
+    }
+
+    private RequestOutput Fail(string requestId, Exception error)
+    {
+        var r = _requests[requestId];
+        r.Error = error;
+        foreach (var s in r.Sequences)
+            if (s.Status != SequenceStatus.Finished) Scheduler.Finish(s, FinishReasons.Error);
+        _requests.Remove(requestId);
+        EngineLog.Failed(_logger, requestId, error.Message);
+        return BuildOutput(r);
     }
 
     private void CheckStop(Sequence seq, int token)
@@ -272,6 +337,7 @@ public sealed class LlmEngine : IDisposable
         {
             detok.Add(token);
             if (detok.MatchedStop is string matched) { Scheduler.Finish(seq, FinishReasons.Stop, matched); return; }
+            if (p.StopCondition is { } stop && stop(detok.Text)) { Scheduler.Finish(seq, FinishReasons.Stop, "StopCondition"); return; }
         }
         if (generated >= p.MinTokens)
         {
@@ -339,6 +405,7 @@ public sealed class LlmEngine : IDisposable
                 StopReason = s.StopReason,
             }).ToArray(),
             Finished = r.Finished,
+            Error = r.Error,
             NumCachedTokens = r.Sequences.Max(s => s.NumCachedPromptTokens),
             TimeToFirstTokenSeconds = first == 0 ? null : Stopwatch.GetElapsedTime(r.Sequences[0].ArrivalTicks, first).TotalSeconds,
         };

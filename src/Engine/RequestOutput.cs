@@ -15,6 +15,10 @@ public static class FinishReasons
     public const string Length = "length";
     /// <summary>Aborted by the caller.</summary>
     public const string Abort = "abort";
+    /// <summary>The request's deadline passed.</summary>
+    public const string Timeout = "timeout";
+    /// <summary>The request failed; <see cref="RequestOutput.Error"/> says why.</summary>
+    public const string Error = "error";
 }
 
 /// <summary>One completion of a request.</summary>
@@ -44,6 +48,8 @@ public sealed record RequestOutput
     public IReadOnlyList<PositionLogprobs?>? PromptLogprobs { get; init; }
     public required IReadOnlyList<CompletionOutput> Outputs { get; init; }
     public required bool Finished { get; init; }
+    /// <summary>Why the request failed, when its finish reason is "error".</summary>
+    public Exception? Error { get; init; }
     /// <summary>Prompt tokens served from the prefix cache (the largest over the request's completions).</summary>
     public int NumCachedTokens { get; init; }
     /// <summary>Seconds from arrival to the first generated token, when known.</summary>

@@ -38,6 +38,11 @@ public sealed record SamplingParams
     public int? Logprobs { get; init; }
     /// <summary>Return the top-k log-probabilities at every prompt position after the first.</summary>
     public int? PromptLogprobs { get; init; }
+    /// <summary>
+    /// A custom stop condition, called with the text generated so far after each token (needs a tokenizer); returning
+    /// true ends the request with finish reason "stop". An exception thrown here fails this request only.
+    /// </summary>
+    public Func<string, bool>? StopCondition { get; init; }
     /// <summary>Leave special tokens out of the returned text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

@@ -32,15 +32,17 @@ public interface ILocalVllmEngine
 public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
 {
     /// <summary>Loads the model and starts the engine loop.</summary>
-    public LocalVllmEngine(EngineOptions options, string? modelId = null)
+    public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null)
     {
-        Engine = new AsyncLlmEngine(options);
+        Engine = new AsyncLlmEngine(options, logger);
         var core = Engine.Engine;
         if (core.Tokenizer is null)
             throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
         ChatTemplate = core.ChatTemplate
             ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
-        ModelId = modelId ?? Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar));
+        ModelId = modelId ?? (LocalVllm.Engine.Hub.ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
+            ? options.Model.Split('@')[0]
+            : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
     }
 
     /// <summary>The engine behind this client.</summary>

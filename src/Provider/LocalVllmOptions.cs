@@ -22,8 +22,9 @@ public sealed class LocalVllmOptions
     {
         if (string.IsNullOrWhiteSpace(Model))
             throw new InvalidOperationException("LocalVllmOptions.Model is not set: give the path of a Hugging Face model directory.");
+        if (!Directory.Exists(Model) && LocalVllm.Engine.Hub.ModelResolver.IsRepoId(Model)) return; // resolved from the Hugging Face cache or hub at start
         if (!Directory.Exists(Model))
-            throw new InvalidOperationException($"LocalVllmOptions.Model: no such directory '{Path.GetFullPath(Model)}'.");
+            throw new InvalidOperationException($"LocalVllmOptions.Model: no such directory '{Path.GetFullPath(Model)}' (and not a hub repository id owner/name).");
         if (!File.Exists(Path.Combine(Model, "config.json")))
             throw new InvalidOperationException($"LocalVllmOptions.Model: '{Path.GetFullPath(Model)}' has no config.json; it is not a Hugging Face model directory.");
     }
@@ -33,7 +34,7 @@ public sealed class LocalVllmOptions
         var e = Engine;
         return new EngineOptions
         {
-            Model = Model, Device = e.Device, DType = e.DType, BlockSize = e.BlockSize, KvCacheMemoryBytes = e.KvCacheMemoryBytes,
+            Model = Model, Hub = e.Hub, Device = e.Device, DType = e.DType, BlockSize = e.BlockSize, KvCacheMemoryBytes = e.KvCacheMemoryBytes,
             NumKvBlocks = e.NumKvBlocks, MaxNumBatchedTokens = e.MaxNumBatchedTokens, MaxNumSeqs = e.MaxNumSeqs,
             MaxModelLen = e.MaxModelLen, EnablePrefixCaching = e.EnablePrefixCaching, NumThreads = e.NumThreads,
             DeduplicateSharedPrefixes = e.DeduplicateSharedPrefixes, CacheAwareScheduling = e.CacheAwareScheduling,

@@ -20,14 +20,15 @@ public static class ServiceCollectionExtensions
         var options = new LocalVllmOptions();
         configure(options);
         options.Validate();
-        services.AddSingleton(sp => Start(options));
+        services.AddSingleton(sp => Start(options, sp));
         services.AddSingleton<ILocalVllmEngine>(sp => sp.GetRequiredService<LocalVllmEngine>());
         return services.AddChatClient(sp => new LocalVllmChatClient(sp.GetRequiredService<ILocalVllmEngine>(), sp.GetService<ILogger<LocalVllmChatClient>>()));
     }
 
-    private static LocalVllmEngine Start(LocalVllmOptions options)
+    private static LocalVllmEngine Start(LocalVllmOptions options, IServiceProvider services)
     {
-        var engine = new LocalVllmEngine(options.ToEngineOptions(), options.ModelId);
+        var logger = services.GetService<ILoggerFactory>()?.CreateLogger("LocalVllm.Engine");
+        var engine = new LocalVllmEngine(options.ToEngineOptions(), options.ModelId, logger);
         if (options.PinnedSystemPrompts.Count > 0)
         {
             var client = new LocalVllmChatClient(engine);
@@ -52,7 +53,7 @@ public static class ServiceCollectionExtensions
         var options = new LocalVllmOptions();
         configure(options);
         options.Validate();
-        services.AddKeyedSingleton(key, (sp, _) => Start(options));
+        services.AddKeyedSingleton(key, (sp, _) => Start(options, sp));
         return services.AddKeyedChatClient(key, sp => new LocalVllmChatClient(sp.GetRequiredKeyedService<LocalVllmEngine>(key), sp.GetService<ILogger<LocalVllmChatClient>>()));
     }
 }

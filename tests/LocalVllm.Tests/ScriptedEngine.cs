@@ -16,10 +16,12 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
     private readonly ModelTokenizer _tokenizer;
     private readonly Queue<string[]> _scripts = new();
 
-    public ScriptedEngine(params string[][] scripts)
+    public ScriptedEngine(params string[][] scripts) : this(null, scripts) { }
+
+    public ScriptedEngine(string? templateSource, params string[][] scripts)
     {
         _tokenizer = ModelTokenizer.Load(_dir);
-        ChatTemplate = ChatTemplate.Load(_dir)!;
+        ChatTemplate = templateSource is null ? ChatTemplate.Load(_dir)! : new ChatTemplate(templateSource);
         foreach (var s in scripts) _scripts.Enqueue(s);
     }
 

@@ -39,7 +39,9 @@ public sealed unsafe class SafetensorsFile : IDisposable
     /// <summary>Maps <paramref name="path"/> and parses its header; a truncated or malformed file is an error naming it.</summary>
     public static SafetensorsFile Open(string path)
     {
-        var length = new FileInfo(path).Length;
+        var info = new FileInfo(path);
+        if (info.LinkTarget is not null) info = (FileInfo?)info.ResolveLinkTarget(returnFinalTarget: true) ?? info; // Hugging Face cache snapshots are symlinks into blobs/
+        var length = info.Length;
         if (length < 8) throw new InvalidDataException($"'{path}' is truncated: {length} bytes, too short for a safetensors header.");
         var file = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
         var view = file.CreateViewAccessor(0, length, MemoryMappedFileAccess.Read);
