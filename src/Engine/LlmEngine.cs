@@ -56,7 +56,11 @@ public sealed class LlmEngine : IDisposable
             "float16" => ScalarType.Float16,
             _ => ScalarType.Float32,
         };
-        Model = CausalLm.Load(Directory, dtype, device, options.AttentionBackend);
+        // On the CPU in float32, decode attention reads the paged cache in place (CpuPagedAttention); elsewhere the
+        // device-agnostic TorchSharp backend.
+        var attention = options.AttentionBackend
+            ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 ? new Attention.CpuPagedAttention() : new Attention.TorchPagedAttention());
+        Model = CausalLm.Load(Directory, dtype, device, attention);
         var c = Model.Config;
         MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
         long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);

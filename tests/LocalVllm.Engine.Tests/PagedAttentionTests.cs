@@ -8,17 +8,22 @@ namespace LocalVllm.Engine.Tests;
 public sealed class PagedAttentionTests
 {
     [Theory]
-    [InlineData(1)]
-    [InlineData(4)]
-    [InlineData(16)]
-    public void Paged_attention_equals_dense_attention(int blockSize)
+    [InlineData(1, "torch")]
+    [InlineData(4, "torch")]
+    [InlineData(16, "torch")]
+    [InlineData(1, "cpu")]
+    [InlineData(4, "cpu")]
+    [InlineData(16, "cpu")]
+    public void Paged_attention_equals_dense_attention(int blockSize, string backendName)
     {
+        IAttentionBackend backend = backendName == "cpu" ? new CpuPagedAttention() : new TorchPagedAttention();
         using var scope = NewDisposeScope();
         var gen = new TorchSharp.torch.Generator(42);
-        int heads = 4, kvHeads = 2, d = 8, numBlocks = 128;
+        int heads = 4, kvHeads = 2, d = 8, numBlocks = 256;
         var rng = new Random(blockSize);
         // Ragged sequences: (cached prefix length, new tokens this step).
-        (int Cached, int New)[] seqs = [(0, 13), (20, 1), (5, 7), (0, 1), (33, 9)];
+        // Decode rows (one new token) go through the in-place kernel of CpuPagedAttention; the others through SDPA.
+        (int Cached, int New)[] seqs = [(0, 13), (20, 1), (5, 7), (0, 1), (33, 9), (70, 1), (2, 1)];
         var kCache = zeros(numBlocks, blockSize, kvHeads, d);
         var vCache = zeros(numBlocks, blockSize, kvHeads, d);
         var freeBlocks = Enumerable.Range(0, numBlocks).OrderBy(_ => rng.Next()).ToList();
@@ -52,7 +57,7 @@ public sealed class PagedAttentionTests
         var vNew = cat(seqs.Select((s, i) => fullV[i].narrow(0, s.Cached, s.New)).ToArray(), 0);
         var meta = new AttentionMetadata(tensor(slotMapping.ToArray()), tensor(ctxSlots.ToArray()), spans, tables.ToArray(), blockSize);
 
-        var paged = new TorchPagedAttention().Forward(qNew, kNew, vNew, kCache, vCache, meta);
+        var paged = backend.Forward(qNew, kNew, vNew, kCache, vCache, meta);
 
         // Dense reference: full causal attention over each whole sequence, explicit softmax, then the new rows.
         int row = 0;
@@ -68,7 +73,7 @@ public sealed class PagedAttentionTests
             var probs = F.softmax(scores.masked_fill(mask, double.NegativeInfinity), -1);
             var dense = probs.matmul(v).transpose(0, 1).reshape(total, heads * d).narrow(0, cached, n);
             var mine = paged.narrow(0, row, n);
-            Assert.True((dense - mine).abs().max().item<float>() <= 1e-5f, $"sequence {i} (block size {blockSize})");
+            Assert.True((dense - mine).abs().max().item<float>() <= 1e-5f, $"sequence {i} (block size {blockSize}, {backendName})");
             row += n;
         }
     }
