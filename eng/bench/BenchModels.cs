@@ -27,6 +27,20 @@ internal static class BenchModels
         }
     }
 
+    /// <summary>An F32 GGUF of <paramref name="modelDir"/> for llama.cpp, written once into the bench cache.</summary>
+    public static string GgufFor(string modelDir)
+    {
+        var name = new DirectoryInfo(modelDir).Name;
+        var path = Path.Combine(CacheDir(), name + ".f32.gguf");
+        if (!File.Exists(path) || File.GetLastWriteTimeUtc(path) < File.GetLastWriteTimeUtc(Path.Combine(modelDir, "config.json")))
+        {
+            Directory.CreateDirectory(CacheDir());
+            Console.Error.WriteLine($"Writing {path} for llama.cpp (once)...");
+            GgufWriter.Write(modelDir, path);
+        }
+        return path;
+    }
+
     public static string FindShared(string relative)
     {
         for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)

@@ -37,5 +37,13 @@ agentsCmd.SetAction(r => AgentsBench.Run(new AgentsBench.Settings(r.GetValue(age
     r.GetValue(turns), r.GetValue(headTokens), r.GetValue(userTokens), r.GetValue(replyTokens), r.GetValue(docTokens), r.GetValue(ragQuestions),
     r.GetValue(batched), r.GetValue(threads), r.GetValue(json))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd };
+var workloads = new Option<string>("--workloads") { Description = "comma-separated shared/bench/workloads names", DefaultValueFactory = _ => "stories-b64,qwen3-single,qwen3-b16" };
+var compareThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
+var compareCmd = new Command("compare", "LocalVllm against llama.cpp (LLamaSharp) on the shared workload files, same weights, same threads")
+{
+    workloads, compareThreads, json,
+};
+compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null)));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd };
 return root.Parse(args).Invoke();

@@ -35,6 +35,7 @@ internal static class ThroughputBench
         llm.Generate([prompts[0].Take(8).ToArray()], new SamplingParams { Temperature = 0, MaxTokens = 2, IgnoreEos = true });
 
         var batched = Time("batched", () => GenerateAll(llm, prompts, outLens));
+        Console.WriteLine($"batched engine time split: {llm.Engine.Counters.TimeSplit()}");
         RunResult sequential;
         using (var single = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 512L << 20, EnablePrefixCaching = false, MaxNumSeqs = 1, NumThreads = s.Threads }))
             sequential = Time("one at a time", () =>

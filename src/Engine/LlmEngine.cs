@@ -69,7 +69,7 @@ public sealed class LlmEngine : IDisposable
         Cache = new KvCache(c.NumHiddenLayers, numBlocks, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype, device);
         Blocks = new BlockManager(numBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
-        _runner = new ModelRunner(Model, Cache);
+        _runner = new ModelRunner(Model, Cache) { OnInputsBuilt = ticks => Counters.InputTicks += ticks };
         _eos = [.. Directory.EosTokenIds];
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
@@ -233,7 +233,10 @@ public sealed class LlmEngine : IDisposable
         ExpireDeadlines(outputs);
         if (!HasUnfinishedRequests) return outputs;
         using var scope = NewDisposeScope();
+        long t0 = Stopwatch.GetTimestamp();
         var batch = Scheduler.Schedule();
+        long t1 = Stopwatch.GetTimestamp();
+        Counters.ScheduleTicks += t1 - t0;
         if (batch.Count == 0)
         {
             // Nothing fits even alone: the first waiting sequence has outgrown the whole cache.
@@ -247,6 +250,8 @@ public sealed class LlmEngine : IDisposable
         try
         {
             step = _runner.Run(batch);
+            long t2 = Stopwatch.GetTimestamp();
+            Counters.ForwardTicks += t2 - t1;
             var samplers = new List<Sequence>();
             var samplerRows = new List<long>();
             for (int i = 0; i < batch.Count; i++)
@@ -262,6 +267,7 @@ public sealed class LlmEngine : IDisposable
                 sampled = _sampler.Sample(sampleLogits, samplers);
             }
             RecordPromptLogprobs(batch, step);
+            Counters.SampleTicks += Stopwatch.GetTimestamp() - t2;
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
@@ -304,6 +310,7 @@ public sealed class LlmEngine : IDisposable
         }
         Counters.Steps++;
         outputs.AddRange(Collect(touched));
+        Counters.OutputTicks += Stopwatch.GetTimestamp() - now;
         LastStats = GetStats();
         EngineMetrics.Publish(this, LastStats);
         return outputs;
@@ -446,6 +453,26 @@ public sealed class LlmEngine : IDisposable
 /// <summary>Cumulative engine counters.</summary>
 public sealed class EngineCounters
 {
+    /// <summary>Time spent scheduling (Stopwatch ticks).</summary>
+    public long ScheduleTicks { get; internal set; }
+    /// <summary>Time spent building the step's tensors and running the model (Stopwatch ticks); see <see cref="InputTicks"/>.</summary>
+    public long ForwardTicks { get; internal set; }
+    /// <summary>Part of <see cref="ForwardTicks"/> spent building the step's input tensors on the host.</summary>
+    public long InputTicks { get; internal set; }
+    /// <summary>Time spent sampling (Stopwatch ticks).</summary>
+    public long SampleTicks { get; internal set; }
+    /// <summary>Time spent post-processing: appending tokens, stop checks, detokenizing, building outputs (Stopwatch ticks).</summary>
+    public long OutputTicks { get; internal set; }
+
+    /// <summary>A one-line split of where step time went.</summary>
+    public string TimeSplit()
+    {
+        double Ms(long ticks) => ticks * 1000.0 / Stopwatch.Frequency;
+        double total = Ms(ScheduleTicks + ForwardTicks + SampleTicks + OutputTicks);
+        return $"steps {Steps}: schedule {Ms(ScheduleTicks):F0} ms, inputs {Ms(InputTicks):F0} ms, forward {Ms(ForwardTicks - InputTicks):F0} ms, " +
+               $"sampling {Ms(SampleTicks):F0} ms, output {Ms(OutputTicks):F0} ms (total {total:F0} ms, {total / Math.Max(1, Steps):F1} ms/step)";
+    }
+
     public long Steps { get; internal set; }
     public long PrefillTokens { get; internal set; }
     public long DecodeTokens { get; internal set; }

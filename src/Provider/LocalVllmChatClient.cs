@@ -12,7 +12,7 @@ namespace LocalVllm;
 /// tokenized and submitted; concurrent callers batch together in the engine. Reasoning (<c>&lt;think&gt;</c>) comes back as
 /// <see cref="TextReasoningContent"/> and Hermes/Qwen tool calls as <see cref="FunctionCallContent"/>.
 /// </summary>
-public sealed class LocalVllmChatClient : IChatClient
+public sealed partial class LocalVllmChatClient : IChatClient
 {
     private readonly ILocalVllmEngine _engine;
     private readonly ILogger _logger;
@@ -20,7 +20,7 @@ public sealed class LocalVllmChatClient : IChatClient
     private long _nextId;
 
     /// <summary>Creates a client over <paramref name="engine"/>.</summary>
-    public LocalVllmChatClient(ILocalVllmEngine engine, ILogger<LocalVllmChatClient>? logger = null)
+    public LocalVllmChatClient(ILocalVllmEngine engine, ILogger? logger = null)
     {
         ArgumentNullException.ThrowIfNull(engine);
         _engine = engine;
@@ -40,11 +40,21 @@ public sealed class LocalVllmChatClient : IChatClient
     public async IAsyncEnumerable<ChatResponseUpdate> GetStreamingResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null,
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
-        var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
-        var prompt = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: true, request.ExtraContext);
-        var ids = _engine.EncodeChatPrompt(prompt);
-        var sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen);
         string responseId = $"chatcmpl-{Guid.NewGuid():N}";
+        int[] ids;
+        SamplingParams sampling;
+        try
+        {
+            var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
+            var prompt = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: true, request.ExtraContext);
+            ids = _engine.EncodeChatPrompt(prompt);
+            sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen);
+        }
+        catch (Exception e)
+        {
+            ClientLog.Rejected(_logger, responseId, e.Message);
+            throw;
+        }
         string messageId = $"msg-{Interlocked.Increment(ref _nextId)}";
         var created = DateTimeOffset.UtcNow;
         var parser = new ModelOutputParser();
@@ -97,6 +107,12 @@ public sealed class LocalVllmChatClient : IChatClient
                 return new TextContent("<tool_call>\n" + c.Body + "\n</tool_call>");
             default: return null;
         }
+    }
+
+    private static partial class ClientLog
+    {
+        [LoggerMessage(EventId = 1, Level = LogLevel.Warning, Message = "Chat request {RequestId} rejected: {Reason}")]
+        public static partial void Rejected(ILogger logger, string requestId, string reason);
     }
 
     /// <summary>Parses <c>{"name": ..., "arguments": {...}}</c> into a call with a fresh id.</summary>

@@ -27,9 +27,13 @@ public sealed class ModelRunner
         _cache = cache;
     }
 
+    /// <summary>Called with the Stopwatch ticks spent building each step's inputs (for the engine's time split).</summary>
+    public Action<long>? OnInputsBuilt { get; init; }
+
     /// <summary>Runs the step; the returned logits belong to the caller's dispose scope.</summary>
     public StepLogits Run(IReadOnlyList<ScheduledSequence> batch)
     {
+        long buildStart = System.Diagnostics.Stopwatch.GetTimestamp();
         int bs = _cache.BlockSize;
         int totalTokens = 0, totalContext = 0;
         foreach (var s in batch)
@@ -84,6 +88,7 @@ public sealed class ModelRunner
         using var ctxT = tensor(contextSlots, device: device);
         using var rowsT = tensor(logitRows.ToArray(), device: device);
         var metadata = new AttentionMetadata(slotT, ctxT, spans, tables, bs);
+        OnInputsBuilt?.Invoke(System.Diagnostics.Stopwatch.GetTimestamp() - buildStart);
         var logits = _model.Forward(idsT, posT, maxPosition, metadata, _cache, rowsT);
         return new StepLogits(logits, sampleRows, promptRows);
     }

@@ -1,0 +1,102 @@
+using System.Diagnostics;
+using System.Text.Json;
+using LocalVllm.Engine;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Bench;
+
+/// <summary>
+/// Our engine against llama.cpp on the shared workload files, same weights (HF safetensors for us, an F32 GGUF written
+/// from them for llama.cpp), same thread count, greedy, EOS ignored; both checked to give the same greedy ids on a
+/// short prompt before anything is timed. Also measures the machine's f32 GEMM ceiling in the same run.
+/// </summary>
+internal static class CompareBench
+{
+    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown);
+
+    public static int Run(Settings s)
+    {
+        torch.set_num_threads(s.Threads);
+        double ceiling = GemmCeiling();
+        Console.WriteLine($"f32 GEMM ceiling ([1024,1024]x[1024,3072], {s.Threads} threads): {ceiling:F1} GFLOP/s");
+        var rows = new List<(EngineRun Ours, EngineRun Peer, double FlopsPerToken)>();
+        foreach (var name in s.Workloads)
+        {
+            var w = Workload.Load(name);
+            string size = name.StartsWith("stories", StringComparison.Ordinal) ? "stories" : "qwen3-0.6b";
+            var model = BenchModels.Resolve(size);
+            var gguf = BenchModels.GgufFor(model);
+            var cfg = LocalVllm.Engine.Models.ModelConfig.Load(Path.Combine(model, "config.json"));
+            double flopsPerToken = 2.0 * ParameterCount(cfg);
+
+            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
+            uint ctxSize = (uint)Math.Max(4096, w.Prompts.Zip(w.OutLens).Sum(p => p.First.Length + p.Second) + 64);
+            using var peer = new LlamaCppPeer(gguf, s.Threads, ctxSize, (uint)Math.Max(1, w.Prompts.Length));
+
+            // Same weights, same greedy ids on a short prompt, before anything is timed.
+            var probe = w.Prompts[0].Take(16).ToArray();
+            var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
+            var theirs = peer.Greedy(probe, 8);
+            if (!ours.SequenceEqual(theirs))
+                throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
+            Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
+
+            var ourRun = RunOurs(llm, w);
+            peer.Run(w, out var peerRun);
+            rows.Add((ourRun, peerRun, flopsPerToken));
+            Print(ourRun, peerRun, ceiling, flopsPerToken);
+        }
+        if (s.Json is not null)
+            File.WriteAllText(s.Json, JsonSerializer.Serialize(new
+            {
+                date = DateTime.UtcNow, machine = $"{Environment.ProcessorCount} cores, {s.Threads} threads", gemmCeilingGflops = ceiling,
+                runs = rows.Select(r => new { ours = r.Ours, llamaCpp = r.Peer, flopsPerToken = r.FlopsPerToken }),
+            }, new JsonSerializerOptions { WriteIndented = true }));
+        return 0;
+    }
+
+    private static EngineRun RunOurs(Llm llm, Workload w)
+    {
+        var engine = llm.Engine;
+        var wall = Stopwatch.StartNew();
+        var ids = w.Prompts.Select((p, i) => engine.AddRequest(p, new SamplingParams { Temperature = 0, MaxTokens = w.OutLens[i], IgnoreEos = true })).ToList();
+        double firstTokenAll = 0;
+        var done = new HashSet<string>();
+        var started = new HashSet<string>();
+        while (engine.HasUnfinishedRequests)
+            foreach (var o in engine.Step())
+            {
+                if (started.Add(o.RequestId) && started.Count == ids.Count) firstTokenAll = wall.Elapsed.TotalSeconds;
+                if (o.Finished) done.Add(o.RequestId);
+            }
+        double total = wall.Elapsed.TotalSeconds;
+        Console.WriteLine($"  ours: {engine.Counters.TimeSplit()}");
+        // With continuous batching prefill and decode overlap; "prefill" is until every request has its first token.
+        return new EngineRun("LocalVllm", w.Name, firstTokenAll, total - firstTokenAll, total, w.PromptTokens, w.OutputTokens);
+    }
+
+    private static void Print(EngineRun ours, EngineRun peer, double ceiling, double flopsPerToken)
+    {
+        double Frac(double tokPerSec) => tokPerSec * flopsPerToken / 1e9 / ceiling;
+        Console.WriteLine($"| {ours.Workload} | engine | prefill tok/s | decode tok/s | prompt+output tok/s (wall) | wall s | fraction of GEMM ceiling |");
+        foreach (var r in new[] { ours, peer })
+            Console.WriteLine($"| | {r.Engine} | {r.PrefillTokensPerSecond:F1} | {r.DecodeTokensPerSecond:F1} | {r.TotalTokensPerSecond:F1} | {r.WallSeconds:F1} | {Frac(r.TotalTokensPerSecond):P0} |");
+        Console.WriteLine($"| | ratio | {ours.PrefillTokensPerSecond / peer.PrefillTokensPerSecond:F2}x | {ours.DecodeTokensPerSecond / peer.DecodeTokensPerSecond:F2}x | {ours.TotalTokensPerSecond / peer.TotalTokensPerSecond:F2}x | | |");
+    }
+
+    private static double GemmCeiling()
+    {
+        using var a = randn(1024, 1024);
+        using var b = randn(1024, 3072);
+        for (int i = 0; i < 3; i++) a.matmul(b).Dispose();
+        var sw = Stopwatch.StartNew();
+        int n = 20;
+        for (int i = 0; i < n; i++) a.matmul(b).Dispose();
+        return 2.0 * 1024 * 1024 * 3072 * n / sw.Elapsed.TotalSeconds / 1e9;
+    }
+
+    private static long ParameterCount(LocalVllm.Engine.Models.ModelConfig c) =>
+        LocalVllm.Engine.Models.CausalLm.ExpectedTensors(c).Where(kv => kv.Key != "model.embed_tokens.weight" || !c.TieWordEmbeddings)
+            .Sum(kv => kv.Value.Aggregate(1L, (x, y) => x * y));
+}
