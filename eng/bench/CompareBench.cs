@@ -31,8 +31,8 @@ internal static class CompareBench
             double flopsPerToken = 2.0 * ParameterCount(cfg);
 
             using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
-            uint ctxSize = (uint)Math.Max(4096, w.Prompts.Zip(w.OutLens).Sum(p => p.First.Length + p.Second) + 64);
-            using var peer = new LlamaCppPeer(gguf, s.Threads, ctxSize, (uint)Math.Max(1, w.Prompts.Length));
+            uint maxSeqLen = (uint)w.Prompts.Zip(w.OutLens).Max(p => p.First.Length + p.Second);
+            using var peer = new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
 
             // Same weights, same greedy ids on a short prompt, before anything is timed.
             var probe = w.Prompts[0].Take(16).ToArray();

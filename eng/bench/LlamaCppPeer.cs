@@ -15,11 +15,21 @@ internal sealed class LlamaCppPeer : IDisposable
     private readonly LLamaWeights _weights;
     private readonly ModelParams _params;
 
-    public LlamaCppPeer(string ggufPath, int threads, uint contextSize, uint maxSeqs)
+    private static bool _quiet;
+
+    /// <param name="maxSeqLen">The longest prompt + output of one sequence: each sequence gets a KV stream of this size.</param>
+    public LlamaCppPeer(string ggufPath, int threads, uint maxSeqLen, uint maxSeqs)
     {
+        if (!_quiet)
+        {
+            NativeLibraryConfig.All.WithLogCallback((level, message) => { if (level >= LLamaLogLevel.Error) Console.Error.Write(message); });
+            _quiet = true;
+        }
+        uint perSeq = (maxSeqLen + 255) / 256 * 256;
         _params = new ModelParams(ggufPath)
         {
-            ContextSize = contextSize, BatchSize = 2048, UBatchSize = 512, SeqMax = maxSeqs,
+            // One KV stream per sequence (not one unified cache that every token would attend over, masked).
+            ContextSize = perSeq * maxSeqs, KVUnified = false, BatchSize = 2048, UBatchSize = 512, SeqMax = maxSeqs,
             Threads = threads, BatchThreads = threads, FlashAttention = false, TypeK = GGMLType.GGML_TYPE_F32, TypeV = GGMLType.GGML_TYPE_F32,
             GpuLayerCount = 0,
         };
