@@ -45,5 +45,9 @@ var compareCmd = new Command("compare", "LocalVllm against llama.cpp (LLamaSharp
 };
 compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null)));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd };
+var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
+var microCmd = new Command("micro", "linear-layer shapes of a Qwen3-0.6B step in two weight layouts") { microThreads };
+microCmd.SetAction(r => MicroBench.Run(r.GetValue(microThreads)));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd };
 return root.Parse(args).Invoke();

@@ -1,6 +1,7 @@
 using TensorPrimitives = System.Numerics.Tensors.TensorPrimitives;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Attention;
@@ -62,15 +63,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
                 var s = metadata.Sequences[i];
                 using var scope = NewDisposeScope();
                 var slots = metadata.ContextSlots.narrow(0, s.ContextStart, s.ContextLength);
-                var kCtx = kFlat.index_select(0, slots);
-                var vCtx = vFlat.index_select(0, slots);
-                var qi = q.narrow(0, s.QueryStart, s.QueryLength).transpose(0, 1).unsqueeze(0);
-                var ki = ExpandHeads(kCtx, numHeads / numKvHeads);
-                var vi = ExpandHeads(vCtx, numHeads / numKvHeads);
-                var oi = s.QueryLength == s.ContextLength
-                    ? nn.functional.scaled_dot_product_attention(qi, ki, vi, is_casual: true)
-                    : nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask: TorchPagedAttention.CausalMask(s.QueryLength, s.ContextLength, q.device));
-                output.narrow(0, s.QueryStart, s.QueryLength).copy_(oi.squeeze(0).transpose(0, 1).reshape(s.QueryLength, numHeads * headDim));
+                var rows = TorchPagedAttention.AttendSequence(q, kFlat.index_select(0, slots), vFlat.index_select(0, slots), s, numHeads / numKvHeads);
+                output.narrow(0, s.QueryStart, s.QueryLength).copy_(rows);
             }
         }
         return output;
@@ -82,46 +76,84 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         public float[] Acc = new float[256];
     }
 
-    /// <summary>One sequence's single query row against its whole context, for the query heads of KV head <paramref name="kvh"/>.</summary>
+    /// <summary>
+    /// One sequence's single query row against its whole context, for the query heads of KV head <paramref name="kvh"/>:
+    /// scores, softmax and the weighted sum of values, with hand-written 256-bit vector loops (the per-call overhead of
+    /// span-based helpers dominates at these sizes: millions of 128-float dot products per step).
+    /// </summary>
     private static void DecodeOne(float* q, float* kCache, float* vCache, float* output, int[] table, int blockSize, int contextLength,
         int kvh, int groups, int numKvHeads, int headDim, float scale, Scratch scratch)
     {
-        if (scratch.Scores.Length < contextLength) scratch.Scores = new float[Math.Max(contextLength, scratch.Scores.Length * 2)];
-        if (scratch.Acc.Length < headDim) scratch.Acc = new float[headDim];
-        var scores = scratch.Scores.AsSpan(0, contextLength);
-        var acc = scratch.Acc.AsSpan(0, headDim);
+        if (scratch.Scores.Length < contextLength * groups) scratch.Scores = new float[Math.Max(contextLength * groups, scratch.Scores.Length * 2)];
+        if (scratch.Acc.Length < headDim * groups) scratch.Acc = new float[headDim * groups];
         long rowStride = (long)numKvHeads * headDim;
-        for (int g = 0; g < groups; g++)
+        fixed (float* scores = scratch.Scores, acc = scratch.Acc)
         {
-            int h = kvh * groups + g;
-            var qh = new ReadOnlySpan<float>(q + (long)h * headDim, headDim);
+            // Scores for every query head of the group in one pass over the keys.
             for (int j = 0; j < contextLength; j++)
             {
                 long slot = (long)table[j / blockSize] * blockSize + j % blockSize;
-                scores[j] = TensorPrimitives.Dot(qh, new ReadOnlySpan<float>(kCache + slot * rowStride + (long)kvh * headDim, headDim)) * scale;
+                float* krow = kCache + slot * rowStride + (long)kvh * headDim;
+                for (int g = 0; g < groups; g++)
+                    scores[g * contextLength + j] = Dot(q + (long)(kvh * groups + g) * headDim, krow, headDim) * scale;
             }
-            TensorPrimitives.SoftMax(scores, scores);
-            acc.Clear();
+            for (int g = 0; g < groups; g++)
+            {
+                var row = new Span<float>(scores + g * contextLength, contextLength);
+                TensorPrimitives.SoftMax(row, row);
+            }
+            new Span<float>(acc, headDim * groups).Clear();
+            // Weighted sum of values, again one pass over the values for the whole group.
             for (int j = 0; j < contextLength; j++)
             {
                 long slot = (long)table[j / blockSize] * blockSize + j % blockSize;
-                TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(vCache + slot * rowStride + (long)kvh * headDim, headDim), scores[j], acc, acc);
+                float* vrow = vCache + slot * rowStride + (long)kvh * headDim;
+                for (int g = 0; g < groups; g++)
+                    Axpy(scores[g * contextLength + j], vrow, acc + g * headDim, headDim);
             }
-            acc.CopyTo(new Span<float>(output + (long)h * headDim, headDim));
+            for (int g = 0; g < groups; g++)
+                Buffer.MemoryCopy(acc + g * headDim, output + (long)(kvh * groups + g) * headDim, headDim * sizeof(float), headDim * sizeof(float));
         }
     }
+
+    private static float Dot(float* a, float* b, int n)
+    {
+        int i = 0;
+        float sum = 0;
+        if (Vector256.IsHardwareAccelerated && n >= 8)
+        {
+            var s0 = Vector256<float>.Zero;
+            var s1 = Vector256<float>.Zero;
+            for (; i + 16 <= n; i += 16)
+            {
+                s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
+                s1 = Fma(Vector256.Load(a + i + 8), Vector256.Load(b + i + 8), s1);
+            }
+            for (; i + 8 <= n; i += 8) s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
+            sum = Vector256.Sum(s0 + s1);
+        }
+        for (; i < n; i++) sum += a[i] * b[i];
+        return sum;
+    }
+
+    /// <summary>y += a * x.</summary>
+    private static void Axpy(float a, float* x, float* y, int n)
+    {
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated && n >= 8)
+        {
+            var va = Vector256.Create(a);
+            for (; i + 8 <= n; i += 8) Vector256.Store(Fma(va, Vector256.Load(x + i), Vector256.Load(y + i)), y + i);
+        }
+        for (; i < n; i++) y[i] += a * x[i];
+    }
+
+    private static Vector256<float> Fma(Vector256<float> a, Vector256<float> b, Vector256<float> c) =>
+        System.Runtime.Intrinsics.X86.Fma.IsSupported ? System.Runtime.Intrinsics.X86.Fma.MultiplyAdd(a, b, c) : a * b + c;
 
     private static float* Pointer(Tensor t)
     {
         var bytes = t.bytes;
         return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(bytes));
-    }
-
-    private static Tensor ExpandHeads(Tensor x, long groups)
-    {
-        using var t = x.transpose(0, 1);
-        if (groups == 1) return t.unsqueeze(0);
-        using var r = t.repeat_interleave(groups, dim: 0);
-        return r.unsqueeze(0);
     }
 }

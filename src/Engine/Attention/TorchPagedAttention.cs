@@ -28,28 +28,31 @@ public sealed class TorchPagedAttention : IAttentionBackend
         for (int i = 0; i < outputs.Length; i++)
         {
             var s = metadata.Sequences[i];
-            using var qi = q.narrow(0, s.QueryStart, s.QueryLength).transpose(0, 1).unsqueeze(0); // [1, numHeads, qLen, headDim]
             using var kn = kCtx.narrow(0, s.ContextStart, s.ContextLength);
             using var vn = vCtx.narrow(0, s.ContextStart, s.ContextLength);
-            using var ki = ExpandHeads(kn, groups); // [1, numHeads, ctx, headDim]
-            using var vi = ExpandHeads(vn, groups);
-            Tensor oi;
-            if (s.QueryLength == 1)
-                oi = F.scaled_dot_product_attention(qi, ki, vi);
-            else if (s.QueryLength == s.ContextLength)
-                oi = F.scaled_dot_product_attention(qi, ki, vi, is_casual: true);
-            else
-            {
-                using var mask = CausalMask(s.QueryLength, s.ContextLength, q.device);
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask: mask);
-            }
-            using (oi)
-                outputs[i] = oi.squeeze(0).transpose(0, 1).reshape(s.QueryLength, numHeads * headDim); // [qLen, numHeads * headDim]
+            outputs[i] = AttendSequence(q, kn, vn, s, groups);
         }
         if (outputs.Length == 1) return outputs[0];
         var result = cat(outputs, 0);
         foreach (var o in outputs) o.Dispose();
         return result;
+    }
+
+    /// <summary>
+    /// One sequence's query rows against its gathered context <paramref name="kCtx"/>/<paramref name="vCtx"/>
+    /// ([ctx, kvHeads, d]), causally offset by the cached prefix. Returns [qLen, heads * d].
+    /// </summary>
+    internal static Tensor AttendSequence(Tensor q, Tensor kCtx, Tensor vCtx, SequenceSpan s, long groups)
+    {
+        using var scope = NewDisposeScope();
+        long numHeads = q.shape[1], headDim = q.shape[2];
+        var qi = q.narrow(0, s.QueryStart, s.QueryLength).transpose(0, 1).unsqueeze(0); // [1, numHeads, qLen, headDim]
+        var ki = ExpandHeads(kCtx, groups); // [1, numHeads, ctx, headDim]
+        var vi = ExpandHeads(vCtx, groups);
+        var oi = s.QueryLength == 1 ? F.scaled_dot_product_attention(qi, ki, vi)
+            : s.QueryLength == s.ContextLength ? F.scaled_dot_product_attention(qi, ki, vi, is_casual: true)
+            : F.scaled_dot_product_attention(qi, ki, vi, attn_mask: CausalMask(s.QueryLength, s.ContextLength, q.device));
+        return oi.squeeze(0).transpose(0, 1).reshape(s.QueryLength, numHeads * headDim).MoveToOuterDisposeScope(); // [qLen, numHeads * headDim]
     }
 
     /// <summary>[ctx, kvHeads, d] to [1, kvHeads * groups, ctx, d], repeating each KV head for its query group.</summary>
