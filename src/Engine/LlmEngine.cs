@@ -44,6 +44,7 @@ public sealed class LlmEngine : IDisposable
     public LlmEngine(EngineOptions options, ILogger? logger = null)
     {
         ArgumentNullException.ThrowIfNull(options);
+        TorchRuntime.Configure();
         _logger = logger ?? NullLogger.Instance;
         options.Validate();
         Options = options;
