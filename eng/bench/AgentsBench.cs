@@ -37,6 +37,7 @@ internal static class AgentsBench
         {
             ("no prefix caching", o => o.EnablePrefixCaching = false, false),
             ("plain prefix caching", o => o.UsePlainPrefixCaching(), false),
+            ("agent-tuned, no pinning", o => { }, false),
             ("agent-tuned", o => { }, true),
         };
         var results = new List<ModeResult>();

@@ -30,14 +30,16 @@ internal static class CompareBench
             var cfg = LocalVllm.Engine.Models.ModelConfig.Load(Path.Combine(model, "config.json"));
             double flopsPerToken = 2.0 * ParameterCount(cfg);
 
-            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
+            // llama.cpp first: its OpenMP runtime starts with the default wait policy before our engine sets
+            // OMP_WAIT_POLICY=PASSIVE for libtorch's (a separate copy), so each engine runs with its own defaults.
             uint maxSeqLen = (uint)w.Prompts.Zip(w.OutLens).Max(p => p.First.Length + p.Second);
             using var peer = new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
+            var probe = w.Prompts[0].Take(16).ToArray();
+            var theirs = peer.Greedy(probe, 8);
+            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
 
             // Same weights, same greedy ids on a short prompt, before anything is timed.
-            var probe = w.Prompts[0].Take(16).ToArray();
             var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
-            var theirs = peer.Greedy(probe, 8);
             if (!ours.SequenceEqual(theirs))
                 throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
             Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");

@@ -292,6 +292,7 @@ public sealed class LlmEngine : IDisposable
             if (step.SampleRows[i] < 0) continue;
             var token = sampled[k++];
             seq.Append(token.TokenId);
+            seq.LastTokenTicks = now;
             if (seq.FirstTokenTicks is null)
             {
                 seq.FirstTokenTicks = now;
@@ -420,6 +421,8 @@ public sealed class LlmEngine : IDisposable
             Error = r.Error,
             NumCachedTokens = r.Sequences.Max(s => s.NumCachedPromptTokens),
             TimeToFirstTokenSeconds = first == 0 ? null : Stopwatch.GetElapsedTime(r.Sequences[0].ArrivalTicks, first).TotalSeconds,
+            TimePerOutputTokenSeconds = r.Sequences[0] is { NumOutputTokens: > 1, FirstTokenTicks: long f0, LastTokenTicks: long l0 } s0
+                ? Stopwatch.GetElapsedTime(f0, l0).TotalSeconds / (s0.NumOutputTokens - 1) : null,
         };
     }
 

@@ -54,4 +54,6 @@ public sealed record RequestOutput
     public int NumCachedTokens { get; init; }
     /// <summary>Seconds from arrival to the first generated token, when known.</summary>
     public double? TimeToFirstTokenSeconds { get; init; }
+    /// <summary>Mean seconds per output token after the first (completion 0), once it has two or more.</summary>
+    public double? TimePerOutputTokenSeconds { get; init; }
 }

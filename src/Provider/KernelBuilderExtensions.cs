@@ -16,7 +16,8 @@ public static class KernelBuilderExtensions
     public static IKernelBuilder AddLocalVllmChatCompletion(this IKernelBuilder builder, Action<LocalVllmOptions> configure)
     {
         ArgumentNullException.ThrowIfNull(builder);
-        builder.Services.AddLocalVllm(configure);
+        // Kernel function invocation: FunctionChoiceBehavior.Auto() then runs plugins when the model calls a tool.
+        builder.Services.AddLocalVllm(configure).UseKernelFunctionInvocation();
         builder.Services.AddSingleton(sp => sp.GetRequiredService<IChatClient>().AsChatCompletionService(sp));
         return builder;
     }

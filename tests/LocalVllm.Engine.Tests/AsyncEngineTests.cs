@@ -29,6 +29,7 @@ public sealed class AsyncEngineTests
         var results = await Task.WhenAll(tasks);
         for (int i = 0; i < results.Length; i++) Assert.Equal(expected[i], results[i].Outputs[0].TokenIds);
         Assert.True(engine.Stats.DecodeTokens > 0);
+        Assert.All(results, r => Assert.True(r.TimeToFirstTokenSeconds > 0 && r.TimePerOutputTokenSeconds > 0));
         await AssertNoLeaksAsync(engine);
     }
 

@@ -175,3 +175,4 @@ public sealed class ScriptedChatTests
             Entries.Add((logLevel, formatter(state, exception)));
     }
 }
+

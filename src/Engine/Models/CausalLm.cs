@@ -154,7 +154,7 @@ public sealed class CausalLm : IDisposable
             var layer = _layers[l];
             using var layerScope = NewDisposeScope();
             var h = RmsNorm(x, layer.InputNorm, c.RmsNormEps);
-            var qkv = F.linear(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
+            var qkv = SmallBatchLinear.Apply(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
             var q = qkv.narrow(1, 0, qSize).view(tokens, c.NumAttentionHeads, c.HeadDim);
             var k = qkv.narrow(1, qSize, kvSize).view(tokens, c.NumKeyValueHeads, c.HeadDim);
             var v = qkv.narrow(1, qSize + kvSize, kvSize).reshape(tokens, c.NumKeyValueHeads, c.HeadDim);
@@ -163,16 +163,16 @@ public sealed class CausalLm : IDisposable
             q = RotaryEmbedding.Apply(q, cos, sin);
             k = RotaryEmbedding.Apply(k, cos, sin);
             var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
-            var hidden = x + F.linear(attn, layer.OWeight);
+            var hidden = x + SmallBatchLinear.Apply(attn, layer.OWeight, null);
             var h2 = RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
-            var gateUp = F.linear(h2, layer.GateUpWeight); // [tokens, 2 * intermediate]
+            var gateUp = SmallBatchLinear.Apply(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
             var gate = gateUp.narrow(1, 0, c.IntermediateSize);
             var up = gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
-            x = (hidden + F.linear(F.silu(gate) * up, layer.DownWeight)).MoveToOuterDisposeScope();
+            x = (hidden + SmallBatchLinear.Apply(F.silu(gate) * up, layer.DownWeight, null)).MoveToOuterDisposeScope();
         }
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
-        var logits = F.linear(normed, _lmHead).to(ScalarType.Float32); // [rows, vocab]
+        var logits = SmallBatchLinear.Apply(normed, _lmHead, null).to(ScalarType.Float32); // [rows, vocab]
         return logits.MoveToOuterDisposeScope();
     }
 

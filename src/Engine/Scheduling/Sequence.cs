@@ -57,6 +57,7 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal Tokenization.IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
+    internal long? LastTokenTicks { get; set; }
     /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>
     internal bool SamplesAfter(int numNewTokens) => NumComputedTokens + numNewTokens == NumTokens;
 
