@@ -11,7 +11,9 @@ public sealed class SmallBatchLinearTests
     [InlineData(1, 64, 160, false)]
     [InlineData(3, 1024, 333, true)]
     [InlineData(4, 37, 5, true)]
-    [InlineData(9, 64, 32, false)] // above MaxRows: libtorch's path
+    [InlineData(16, 1024, 97, false)]
+    [InlineData(7, 40, 9, true)] // odd rows and a length that is not a multiple of 8
+    [InlineData(17, 64, 32, false)] // above MaxRows: libtorch's path
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();
