@@ -146,7 +146,8 @@ public sealed class CausalLm : IDisposable
         var c = Config;
         int tokens = (int)inputIds.shape[0];
         long qSize = (long)c.NumAttentionHeads * c.HeadDim, kvSize = (long)c.NumKeyValueHeads * c.HeadDim;
-        var (cos, sin) = _rope.CosSin(positions, maxPosition);
+        var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition);
+        var (cos, sin) = RotaryEmbedding.ForHeads(cosRows, sinRows, DType); // [tokens, 1, headDim], once per step
 
         var x = _embed.index_select(0, inputIds); // [tokens, hidden]
         for (int l = 0; l < _layers.Length; l++)
@@ -183,7 +184,7 @@ public sealed class CausalLm : IDisposable
         var xf = x.dtype == ScalarType.Float32 ? x : x.to(ScalarType.Float32);
         var variance = xf.pow(2).mean([-1], keepdim: true);
         var normed = xf * (variance + eps).rsqrt();
-        return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
+        return (weight * (x.dtype == ScalarType.Float32 ? normed : normed.to(x.dtype))).MoveToOuterDisposeScope();
     }
 
     /// <inheritdoc />

@@ -40,18 +40,23 @@ public sealed class RotaryEmbedding : IDisposable
         return (emb.cos().MoveToOuterDisposeScope(), emb.sin().MoveToOuterDisposeScope());
     }
 
-    /// <summary>Applies the rotation to <paramref name="x"/> ([tokens, heads, headDim]) given (cos, sin) from <see cref="CosSin"/>.</summary>
-    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
+    /// <summary>
+    /// Applies the rotation to <paramref name="x"/> ([tokens, heads, headDim]) given (cos, sin) shaped [tokens, 1, headDim]
+    /// in x's dtype (see <see cref="ForHeads"/>; made once per step, used by every layer).
+    /// </summary>
+    public static Tensor Apply(Tensor x, Tensor c, Tensor s)
     {
         using var scope = NewDisposeScope();
         long half = x.shape[2] / 2;
-        var c = cos.unsqueeze(1).to(x.dtype); // [tokens, 1, headDim]
-        var s = sin.unsqueeze(1).to(x.dtype);
         var x1 = x.narrow(2, 0, half);
         var x2 = x.narrow(2, half, half);
         var rotated = cat([x2.neg(), x1], 2);
         return (x * c + rotated * s).MoveToOuterDisposeScope();
     }
+
+    /// <summary>(cos, sin) from <see cref="CosSin"/> reshaped to [tokens, 1, headDim] in <paramref name="dtype"/>.</summary>
+    public static (Tensor Cos, Tensor Sin) ForHeads(Tensor cos, Tensor sin, ScalarType dtype) =>
+        (cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype));
 
     private static Tensor Plain(double theta, int dim, Device device)
     {
