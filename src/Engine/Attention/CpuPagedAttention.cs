@@ -43,9 +43,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             int blockSize = metadata.BlockSize;
             var spans = metadata.Sequences;
             var tables = metadata.BlockTables;
-            int work = decode.Count * numKvHeads;
             var job = new DecodeJob(qPtr, kPtr, vPtr, oPtr, decode, spans, tables, blockSize, numHeads, numKvHeads, headDim, groups, scale);
-            Parallel.For(0, work, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, () => new Scratch(), job.Run, _ => { });
+            Parallel.For(0, job.Items, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, () => new Scratch(), job.Run, _ => { });
         }
 
         if (prefill.Count > 0)
@@ -63,17 +62,27 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         return output;
     }
 
-    /// <summary>The decode work of one layer: item w is (decode sequence w / numKvHeads, KV head w % numKvHeads).</summary>
+    /// <summary>
+    /// The decode work of one layer. With enough sequences to keep every core busy and long cache rows an item is one
+    /// sequence (all its KV heads, rows read front to back); otherwise an item is one (sequence, KV head) pair.
+    /// </summary>
     private sealed class DecodeJob(float* q, float* k, float* v, float* o, List<int> decode, IReadOnlyList<SequenceSpan> spans, int[][] tables,
         int blockSize, int numHeads, int numKvHeads, int headDim, int groups, float scale)
     {
+        // Whole sequences pay off when a cache row is long (Qwen3-0.6B: 8 KV heads x 128 = 4 KB); with short rows
+        // (stories260K: 128 bytes) the finer split balances better. Measured with eng/bench-style kernel timings.
+        public bool WholeSequences => decode.Count >= 2 * Environment.ProcessorCount && numKvHeads * headDim >= 512;
+        public int Items => WholeSequences ? decode.Count : decode.Count * numKvHeads;
+
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public Scratch Run(int w, ParallelLoopState state, Scratch scratch)
         {
-            int s = decode[w / numKvHeads], kvh = w % numKvHeads;
+            bool whole = WholeSequences;
+            int s = whole ? decode[w] : decode[w / numKvHeads];
+            int kvFrom = whole ? 0 : w % numKvHeads, kvTo = whole ? numKvHeads : kvFrom + 1;
             var span = spans[s];
             long row = (long)span.QueryStart * numHeads * headDim;
-            DecodeOne(q + row, k, v, o + row, tables[s], blockSize, span.ContextLength, kvh, groups, numKvHeads, headDim, scale, scratch);
+            DecodeOne(q + row, k, v, o + row, tables[s], blockSize, span.ContextLength, kvFrom, kvTo, groups, numKvHeads, headDim, scale, scratch);
             return scratch;
         }
     }
@@ -85,42 +94,44 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     }
 
     /// <summary>
-    /// One sequence's single query row against its whole context, for the query heads of KV head <paramref name="kvh"/>:
-    /// scores, softmax and the weighted sum of values, with hand-written 256-bit vector loops (the per-call overhead of
-    /// span-based helpers dominates at these sizes: millions of 128-float dot products per step).
+    /// One sequence's single query row against its whole context, for the query heads of KV heads
+    /// [<paramref name="kvFrom"/>, <paramref name="kvTo"/>): scores, softmax and the weighted sum of values, with
+    /// hand-written 256-bit vector loops. Each cache row holds every KV head of one position, so covering all KV heads
+    /// of a sequence in one task reads the rows front to back instead of in strided pieces.
     /// </summary>
     // AggressiveOptimization: the kernel must be fully optimised from its first call. Under tiered compilation it would
     // start as unoptimised tier-0 code, where each Vector256 operation is a call (measured 15x slower).
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void DecodeOne(float* q, float* kCache, float* vCache, float* output, int[] table, int blockSize, int contextLength,
-        int kvh, int groups, int numKvHeads, int headDim, float scale, Scratch scratch)
+        int kvFrom, int kvTo, int groups, int numKvHeads, int headDim, float scale, Scratch scratch)
     {
-        if (scratch.Scores.Length < contextLength * groups) scratch.Scores = new float[Math.Max(contextLength * groups, scratch.Scores.Length * 2)];
-        if (scratch.Acc.Length < headDim * groups) scratch.Acc = new float[headDim * groups];
+        int heads = (kvTo - kvFrom) * groups; // query heads handled here, consecutive from kvFrom * groups
+        if (scratch.Scores.Length < contextLength * heads) scratch.Scores = new float[Math.Max(contextLength * heads, scratch.Scores.Length * 2)];
+        if (scratch.Acc.Length < headDim * heads) scratch.Acc = new float[headDim * heads];
         long rowStride = (long)numKvHeads * headDim;
+        float* q0 = q + (long)kvFrom * groups * headDim;
+        long* kvOffset = stackalloc long[heads]; // where each query head's KV head sits in a cache row
+        for (int h = 0; h < heads; h++) kvOffset[h] = (long)(kvFrom + h / groups) * headDim;
         fixed (float* scores = scratch.Scores, acc = scratch.Acc)
         {
-            // Scores for every query head of the group in one pass over the keys.
             // Walk the block table block by block: no division per position.
             for (int b = 0, j = 0; j < contextLength; b++)
             {
-                float* krow = kCache + ((long)table[b] * blockSize * rowStride) + (long)kvh * headDim;
-                for (int o = 0; o < blockSize && j < contextLength; o++, j++, krow += rowStride)
-                    for (int g = 0; g < groups; g++)
-                        scores[g * contextLength + j] = Dot(q + (long)(kvh * groups + g) * headDim, krow, headDim) * scale;
+                float* row = kCache + (long)table[b] * blockSize * rowStride;
+                for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
+                    for (int h = 0; h < heads; h++)
+                        scores[h * contextLength + j] = Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
             }
-            for (int g = 0; g < groups; g++) SoftMax(scores + g * contextLength, contextLength);
-            new Span<float>(acc, headDim * groups).Clear();
-            // Weighted sum of values, again one pass over the values for the whole group.
+            for (int h = 0; h < heads; h++) SoftMax(scores + h * contextLength, contextLength);
+            new Span<float>(acc, headDim * heads).Clear();
             for (int b = 0, j = 0; j < contextLength; b++)
             {
-                float* vrow = vCache + ((long)table[b] * blockSize * rowStride) + (long)kvh * headDim;
-                for (int o = 0; o < blockSize && j < contextLength; o++, j++, vrow += rowStride)
-                    for (int g = 0; g < groups; g++)
-                        Axpy(scores[g * contextLength + j], vrow, acc + g * headDim, headDim);
+                float* row = vCache + (long)table[b] * blockSize * rowStride;
+                for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
+                    for (int h = 0; h < heads; h++)
+                        Axpy(scores[h * contextLength + j], row + kvOffset[h], acc + h * headDim, headDim);
             }
-            for (int g = 0; g < groups; g++)
-                Buffer.MemoryCopy(acc + g * headDim, output + (long)(kvh * groups + g) * headDim, headDim * sizeof(float), headDim * sizeof(float));
+            Buffer.MemoryCopy(acc, output + (long)kvFrom * groups * headDim, (long)heads * headDim * sizeof(float), (long)heads * headDim * sizeof(float));
         }
     }
 
