@@ -13,7 +13,8 @@ public sealed class SmallBatchLinearTests
     [InlineData(4, 37, 5, true)]
     [InlineData(16, 1024, 97, false)]
     [InlineData(7, 40, 9, true)] // odd rows and a length that is not a multiple of 8
-    [InlineData(17, 64, 32, false)] // above MaxRows: libtorch's path
+    [InlineData(31, 1024, 100, true)]
+    [InlineData(33, 64, 32, false)] // above MaxRows: libtorch's path
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();

@@ -4,10 +4,15 @@ using Xunit.Abstractions;
 
 namespace LocalVllm.Tests;
 
+/// <summary>Resident memory is process-wide: the soak tests run alone, after the parallel tests.</summary>
+[CollectionDefinition(nameof(SoakCollection), DisableParallelization = true)]
+public sealed class SoakCollection;
+
 /// <summary>
 /// Native memory over thousands of requests: resident memory must level off. The short version runs in CI; the long
 /// one is opt-in (<c>--filter Category=Soak</c>).
 /// </summary>
+[Collection(nameof(SoakCollection))]
 public sealed class SoakTests(ITestOutputHelper output)
 {
     [Fact]
