@@ -37,7 +37,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         if (decode.Count > 0)
         {
             using var qc = q.contiguous();
-            float* qPtr = Pointer(qc), kPtr = Pointer(kCache), vPtr = Pointer(vCache), oPtr = Pointer(output);
+            float* qPtr = Simd.Pointer(qc), kPtr = Simd.Pointer(kCache), vPtr = Simd.Pointer(vCache), oPtr = Simd.Pointer(output);
             int groups = numHeads / numKvHeads;
             float scale = 1f / MathF.Sqrt(headDim);
             int blockSize = metadata.BlockSize;
@@ -120,7 +120,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
                 float* row = kCache + (long)table[b] * blockSize * rowStride;
                 for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
                     for (int h = 0; h < heads; h++)
-                        scores[h * contextLength + j] = Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
+                        scores[h * contextLength + j] = Simd.Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
             }
             for (int h = 0; h < heads; h++) SoftMax(scores + h * contextLength, contextLength);
             new Span<float>(acc, headDim * heads).Clear();
@@ -146,27 +146,6 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         for (int i = 0; i < n; i++) x[i] *= inv;
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float Dot(float* a, float* b, int n)
-    {
-        int i = 0;
-        float sum = 0;
-        if (Vector256.IsHardwareAccelerated && n >= 8)
-        {
-            var s0 = Vector256<float>.Zero;
-            var s1 = Vector256<float>.Zero;
-            for (; i + 16 <= n; i += 16)
-            {
-                s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
-                s1 = Fma(Vector256.Load(a + i + 8), Vector256.Load(b + i + 8), s1);
-            }
-            for (; i + 8 <= n; i += 8) s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
-            sum = Vector256.Sum(s0 + s1);
-        }
-        for (; i < n; i++) sum += a[i] * b[i];
-        return sum;
-    }
-
     /// <summary>y += a * x.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
     private static void Axpy(float a, float* x, float* y, int n)
@@ -175,18 +154,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         if (Vector256.IsHardwareAccelerated && n >= 8)
         {
             var va = Vector256.Create(a);
-            for (; i + 8 <= n; i += 8) Vector256.Store(Fma(va, Vector256.Load(x + i), Vector256.Load(y + i)), y + i);
+            for (; i + 8 <= n; i += 8) Vector256.Store(Simd.Fma(va, Vector256.Load(x + i), Vector256.Load(y + i)), y + i);
         }
         for (; i < n; i++) y[i] += a * x[i];
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector256<float> Fma(Vector256<float> a, Vector256<float> b, Vector256<float> c) =>
-        System.Runtime.Intrinsics.X86.Fma.IsSupported ? System.Runtime.Intrinsics.X86.Fma.MultiplyAdd(a, b, c) : a * b + c;
-
-    private static float* Pointer(Tensor t)
-    {
-        var bytes = t.bytes;
-        return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(bytes));
     }
 }

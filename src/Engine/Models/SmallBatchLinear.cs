@@ -26,7 +26,7 @@ internal static unsafe class SmallBatchLinear
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
         var y = empty([m, n], ScalarType.Float32);
-        var job = new Job(Pointer(xc), Pointer(weight), Pointer(y), m, k, n);
+        var job = new Job(Simd.Pointer(xc), Simd.Pointer(weight), Simd.Pointer(y), m, k, n);
         int chunks = Math.Min(n, Environment.ProcessorCount * 8);
         Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, c =>
             job.Run((int)((long)n * c / chunks), (int)((long)n * (c + 1) / chunks)));
@@ -56,16 +56,16 @@ internal static unsafe class SmallBatchLinear
                     for (; r < m; r++)
                     {
                         float* xr = x + (long)r * k;
-                        y[(long)r * n + row] = Dot(w0, xr, k);
-                        y[(long)r * n + row + 1] = Dot(w1, xr, k);
-                        y[(long)r * n + row + 2] = Dot(w2, xr, k);
+                        y[(long)r * n + row] = Simd.Dot(w0, xr, k);
+                        y[(long)r * n + row + 1] = Simd.Dot(w1, xr, k);
+                        y[(long)r * n + row + 2] = Simd.Dot(w2, xr, k);
                     }
                 }
             }
             for (; row < to; row++)
             {
                 float* wr = w + (long)row * k;
-                for (int r = 0; r < m; r++) y[(long)r * n + row] = Dot(wr, x + (long)r * k, k);
+                for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(wr, x + (long)r * k, k);
             }
         }
     }
@@ -80,41 +80,14 @@ internal static unsafe class SmallBatchLinear
         {
             var v0 = Vector256.Load(w0 + i); var v1 = Vector256.Load(w1 + i); var v2 = Vector256.Load(w2 + i);
             var u = Vector256.Load(x0 + i);
-            a00 = Fma(v0, u, a00); a01 = Fma(v1, u, a01); a02 = Fma(v2, u, a02);
+            a00 = Simd.Fma(v0, u, a00); a01 = Simd.Fma(v1, u, a01); a02 = Simd.Fma(v2, u, a02);
             u = Vector256.Load(x1 + i);
-            a10 = Fma(v0, u, a10); a11 = Fma(v1, u, a11); a12 = Fma(v2, u, a12);
+            a10 = Simd.Fma(v0, u, a10); a11 = Simd.Fma(v1, u, a11); a12 = Simd.Fma(v2, u, a12);
             u = Vector256.Load(x2 + i);
-            a20 = Fma(v0, u, a20); a21 = Fma(v1, u, a21); a22 = Fma(v2, u, a22);
+            a20 = Simd.Fma(v0, u, a20); a21 = Simd.Fma(v1, u, a21); a22 = Simd.Fma(v2, u, a22);
         }
         y[0] = Vector256.Sum(a00); y[1] = Vector256.Sum(a01); y[2] = Vector256.Sum(a02);
         y[n] = Vector256.Sum(a10); y[n + 1] = Vector256.Sum(a11); y[n + 2] = Vector256.Sum(a12);
         y[2 * n] = Vector256.Sum(a20); y[2 * n + 1] = Vector256.Sum(a21); y[2 * n + 2] = Vector256.Sum(a22);
     }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static float Dot(float* a, float* b, int n)
-    {
-        int i = 0;
-        var s0 = Vector256<float>.Zero;
-        var s1 = Vector256<float>.Zero;
-        var s2 = Vector256<float>.Zero;
-        var s3 = Vector256<float>.Zero;
-        for (; i + 32 <= n; i += 32)
-        {
-            s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
-            s1 = Fma(Vector256.Load(a + i + 8), Vector256.Load(b + i + 8), s1);
-            s2 = Fma(Vector256.Load(a + i + 16), Vector256.Load(b + i + 16), s2);
-            s3 = Fma(Vector256.Load(a + i + 24), Vector256.Load(b + i + 24), s3);
-        }
-        for (; i + 8 <= n; i += 8) s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
-        float sum = Vector256.Sum((s0 + s1) + (s2 + s3));
-        for (; i < n; i++) sum += a[i] * b[i];
-        return sum;
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector256<float> Fma(Vector256<float> a, Vector256<float> b, Vector256<float> c) =>
-        System.Runtime.Intrinsics.X86.Fma.IsSupported ? System.Runtime.Intrinsics.X86.Fma.MultiplyAdd(a, b, c) : a * b + c;
-
-    private static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
 }

@@ -37,6 +37,10 @@ public sealed class Scheduler
     /// <summary>Times a request was held back because its head was being computed by another.</summary>
     public long NumDeferredForSharedPrefix { get; private set; }
 
+    /// <summary>The cached leading blocks a waiting sequence may start from (none when it has prompt logprobs to compute).</summary>
+    private IReadOnlyList<int> CachedHits(Sequence seq) =>
+        seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : [];
+
     private HashSet<ulong> PendingBlockHashes()
     {
         var pending = new HashSet<ulong>();
@@ -93,17 +97,15 @@ public sealed class Scheduler
         // next block is among them waits a step and then finds the block cached, instead of computing it again.
         var pending = DeduplicateSharedPrefixes && _blocks.EnablePrefixCaching ? PendingBlockHashes() : null;
         var candidates = _waiting.Take(AdmissionWindow).ToList();
-        var hitsOf = candidates.ToDictionary(seq => seq,
-            seq => seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : (IReadOnlyList<int>)[]);
         if (CacheAwareOrdering && candidates.Count > 1 && candidates[0].TimesPassedOver < MaxTimesPassedOver)
-            candidates = candidates.OrderByDescending(seq => hitsOf[seq].Count).ToList(); // stable: arrival order among equals
+            candidates = candidates.OrderByDescending(seq => CachedHits(seq).Count).ToList(); // stable: arrival order among equals
 
         bool admittedAny = false;
         foreach (var seq in candidates)
         {
             if (budget <= 0 || _running.Count >= MaxNumSeqs) break;
-            // Look again: admitting an earlier candidate may have evicted blocks this one would have hit.
-            var hits = seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : hitsOf[seq];
+            // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
+            var hits = CachedHits(seq);
             if (pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
                 && seq.TimesDeferred < MaxTimesPassedOver)
             {
