@@ -13,7 +13,7 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class CompareBench
 {
-    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown);
+    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown, bool OursOnly = false, bool Profile = false);
 
     public static int Run(Settings s)
     {
@@ -33,18 +33,26 @@ internal static class CompareBench
             // llama.cpp first: its OpenMP runtime starts with the default wait policy before our engine sets
             // OMP_WAIT_POLICY=PASSIVE for libtorch's (a separate copy), so each engine runs with its own defaults.
             uint maxSeqLen = (uint)w.Prompts.Zip(w.OutLens).Max(p => p.First.Length + p.Second);
-            using var peer = new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
+            using var peer = s.OursOnly ? null : new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
             var probe = w.Prompts[0].Take(16).ToArray();
-            var theirs = peer.Greedy(probe, 8);
+            var theirs = peer?.Greedy(probe, 8);
             using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
 
             // Same weights, same greedy ids on a short prompt, before anything is timed.
             var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
-            if (!ours.SequenceEqual(theirs))
+            if (theirs is not null && !ours.SequenceEqual(theirs))
                 throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
-            Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
+            if (theirs is not null) Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
 
+            LocalVllm.Engine.Models.ForwardProfile.Enabled = s.Profile;
             var ourRun = RunOurs(llm, w);
+            if (s.Profile) Console.WriteLine($"  ours, forward split: {LocalVllm.Engine.Models.ForwardProfile.Summary()}");
+            LocalVllm.Engine.Models.ForwardProfile.Enabled = false;
+            if (peer is null)
+            {
+                Console.WriteLine($"  ours: prefill {ourRun.PrefillTokensPerSecond:F1} tok/s, decode {ourRun.DecodeTokensPerSecond:F1} tok/s, wall {ourRun.TotalTokensPerSecond:F1} tok/s ({ourRun.WallSeconds:F1} s)");
+                continue;
+            }
             peer.Run(w, out var peerRun);
             rows.Add((ourRun, peerRun, flopsPerToken));
             Print(ourRun, peerRun, ceiling, flopsPerToken);
@@ -66,12 +74,21 @@ internal static class CompareBench
         double firstTokenAll = 0;
         var done = new HashSet<string>();
         var started = new HashSet<string>();
+        var byRows = new SortedDictionary<int, (int Steps, double Ms)>();
         while (engine.HasUnfinishedRequests)
-            foreach (var o in engine.Step())
+        {
+            long t0 = Stopwatch.GetTimestamp();
+            var outputs = engine.Step();
+            double ms = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            int bucket = (outputs.Count + 3) / 4 * 4;
+            byRows[bucket] = byRows.TryGetValue(bucket, out var b) ? (b.Steps + 1, b.Ms + ms) : (1, ms);
+            foreach (var o in outputs)
             {
                 if (started.Add(o.RequestId) && started.Count == ids.Count) firstTokenAll = wall.Elapsed.TotalSeconds;
                 if (o.Finished) done.Add(o.RequestId);
             }
+        }
+        Console.WriteLine("  ours, step time by requests in the step (up to N): " + string.Join(", ", byRows.Select(kv => $"{kv.Key}: {kv.Value.Steps} x {kv.Value.Ms / kv.Value.Steps:F0} ms")));
         double total = wall.Elapsed.TotalSeconds;
         Console.WriteLine($"  ours: {engine.Counters.TimeSplit()}");
         // With continuous batching prefill and decode overlap; "prefill" is until every request has its first token.

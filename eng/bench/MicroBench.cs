@@ -1,36 +1,57 @@
 using System.Diagnostics;
+using LocalVllm.Engine.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 
 namespace LocalVllm.Bench;
 
-/// <summary>Micro-benchmarks of the linear-layer shapes a Qwen3-0.6B step runs: libtorch's linear in two weight layouts and our SmallBatchLinear.</summary>
+/// <summary>
+/// Micro-benchmark of the linear layers of a Qwen3-0.6B decode step: 28 layers of distinct random weights (qkv, o,
+/// gate/up, down: 1.8 GB, so every weight comes from memory as in the engine) plus the LM head, run for 1-64 rows
+/// with libtorch's linear and with each SmallBatchLinear kernel.
+/// </summary>
 internal static class MicroBench
 {
     public static int Run(int threads)
     {
         torch.set_num_threads(threads);
-        foreach (var (n, k) in new[] { (4096, 1024), (6144, 1024), (1024, 3072), (151936, 1024) })
-            foreach (var m in new[] { 1, 4, 16, 32, 64 })
+        const int layers = 28, hidden = 1024;
+        var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
+        var weights = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
+        using var lmHead = randn(151936, hidden) / 32;
+        double layerFlopsPerRow = 2.0 * layers * shapes.Sum(s => (double)s.Out * s.In);
+        double headFlopsPerRow = 2.0 * 151936 * hidden;
+        Console.WriteLine("| rows | kernel | 28 layers ms | GFLOP/s | LM head ms | GFLOP/s |");
+        Console.WriteLine("|---|---|---|---|---|---|");
+        foreach (var m in new[] { 1, 4, 8, 16, 32, 48, 64 })
+        {
+            var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
+            using var headInput = randn(m, hidden);
+            var kernels = new List<(string Name, Func<Tensor, Tensor, Tensor> Linear)> { ("libtorch linear", (x, w) => F.linear(x, w)) };
+            kernels.Add(("SmallBatchLinear dot", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Dot)));
+            if (SmallBatchLinear.BroadcastSupported)
+                kernels.Add(("SmallBatchLinear broadcast", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Broadcast)));
+            foreach (var (name, linear) in kernels)
             {
-                using var w = randn(n, k) / 32; // [out, in] as checkpoints store it
-                using var wt = w.t().contiguous(); // [in, out]
-                using var x = randn(m, k);
-                double Time(Func<Tensor> f)
+                double Time(Action a, int reps)
                 {
-                    for (int i = 0; i < 3; i++) f().Dispose();
+                    a();
                     var sw = Stopwatch.StartNew();
-                    int reps = n > 100000 ? 5 : 30;
-                    for (int i = 0; i < reps; i++) f().Dispose();
+                    for (int i = 0; i < reps; i++) a();
                     return sw.Elapsed.TotalMilliseconds / reps;
                 }
-                double linear = Time(() => F.linear(x, w));
-                double matmulT = Time(() => x.matmul(wt));
-                double streaming = m <= LocalVllm.Engine.Models.SmallBatchLinear.MaxRows ? Time(() => LocalVllm.Engine.Models.SmallBatchLinear.Apply(x, w, null)) : double.NaN;
-                double gb = (double)n * k * 4 / 1e9;
-                Console.WriteLine($"[{m},{k}]x[{k},{n}]: linear(w[out,in]) {linear:F2} ms ({gb / (linear / 1000):F1} GB/s), matmul(w[in,out]) {matmulT:F2} ms, SmallBatchLinear {streaming:F2} ms ({linear / streaming:F2}x vs linear)");
+                double layerMs = Time(() =>
+                {
+                    foreach (var layer in weights)
+                        for (int j = 0; j < shapes.Length; j++) linear(inputs[j], layer[j]).Dispose();
+                }, 3);
+                double headMs = Time(() => linear(headInput, lmHead).Dispose(), 3);
+                Console.WriteLine($"| {m} | {name} | {layerMs:F1} | {layerFlopsPerRow * m / layerMs / 1e6:F1} | {headMs:F1} | {headFlopsPerRow * m / headMs / 1e6:F1} |");
             }
+            foreach (var t in inputs) t.Dispose();
+        }
+        foreach (var layer in weights) foreach (var w in layer) w.Dispose();
         return 0;
     }
 }

@@ -39,11 +39,14 @@ agentsCmd.SetAction(r => AgentsBench.Run(new AgentsBench.Settings(r.GetValue(age
 
 var workloads = new Option<string>("--workloads") { Description = "comma-separated shared/bench/workloads names", DefaultValueFactory = _ => "stories-b64,qwen3-single,qwen3-b16" };
 var compareThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
+var oursOnly = new Option<bool>("--ours-only") { Description = "run only our engine (no llama.cpp, no agreement check): for profiling" };
+var profile = new Option<bool>("--profile") { Description = "print our forward pass split into linear layers, attention, LM head and other ops" };
 var compareCmd = new Command("compare", "LocalVllm against llama.cpp (LLamaSharp) on the shared workload files, same weights, same threads")
 {
-    workloads, compareThreads, json,
+    workloads, compareThreads, json, oursOnly, profile,
 };
-compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null)));
+compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null,
+    r.GetValue(oursOnly), r.GetValue(profile))));
 
 var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
 var microCmd = new Command("micro", "linear-layer shapes of a Qwen3-0.6B step in two weight layouts") { microThreads };

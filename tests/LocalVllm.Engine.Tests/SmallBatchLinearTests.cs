@@ -14,7 +14,14 @@ public sealed class SmallBatchLinearTests
     [InlineData(16, 1024, 97, false)]
     [InlineData(7, 40, 9, true)] // odd rows and a length that is not a multiple of 8
     [InlineData(31, 1024, 100, true)]
-    [InlineData(33, 64, 32, false)] // above MaxRows: libtorch's path
+    [InlineData(5, 256, 64, false)] // the broadcast kernel from here on (AVX-512): one 16-row block
+    [InlineData(16, 3072, 40, true)]
+    [InlineData(17, 128, 19, false)] // a 32-row block padded; 19 = two 8-row tiles + 3 rows left
+    [InlineData(32, 100, 24, true)]
+    [InlineData(33, 64, 32, false)] // a full block and a 16-row block
+    [InlineData(48, 72, 8, false)]
+    [InlineData(64, 1024, 97, true)]
+    [InlineData(65, 64, 16, false)] // above MaxRows: libtorch's path
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();
@@ -26,5 +33,29 @@ public sealed class SmallBatchLinearTests
         var actual = SmallBatchLinear.Apply(x, w, b);
         Assert.Equal(expected.shape, actual.shape);
         Assert.True((expected - actual).abs().max().item<float>() < 1e-4f);
+    }
+
+    /// <summary>Each kernel on its own, whatever row count the automatic choice would give it.</summary>
+    [Theory]
+    [InlineData(1, 64, 24)]
+    [InlineData(6, 1024, 100)]
+    [InlineData(16, 40, 17)]
+    [InlineData(29, 256, 64)]
+    [InlineData(64, 128, 8)]
+    public void Both_kernels_equal_torch_linear_at_any_row_count(int rows, int inFeatures, int outFeatures)
+    {
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(11);
+        var x = randn([rows, inFeatures], generator: g);
+        var w = randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures);
+        var expected = F.linear(x, w);
+        var kernels = SmallBatchLinear.BroadcastSupported
+            ? new[] { SmallBatchLinear.Kernel.Dot, SmallBatchLinear.Kernel.Broadcast }
+            : new[] { SmallBatchLinear.Kernel.Dot };
+        foreach (var kernel in kernels)
+        {
+            var actual = SmallBatchLinear.Apply(x, w, null, kernel);
+            Assert.True((expected - actual).abs().max().item<float>() < 1e-4f, $"{kernel} kernel, {rows} rows");
+        }
     }
 }

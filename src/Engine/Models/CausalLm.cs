@@ -146,6 +146,8 @@ public sealed class CausalLm : IDisposable
         var c = Config;
         int tokens = (int)inputIds.shape[0];
         long qSize = (long)c.NumAttentionHeads * c.HeadDim, kvSize = (long)c.NumKeyValueHeads * c.HeadDim;
+        ForwardProfile.BeginPass(tokens);
+        long t = ForwardProfile.Now();
         var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition);
         var (cos, sin) = RotaryEmbedding.ForHeads(cosRows, sinRows, DType); // [tokens, 1, headDim], once per step
 
@@ -155,7 +157,9 @@ public sealed class CausalLm : IDisposable
             var layer = _layers[l];
             using var layerScope = NewDisposeScope();
             var h = RmsNorm(x, layer.InputNorm, c.RmsNormEps);
+            t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var qkv = SmallBatchLinear.Apply(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
+            t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var q = qkv.narrow(1, 0, qSize).view(tokens, c.NumAttentionHeads, c.HeadDim);
             var k = qkv.narrow(1, qSize, kvSize).view(tokens, c.NumKeyValueHeads, c.HeadDim);
             var v = qkv.narrow(1, qSize + kvSize, kvSize).reshape(tokens, c.NumKeyValueHeads, c.HeadDim);
@@ -163,17 +167,29 @@ public sealed class CausalLm : IDisposable
             if (layer.KNorm is not null) k = RmsNorm(k, layer.KNorm, c.RmsNormEps);
             q = RotaryEmbedding.Apply(q, cos, sin);
             k = RotaryEmbedding.Apply(k, cos, sin);
+            t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
-            var hidden = x + SmallBatchLinear.Apply(attn, layer.OWeight, null);
+            t = ForwardProfile.Add(ForwardProfile.Part.Attention, t);
+            var o = SmallBatchLinear.Apply(attn, layer.OWeight, null);
+            t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
+            var hidden = x + o;
             var h2 = RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
+            t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var gateUp = SmallBatchLinear.Apply(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
+            t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var gate = gateUp.narrow(1, 0, c.IntermediateSize);
             var up = gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
-            x = (hidden + SmallBatchLinear.Apply(F.silu(gate) * up, layer.DownWeight, null)).MoveToOuterDisposeScope();
+            var act = F.silu(gate) * up;
+            t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
+            var down = SmallBatchLinear.Apply(act, layer.DownWeight, null);
+            t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
+            x = (hidden + down).MoveToOuterDisposeScope();
         }
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
+        t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
         var logits = SmallBatchLinear.Apply(normed, _lmHead, null).to(ScalarType.Float32); // [rows, vocab]
+        ForwardProfile.Add(ForwardProfile.Part.LmHead, t);
         return logits.MoveToOuterDisposeScope();
     }
 

@@ -1,72 +1,108 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 
 namespace LocalVllm.Engine.Models;
 
 /// <summary>
-/// <c>y = x W^T + b</c> for a handful of rows on the CPU in float32 (single-stream and small-batch decode), written as
-/// a weight-streaming loop: each weight row is read once and dotted with every input row while it is in cache (three
-/// weight rows by three input rows per register tile), in parallel over output rows. Measured here against libtorch's
-/// linear (2 threads, `eng/bench micro`): 2-5x faster at 1-8 rows, 1.5-2.7x at 16-32 rows on Qwen3-0.6B's weights,
-/// even with it at 48-64 rows (except the LM head, 1.7x), so batches above 32 rows go to libtorch's GEMM.
+/// <c>y = x W^T + b</c> for the row counts of decode steps (1 to <see cref="MaxRows"/> rows) on the CPU in float32,
+/// reading the weight in its checkpoint layout [out, in] once per call. Two kernels, chosen by row count:
+/// <list type="bullet">
+/// <item>up to <see cref="DotRowsMax"/> rows (single-stream decode, memory-bound): dot products in 3x3 register tiles,
+/// three weight rows streamed at once against three input rows;</item>
+/// <item>more rows, on CPUs with AVX-512 (compute-bound): the input is packed transposed into blocks of 16 or 32 rows
+/// ([k][rows], zero-padded), and each weight element is broadcast once and multiplied into a whole block of rows held
+/// in one or two 512-bit registers, eight weight rows at a time (16 or 32 accumulators): each weight element feeds
+/// 16 or 32 multiply-adds from a register, with no horizontal sums.</item>
+/// </list>
+/// Measured against libtorch's linear in `eng/bench micro` (2 threads): see docs/benchmarks.md. Without AVX-512 the
+/// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest.
 /// </summary>
 internal static unsafe class SmallBatchLinear
 {
-    /// <summary>Rows up to which the streaming loop is used.</summary>
-    public const int MaxRows = 32;
+    /// <summary>Rows up to which this class computes the product itself (libtorch's GEMM above).</summary>
+    public static int MaxRows => BroadcastSupported ? 64 : DotRowsMaxWithoutAvx512;
 
-    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias)
+    /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available.</summary>
+    public const int DotRowsMax = 4;
+
+    /// <summary>Rows up to which the dot kernel is used on CPUs without AVX-512.</summary>
+    public const int DotRowsMaxWithoutAvx512 = 32;
+
+    /// <summary>Weight rows per broadcast tile.</summary>
+    private const int TileRows = 8;
+
+    /// <summary>Which kernel computes the product (tests and benchmarks pin one; the engine uses <see cref="Kernel.Auto"/>).</summary>
+    public enum Kernel { Auto, Dot, Broadcast }
+
+    /// <summary>Whether this CPU runs the broadcast kernel.</summary>
+    public static bool BroadcastSupported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
+
+    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias, Kernel kernel = Kernel.Auto)
     {
-        if (x.shape[0] > MaxRows || x.dtype != ScalarType.Float32 || weight.dtype != ScalarType.Float32
+        if (kernel == Kernel.Broadcast && !BroadcastSupported)
+            throw new PlatformNotSupportedException("The broadcast kernel needs AVX-512.");
+        if ((kernel == Kernel.Auto && x.shape[0] > MaxRows) || x.dtype != ScalarType.Float32 || weight.dtype != ScalarType.Float32
             || x.device_type != TorchSharp.DeviceType.CPU || !weight.is_contiguous())
             return F.linear(x, weight, bias);
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
         var y = empty([m, n], ScalarType.Float32);
-        var job = new Job(Simd.Pointer(xc), Simd.Pointer(weight), Simd.Pointer(y), m, k, n);
-        int chunks = Math.Min(n, Environment.ProcessorCount * 8);
-        Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, c =>
-            job.Run((int)((long)n * c / chunks), (int)((long)n * (c + 1) / chunks)));
+        float* xp = Simd.Pointer(xc), wp = Simd.Pointer(weight), yp = Simd.Pointer(y);
+        if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= DotRowsMax || !BroadcastSupported)))
+            Dot(xp, wp, yp, m, k, n);
+        else
+            Broadcast(xp, wp, yp, m, k, n);
         if (bias is not null) y.add_(bias);
         return y;
     }
 
-    private sealed class Job(float* x, float* w, float* y, int m, int k, int n)
+    private static void ParallelOver(int n, int align, Action<int, int> body)
     {
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public void Run(int from, int to)
+        int units = (n + align - 1) / align;
+        int chunks = Math.Min(units, Environment.ProcessorCount * 8);
+        Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, c =>
+            body((int)((long)units * c / chunks) * align, Math.Min(n, (int)((long)units * (c + 1) / chunks) * align)));
+    }
+
+    // ---- dot kernel -------------------------------------------------------------------------------------------
+
+    private static void Dot(float* x, float* w, float* y, int m, int k, int n) =>
+        ParallelOver(n, 3, (from, to) => DotRange(x, w, y, m, k, n, from, to));
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotRange(float* x, float* w, float* y, int m, int k, int n, int from, int to)
+    {
+        int row = from;
+        if (k % 8 == 0)
         {
-            int row = from;
-            if (k % 8 == 0)
+            // Three weight rows at a time against input rows in threes: nine accumulators, each loaded vector
+            // feeds three FMAs (fifteen of the sixteen AVX registers).
+            for (; row + 3 <= to; row += 3)
             {
-                // Three weight rows at a time against input rows in threes: nine accumulators, each loaded vector
-                // feeds three FMAs (fifteen of the sixteen AVX registers).
-                for (; row + 3 <= to; row += 3)
+                float* w0 = w + (long)row * k, w1 = w0 + k, w2 = w1 + k;
+                int r = 0;
+                for (; r + 3 <= m; r += 3)
                 {
-                    float* w0 = w + (long)row * k, w1 = w0 + k, w2 = w1 + k;
-                    int r = 0;
-                    for (; r + 3 <= m; r += 3)
-                    {
-                        float* x0 = x + (long)r * k;
-                        Tile3x3(w0, w1, w2, x0, x0 + k, x0 + 2 * k, k, y + (long)r * n + row, n);
-                    }
-                    for (; r < m; r++)
-                    {
-                        float* xr = x + (long)r * k;
-                        y[(long)r * n + row] = Simd.Dot(w0, xr, k);
-                        y[(long)r * n + row + 1] = Simd.Dot(w1, xr, k);
-                        y[(long)r * n + row + 2] = Simd.Dot(w2, xr, k);
-                    }
+                    float* x0 = x + (long)r * k;
+                    Tile3x3(w0, w1, w2, x0, x0 + k, x0 + 2 * k, k, y + (long)r * n + row, n);
+                }
+                for (; r < m; r++)
+                {
+                    float* xr = x + (long)r * k;
+                    y[(long)r * n + row] = Simd.Dot(w0, xr, k);
+                    y[(long)r * n + row + 1] = Simd.Dot(w1, xr, k);
+                    y[(long)r * n + row + 2] = Simd.Dot(w2, xr, k);
                 }
             }
-            for (; row < to; row++)
-            {
-                float* wr = w + (long)row * k;
-                for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(wr, x + (long)r * k, k);
-            }
+        }
+        for (; row < to; row++)
+        {
+            float* wr = w + (long)row * k;
+            for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(wr, x + (long)r * k, k);
         }
     }
 
@@ -89,5 +125,129 @@ internal static unsafe class SmallBatchLinear
         y[0] = Vector256.Sum(a00); y[1] = Vector256.Sum(a01); y[2] = Vector256.Sum(a02);
         y[n] = Vector256.Sum(a10); y[n + 1] = Vector256.Sum(a11); y[n + 2] = Vector256.Sum(a12);
         y[2 * n] = Vector256.Sum(a20); y[2 * n + 1] = Vector256.Sum(a21); y[2 * n + 2] = Vector256.Sum(a22);
+    }
+
+    // ---- broadcast kernel (AVX-512) ---------------------------------------------------------------------------
+
+    /// <summary>
+    /// Packs x into blocks of 32 rows ([k][32], the last block 16 wide when at most 16 rows are left), zero-padded,
+    /// then computes eight weight rows at a time against every block.
+    /// </summary>
+    private static void Broadcast(float* x, float* w, float* y, int m, int k, int n)
+    {
+        int full = m / 32, rest = m % 32;
+        int lastWidth = rest == 0 ? 0 : rest <= 16 ? 16 : 32;
+        int blocks = full + (rest == 0 ? 0 : 1);
+        long packedFloats = ((long)full * 32 + lastWidth) * k;
+        float* xt = (float*)NativeMemory.AlignedAlloc((nuint)(packedFloats * sizeof(float)), 64);
+        try
+        {
+            for (int b = 0; b < blocks; b++)
+            {
+                int width = b < full ? 32 : lastWidth;
+                int rows = Math.Min(32, m - b * 32);
+                float* dst = xt + (long)b * 32 * k;
+                for (int r = 0; r < width; r++)
+                {
+                    if (r < rows)
+                    {
+                        float* src = x + (long)(b * 32 + r) * k;
+                        for (int i = 0; i < k; i++) dst[(long)i * width + r] = src[i];
+                    }
+                    else
+                        for (int i = 0; i < k; i++) dst[(long)i * width + r] = 0;
+                }
+            }
+            ParallelOver(n, TileRows, (from, to) => BroadcastRange(xt, w, y, m, k, n, full, lastWidth, x, from, to));
+        }
+        finally
+        {
+            NativeMemory.AlignedFree(xt);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void BroadcastRange(float* xt, float* w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
+    {
+        float* tile = stackalloc float[TileRows * 32];
+        int row = from;
+        for (; row + TileRows <= to; row += TileRows)
+        {
+            float* wr = w + (long)row * k;
+            for (int b = 0; b < full; b++)
+            {
+                Tile8x32(wr, k, xt + (long)b * 32 * k, tile);
+                Scatter(tile, 32, 32, y + (long)b * 32 * n + row, n);
+            }
+            if (lastWidth == 32)
+            {
+                Tile8x32(wr, k, xt + (long)full * 32 * k, tile);
+                Scatter(tile, 32, m - full * 32, y + (long)full * 32 * n + row, n);
+            }
+            else if (lastWidth == 16)
+            {
+                Tile8x16(wr, k, xt + (long)full * 32 * k, tile);
+                Scatter(tile, 16, m - full * 32, y + (long)full * 32 * n + row, n);
+            }
+        }
+        // Fewer than eight weight rows left (only when n is not a multiple of 8).
+        for (; row < to; row++)
+            for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(w + (long)row * k, x + (long)r * k, k);
+    }
+
+    /// <summary>tile[j * width + r] -> y[r * n + j] for the first <paramref name="rows"/> rows of each weight row's block.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Scatter(float* tile, int width, int rows, float* y, int n)
+    {
+        for (int j = 0; j < TileRows; j++)
+            for (int r = 0; r < rows; r++) y[(long)r * n + j] = tile[j * width + r];
+    }
+
+    /// <summary>Eight weight rows (stride k) against a 32-row block of packed x: 16 accumulators.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Tile8x32(float* w, long k, float* xt, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i++)
+        {
+            var u = Vector512.Load(xt + i * 32);
+            var v = Vector512.Load(xt + i * 32 + 16);
+            var s = Vector512.Create(w0[i]); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); c0 = Avx512F.FusedMultiplyAdd(s, v, c0);
+            s = Vector512.Create(w1[i]); a1 = Avx512F.FusedMultiplyAdd(s, u, a1); c1 = Avx512F.FusedMultiplyAdd(s, v, c1);
+            s = Vector512.Create(w2[i]); a2 = Avx512F.FusedMultiplyAdd(s, u, a2); c2 = Avx512F.FusedMultiplyAdd(s, v, c2);
+            s = Vector512.Create(w3[i]); a3 = Avx512F.FusedMultiplyAdd(s, u, a3); c3 = Avx512F.FusedMultiplyAdd(s, v, c3);
+            s = Vector512.Create(w4[i]); a4 = Avx512F.FusedMultiplyAdd(s, u, a4); c4 = Avx512F.FusedMultiplyAdd(s, v, c4);
+            s = Vector512.Create(w5[i]); a5 = Avx512F.FusedMultiplyAdd(s, u, a5); c5 = Avx512F.FusedMultiplyAdd(s, v, c5);
+            s = Vector512.Create(w6[i]); a6 = Avx512F.FusedMultiplyAdd(s, u, a6); c6 = Avx512F.FusedMultiplyAdd(s, v, c6);
+            s = Vector512.Create(w7[i]); a7 = Avx512F.FusedMultiplyAdd(s, u, a7); c7 = Avx512F.FusedMultiplyAdd(s, v, c7);
+        }
+        a0.Store(tile); c0.Store(tile + 16); a1.Store(tile + 32); c1.Store(tile + 48);
+        a2.Store(tile + 64); c2.Store(tile + 80); a3.Store(tile + 96); c3.Store(tile + 112);
+        a4.Store(tile + 128); c4.Store(tile + 144); a5.Store(tile + 160); c5.Store(tile + 176);
+        a6.Store(tile + 192); c6.Store(tile + 208); a7.Store(tile + 224); c7.Store(tile + 240);
+    }
+
+    /// <summary>Eight weight rows (stride k) against a 16-row block of packed x: 8 accumulators.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Tile8x16(float* w, long k, float* xt, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i++)
+        {
+            var u = Vector512.Load(xt + i * 16);
+            a0 = Avx512F.FusedMultiplyAdd(Vector512.Create(w0[i]), u, a0);
+            a1 = Avx512F.FusedMultiplyAdd(Vector512.Create(w1[i]), u, a1);
+            a2 = Avx512F.FusedMultiplyAdd(Vector512.Create(w2[i]), u, a2);
+            a3 = Avx512F.FusedMultiplyAdd(Vector512.Create(w3[i]), u, a3);
+            a4 = Avx512F.FusedMultiplyAdd(Vector512.Create(w4[i]), u, a4);
+            a5 = Avx512F.FusedMultiplyAdd(Vector512.Create(w5[i]), u, a5);
+            a6 = Avx512F.FusedMultiplyAdd(Vector512.Create(w6[i]), u, a6);
+            a7 = Avx512F.FusedMultiplyAdd(Vector512.Create(w7[i]), u, a7);
+        }
+        a0.Store(tile); a1.Store(tile + 16); a2.Store(tile + 32); a3.Store(tile + 48);
+        a4.Store(tile + 64); a5.Store(tile + 80); a6.Store(tile + 96); a7.Store(tile + 112);
     }
 }
