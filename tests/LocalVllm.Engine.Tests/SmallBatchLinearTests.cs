@@ -14,7 +14,12 @@ public sealed class SmallBatchLinearTests
     [InlineData(16, 1024, 97, false)]
     [InlineData(7, 40, 9, true)] // odd rows and a length that is not a multiple of 8
     [InlineData(31, 1024, 100, true)]
-    [InlineData(5, 256, 64, false)] // the broadcast kernel from here on (AVX-512): one 16-row block
+    [InlineData(3, 256, 64, false)] // the broadcast kernel from here on (AVX-512): four k per lane group
+    [InlineData(4, 36, 17, true)]
+    [InlineData(5, 256, 64, false)] // two k per lane group
+    [InlineData(8, 1024, 40, true)]
+    [InlineData(8, 30, 9, false)] // k not a multiple of 4
+    [InlineData(9, 200, 24, false)] // one 16-row block
     [InlineData(16, 3072, 40, true)]
     [InlineData(17, 128, 19, false)] // a 32-row block padded; 19 = two 8-row tiles + 3 rows left
     [InlineData(32, 100, 24, true)]
@@ -38,7 +43,9 @@ public sealed class SmallBatchLinearTests
     /// <summary>Each kernel on its own, whatever row count the automatic choice would give it.</summary>
     [Theory]
     [InlineData(1, 64, 24)]
+    [InlineData(3, 1024, 100)]
     [InlineData(6, 1024, 100)]
+    [InlineData(7, 34, 100)]
     [InlineData(16, 40, 17)]
     [InlineData(29, 256, 64)]
     [InlineData(64, 128, 8)]

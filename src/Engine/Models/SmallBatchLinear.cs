@@ -15,8 +15,9 @@ namespace LocalVllm.Engine.Models;
 /// three weight rows streamed at once against three input rows;</item>
 /// <item>more rows, on CPUs with AVX-512 (compute-bound): the input is packed transposed into blocks of 16 or 32 rows
 /// ([k][rows], zero-padded), and each weight element is broadcast once and multiplied into a whole block of rows held
-/// in one or two 512-bit registers, eight weight rows at a time (16 or 32 accumulators): each weight element feeds
-/// 16 or 32 multiply-adds from a register, with no horizontal sums.</item>
+/// in one or two 512-bit registers, eight weight rows at a time (8 or 16 accumulators): each weight element feeds
+/// 16 or 32 multiply-adds from a register, with no horizontal sums. Up to 8 rows, a block holds 2 or 4 consecutive
+/// k of each row, and the weight is broadcast as pairs or quads, so that the 16 lanes are not mostly padding.</item>
 /// </list>
 /// Measured against libtorch's linear in `eng/bench micro` (2 threads): see docs/benchmarks.md. Without AVX-512 the
 /// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest.
@@ -26,8 +27,8 @@ internal static unsafe class SmallBatchLinear
     /// <summary>Rows up to which this class computes the product itself (libtorch's GEMM above).</summary>
     public static int MaxRows => BroadcastSupported ? 64 : DotRowsMaxWithoutAvx512;
 
-    /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available.</summary>
-    public const int DotRowsMax = 4;
+    /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available (memory-bound there).</summary>
+    public const int DotRowsMax = 2;
 
     /// <summary>Rows up to which the dot kernel is used on CPUs without AVX-512.</summary>
     public const int DotRowsMaxWithoutAvx512 = 32;
@@ -135,6 +136,30 @@ internal static unsafe class SmallBatchLinear
     /// </summary>
     private static void Broadcast(float* x, float* w, float* y, int m, int k, int n)
     {
+        // Up to 8 rows, one 16-lane block holds several consecutive k of each row (lane r * g + q = x[r, g * i + q]),
+        // so that the lanes are not mostly padding: the weight is then broadcast g elements at a time.
+        int group = m <= 4 && k % 4 == 0 ? 4 : m <= 8 && k % 2 == 0 ? 2 : 1;
+        if (group > 1)
+        {
+            float* packed = (float*)NativeMemory.AlignedAlloc((nuint)((long)16 * (k / group) * sizeof(float)), 64);
+            try
+            {
+                int rowsPerBlock = 16 / group;
+                for (int r = 0; r < rowsPerBlock; r++)
+                {
+                    float* src = x + (long)r * k;
+                    for (int i = 0; i < k; i++)
+                        packed[(long)(i / group) * 16 + r * group + i % group] = r < m ? src[i] : 0;
+                }
+                ParallelOver(n, TileRows, (from, to) => GroupedRange(packed, w, y, m, k, n, group, x, from, to));
+            }
+            finally
+            {
+                NativeMemory.AlignedFree(packed);
+            }
+            return;
+        }
+
         int full = m / 32, rest = m % 32;
         int lastWidth = rest == 0 ? 0 : rest <= 16 ? 16 : 32;
         int blocks = full + (rest == 0 ? 0 : 1);
@@ -165,6 +190,75 @@ internal static unsafe class SmallBatchLinear
             NativeMemory.AlignedFree(xt);
         }
     }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, float* x, int from, int to)
+    {
+        float* tile = stackalloc float[TileRows * 16];
+        int row = from;
+        for (; row + TileRows <= to; row += TileRows)
+        {
+            if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile);
+            else TileGroups2(w + (long)row * k, k, packed, tile);
+            for (int j = 0; j < TileRows; j++)
+                for (int r = 0; r < m; r++)
+                {
+                    float sum = 0;
+                    for (int q = 0; q < group; q++) sum += tile[j * 16 + r * group + q];
+                    y[(long)r * n + row + j] = sum;
+                }
+        }
+        for (; row < to; row++)
+            for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(w + (long)row * k, x + (long)r * k, k);
+    }
+
+    /// <summary>Eight weight rows against up to 4 rows packed four k at a time: w[j, 4i..4i+3] broadcast as a 128-bit group.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void TileGroups4(float* w, long k, float* packed, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i += 4)
+        {
+            var u = Vector512.Load(packed + i * 4);
+            a0 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w0 + i), u, a0);
+            a1 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w1 + i), u, a1);
+            a2 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w2 + i), u, a2);
+            a3 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w3 + i), u, a3);
+            a4 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w4 + i), u, a4);
+            a5 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w5 + i), u, a5);
+            a6 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w6 + i), u, a6);
+            a7 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w7 + i), u, a7);
+        }
+        a0.Store(tile); a1.Store(tile + 16); a2.Store(tile + 32); a3.Store(tile + 48);
+        a4.Store(tile + 64); a5.Store(tile + 80); a6.Store(tile + 96); a7.Store(tile + 112);
+    }
+
+    /// <summary>Eight weight rows against up to 8 rows packed two k at a time: w[j, 2i..2i+1] broadcast as a 64-bit pair.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void TileGroups2(float* w, long k, float* packed, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i += 2)
+        {
+            var u = Vector512.Load(packed + i * 8);
+            a0 = Avx512F.FusedMultiplyAdd(Pair(w0 + i), u, a0);
+            a1 = Avx512F.FusedMultiplyAdd(Pair(w1 + i), u, a1);
+            a2 = Avx512F.FusedMultiplyAdd(Pair(w2 + i), u, a2);
+            a3 = Avx512F.FusedMultiplyAdd(Pair(w3 + i), u, a3);
+            a4 = Avx512F.FusedMultiplyAdd(Pair(w4 + i), u, a4);
+            a5 = Avx512F.FusedMultiplyAdd(Pair(w5 + i), u, a5);
+            a6 = Avx512F.FusedMultiplyAdd(Pair(w6 + i), u, a6);
+            a7 = Avx512F.FusedMultiplyAdd(Pair(w7 + i), u, a7);
+        }
+        a0.Store(tile); a1.Store(tile + 16); a2.Store(tile + 32); a3.Store(tile + 48);
+        a4.Store(tile + 64); a5.Store(tile + 80); a6.Store(tile + 96); a7.Store(tile + 112);
+    }
+
+    /// <summary>p[0], p[1] repeated across 16 lanes (one 64-bit broadcast).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Pair(float* p) => Vector512.Create(*(double*)p).AsSingle();
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void BroadcastRange(float* xt, float* w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
