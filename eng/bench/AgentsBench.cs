@@ -21,6 +21,7 @@ internal static class AgentsBench
 
     public static int Run(Settings s)
     {
+        LocalVllm.Engine.TorchRuntime.Configure();
         var model = BenchModels.Resolve(s.Size);
         var rng = new Random(7);
         int Vocab() { using var probe = System.IO.File.OpenRead(System.IO.Path.Combine(model, "config.json")); return System.Text.Json.Nodes.JsonNode.Parse(probe)!["vocab_size"]!.GetValue<int>(); }

@@ -17,6 +17,8 @@ internal static class CompareBench
 
     public static int Run(Settings s)
     {
+        LlamaCppPeer.LoadNative();
+        LocalVllm.Engine.TorchRuntime.Configure();
         torch.set_num_threads(s.Threads);
         double ceiling = GemmCeiling();
         Console.WriteLine($"f32 GEMM ceiling ([1024,1024]x[1024,3072], {s.Threads} threads): {ceiling:F1} GFLOP/s");

@@ -17,6 +17,13 @@ internal sealed class LlamaCppPeer : IDisposable
 
     private static bool _quiet;
 
+    /// <summary>
+    /// Loads llama.cpp's native libraries now. The compare bench calls this before libtorch is configured, so that
+    /// ggml's OpenMP runtime (the system libgomp, read at load time) keeps its default wait policy while libtorch's own
+    /// copy gets the engine's OMP_WAIT_POLICY=PASSIVE: each engine runs with the settings it would have alone.
+    /// </summary>
+    public static void LoadNative() => _ = NativeApi.llama_max_devices();
+
     /// <param name="maxSeqLen">The longest prompt + output of one sequence: each sequence gets a KV stream of this size.</param>
     public LlamaCppPeer(string ggufPath, int threads, uint maxSeqLen, uint maxSeqs)
     {

@@ -1,6 +1,9 @@
 using System.CommandLine;
 using LocalVllm.Bench;
 
+// libtorch's OpenMP runtime reads OMP_WAIT_POLICY when it loads: every command sets it (TorchRuntime.Configure, as the
+// engine does) before it first touches TorchSharp; compare loads llama.cpp's libraries before that.
+
 var size = new Option<string>("--size") { Description = "qwen3-0.6b (random weights, Qwen3-0.6B's shape), stories (the stories260K fixture) or a model directory", DefaultValueFactory = _ => "stories" };
 var numSeqs = new Option<int>("--num-seqs") { Description = "sequences in the workload", DefaultValueFactory = _ => 64 };
 var minInput = new Option<int>("--min-input") { DefaultValueFactory = _ => 32 };

@@ -16,6 +16,7 @@ internal static class ThroughputBench
 
     public static int Run(Settings s)
     {
+        LocalVllm.Engine.TorchRuntime.Configure();
         var model = BenchModels.Resolve(s.Size);
         var rng = new Random(s.Seed);
         var options = new EngineOptions { Model = model, KvCacheMemoryBytes = 2L << 30, NumThreads = s.Threads };

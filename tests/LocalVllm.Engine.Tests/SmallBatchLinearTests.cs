@@ -26,7 +26,8 @@ public sealed class SmallBatchLinearTests
     [InlineData(33, 64, 32, false)] // a full block and a 16-row block
     [InlineData(48, 72, 8, false)]
     [InlineData(64, 1024, 97, true)]
-    [InlineData(65, 64, 16, false)] // above MaxRows: libtorch's path
+    [InlineData(65, 64, 16, false)] // two full blocks and a 16-row block (libtorch's path without AVX-512)
+    [InlineData(300, 96, 40, true)]
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();

@@ -151,40 +151,66 @@ public sealed class CausalLm : IDisposable
         var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition);
         var (cos, sin) = RotaryEmbedding.ForHeads(cosRows, sinRows, DType); // [tokens, 1, headDim], once per step
 
-        var x = _embed.index_select(0, inputIds); // [tokens, hidden]
+        var residual = _embed.index_select(0, inputIds); // [tokens, hidden]
+        Tensor? pending = null; // the previous layer's MLP output, added to the residual by the next norm
+        bool fused = CpuLayerOps.Supports(residual);
         for (int l = 0; l < _layers.Length; l++)
         {
             var layer = _layers[l];
             using var layerScope = NewDisposeScope();
-            var h = RmsNorm(x, layer.InputNorm, c.RmsNormEps);
+            Tensor h;
+            if (pending is null)
+                h = fused ? CpuLayerOps.RmsNorm(residual, layer.InputNorm, c.RmsNormEps) : RmsNorm(residual, layer.InputNorm, c.RmsNormEps);
+            else
+            {
+                var (sum, normed0) = fused
+                    ? CpuLayerOps.AddRmsNorm(residual, pending, layer.InputNorm, c.RmsNormEps)
+                    : (residual + pending, null);
+                residual.Dispose();
+                pending.Dispose();
+                residual = sum;
+                h = normed0 ?? RmsNorm(residual, layer.InputNorm, c.RmsNormEps);
+            }
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var qkv = SmallBatchLinear.Apply(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
-            var q = qkv.narrow(1, 0, qSize).view(tokens, c.NumAttentionHeads, c.HeadDim);
-            var k = qkv.narrow(1, qSize, kvSize).view(tokens, c.NumKeyValueHeads, c.HeadDim);
-            var v = qkv.narrow(1, qSize + kvSize, kvSize).reshape(tokens, c.NumKeyValueHeads, c.HeadDim);
-            if (layer.QNorm is not null) q = RmsNorm(q, layer.QNorm, c.RmsNormEps);
-            if (layer.KNorm is not null) k = RmsNorm(k, layer.KNorm, c.RmsNormEps);
-            q = RotaryEmbedding.Apply(q, cos, sin);
-            k = RotaryEmbedding.Apply(k, cos, sin);
+            Tensor q, k, v;
+            if (fused)
+                (q, k, v) = CpuLayerOps.SplitNormRope(qkv, c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim,
+                    layer.QNorm, layer.KNorm, c.RmsNormEps, cosRows, sinRows);
+            else
+            {
+                q = qkv.narrow(1, 0, qSize).view(tokens, c.NumAttentionHeads, c.HeadDim);
+                k = qkv.narrow(1, qSize, kvSize).view(tokens, c.NumKeyValueHeads, c.HeadDim);
+                v = qkv.narrow(1, qSize + kvSize, kvSize).reshape(tokens, c.NumKeyValueHeads, c.HeadDim);
+                if (layer.QNorm is not null) q = RmsNorm(q, layer.QNorm, c.RmsNormEps);
+                if (layer.KNorm is not null) k = RmsNorm(k, layer.KNorm, c.RmsNormEps);
+                q = RotaryEmbedding.Apply(q, cos, sin);
+                k = RotaryEmbedding.Apply(k, cos, sin);
+            }
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
             t = ForwardProfile.Add(ForwardProfile.Part.Attention, t);
             var o = SmallBatchLinear.Apply(attn, layer.OWeight, null);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
-            var hidden = x + o;
-            var h2 = RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
+            var (hidden, h2) = fused
+                ? CpuLayerOps.AddRmsNorm(residual, o, layer.PostNorm, c.RmsNormEps)
+                : (residual + o, null);
+            h2 ??= RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var gateUp = SmallBatchLinear.Apply(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
-            var gate = gateUp.narrow(1, 0, c.IntermediateSize);
-            var up = gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
-            var act = F.silu(gate) * up;
+            var act = fused
+                ? CpuLayerOps.SiluMul(gateUp, c.IntermediateSize)
+                : F.silu(gateUp.narrow(1, 0, c.IntermediateSize)) * gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var down = SmallBatchLinear.Apply(act, layer.DownWeight, null);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
-            x = (hidden + down).MoveToOuterDisposeScope();
+            residual.Dispose();
+            residual = hidden.MoveToOuterDisposeScope();
+            pending = down.MoveToOuterDisposeScope();
         }
+        var x = pending is null ? residual : residual + pending;
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
         t = ForwardProfile.Add(ForwardProfile.Part.Other, t);

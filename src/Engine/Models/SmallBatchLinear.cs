@@ -8,7 +8,7 @@ using F = TorchSharp.torch.nn.functional;
 namespace LocalVllm.Engine.Models;
 
 /// <summary>
-/// <c>y = x W^T + b</c> for the row counts of decode steps (1 to <see cref="MaxRows"/> rows) on the CPU in float32,
+/// <c>y = x W^T + b</c> on the CPU in float32 (up to <see cref="MaxRows"/> rows),
 /// reading the weight in its checkpoint layout [out, in] once per call. Two kernels, chosen by row count:
 /// <list type="bullet">
 /// <item>up to <see cref="DotRowsMax"/> rows (single-stream decode, memory-bound): dot products in 3x3 register tiles,
@@ -24,8 +24,12 @@ namespace LocalVllm.Engine.Models;
 /// </summary>
 internal static unsafe class SmallBatchLinear
 {
-    /// <summary>Rows up to which this class computes the product itself (libtorch's GEMM above).</summary>
-    public static int MaxRows => BroadcastSupported ? 64 : DotRowsMaxWithoutAvx512;
+    /// <summary>
+    /// Rows up to which this class computes the product itself (libtorch's GEMM above). With AVX-512 that is every row
+    /// count: the broadcast kernel measured 5-11% faster than libtorch's linear at 256-1024 rows on Qwen3-0.6B's
+    /// layers, and 35% faster on its LM head.
+    /// </summary>
+    public static int MaxRows => BroadcastSupported ? int.MaxValue : DotRowsMaxWithoutAvx512;
 
     /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available (memory-bound there).</summary>
     public const int DotRowsMax = 2;
