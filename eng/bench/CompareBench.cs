@@ -46,6 +46,7 @@ internal static class CompareBench
                 throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
             if (theirs is not null) Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
 
+            LocalVllm.Engine.Models.ForwardProfile.Reset();
             LocalVllm.Engine.Models.ForwardProfile.Enabled = s.Profile;
             var ourRun = RunOurs(llm, w);
             if (s.Profile) Console.WriteLine($"  ours, forward split: {LocalVllm.Engine.Models.ForwardProfile.Summary()}");

@@ -120,7 +120,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
                 float* row = kCache + (long)table[b] * blockSize * rowStride;
                 for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
                     for (int h = 0; h < heads; h++)
-                        scores[h * contextLength + j] = Simd.Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
+                        scores[h * contextLength + j] = Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
             }
             for (int h = 0; h < heads; h++) SoftMax(scores + h * contextLength, contextLength);
             new Span<float>(acc, headDim * heads).Clear();
@@ -138,12 +138,39 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void SoftMax(float* x, int n)
     {
+        int i = 0;
+        var maxV = Vector256.Create(float.NegativeInfinity);
+        for (; i + 8 <= n; i += 8) maxV = Vector256.Max(maxV, Vector256.Load(x + i));
         float max = float.NegativeInfinity;
-        for (int i = 0; i < n; i++) max = MathF.Max(max, x[i]);
-        float sum = 0;
-        for (int i = 0; i < n; i++) sum += x[i] = MathF.Exp(x[i] - max);
-        float inv = 1f / sum;
-        for (int i = 0; i < n; i++) x[i] *= inv;
+        for (int l = 0; l < 8; l++) max = MathF.Max(max, maxV[l]);
+        for (; i < n; i++) max = MathF.Max(max, x[i]);
+        var mv = Vector256.Create(max);
+        var sumV = Vector256<float>.Zero;
+        for (i = 0; i + 8 <= n; i += 8)
+        {
+            var e = Vector256.Exp(Vector256.Load(x + i) - mv);
+            e.Store(x + i);
+            sumV += e;
+        }
+        float sum = Vector256.Sum(sumV);
+        for (; i < n; i++) sum += x[i] = MathF.Exp(x[i] - max);
+        var inv = Vector256.Create(1f / sum);
+        for (i = 0; i + 8 <= n; i += 8) (Vector256.Load(x + i) * inv).Store(x + i);
+        for (; i < n; i++) x[i] *= inv[0];
+    }
+
+    /// <summary>a . b for a head (512-bit vectors when the head size allows).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static float Dot(float* a, float* b, int n)
+    {
+        if (!Vector512.IsHardwareAccelerated || n % 32 != 0) return Simd.Dot(a, b, n);
+        Vector512<float> s0 = default, s1 = default;
+        for (int i = 0; i < n; i += 32)
+        {
+            s0 = Vector512.FusedMultiplyAdd(Vector512.Load(a + i), Vector512.Load(b + i), s0);
+            s1 = Vector512.FusedMultiplyAdd(Vector512.Load(a + i + 16), Vector512.Load(b + i + 16), s1);
+        }
+        return Vector512.Sum(s0 + s1);
     }
 
     /// <summary>y += a * x.</summary>
@@ -151,6 +178,11 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     private static void Axpy(float a, float* x, float* y, int n)
     {
         int i = 0;
+        if (Vector512.IsHardwareAccelerated && n >= 16)
+        {
+            var va = Vector512.Create(a);
+            for (; i + 16 <= n; i += 16) Vector512.Store(Vector512.FusedMultiplyAdd(va, Vector512.Load(x + i), Vector512.Load(y + i)), y + i);
+        }
         if (Vector256.IsHardwareAccelerated && n >= 8)
         {
             var va = Vector256.Create(a);
