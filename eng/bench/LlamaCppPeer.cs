@@ -22,16 +22,20 @@ internal sealed class LlamaCppPeer : IDisposable
     /// ggml's OpenMP runtime (the system libgomp, read at load time) keeps its default wait policy while libtorch's own
     /// copy gets the engine's OMP_WAIT_POLICY=PASSIVE: each engine runs with the settings it would have alone.
     /// </summary>
-    public static void LoadNative() => _ = NativeApi.llama_max_devices();
-
-    /// <param name="maxSeqLen">The longest prompt + output of one sequence: each sequence gets a KV stream of this size.</param>
-    public LlamaCppPeer(string ggufPath, int threads, uint maxSeqLen, uint maxSeqs)
+    public static void LoadNative()
     {
         if (!_quiet)
         {
             NativeLibraryConfig.All.WithLogCallback((level, message) => { if (level >= LLamaLogLevel.Error) Console.Error.Write(message); });
             _quiet = true;
         }
+        _ = NativeApi.llama_max_devices();
+    }
+
+    /// <param name="maxSeqLen">The longest prompt + output of one sequence: each sequence gets a KV stream of this size.</param>
+    public LlamaCppPeer(string ggufPath, int threads, uint maxSeqLen, uint maxSeqs)
+    {
+        LoadNative();
         uint perSeq = (maxSeqLen + 255) / 256 * 256;
         _params = new ModelParams(ggufPath)
         {

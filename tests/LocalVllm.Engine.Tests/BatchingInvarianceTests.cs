@@ -85,6 +85,25 @@ public sealed class BatchingInvarianceTests
     }
 
     [Fact]
+    public void Each_steps_output_ids_are_a_snapshot_that_later_tokens_do_not_change()
+    {
+        var prompts = MixedPrompts().Take(3).ToArray();
+        var alone = RunAlone(prompts, 40); // 40 tokens: the output buffer grows (16 -> 32 -> 64) while snapshots live
+        using var llm = new Llm(EngineHarness.Options("tiny-llama"));
+        var ids = prompts.Select(p => llm.Engine.AddRequest(p, EngineHarness.Greedy(40))).ToList();
+        var seen = new List<(int Request, IReadOnlyList<int> Tokens, int[] Copy)>();
+        while (llm.Engine.HasUnfinishedRequests)
+            foreach (var o in llm.Engine.Step())
+                seen.Add((ids.IndexOf(o.RequestId), o.Outputs[0].TokenIds, o.Outputs[0].TokenIds.ToArray()));
+        Assert.Equal(3 * 40, seen.Count);
+        foreach (var (request, tokens, copy) in seen)
+        {
+            Assert.Equal(copy, tokens); // unchanged by everything generated after it
+            Assert.Equal(alone[request].Take(copy.Length), copy); // and a prefix of the final output
+        }
+    }
+
+    [Fact]
     public void N_completions_share_the_prompt_and_seeded_sampling_is_reproducible_across_batches()
     {
         using var llm = new Llm(EngineHarness.Options("tiny-llama"));

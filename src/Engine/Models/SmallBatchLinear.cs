@@ -16,8 +16,9 @@ namespace LocalVllm.Engine.Models;
 /// <item>more rows, on CPUs with AVX-512 (compute-bound): the input is packed transposed into blocks of 16 or 32 rows
 /// ([k][rows], zero-padded), and each weight element is broadcast once and multiplied into a whole block of rows held
 /// in one or two 512-bit registers, eight weight rows at a time (8 or 16 accumulators): each weight element feeds
-/// 16 or 32 multiply-adds from a register, with no horizontal sums. Up to 8 rows, a block holds 2 or 4 consecutive
-/// k of each row, and the weight is broadcast as pairs or quads, so that the 16 lanes are not mostly padding.</item>
+/// 16 or 32 multiply-adds from a register, with no horizontal sums. Up to 8 rows, a block holds 4 consecutive k of
+/// each of 4 rows (two such blocks for 5-8 rows, both fed by each weight quad), so that the 16 lanes are not mostly
+/// padding; when k is not a multiple of 4, pairs of k.</item>
 /// </list>
 /// Measured against libtorch's linear in `eng/bench micro` (2 threads): see docs/benchmarks.md. Without AVX-512 the
 /// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest.
@@ -142,20 +143,24 @@ internal static unsafe class SmallBatchLinear
     {
         // Up to 8 rows, one 16-lane block holds several consecutive k of each row (lane r * g + q = x[r, g * i + q]),
         // so that the lanes are not mostly padding: the weight is then broadcast g elements at a time.
-        int group = m <= 4 && k % 4 == 0 ? 4 : m <= 8 && k % 2 == 0 ? 2 : 1;
+        // 5-8 rows: two blocks of four rows, both fed by each weight quad.
+        bool quadPairs = m > 4 && m <= 8 && k % 4 == 0;
+        int group = quadPairs || (m <= 4 && k % 4 == 0) ? 4 : m <= 8 && k % 2 == 0 ? 2 : 1;
         if (group > 1)
         {
-            float* packed = (float*)NativeMemory.AlignedAlloc((nuint)((long)16 * (k / group) * sizeof(float)), 64);
+            int blocksPerStep = quadPairs ? 2 : 1, stride = 16 * blocksPerStep;
+            float* packed = (float*)NativeMemory.AlignedAlloc((nuint)((long)stride * (k / group) * sizeof(float)), 64);
             try
             {
                 int rowsPerBlock = 16 / group;
-                for (int r = 0; r < rowsPerBlock; r++)
+                for (int r = 0; r < rowsPerBlock * blocksPerStep; r++)
                 {
                     float* src = x + (long)r * k;
+                    int lane = (r / rowsPerBlock) * 16 + (r % rowsPerBlock) * group;
                     for (int i = 0; i < k; i++)
-                        packed[(long)(i / group) * 16 + r * group + i % group] = r < m ? src[i] : 0;
+                        packed[(long)(i / group) * stride + lane + i % group] = r < m ? src[i] : 0;
                 }
-                ParallelOver(n, TileRows, (from, to) => GroupedRange(packed, w, y, m, k, n, group, x, from, to));
+                ParallelOver(n, TileRows, (from, to) => GroupedRange(packed, w, y, m, k, n, group, quadPairs, x, from, to));
             }
             finally
             {
@@ -196,19 +201,22 @@ internal static unsafe class SmallBatchLinear
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, float* x, int from, int to)
+    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, bool quadPairs, float* x, int from, int to)
     {
-        float* tile = stackalloc float[TileRows * 16];
-        int row = from;
+        float* tile = stackalloc float[TileRows * 32];
+        int row = from, width = quadPairs ? 32 : 16;
         for (; row + TileRows <= to; row += TileRows)
         {
-            if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile);
+            if (quadPairs) TileQuadPairs(w + (long)row * k, k, packed, tile);
+            else if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile);
             else TileGroups2(w + (long)row * k, k, packed, tile);
             for (int j = 0; j < TileRows; j++)
                 for (int r = 0; r < m; r++)
                 {
+                    // Row r sits in block r / 4 (quad pairs) at lanes (r % 4) * 4.., else at lanes r * group..
+                    int lane = quadPairs ? (r / 4) * 16 + (r % 4) * 4 : r * group;
                     float sum = 0;
-                    for (int q = 0; q < group; q++) sum += tile[j * 16 + r * group + q];
+                    for (int q = 0; q < group; q++) sum += tile[j * width + lane + q];
                     y[(long)r * n + row + j] = sum;
                 }
         }
@@ -236,6 +244,32 @@ internal static unsafe class SmallBatchLinear
         }
         a0.Store(tile); a1.Store(tile + 16); a2.Store(tile + 32); a3.Store(tile + 48);
         a4.Store(tile + 64); a5.Store(tile + 80); a6.Store(tile + 96); a7.Store(tile + 112);
+    }
+
+    /// <summary>Eight weight rows against two blocks of 4 rows packed four k at a time: each quad feeds both blocks.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void TileQuadPairs(float* w, long k, float* packed, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i += 4)
+        {
+            var u = Vector512.Load(packed + i * 8);
+            var v = Vector512.Load(packed + i * 8 + 16);
+            var s = Avx512F.BroadcastVector128ToVector512(w0 + i); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); c0 = Avx512F.FusedMultiplyAdd(s, v, c0);
+            s = Avx512F.BroadcastVector128ToVector512(w1 + i); a1 = Avx512F.FusedMultiplyAdd(s, u, a1); c1 = Avx512F.FusedMultiplyAdd(s, v, c1);
+            s = Avx512F.BroadcastVector128ToVector512(w2 + i); a2 = Avx512F.FusedMultiplyAdd(s, u, a2); c2 = Avx512F.FusedMultiplyAdd(s, v, c2);
+            s = Avx512F.BroadcastVector128ToVector512(w3 + i); a3 = Avx512F.FusedMultiplyAdd(s, u, a3); c3 = Avx512F.FusedMultiplyAdd(s, v, c3);
+            s = Avx512F.BroadcastVector128ToVector512(w4 + i); a4 = Avx512F.FusedMultiplyAdd(s, u, a4); c4 = Avx512F.FusedMultiplyAdd(s, v, c4);
+            s = Avx512F.BroadcastVector128ToVector512(w5 + i); a5 = Avx512F.FusedMultiplyAdd(s, u, a5); c5 = Avx512F.FusedMultiplyAdd(s, v, c5);
+            s = Avx512F.BroadcastVector128ToVector512(w6 + i); a6 = Avx512F.FusedMultiplyAdd(s, u, a6); c6 = Avx512F.FusedMultiplyAdd(s, v, c6);
+            s = Avx512F.BroadcastVector128ToVector512(w7 + i); a7 = Avx512F.FusedMultiplyAdd(s, u, a7); c7 = Avx512F.FusedMultiplyAdd(s, v, c7);
+        }
+        a0.Store(tile); c0.Store(tile + 16); a1.Store(tile + 32); c1.Store(tile + 48);
+        a2.Store(tile + 64); c2.Store(tile + 80); a3.Store(tile + 96); c3.Store(tile + 112);
+        a4.Store(tile + 128); c4.Store(tile + 144); a5.Store(tile + 160); c5.Store(tile + 176);
+        a6.Store(tile + 192); c6.Store(tile + 208); a7.Store(tile + 224); c7.Store(tile + 240);
     }
 
     /// <summary>Eight weight rows against up to 8 rows packed two k at a time: w[j, 2i..2i+1] broadcast as a 64-bit pair.</summary>

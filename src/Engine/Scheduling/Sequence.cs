@@ -10,6 +10,10 @@ public enum SequenceStatus { Waiting, Running, Finished }
 public sealed class Sequence
 {
     private readonly List<int> _tokens;
+    // The output tokens again, append-only: a snapshot (array, count) stays valid and unchanged as tokens are added,
+    // because growing copies into a new array and never writes below the count. Each step's outputs share it.
+    private int[] _output = new int[16];
+    private int _outputCount;
 
     internal Sequence(string requestId, int index, int[] promptTokenIds, SamplingParams sampling, long arrivalTicks)
     {
@@ -65,8 +69,28 @@ public sealed class Sequence
 
     internal List<int> TokenList => _tokens;
 
-    internal void Append(int token) => _tokens.Add(token);
+    internal void Append(int token)
+    {
+        _tokens.Add(token);
+        if (_outputCount == _output.Length) Array.Resize(ref _output, _output.Length * 2);
+        _output[_outputCount++] = token;
+    }
 
-    /// <summary>Output tokens as a list (copy).</summary>
-    public int[] OutputTokens() => _tokens.GetRange(PromptTokenIds.Length, NumOutputTokens).ToArray();
+    /// <summary>
+    /// The output tokens so far, as an immutable snapshot that later tokens do not change. No copy: every step hands
+    /// each progressing request its cumulative ids, which would otherwise cost a copy of the whole output per step.
+    /// </summary>
+    public IReadOnlyList<int> OutputTokens() => new TokenSnapshot(_output, _outputCount);
+
+    private sealed class TokenSnapshot(int[] tokens, int count) : IReadOnlyList<int>
+    {
+        public int this[int index] => (uint)index < (uint)count ? tokens[index] : throw new ArgumentOutOfRangeException(nameof(index));
+        public int Count => count;
+        public IEnumerator<int> GetEnumerator()
+        {
+            for (int i = 0; i < count; i++) yield return tokens[i];
+        }
+        System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
+        public override string ToString() => $"[{string.Join(", ", tokens.Take(count))}]";
+    }
 }
