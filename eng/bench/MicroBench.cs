@@ -9,14 +9,16 @@ namespace LocalVllm.Bench;
 /// <summary>
 /// Micro-benchmark of the linear layers of a Qwen3-0.6B decode step: 28 layers of distinct random weights (qkv, o,
 /// gate/up, down: 1.8 GB, so every weight comes from memory as in the engine) plus the LM head, run for 1-64 rows
-/// with libtorch's linear and with each SmallBatchLinear kernel.
+/// with libtorch's linear and with each SmallBatchLinear kernel; and decode attention alone (AttentionMicroBench).
 /// </summary>
 internal static class MicroBench
 {
-    public static int Run(int threads)
+    public static int Run(int threads, string part)
     {
         LocalVllm.Engine.TorchRuntime.Configure();
         torch.set_num_threads(threads);
+        if (part is "all" or "attention") AttentionMicroBench.Run(threads);
+        if (part is not ("all" or "linear")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
         var weights = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();

@@ -52,8 +52,9 @@ compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(
     r.GetValue(oursOnly), r.GetValue(profile))));
 
 var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
-var microCmd = new Command("micro", "linear-layer shapes of a Qwen3-0.6B step in two weight layouts") { microThreads };
-microCmd.SetAction(r => MicroBench.Run(r.GetValue(microThreads)));
+var microPart = new Option<string>("--part") { Description = "all, linear or attention", DefaultValueFactory = _ => "all" };
+var microCmd = new Command("micro", "the linear layers (libtorch vs SmallBatchLinear kernels) and the decode attention of a Qwen3-0.6B step") { microThreads, microPart };
+microCmd.SetAction(r => MicroBench.Run(r.GetValue(microThreads), r.GetValue(microPart)!));
 
 var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd };
 return root.Parse(args).Invoke();

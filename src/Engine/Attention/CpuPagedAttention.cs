@@ -15,6 +15,9 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
 {
     private readonly TorchPagedAttention _prefill = new();
 
+    // Per-thread scratch, reused across layers and steps (a fresh one per call was garbage every layer).
+    [ThreadStatic] private static Scratch? t_scratch;
+
     /// <inheritdoc />
     public Tensor Forward(Tensor q, Tensor k, Tensor v, Tensor kCache, Tensor vCache, AttentionMetadata metadata)
     {
@@ -44,7 +47,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             var spans = metadata.Sequences;
             var tables = metadata.BlockTables;
             var job = new DecodeJob(qPtr, kPtr, vPtr, oPtr, decode, spans, tables, blockSize, numHeads, numKvHeads, headDim, groups, scale);
-            Parallel.For(0, job.Items, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, () => new Scratch(), job.Run, _ => { });
+            Parallel.For(0, job.Items, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, () => t_scratch ??= new Scratch(), job.Run, _ => { });
         }
 
         if (prefill.Count > 0)
@@ -124,13 +127,27 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             }
             for (int h = 0; h < heads; h++) SoftMax(scores + h * contextLength, contextLength);
             new Span<float>(acc, headDim * heads).Clear();
+            // Four positions at a time: each accumulator chunk is loaded and stored once per four rows.
+            float** rows = stackalloc float*[4];
+            int pending = 0;
             for (int b = 0, j = 0; j < contextLength; b++)
             {
                 float* row = vCache + (long)table[b] * blockSize * rowStride;
                 for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
+                {
+                    rows[pending++] = row;
+                    if (pending < 4) continue;
                     for (int h = 0; h < heads; h++)
-                        Axpy(scores[h * contextLength + j], row + kvOffset[h], acc + h * headDim, headDim);
+                    {
+                        float* p = scores + h * contextLength + j - 3;
+                        Axpy4(p, rows, kvOffset[h], acc + h * headDim, headDim);
+                    }
+                    pending = 0;
+                }
             }
+            for (int r = 0; r < pending; r++)
+                for (int h = 0; h < heads; h++)
+                    Axpy(scores[h * contextLength + contextLength - pending + r], rows[r] + kvOffset[h], acc + h * headDim, headDim);
             Buffer.MemoryCopy(acc, output + (long)kvFrom * groups * headDim, (long)heads * headDim * sizeof(float), (long)heads * headDim * sizeof(float));
         }
     }
@@ -170,7 +187,42 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             s0 = Vector512.FusedMultiplyAdd(Vector512.Load(a + i), Vector512.Load(b + i), s0);
             s1 = Vector512.FusedMultiplyAdd(Vector512.Load(a + i + 16), Vector512.Load(b + i + 16), s1);
         }
-        return Vector512.Sum(s0 + s1);
+        var s = s0 + s1;
+        var half = s.GetLower() + s.GetUpper();
+        return Vector128.Sum(half.GetLower() + half.GetUpper());
+    }
+
+    /// <summary>y += a[0] * (rows[0] + offset) + ... + a[3] * (rows[3] + offset).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void Axpy4(float* a, float** rows, long offset, float* y, int n)
+    {
+        float* x0 = rows[0] + offset, x1 = rows[1] + offset, x2 = rows[2] + offset, x3 = rows[3] + offset;
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[1]), a2 = Vector512.Create(a[2]), a3 = Vector512.Create(a[3]);
+            for (; i + 16 <= n; i += 16)
+            {
+                var acc = Vector512.FusedMultiplyAdd(a0, Vector512.Load(x0 + i), Vector512.Load(y + i));
+                acc = Vector512.FusedMultiplyAdd(a1, Vector512.Load(x1 + i), acc);
+                acc = Vector512.FusedMultiplyAdd(a2, Vector512.Load(x2 + i), acc);
+                acc = Vector512.FusedMultiplyAdd(a3, Vector512.Load(x3 + i), acc);
+                acc.Store(y + i);
+            }
+        }
+        else if (Vector256.IsHardwareAccelerated)
+        {
+            Vector256<float> a0 = Vector256.Create(a[0]), a1 = Vector256.Create(a[1]), a2 = Vector256.Create(a[2]), a3 = Vector256.Create(a[3]);
+            for (; i + 8 <= n; i += 8)
+            {
+                var acc = Simd.Fma(a0, Vector256.Load(x0 + i), Vector256.Load(y + i));
+                acc = Simd.Fma(a1, Vector256.Load(x1 + i), acc);
+                acc = Simd.Fma(a2, Vector256.Load(x2 + i), acc);
+                acc = Simd.Fma(a3, Vector256.Load(x3 + i), acc);
+                acc.Store(y + i);
+            }
+        }
+        for (; i < n; i++) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
     }
 
     /// <summary>y += a * x.</summary>

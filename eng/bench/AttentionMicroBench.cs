@@ -1,0 +1,48 @@
+using System.Diagnostics;
+using LocalVllm.Engine.Attention;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Bench;
+
+/// <summary>
+/// Decode attention of CpuPagedAttention alone, Qwen3-0.6B's shape (16 query heads, 8 KV heads of 128), 16 or 64
+/// sequences with 400 positions each, over several layers' caches (so that the cache comes from memory, not L3):
+/// reports KV bytes read per second.
+/// </summary>
+internal static class AttentionMicroBench
+{
+    public static void Run(int threads)
+    {
+        torch.set_num_threads(threads);
+        const int heads = 16, kvHeads = 8, headDim = 128, blockSize = 16, context = 400;
+        const int layers = 4;
+        var backend = new CpuPagedAttention();
+        foreach (int seqs in new[] { 4, 16, 64 })
+        {
+            int blocksPerSeq = (context + blockSize - 1) / blockSize;
+            int numBlocks = seqs * blocksPerSeq;
+            var caches = Enumerable.Range(0, layers).Select(_ => (K: randn(numBlocks, blockSize, kvHeads, headDim), V: randn(numBlocks, blockSize, kvHeads, headDim))).ToArray();
+            // Blocks of each sequence scattered over the pool, as after a while of serving.
+            var order = Enumerable.Range(0, numBlocks).OrderBy(i => (i * 7919) % numBlocks).ToArray();
+            var tables = Enumerable.Range(0, seqs).Select(s => order.Skip(s * blocksPerSeq).Take(blocksPerSeq).ToArray()).ToArray();
+            var spans = Enumerable.Range(0, seqs).Select(s => new SequenceSpan(s, 1, context, 0)).ToArray();
+            var slots = tables.Select(t => (long)t[(context - 1) / blockSize] * blockSize + (context - 1) % blockSize).ToArray();
+            using var slotMapping = tensor(slots);
+            using var contextSlots = zeros(1, ScalarType.Int64);
+            var meta = new AttentionMetadata(slotMapping, contextSlots, spans, tables, blockSize);
+            using var q = randn(seqs, heads, headDim);
+            using var k = randn(seqs, kvHeads, headDim);
+            using var v = randn(seqs, kvHeads, headDim);
+            void Pass() { foreach (var (kc, vc) in caches) backend.Forward(q, k, v, kc, vc, meta).Dispose(); }
+            Pass();
+            var sw = Stopwatch.StartNew();
+            int reps = 5;
+            for (int i = 0; i < reps; i++) Pass();
+            double perLayerMs = sw.Elapsed.TotalMilliseconds / reps / layers;
+            double bytes = 2.0 * seqs * context * kvHeads * headDim * sizeof(float);
+            Console.WriteLine($"decode attention, {seqs} sequences x {context} positions: {perLayerMs:F2} ms per layer, {bytes / perLayerMs / 1e6:F1} GB/s of K/V");
+            foreach (var (kc, vc) in caches) { kc.Dispose(); vc.Dispose(); }
+        }
+    }
+}
