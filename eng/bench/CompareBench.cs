@@ -13,7 +13,7 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class CompareBench
 {
-    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown, bool OursOnly = false, bool Profile = false);
+    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown, bool OursOnly = false, bool Profile = false, int Repeat = 1);
 
     public static int Run(Settings s)
     {
@@ -38,7 +38,9 @@ internal static class CompareBench
             using var peer = s.OursOnly ? null : new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
             var probe = w.Prompts[0].Take(16).ToArray();
             var theirs = peer?.Greedy(probe, 8);
-            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256 });
+            // No prefix caching: every run starts from an empty cache, as llama.cpp's fresh context does (and repeats of the
+            // same prompts must not be served from the cache).
+            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false });
 
             // Same weights, same greedy ids on a short prompt, before anything is timed.
             var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
@@ -46,28 +48,43 @@ internal static class CompareBench
                 throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
             if (theirs is not null) Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
 
-            LocalVllm.Engine.Models.ForwardProfile.Reset();
-            LocalVllm.Engine.Models.ForwardProfile.Enabled = s.Profile;
-            var ourRun = RunOurs(llm, w);
-            if (s.Profile) Console.WriteLine($"  ours, forward split: {LocalVllm.Engine.Models.ForwardProfile.Summary()}");
-            LocalVllm.Engine.Models.ForwardProfile.Enabled = false;
+            // Repeats alternate the engines, so that a slow phase of this shared machine hits both; the run with the
+            // median wall time of each engine is reported.
+            var ourRuns = new List<EngineRun>();
+            var peerRuns = new List<EngineRun>();
+            for (int rep = 0; rep < s.Repeat; rep++)
+            {
+                LocalVllm.Engine.Models.ForwardProfile.Reset();
+                LocalVllm.Engine.Models.ForwardProfile.Enabled = s.Profile;
+                ourRuns.Add(RunOurs(llm, w));
+                if (s.Profile) Console.WriteLine($"  ours, forward split: {LocalVllm.Engine.Models.ForwardProfile.Summary()}");
+                LocalVllm.Engine.Models.ForwardProfile.Enabled = false;
+                if (peer is null) continue;
+                peer.Run(w, out var one);
+                peerRuns.Add(one);
+                if (s.Repeat > 1)
+                    Console.WriteLine($"  run {rep + 1}: ours {ourRuns[^1].WallSeconds:F2} s, llama.cpp {one.WallSeconds:F2} s");
+            }
+            var ourRun = Median(ourRuns);
             if (peer is null)
             {
                 Console.WriteLine($"  ours: prefill {ourRun.PrefillTokensPerSecond:F1} tok/s, decode {ourRun.DecodeTokensPerSecond:F1} tok/s, wall {ourRun.TotalTokensPerSecond:F1} tok/s ({ourRun.WallSeconds:F1} s)");
                 continue;
             }
-            peer.Run(w, out var peerRun);
+            var peerRun = Median(peerRuns);
             rows.Add((ourRun, peerRun, flopsPerToken));
             Print(ourRun, peerRun, ceiling, flopsPerToken);
         }
         if (s.Json is not null)
             File.WriteAllText(s.Json, JsonSerializer.Serialize(new
             {
-                date = DateTime.UtcNow, machine = $"{Environment.ProcessorCount} cores, {s.Threads} threads", gemmCeilingGflops = ceiling,
+                date = DateTime.UtcNow, machine = $"{Environment.ProcessorCount} cores, {s.Threads} threads", gemmCeilingGflops = ceiling, repeat = s.Repeat,
                 runs = rows.Select(r => new { ours = r.Ours, llamaCpp = r.Peer, flopsPerToken = r.FlopsPerToken }),
             }, new JsonSerializerOptions { WriteIndented = true }));
         return 0;
     }
+
+    private static EngineRun Median(List<EngineRun> runs) => runs.OrderBy(r => r.WallSeconds).ElementAt(runs.Count / 2);
 
     private static EngineRun RunOurs(Llm llm, Workload w)
     {

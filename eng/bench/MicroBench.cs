@@ -54,6 +54,26 @@ internal static class MicroBench
             }
             foreach (var t in inputs) t.Dispose();
         }
+        // Long prefill chunks (MaxNumBatchedTokens 8192): one layer's four products.
+        foreach (var m in new[] { 2048, 8192 })
+        {
+            var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
+            foreach (var (name, kernel) in new (string, SmallBatchLinear.Kernel?)[] { ("libtorch linear", null), ("SmallBatchLinear broadcast", SmallBatchLinear.Kernel.Broadcast) })
+            {
+                if (kernel is not null && !SmallBatchLinear.BroadcastSupported) continue;
+                void Once()
+                {
+                    for (int j = 0; j < shapes.Length; j++)
+                        (kernel is null ? F.linear(inputs[j], weights[0][j]) : SmallBatchLinear.Apply(inputs[j], weights[0][j], null, kernel.Value)).Dispose();
+                }
+                Once();
+                var sw = Stopwatch.StartNew();
+                Once();
+                double ms = sw.Elapsed.TotalMilliseconds;
+                Console.WriteLine($"| {m} (one layer) | {name} | {ms:F1} | {layerFlopsPerRow / layers * m / ms / 1e6:F1} | | |");
+            }
+            foreach (var t in inputs) t.Dispose();
+        }
         foreach (var layer in weights) foreach (var w in layer) w.Dispose();
         return 0;
     }

@@ -44,12 +44,13 @@ var workloads = new Option<string>("--workloads") { Description = "comma-separat
 var compareThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
 var oursOnly = new Option<bool>("--ours-only") { Description = "run only our engine (no llama.cpp, no agreement check): for profiling" };
 var profile = new Option<bool>("--profile") { Description = "print our forward pass split into linear layers, attention, LM head and other ops" };
+var repeat = new Option<int>("--repeat") { Description = "runs per engine and workload, alternating; the median run is reported", DefaultValueFactory = _ => 1 };
 var compareCmd = new Command("compare", "LocalVllm against llama.cpp (LLamaSharp) on the shared workload files, same weights, same threads")
 {
-    workloads, compareThreads, json, oursOnly, profile,
+    workloads, compareThreads, json, oursOnly, profile, repeat,
 };
 compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null,
-    r.GetValue(oursOnly), r.GetValue(profile))));
+    r.GetValue(oursOnly), r.GetValue(profile), r.GetValue(repeat))));
 
 var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
 var microPart = new Option<string>("--part") { Description = "all, linear or attention", DefaultValueFactory = _ => "all" };

@@ -28,6 +28,8 @@ public sealed class SmallBatchLinearTests
     [InlineData(64, 1024, 97, true)]
     [InlineData(65, 64, 16, false)] // two full blocks and a 16-row block (libtorch's path without AVX-512)
     [InlineData(300, 96, 40, true)]
+    [InlineData(300, 512, 40, false)] // packing split over k
+    [InlineData(600, 64, 24, true)] // three panels of rows (256, 256, 88)
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();

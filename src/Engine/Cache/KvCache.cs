@@ -22,6 +22,8 @@ public sealed class KvCache : IDisposable
         {
             _k[l] = zeros([numBlocks, blockSize, numKvHeads, headDim], dtype, device);
             _v[l] = zeros([numBlocks, blockSize, numKvHeads, headDim], dtype, device);
+            HugePages.Advise(_k[l]);
+            HugePages.Advise(_v[l]);
         }
     }
 

@@ -130,8 +130,13 @@ public sealed class CausalLm : IDisposable
                 DownWeight = Read(p + "mlp.down_proj.weight"),
             };
         }
+        foreach (var layer in layers)
+            foreach (var t in new[] { layer.QkvWeight, layer.OWeight, layer.GateUpWeight, layer.DownWeight })
+                HugePages.Advise(t);
         var embed = Read("model.embed_tokens.weight");
+        HugePages.Advise(embed);
         var lmHead = weights.Contains("lm_head.weight") && !c.TieWordEmbeddings ? Read("lm_head.weight") : embed.alias();
+        HugePages.Advise(lmHead);
         return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
             attention ?? new TorchPagedAttention(), dtype, device);
     }

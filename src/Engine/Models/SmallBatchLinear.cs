@@ -26,17 +26,20 @@ namespace LocalVllm.Engine.Models;
 internal static unsafe class SmallBatchLinear
 {
     /// <summary>
-    /// Rows up to which this class computes the product itself (libtorch's GEMM above). With AVX-512 that is every row
-    /// count: the broadcast kernel measured 5-11% faster than libtorch's linear at 256-1024 rows on Qwen3-0.6B's
-    /// layers, and 35% faster on its LM head.
+    /// Rows up to which this class computes the product itself (libtorch's GEMM above). With AVX-512 the broadcast
+    /// kernel measured 10-15% faster than libtorch's linear at 256 rows of Qwen3-0.6B's layers (35-50% on its LM
+    /// head), even at 1,024 and 2-7% slower at 2,048-8,192 (`eng/bench micro`), so long prefill chunks stay with libtorch.
     /// </summary>
-    public static int MaxRows => BroadcastSupported ? int.MaxValue : DotRowsMaxWithoutAvx512;
+    public static int MaxRows => BroadcastSupported ? 512 : DotRowsMaxWithoutAvx512;
 
     /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available (memory-bound there).</summary>
     public const int DotRowsMax = 2;
 
     /// <summary>Rows up to which the dot kernel is used on CPUs without AVX-512.</summary>
     public const int DotRowsMaxWithoutAvx512 = 32;
+
+    /// <summary>Input rows per pass of the broadcast kernel (256 x 3,072 floats packed: 3 MB, within L3).</summary>
+    private const int PanelRows = 256;
 
     /// <summary>Weight rows per broadcast tile.</summary>
     private const int TileRows = 8;
@@ -61,7 +64,15 @@ internal static unsafe class SmallBatchLinear
         if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= DotRowsMax || !BroadcastSupported)))
             Dot(xp, wp, yp, m, k, n);
         else
-            Broadcast(xp, wp, yp, m, k, n);
+        {
+            // Long prefill chunks go through in panels of rows whose packed copy stays in cache while every weight
+            // tile passes over it (one pass over 8,192 rows would stream the whole packed input from memory per tile).
+            for (int r0 = 0; r0 < m; r0 += PanelRows)
+            {
+                int rows = Math.Min(PanelRows, m - r0);
+                Broadcast(xp + (long)r0 * k, wp, yp + (long)r0 * n, rows, k, n);
+            }
+        }
         if (bias is not null) y.add_(bias);
         return y;
     }
@@ -176,22 +187,11 @@ internal static unsafe class SmallBatchLinear
         float* xt = (float*)NativeMemory.AlignedAlloc((nuint)(packedFloats * sizeof(float)), 64);
         try
         {
-            for (int b = 0; b < blocks; b++)
-            {
-                int width = b < full ? 32 : lastWidth;
-                int rows = Math.Min(32, m - b * 32);
-                float* dst = xt + (long)b * 32 * k;
-                for (int r = 0; r < width; r++)
-                {
-                    if (r < rows)
-                    {
-                        float* src = x + (long)(b * 32 + r) * k;
-                        for (int i = 0; i < k; i++) dst[(long)i * width + r] = src[i];
-                    }
-                    else
-                        for (int i = 0; i < k; i++) dst[(long)i * width + r] = 0;
-                }
-            }
+            // Packing is a transpose of the whole input: split over k when it is large (prefill, long down_proj rows).
+            if ((long)m * k >= 1 << 16)
+                ParallelOver(k, 64, (from, to) => Pack(x, xt, m, k, blocks, full, lastWidth, from, to));
+            else
+                Pack(x, xt, m, k, blocks, full, lastWidth, 0, k);
             ParallelOver(n, TileRows, (from, to) => BroadcastRange(xt, w, y, m, k, n, full, lastWidth, x, from, to));
         }
         finally
@@ -297,6 +297,26 @@ internal static unsafe class SmallBatchLinear
     /// <summary>p[0], p[1] repeated across 16 lanes (one 64-bit broadcast).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Pair(float* p) => Vector512.Create(*(double*)p).AsSingle();
+
+    /// <summary>x rows -> blocks of 32 (the last 16 or 32 wide, zero-padded) laid out [k][width], for k in [from, to).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Pack(float* x, float* xt, int m, int k, int blocks, int full, int lastWidth, int from, int to)
+    {
+        for (int b = 0; b < blocks; b++)
+        {
+            int width = b < full ? 32 : lastWidth;
+            int rows = Math.Min(32, m - b * 32);
+            float* src = x + (long)b * 32 * k;
+            float* dst = xt + (long)b * 32 * k;
+            for (int i = from; i < to; i++)
+            {
+                float* d = dst + (long)i * width;
+                int r = 0;
+                for (; r < rows; r++) d[r] = src[(long)r * k + i];
+                for (; r < width; r++) d[r] = 0;
+            }
+        }
+    }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void BroadcastRange(float* xt, float* w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
