@@ -28,8 +28,13 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         int tokens = (int)q.shape[0];
         using var kFlat = kCache.view(-1, numKvHeads, headDim);
         using var vFlat = vCache.view(-1, numKvHeads, headDim);
-        kFlat.index_copy_(0, metadata.SlotMapping, k);
-        vFlat.index_copy_(0, metadata.SlotMapping, v);
+        if (tokens <= 64 && k.is_contiguous() && v.is_contiguous() && metadata.SlotMapping.device_type == TorchSharp.DeviceType.CPU)
+            WriteRows(k, v, kCache, vCache, metadata.SlotMapping, (long)numKvHeads * headDim);
+        else
+        {
+            kFlat.index_copy_(0, metadata.SlotMapping, k);
+            vFlat.index_copy_(0, metadata.SlotMapping, v);
+        }
 
         var output = empty([tokens, numHeads * headDim], ScalarType.Float32); // [tokens, numHeads * headDim]
         var decode = new List<int>();
@@ -63,6 +68,25 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             }
         }
         return output;
+    }
+
+    /// <summary>
+    /// The new K/V rows of a decode step, copied to their slots directly (two libtorch index_copy_ calls per layer
+    /// cost more than the copy at these sizes). Slots are checked like index_copy_ would.
+    /// </summary>
+    private static void WriteRows(Tensor k, Tensor v, Tensor kCache, Tensor vCache, Tensor slotMapping, long rowFloats)
+    {
+        var slots = slotMapping.data<long>();
+        long capacity = kCache.shape[0] * kCache.shape[1];
+        float* kSrc = Simd.Pointer(k), vSrc = Simd.Pointer(v), kDst = Simd.Pointer(kCache), vDst = Simd.Pointer(vCache);
+        long bytes = rowFloats * sizeof(float);
+        for (int t = 0; t < (int)slots.Count; t++)
+        {
+            long slot = slots[t];
+            if ((ulong)slot >= (ulong)capacity) throw new ArgumentOutOfRangeException(nameof(slotMapping), slot, $"Slot {slot} is outside the cache's {capacity} slots.");
+            Buffer.MemoryCopy(kSrc + t * rowFloats, kDst + slot * rowFloats, bytes, bytes);
+            Buffer.MemoryCopy(vSrc + t * rowFloats, vDst + slot * rowFloats, bytes, bytes);
+        }
     }
 
     /// <summary>
