@@ -153,12 +153,13 @@ public sealed class CausalLm : IDisposable
         long qSize = (long)c.NumAttentionHeads * c.HeadDim, kvSize = (long)c.NumKeyValueHeads * c.HeadDim;
         ForwardProfile.BeginPass(tokens);
         long t = ForwardProfile.Now();
-        var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition);
-        var (cos, sin) = RotaryEmbedding.ForHeads(cosRows, sinRows, DType); // [tokens, 1, headDim], once per step
+        var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition); // float32 [tokens, headDim]
 
         var residual = _embed.index_select(0, inputIds); // [tokens, hidden]
         Tensor? pending = null; // the previous layer's MLP output, added to the residual by the next norm
         bool fused = CpuLayerOps.Supports(residual);
+        // The libtorch path broadcasts cos/sin over heads in the model's dtype, once per step.
+        var (cos, sin) = fused ? (cosRows, sinRows) : RotaryEmbedding.ForHeads(cosRows, sinRows, DType);
         for (int l = 0; l < _layers.Length; l++)
         {
             var layer = _layers[l];
