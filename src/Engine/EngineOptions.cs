@@ -49,6 +49,13 @@ public sealed class EngineOptions
     /// <summary>The paged-attention implementation; null picks <see cref="Attention.TorchPagedAttention"/>.</summary>
     public Attention.IAttentionBackend? AttentionBackend { get; set; }
 
+    /// <summary>
+    /// Whether the forward pass may use the engine's C# CPU kernels (SmallBatchLinear, CpuLayerOps) where they apply
+    /// (float32 on the CPU). Off, every op goes through libtorch as on other devices and dtypes: tests use it to check
+    /// that path against the same references.
+    /// </summary>
+    internal bool CpuKernels { get; set; } = true;
+
     /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
     public bool UseProgressBar { get; set; }
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>

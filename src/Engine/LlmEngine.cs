@@ -60,8 +60,8 @@ public sealed class LlmEngine : IDisposable
         // On the CPU in float32, decode attention reads the paged cache in place (CpuPagedAttention); elsewhere the
         // device-agnostic TorchSharp backend.
         var attention = options.AttentionBackend
-            ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 ? new Attention.CpuPagedAttention() : new Attention.TorchPagedAttention());
-        Model = CausalLm.Load(Directory, dtype, device, attention);
+            ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 && options.CpuKernels ? new Attention.CpuPagedAttention() : new Attention.TorchPagedAttention());
+        Model = CausalLm.Load(Directory, dtype, device, attention, options.CpuKernels);
         var c = Model.Config;
         MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
         long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);

@@ -26,6 +26,26 @@ public sealed class ReferenceLogitsTests
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
 
+    /// <summary>The all-libtorch path (other dtypes and devices, e.g. CUDA) against the same references, in float32 on the CPU.</summary>
+    [Theory]
+    [MemberData(nameof(IdModels))]
+    public void Without_the_CPU_kernels_logits_and_greedy_ids_match_the_reference(string model)
+    {
+        using var llm = new Llm(EngineHarness.Options(model, o => o.CpuKernels = false));
+        Assert.IsType<LocalVllm.Engine.Attention.TorchPagedAttention>(llm.Engine.Model.AttentionBackend);
+        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
+            var reference = c["logits"]!.AsArray();
+            var last = reference[reference.Count - 1]!;
+            Assert.True(EngineHarness.MaxAbsDiff(rows[^1], Fixtures.Floats(last)) <= 1e-4f, $"{model}/{c["name"]}: last row");
+            var greedy = Fixtures.Ints(c["greedy_ids"]);
+            Assert.Equal(greedy, llm.Generate([ids], EngineHarness.Greedy(greedy.Length))[0].Outputs[0].TokenIds);
+        }
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
     [Theory]
     [MemberData(nameof(IdModels))]
     public void Greedy_continuations_equal_the_reference(string model)

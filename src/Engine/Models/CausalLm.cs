@@ -36,6 +36,7 @@ public sealed class CausalLm : IDisposable
     private readonly Tensor _lmHead; // [vocab, hidden]; the embedding itself when tied
     private readonly RotaryEmbedding _rope;
     private readonly IAttentionBackend _attention;
+    private bool _cpuKernels = true;
 
     private CausalLm(ModelConfig config, Layer[] layers, Tensor embed, Tensor norm, Tensor lmHead, RotaryEmbedding rope,
         IAttentionBackend attention, ScalarType dtype, Device device)
@@ -50,6 +51,9 @@ public sealed class CausalLm : IDisposable
         DType = dtype;
         Device = device;
     }
+
+    /// <summary>The attention backend the forward pass uses.</summary>
+    internal IAttentionBackend AttentionBackend => _attention;
 
     /// <summary>The model's configuration.</summary>
     public ModelConfig Config { get; }
@@ -96,7 +100,11 @@ public sealed class CausalLm : IDisposable
     }
 
     /// <summary>Loads the model in <paramref name="dir"/> onto <paramref name="device"/> in <paramref name="dtype"/>.</summary>
-    public static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention = null)
+    public static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention = null) =>
+        Load(dir, dtype, device, attention, cpuKernels: true);
+
+    /// <summary>As <see cref="Load(ModelDirectory, ScalarType, Device, IAttentionBackend?)"/>; <paramref name="cpuKernels"/>: false keeps every op in libtorch.</summary>
+    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels)
     {
         var c = dir.Config;
         using var weights = new WeightLoader(dir.WeightFiles);
@@ -138,7 +146,7 @@ public sealed class CausalLm : IDisposable
         var lmHead = weights.Contains("lm_head.weight") && !c.TieWordEmbeddings ? Read("lm_head.weight") : embed.alias();
         HugePages.Advise(lmHead);
         return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
-            attention ?? new TorchPagedAttention(), dtype, device);
+            attention ?? new TorchPagedAttention(), dtype, device) { _cpuKernels = cpuKernels };
     }
 
     /// <summary>
@@ -157,7 +165,7 @@ public sealed class CausalLm : IDisposable
 
         var residual = _embed.index_select(0, inputIds); // [tokens, hidden]
         Tensor? pending = null; // the previous layer's MLP output, added to the residual by the next norm
-        bool fused = CpuLayerOps.Supports(residual);
+        bool fused = _cpuKernels && CpuLayerOps.Supports(residual);
         // The libtorch path broadcasts cos/sin over heads in the model's dtype, once per step.
         var (cos, sin) = fused ? (cosRows, sinRows) : RotaryEmbedding.ForHeads(cosRows, sinRows, DType);
         for (int l = 0; l < _layers.Length; l++)
@@ -178,7 +186,7 @@ public sealed class CausalLm : IDisposable
                 h = normed0 ?? RmsNorm(residual, layer.InputNorm, c.RmsNormEps);
             }
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
-            var qkv = SmallBatchLinear.Apply(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
+            var qkv = Linear(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             Tensor q, k, v;
             if (fused)
@@ -197,20 +205,20 @@ public sealed class CausalLm : IDisposable
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
             t = ForwardProfile.Add(ForwardProfile.Part.Attention, t);
-            var o = SmallBatchLinear.Apply(attn, layer.OWeight, null);
+            var o = Linear(attn, layer.OWeight, null);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var (hidden, h2) = fused
                 ? CpuLayerOps.AddRmsNorm(residual, o, layer.PostNorm, c.RmsNormEps)
                 : (residual + o, null);
             h2 ??= RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
-            var gateUp = SmallBatchLinear.Apply(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
+            var gateUp = Linear(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var act = fused
                 ? CpuLayerOps.SiluMul(gateUp, c.IntermediateSize)
                 : F.silu(gateUp.narrow(1, 0, c.IntermediateSize)) * gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
-            var down = SmallBatchLinear.Apply(act, layer.DownWeight, null);
+            var down = Linear(act, layer.DownWeight, null);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             residual.Dispose();
             residual = hidden.MoveToOuterDisposeScope();
@@ -220,10 +228,13 @@ public sealed class CausalLm : IDisposable
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
         t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
-        var logits = SmallBatchLinear.Apply(normed, _lmHead, null).to(ScalarType.Float32); // [rows, vocab]
+        var logits = Linear(normed, _lmHead, null).to(ScalarType.Float32); // [rows, vocab]
         ForwardProfile.Add(ForwardProfile.Part.LmHead, t);
         return logits.MoveToOuterDisposeScope();
     }
+
+    private Tensor Linear(Tensor x, Tensor weight, Tensor? bias) =>
+        _cpuKernels ? SmallBatchLinear.Apply(x, weight, bias) : F.linear(x, weight, bias);
 
     /// <summary>RMSNorm as transformers computes it: normalise in float32, cast back, then scale.</summary>
     internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
