@@ -60,6 +60,21 @@ public sealed class SamplerTests
     }
 
     [Fact]
+    public void ArgMax_equals_torch_argmax_with_ties_infinities_and_nan()
+    {
+        using var scope = NewDisposeScope();
+        var logits = randn([6, 1003], generator: new TorchSharp.torch.Generator(4));
+        logits[1, 500] = logits[1].max() + 1; logits[1, 900] = logits[1, 500]; // a tie: the first wins
+        logits[2].fill_(float.NegativeInfinity); // all -inf: index 0
+        logits[3, 1002] = 1e9f; // in the scalar tail
+        logits[4, 7] = 1e9f; logits[4, 600] = float.NaN; // a NaN wins over a larger value before it
+        logits[5, 3] = float.PositiveInfinity;
+        var expected = logits.argmax(-1).data<long>().ToArray();
+        Assert.Equal(expected, Sampler.ArgMax(logits));
+        Assert.Equal([500L, 0L, 1002L, 600L, 3L], Sampler.ArgMax(logits).Skip(1));
+    }
+
+    [Fact]
     public void Draws_follow_the_cumulative_distribution()
     {
         using var scope = NewDisposeScope();
