@@ -18,6 +18,7 @@ internal static class MicroBench
         LocalVllm.Engine.TorchRuntime.Configure();
         torch.set_num_threads(threads);
         if (part is "all" or "attention") AttentionMicroBench.Run(threads);
+        if (part is "all" or "sampler") ArgMaxMicroBench.Run();
         if (part is not ("all" or "linear")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };

@@ -85,12 +85,28 @@ public sealed class Sampler
                 nan |= float.IsNaN(x[i]);
                 if (x[i] > max) max = x[i];
             }
-            int found = 0;
-            for (int j = 0; j < n; j++)
-                if (nan ? float.IsNaN(x[j]) : x[j] == max) { found = j; break; }
-            result[r] = found;
+            result[r] = nan ? FirstNaN(x, n) : FirstEqual(x, n, max);
         });
         return result;
+    }
+
+    private static unsafe int FirstEqual(float* x, int n, float value)
+    {
+        var target = Vector256.Create(value);
+        int i = 0;
+        for (; i + 8 <= n; i += 8)
+        {
+            uint mask = Vector256.Equals(Vector256.Load(x + i), target).ExtractMostSignificantBits();
+            if (mask != 0) return i + System.Numerics.BitOperations.TrailingZeroCount(mask);
+        }
+        for (; i < n; i++) if (x[i] == value) return i;
+        return 0;
+    }
+
+    private static unsafe int FirstNaN(float* x, int n)
+    {
+        for (int i = 0; i < n; i++) if (float.IsNaN(x[i])) return i;
+        return 0;
     }
 
     internal static int[] SampleRows(Tensor logits, SamplingParams[] ps, double[] uniforms)
