@@ -36,11 +36,12 @@ public sealed class CausalLm : IDisposable
     private readonly Tensor _lmHead; // [vocab, hidden]; the embedding itself when tied
     private readonly RotaryEmbedding _rope;
     private readonly IAttentionBackend _attention;
-    private bool _cpuKernels = true;
+    private readonly bool _cpuKernels;
 
     private CausalLm(ModelConfig config, Layer[] layers, Tensor embed, Tensor norm, Tensor lmHead, RotaryEmbedding rope,
-        IAttentionBackend attention, ScalarType dtype, Device device)
+        IAttentionBackend attention, ScalarType dtype, Device device, bool cpuKernels)
     {
+        _cpuKernels = cpuKernels;
         Config = config;
         _layers = layers;
         _embed = embed;
@@ -146,7 +147,7 @@ public sealed class CausalLm : IDisposable
         var lmHead = weights.Contains("lm_head.weight") && !c.TieWordEmbeddings ? Read("lm_head.weight") : embed.alias();
         HugePages.Advise(lmHead);
         return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
-            attention ?? new TorchPagedAttention(), dtype, device) { _cpuKernels = cpuKernels };
+            attention ?? new TorchPagedAttention(), dtype, device, cpuKernels);
     }
 
     /// <summary>
