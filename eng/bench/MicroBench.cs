@@ -13,27 +13,35 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class MicroBench
 {
+    public static int[] RowCounts = { 1, 4, 8, 16, 32, 48, 64, 256, 1024 };
+
     public static int Run(int threads, string part)
     {
         LocalVllm.Engine.TorchRuntime.Configure();
         torch.set_num_threads(threads);
         if (part is "all" or "attention") AttentionMicroBench.Run(threads);
         if (part is "all" or "sampler") ArgMaxMicroBench.Run();
-        if (part is not ("all" or "linear")) return 0;
+        if (part is "all" or "stream") StreamMicroBench.Run();
+        if (part == "small") RowCounts = new[] { 1, 2, 3, 4, 6, 8, 10, 12, 16 };
+        if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
+        if (part is not ("all" or "linear" or "small" or "mid")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
         var weights = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
         using var lmHead = randn(151936, hidden) / 32;
+        // As the engine does with its weights (CausalLm).
+        foreach (var layer in weights) foreach (var w in layer) LocalVllm.Engine.HugePages.Advise(w);
+        LocalVllm.Engine.HugePages.Advise(lmHead);
         double layerFlopsPerRow = 2.0 * layers * shapes.Sum(s => (double)s.Out * s.In);
         double headFlopsPerRow = 2.0 * 151936 * hidden;
         Console.WriteLine("| rows | kernel | 28 layers ms | GFLOP/s | LM head ms | GFLOP/s |");
         Console.WriteLine("|---|---|---|---|---|---|");
-        foreach (var m in new[] { 1, 4, 8, 16, 32, 48, 64, 256, 1024 })
+        foreach (var m in RowCounts)
         {
             var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
             using var headInput = randn(m, hidden);
             var kernels = new List<(string Name, Func<Tensor, Tensor, Tensor> Linear)> { ("libtorch linear", (x, w) => F.linear(x, w)) };
-            if (m <= 64) kernels.Add(("SmallBatchLinear dot", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Dot)));
+            if (m <= 64 && part != "small") kernels.Add(("SmallBatchLinear dot", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Dot)));
             if (SmallBatchLinear.BroadcastSupported)
                 kernels.Add(("SmallBatchLinear broadcast", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Broadcast)));
             foreach (var (name, linear) in kernels)
@@ -55,6 +63,7 @@ internal static class MicroBench
             }
             foreach (var t in inputs) t.Dispose();
         }
+        if (part is "small" or "mid") return 0;
         // Long prefill chunks (MaxNumBatchedTokens 8192): one layer's four products.
         foreach (var m in new[] { 2048, 8192 })
         {

@@ -35,6 +35,21 @@ internal static unsafe class Simd
         return sum;
     }
 
+    /// <summary>(sum a, sum b, sum c, sum d): four horizontal sums reduced together (cheaper than four reductions).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Sum4(Vector512<float> a, Vector512<float> b, Vector512<float> c, Vector512<float> d)
+    {
+        Vector256<float> a2 = a.GetLower() + a.GetUpper(), b2 = b.GetLower() + b.GetUpper();
+        Vector256<float> c2 = c.GetLower() + c.GetUpper(), d2 = d.GetLower() + d.GetUpper();
+        if (System.Runtime.Intrinsics.X86.Avx.IsSupported)
+        {
+            var h = System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(
+                System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(a2, b2), System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(c2, d2));
+            return h.GetLower() + h.GetUpper();
+        }
+        return Vector128.Create(Vector256.Sum(a2), Vector256.Sum(b2), Vector256.Sum(c2), Vector256.Sum(d2));
+    }
+
     /// <summary>The data of a contiguous float32 CPU tensor (valid while the tensor lives).</summary>
     public static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
 }

@@ -7,19 +7,28 @@ namespace LocalVllm.Engine.Tests;
 /// <summary>Paged attention over scattered blocks equals dense causal attention on the same inputs.</summary>
 public sealed class PagedAttentionTests
 {
+    // Head shapes: d = 8 takes the CPU kernel's scalar-width path; multiples of 16 its 512-bit path (four positions
+    // at a time, two query heads per KV head), with GQA groups of 2, 3 (an unpaired head) and 1 (no GQA), block sizes
+    // that are and are not multiples of four, and 4 x 128 KV rows (whole sequences per task).
     [Theory]
-    [InlineData(1, "torch")]
-    [InlineData(4, "torch")]
-    [InlineData(16, "torch")]
-    [InlineData(1, "cpu")]
-    [InlineData(4, "cpu")]
-    [InlineData(16, "cpu")]
-    public void Paged_attention_equals_dense_attention(int blockSize, string backendName)
+    [InlineData(1, "torch", 4, 2, 8)]
+    [InlineData(4, "torch", 4, 2, 8)]
+    [InlineData(16, "torch", 4, 2, 8)]
+    [InlineData(1, "cpu", 4, 2, 8)]
+    [InlineData(4, "cpu", 4, 2, 8)]
+    [InlineData(16, "cpu", 4, 2, 8)]
+    [InlineData(16, "cpu", 8, 4, 128)]
+    [InlineData(6, "cpu", 8, 4, 128)]
+    [InlineData(16, "cpu", 6, 2, 32)]
+    [InlineData(6, "cpu", 6, 2, 32)]
+    [InlineData(4, "cpu", 2, 2, 16)]
+    [InlineData(5, "cpu", 2, 2, 16)]
+    public void Paged_attention_equals_dense_attention(int blockSize, string backendName, int heads, int kvHeads, int d)
     {
         IAttentionBackend backend = backendName == "cpu" ? new CpuPagedAttention() : new TorchPagedAttention();
         using var scope = NewDisposeScope();
         var gen = new TorchSharp.torch.Generator(42);
-        int heads = 4, kvHeads = 2, d = 8, numBlocks = 256;
+        int numBlocks = 256;
         var rng = new Random(blockSize);
         // Ragged sequences: (cached prefix length, new tokens this step).
         // Decode rows (one new token) go through the in-place kernel of CpuPagedAttention; the others through SDPA.
@@ -73,7 +82,7 @@ public sealed class PagedAttentionTests
             var probs = F.softmax(scores.masked_fill(mask, double.NegativeInfinity), -1);
             var dense = probs.matmul(v).transpose(0, 1).reshape(total, heads * d).narrow(0, cached, n);
             var mine = paged.narrow(0, row, n);
-            Assert.True((dense - mine).abs().max().item<float>() <= 1e-5f, $"sequence {i} (block size {blockSize}, {backendName})");
+            Assert.True((dense - mine).abs().max().item<float>() <= 1e-5f, $"sequence {i} (block size {blockSize}, {backendName}, {heads}/{kvHeads} heads of {d})");
             row += n;
         }
     }

@@ -122,12 +122,13 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
 
     /// <summary>
     /// One sequence's single query row against its whole context, for the query heads of KV heads
-    /// [<paramref name="kvFrom"/>, <paramref name="kvTo"/>): scores, softmax and the weighted sum of values, with
-    /// hand-written 256-bit vector loops. Each cache row holds every KV head of one position, so covering all KV heads
-    /// of a sequence in one task reads the rows front to back instead of in strided pieces.
+    /// [<paramref name="kvFrom"/>, <paramref name="kvTo"/>): scores, softmax and the weighted sum of values. The cache
+    /// is walked block by block (a block's rows are contiguous), and within a block KV head by KV head, four positions
+    /// at a time against two query heads of the GQA group: each K or V vector loaded feeds both heads, the two heads'
+    /// query chunks feed four positions, and the four positions' dot products are reduced together.
     /// </summary>
     // AggressiveOptimization: the kernel must be fully optimised from its first call. Under tiered compilation it would
-    // start as unoptimised tier-0 code, where each Vector256 operation is a call (measured 15x slower).
+    // start as unoptimised tier-0 code, where each vector operation is a call (measured 15x slower).
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void DecodeOne(float* q, float* kCache, float* vCache, float* output, int[] table, int blockSize, int contextLength,
         int kvFrom, int kvTo, int groups, int numKvHeads, int headDim, float scale, Scratch scratch)
@@ -137,41 +138,62 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         if (scratch.Acc.Length < headDim * heads) scratch.Acc = new float[headDim * heads];
         long rowStride = (long)numKvHeads * headDim;
         float* q0 = q + (long)kvFrom * groups * headDim;
-        long* kvOffset = stackalloc long[heads]; // where each query head's KV head sits in a cache row
-        for (int h = 0; h < heads; h++) kvOffset[h] = (long)(kvFrom + h / groups) * headDim;
+        bool wide = Vector512.IsHardwareAccelerated && headDim % 16 == 0;
         fixed (float* scores = scratch.Scores, acc = scratch.Acc)
         {
-            // Walk the block table block by block: no division per position.
-            for (int b = 0, j = 0; j < contextLength; b++)
+            for (int b = 0, j = 0; j < contextLength; b++, j += blockSize)
             {
-                float* row = kCache + (long)table[b] * blockSize * rowStride;
-                for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
-                    for (int h = 0; h < heads; h++)
-                        scores[h * contextLength + j] = Dot(q0 + (long)h * headDim, row + kvOffset[h], headDim) * scale;
-            }
-            for (int h = 0; h < heads; h++) SoftMax(scores + h * contextLength, contextLength);
-            new Span<float>(acc, headDim * heads).Clear();
-            // Four positions at a time: each accumulator chunk is loaded and stored once per four rows.
-            float** rows = stackalloc float*[4];
-            int pending = 0;
-            for (int b = 0, j = 0; j < contextLength; b++)
-            {
-                float* row = vCache + (long)table[b] * blockSize * rowStride;
-                for (int o = 0; o < blockSize && j < contextLength; o++, j++, row += rowStride)
+                int count = Math.Min(blockSize, contextLength - j);
+                long blockStart = (long)table[b] * blockSize * rowStride;
+                for (int g = kvFrom; g < kvTo; g++)
                 {
-                    rows[pending++] = row;
-                    if (pending < 4) continue;
-                    for (int h = 0; h < heads; h++)
+                    float* keys = kCache + blockStart + (long)g * headDim; // position o of the block at keys + o * rowStride
+                    for (int h = (g - kvFrom) * groups, last = h + groups; h < last; h += 2)
                     {
-                        float* p = scores + h * contextLength + j - 3;
-                        Axpy4(p, rows, kvOffset[h], acc + h * headDim, headDim);
+                        bool pair = h + 1 < last;
+                        float* qa = q0 + (long)h * headDim, qb = pair ? qa + headDim : qa;
+                        float* sa = scores + (long)h * contextLength + j, sb = pair ? sa + contextLength : sa;
+                        int o = 0;
+                        if (wide)
+                            for (; o + 4 <= count; o += 4)
+                                Scores4(qa, qb, keys + o * rowStride, rowStride, headDim, scale, sa + o, sb + o);
+                        for (; o < count; o++)
+                        {
+                            sa[o] = Dot(qa, keys + o * rowStride, headDim) * scale;
+                            if (pair) sb[o] = Dot(qb, keys + o * rowStride, headDim) * scale;
+                        }
                     }
-                    pending = 0;
                 }
             }
-            for (int r = 0; r < pending; r++)
-                for (int h = 0; h < heads; h++)
-                    Axpy(scores[h * contextLength + contextLength - pending + r], rows[r] + kvOffset[h], acc + h * headDim, headDim);
+            for (int h = 0; h < heads; h++) SoftMax(scores + (long)h * contextLength, contextLength);
+            new Span<float>(acc, headDim * heads).Clear();
+            for (int b = 0, j = 0; j < contextLength; b++, j += blockSize)
+            {
+                int count = Math.Min(blockSize, contextLength - j);
+                long blockStart = (long)table[b] * blockSize * rowStride;
+                for (int g = kvFrom; g < kvTo; g++)
+                {
+                    float* values = vCache + blockStart + (long)g * headDim;
+                    for (int h = (g - kvFrom) * groups, last = h + groups; h < last; h += 2)
+                    {
+                        bool pair = h + 1 < last;
+                        float* pa = scores + (long)h * contextLength + j, pb = pair ? pa + contextLength : pa;
+                        float* ya = acc + (long)h * headDim, yb = ya + headDim;
+                        int o = 0;
+                        if (wide)
+                            for (; o + 4 <= count; o += 4)
+                            {
+                                if (pair) Axpy4Pair(pa + o, pb + o, values + o * rowStride, rowStride, ya, yb, headDim);
+                                else Axpy4(pa + o, values + o * rowStride, rowStride, ya, headDim);
+                            }
+                        for (; o < count; o++)
+                        {
+                            Axpy(pa[o], values + o * rowStride, ya, headDim);
+                            if (pair) Axpy(pb[o], values + o * rowStride, yb, headDim);
+                        }
+                    }
+                }
+            }
             Buffer.MemoryCopy(acc, output + (long)kvFrom * groups * headDim, (long)heads * headDim * sizeof(float), (long)heads * headDim * sizeof(float));
         }
     }
@@ -216,37 +238,63 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         return Vector128.Sum(half.GetLower() + half.GetUpper());
     }
 
-    /// <summary>y += a[0] * (rows[0] + offset) + ... + a[3] * (rows[3] + offset).</summary>
+    /// <summary>
+    /// sa[p] = scale * qa . k_p and sb[p] = scale * qb . k_p for four key rows k_p = k + p * stride (n a multiple of
+    /// 16): eight accumulators, each key vector feeding both query heads, reduced four at a time.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static void Axpy4(float* a, float** rows, long offset, float* y, int n)
+    private static void Scores4(float* qa, float* qb, float* k, long stride, int n, float scale, float* sa, float* sb)
     {
-        float* x0 = rows[0] + offset, x1 = rows[1] + offset, x2 = rows[2] + offset, x3 = rows[3] + offset;
-        int i = 0;
-        if (Vector512.IsHardwareAccelerated)
+        float* k0 = k, k1 = k + stride, k2 = k + 2 * stride, k3 = k + 3 * stride;
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
+        for (int i = 0; i < n; i += 16)
         {
-            Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[1]), a2 = Vector512.Create(a[2]), a3 = Vector512.Create(a[3]);
-            for (; i + 16 <= n; i += 16)
-            {
-                var acc = Vector512.FusedMultiplyAdd(a0, Vector512.Load(x0 + i), Vector512.Load(y + i));
-                acc = Vector512.FusedMultiplyAdd(a1, Vector512.Load(x1 + i), acc);
-                acc = Vector512.FusedMultiplyAdd(a2, Vector512.Load(x2 + i), acc);
-                acc = Vector512.FusedMultiplyAdd(a3, Vector512.Load(x3 + i), acc);
-                acc.Store(y + i);
-            }
+            var x = Vector512.Load(qa + i);
+            var y = Vector512.Load(qb + i);
+            var r = Vector512.Load(k0 + i); a0 = Vector512.FusedMultiplyAdd(x, r, a0); b0 = Vector512.FusedMultiplyAdd(y, r, b0);
+            r = Vector512.Load(k1 + i); a1 = Vector512.FusedMultiplyAdd(x, r, a1); b1 = Vector512.FusedMultiplyAdd(y, r, b1);
+            r = Vector512.Load(k2 + i); a2 = Vector512.FusedMultiplyAdd(x, r, a2); b2 = Vector512.FusedMultiplyAdd(y, r, b2);
+            r = Vector512.Load(k3 + i); a3 = Vector512.FusedMultiplyAdd(x, r, a3); b3 = Vector512.FusedMultiplyAdd(y, r, b3);
         }
-        else if (Vector256.IsHardwareAccelerated)
+        var s = Vector128.Create(scale);
+        (Simd.Sum4(a0, a1, a2, a3) * s).Store(sa);
+        (Simd.Sum4(b0, b1, b2, b3) * s).Store(sb);
+    }
+
+    /// <summary>ya += sum_p pa[p] * v_p and yb += sum_p pb[p] * v_p over four value rows v_p = v + p * stride (n a multiple of 16).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void Axpy4Pair(float* pa, float* pb, float* v, long stride, float* ya, float* yb, int n)
+    {
+        float* v0 = v, v1 = v + stride, v2 = v + 2 * stride, v3 = v + 3 * stride;
+        Vector512<float> a0 = Vector512.Create(pa[0]), a1 = Vector512.Create(pa[1]), a2 = Vector512.Create(pa[2]), a3 = Vector512.Create(pa[3]);
+        Vector512<float> b0 = Vector512.Create(pb[0]), b1 = Vector512.Create(pb[1]), b2 = Vector512.Create(pb[2]), b3 = Vector512.Create(pb[3]);
+        for (int i = 0; i < n; i += 16)
         {
-            Vector256<float> a0 = Vector256.Create(a[0]), a1 = Vector256.Create(a[1]), a2 = Vector256.Create(a[2]), a3 = Vector256.Create(a[3]);
-            for (; i + 8 <= n; i += 8)
-            {
-                var acc = Simd.Fma(a0, Vector256.Load(x0 + i), Vector256.Load(y + i));
-                acc = Simd.Fma(a1, Vector256.Load(x1 + i), acc);
-                acc = Simd.Fma(a2, Vector256.Load(x2 + i), acc);
-                acc = Simd.Fma(a3, Vector256.Load(x3 + i), acc);
-                acc.Store(y + i);
-            }
+            var x = Vector512.Load(ya + i);
+            var y = Vector512.Load(yb + i);
+            var r = Vector512.Load(v0 + i); x = Vector512.FusedMultiplyAdd(a0, r, x); y = Vector512.FusedMultiplyAdd(b0, r, y);
+            r = Vector512.Load(v1 + i); x = Vector512.FusedMultiplyAdd(a1, r, x); y = Vector512.FusedMultiplyAdd(b1, r, y);
+            r = Vector512.Load(v2 + i); x = Vector512.FusedMultiplyAdd(a2, r, x); y = Vector512.FusedMultiplyAdd(b2, r, y);
+            r = Vector512.Load(v3 + i); x = Vector512.FusedMultiplyAdd(a3, r, x); y = Vector512.FusedMultiplyAdd(b3, r, y);
+            x.Store(ya + i);
+            y.Store(yb + i);
         }
-        for (; i < n; i++) y[i] += a[0] * x0[i] + a[1] * x1[i] + a[2] * x2[i] + a[3] * x3[i];
+    }
+
+    /// <summary>y += sum_p a[p] * v_p over four value rows v_p = v + p * stride (n a multiple of 16).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void Axpy4(float* a, float* v, long stride, float* y, int n)
+    {
+        float* v0 = v, v1 = v + stride, v2 = v + 2 * stride, v3 = v + 3 * stride;
+        Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[1]), a2 = Vector512.Create(a[2]), a3 = Vector512.Create(a[3]);
+        for (int i = 0; i < n; i += 16)
+        {
+            var acc = Vector512.FusedMultiplyAdd(a0, Vector512.Load(v0 + i), Vector512.Load(y + i));
+            acc = Vector512.FusedMultiplyAdd(a1, Vector512.Load(v1 + i), acc);
+            acc = Vector512.FusedMultiplyAdd(a2, Vector512.Load(v2 + i), acc);
+            acc = Vector512.FusedMultiplyAdd(a3, Vector512.Load(v3 + i), acc);
+            acc.Store(y + i);
+        }
     }
 
     /// <summary>y += a * x.</summary>
