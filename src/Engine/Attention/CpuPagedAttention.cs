@@ -52,7 +52,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             var spans = metadata.Sequences;
             var tables = metadata.BlockTables;
             var job = new DecodeJob(qPtr, kPtr, vPtr, oPtr, decode, spans, tables, blockSize, numHeads, numKvHeads, headDim, groups, scale);
-            Parallel.For(0, job.Items, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, () => t_scratch ??= new Scratch(), job.Run, _ => { });
+            CpuWorkers.Shared.For(job.Items, job.Run);
         }
 
         if (prefill.Count > 0)
@@ -102,15 +102,15 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         public int Items => WholeSequences ? decode.Count : decode.Count * numKvHeads;
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public Scratch Run(int w, ParallelLoopState state, Scratch scratch)
+        public void Run(int w)
         {
+            var scratch = t_scratch ??= new Scratch();
             bool whole = WholeSequences;
             int s = whole ? decode[w] : decode[w / numKvHeads];
             int kvFrom = whole ? 0 : w % numKvHeads, kvTo = whole ? numKvHeads : kvFrom + 1;
             var span = spans[s];
             long row = (long)span.QueryStart * numHeads * headDim;
             DecodeOne(q + row, k, v, o + row, tables[s], blockSize, span.ContextLength, kvFrom, kvTo, groups, numKvHeads, headDim, scale, scratch);
-            return scratch;
         }
     }
 

@@ -124,7 +124,7 @@ internal static unsafe class CpuLayerOps
             body(0, rows);
             return;
         }
-        Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, c =>
+        CpuWorkers.Shared.For(chunks, c =>
             body((int)((long)rows * c / chunks), (int)((long)rows * (c + 1) / chunks)));
     }
 

@@ -81,7 +81,7 @@ internal static unsafe class SmallBatchLinear
     {
         int units = (n + align - 1) / align;
         int chunks = Math.Min(units, Environment.ProcessorCount * 8);
-        Parallel.For(0, chunks, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, c =>
+        CpuWorkers.Shared.For(chunks, c =>
             body((int)((long)units * c / chunks) * align, Math.Min(n, (int)((long)units * (c + 1) / chunks) * align)));
     }
 
@@ -298,7 +298,10 @@ internal static unsafe class SmallBatchLinear
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Pair(float* p) => Vector512.Create(*(double*)p).AsSingle();
 
-    /// <summary>x rows -> blocks of 32 (the last 16 or 32 wide, zero-padded) laid out [k][width], for k in [from, to).</summary>
+    /// <summary>
+    /// x rows -> blocks of 32 (the last 16 or 32 wide, zero-padded) laid out [k][width], for k in [from, to): whole
+    /// groups of 16 rows by 16 k go through a register transpose, the rest (padding, the last k) element by element.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Pack(float* x, float* xt, int m, int k, int blocks, int full, int lastWidth, int from, int to)
     {
@@ -308,13 +311,57 @@ internal static unsafe class SmallBatchLinear
             int rows = Math.Min(32, m - b * 32);
             float* src = x + (long)b * 32 * k;
             float* dst = xt + (long)b * 32 * k;
-            for (int i = from; i < to; i++)
+            for (int g = 0; g < width; g += 16)
             {
-                float* d = dst + (long)i * width;
-                int r = 0;
-                for (; r < rows; r++) d[r] = src[(long)r * k + i];
-                for (; r < width; r++) d[r] = 0;
+                int i = from;
+                if (g + 16 <= rows)
+                    for (; i + 16 <= to; i += 16)
+                        Transpose16x16(src + (long)g * k + i, k, dst + (long)i * width + g, width);
+                for (; i < to; i++)
+                {
+                    float* d = dst + (long)i * width;
+                    for (int r = g; r < g + 16; r++) d[r] = r < rows ? src[(long)r * k + i] : 0;
+                }
             }
+        }
+    }
+
+    /// <summary>dst[t * dstStride + r] = src[r * srcStride + t] for a 16 x 16 tile, in registers (four shuffle stages).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void Transpose16x16(float* src, long srcStride, float* dst, long dstStride)
+    {
+        // Stage 1: rows 2p, 2p+1 interleaved within 128-bit lanes (lo: columns 4L, 4L+1; hi: 4L+2, 4L+3).
+        var lo = stackalloc Vector512<float>[8];
+        var hi = stackalloc Vector512<float>[8];
+        for (int p = 0; p < 8; p++)
+        {
+            var r0 = Vector512.Load(src + 2 * p * srcStride);
+            var r1 = Vector512.Load(src + (2 * p + 1) * srcStride);
+            lo[p] = Avx512F.UnpackLow(r0, r1);
+            hi[p] = Avx512F.UnpackHigh(r0, r1);
+        }
+        // Stage 2: four rows 4q..4q+3 per 128-bit lane; v[c * 4 + q] holds column 4L + c of those rows in lane L.
+        var v = stackalloc Vector512<float>[16];
+        for (int q = 0; q < 4; q++)
+        {
+            Vector512<double> l0 = lo[2 * q].AsDouble(), l1 = lo[2 * q + 1].AsDouble(), h0 = hi[2 * q].AsDouble(), h1 = hi[2 * q + 1].AsDouble();
+            v[q] = Avx512F.UnpackLow(l0, l1).AsSingle();
+            v[4 + q] = Avx512F.UnpackHigh(l0, l1).AsSingle();
+            v[8 + q] = Avx512F.UnpackLow(h0, h1).AsSingle();
+            v[12 + q] = Avx512F.UnpackHigh(h0, h1).AsSingle();
+        }
+        // Stages 3-4: a 4 x 4 transpose of 128-bit lanes per column offset c; output column 4L + c.
+        for (int c = 0; c < 4; c++)
+        {
+            Vector512<float> v0 = v[c * 4], v1 = v[c * 4 + 1], v2 = v[c * 4 + 2], v3 = v[c * 4 + 3];
+            var u0 = Avx512F.Shuffle4x128(v0, v1, 0x44);
+            var u1 = Avx512F.Shuffle4x128(v0, v1, 0xEE);
+            var u2 = Avx512F.Shuffle4x128(v2, v3, 0x44);
+            var u3 = Avx512F.Shuffle4x128(v2, v3, 0xEE);
+            Avx512F.Shuffle4x128(u0, u2, 0x88).Store(dst + (0 + c) * dstStride);
+            Avx512F.Shuffle4x128(u0, u2, 0xDD).Store(dst + (4 + c) * dstStride);
+            Avx512F.Shuffle4x128(u1, u3, 0x88).Store(dst + (8 + c) * dstStride);
+            Avx512F.Shuffle4x128(u1, u3, 0xDD).Store(dst + (12 + c) * dstStride);
         }
     }
 

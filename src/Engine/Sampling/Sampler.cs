@@ -65,7 +65,7 @@ public sealed class Sampler
         int rows = (int)logits.shape[0], n = (int)logits.shape[1];
         var result = new long[rows];
         float* data = Simd.Pointer(logits);
-        Parallel.For(0, rows, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, r =>
+        CpuWorkers.Shared.For(rows, r =>
         {
             float* x = data + (long)r * n;
             var maxV = Vector256.Create(float.NegativeInfinity);
