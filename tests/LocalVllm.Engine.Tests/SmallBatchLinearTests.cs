@@ -19,7 +19,10 @@ public sealed class SmallBatchLinearTests
     [InlineData(5, 256, 64, false)] // two k per lane group
     [InlineData(8, 1024, 40, true)]
     [InlineData(8, 30, 9, false)] // k not a multiple of 4
-    [InlineData(9, 200, 24, false)] // one 16-row block
+    [InlineData(9, 200, 24, false)] // 9-12 rows: three blocks of four rows fed by each weight quad
+    [InlineData(10, 36, 17, true)]
+    [InlineData(12, 1024, 40, false)]
+    [InlineData(10, 30, 9, true)] // k not a multiple of 4: one 16-row block
     [InlineData(16, 3072, 40, true)]
     [InlineData(17, 128, 19, false)] // a 32-row block padded; 19 = two 8-row tiles + 3 rows left
     [InlineData(32, 100, 24, true)]
@@ -49,6 +52,7 @@ public sealed class SmallBatchLinearTests
     [InlineData(3, 1024, 100)]
     [InlineData(6, 1024, 100)]
     [InlineData(7, 34, 100)]
+    [InlineData(11, 64, 24)]
     [InlineData(16, 40, 17)]
     [InlineData(29, 256, 64)]
     [InlineData(64, 128, 8)]

@@ -16,9 +16,9 @@ namespace LocalVllm.Engine.Models;
 /// <item>more rows, on CPUs with AVX-512 (compute-bound): the input is packed transposed into blocks of 16 or 32 rows
 /// ([k][rows], zero-padded), and each weight element is broadcast once and multiplied into a whole block of rows held
 /// in one or two 512-bit registers, eight weight rows at a time (8 or 16 accumulators): each weight element feeds
-/// 16 or 32 multiply-adds from a register, with no horizontal sums. Up to 8 rows, a block holds 4 consecutive k of
-/// each of 4 rows (two such blocks for 5-8 rows, both fed by each weight quad), so that the 16 lanes are not mostly
-/// padding; when k is not a multiple of 4, pairs of k.</item>
+/// 16 or 32 multiply-adds from a register, with no horizontal sums. Up to 12 rows, a block holds 4 consecutive k of
+/// each of 4 rows (two or three such blocks for 5-12 rows, all fed by each weight quad), so that the 16 lanes are not
+/// mostly padding; when k is not a multiple of 4, pairs of k up to 8 rows.</item>
 /// </list>
 /// Measured against libtorch's linear in `eng/bench micro` (2 threads): see docs/benchmarks.md. Without AVX-512 the
 /// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest.
@@ -154,12 +154,12 @@ internal static unsafe class SmallBatchLinear
     {
         // Up to 8 rows, one 16-lane block holds several consecutive k of each row (lane r * g + q = x[r, g * i + q]),
         // so that the lanes are not mostly padding: the weight is then broadcast g elements at a time.
-        // 5-8 rows: two blocks of four rows, both fed by each weight quad.
-        bool quadPairs = m > 4 && m <= 8 && k % 4 == 0;
-        int group = quadPairs || (m <= 4 && k % 4 == 0) ? 4 : m <= 8 && k % 2 == 0 ? 2 : 1;
+        // 5-12 rows: two or three blocks of four rows, all fed by each weight quad.
+        int quadBlocks = k % 4 == 0 && m <= 12 ? (m + 3) / 4 : 0;
+        int group = quadBlocks > 0 ? 4 : m <= 8 && k % 2 == 0 ? 2 : 1;
         if (group > 1)
         {
-            int blocksPerStep = quadPairs ? 2 : 1, stride = 16 * blocksPerStep;
+            int blocksPerStep = Math.Max(1, quadBlocks), stride = 16 * blocksPerStep;
             float* packed = (float*)NativeMemory.AlignedAlloc((nuint)((long)stride * (k / group) * sizeof(float)), 64);
             try
             {
@@ -171,7 +171,7 @@ internal static unsafe class SmallBatchLinear
                     for (int i = 0; i < k; i++)
                         packed[(long)(i / group) * stride + lane + i % group] = r < m ? src[i] : 0;
                 }
-                ParallelOver(n, TileRows, (from, to) => GroupedRange(packed, w, y, m, k, n, group, quadPairs, x, from, to));
+                ParallelOver(n, TileRows, (from, to) => GroupedRange(packed, w, y, m, k, n, group, blocksPerStep, x, from, to));
             }
             finally
             {
@@ -201,20 +201,21 @@ internal static unsafe class SmallBatchLinear
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, bool quadPairs, float* x, int from, int to)
+    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, int blocks, float* x, int from, int to)
     {
-        float* tile = stackalloc float[TileRows * 32];
-        int row = from, width = quadPairs ? 32 : 16;
+        float* tile = stackalloc float[TileRows * 48];
+        int row = from, width = 16 * blocks;
         for (; row + TileRows <= to; row += TileRows)
         {
-            if (quadPairs) TileQuadPairs(w + (long)row * k, k, packed, tile);
+            if (blocks == 3) TileQuadTriples(w + (long)row * k, k, packed, tile);
+            else if (blocks == 2) TileQuadPairs(w + (long)row * k, k, packed, tile);
             else if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile);
             else TileGroups2(w + (long)row * k, k, packed, tile);
             for (int j = 0; j < TileRows; j++)
                 for (int r = 0; r < m; r++)
                 {
-                    // Row r sits in block r / 4 (quad pairs) at lanes (r % 4) * 4.., else at lanes r * group..
-                    int lane = quadPairs ? (r / 4) * 16 + (r % 4) * 4 : r * group;
+                    // Row r sits in block r / 4 at lanes (r % 4) * 4.. (quads), else at lanes r * group.. (pairs).
+                    int lane = group == 4 ? (r / 4) * 16 + (r % 4) * 4 : r * group;
                     float sum = 0;
                     for (int q = 0; q < group; q++) sum += tile[j * width + lane + q];
                     y[(long)r * n + row + j] = sum;
@@ -270,6 +271,35 @@ internal static unsafe class SmallBatchLinear
         a2.Store(tile + 64); c2.Store(tile + 80); a3.Store(tile + 96); c3.Store(tile + 112);
         a4.Store(tile + 128); c4.Store(tile + 144); a5.Store(tile + 160); c5.Store(tile + 176);
         a6.Store(tile + 192); c6.Store(tile + 208); a7.Store(tile + 224); c7.Store(tile + 240);
+    }
+
+    /// <summary>Eight weight rows against three blocks of 4 rows packed four k at a time: each quad feeds all three (24 accumulators).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void TileQuadTriples(float* w, long k, float* packed, float* tile)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
+        Vector512<float> b0 = default, b1 = default, b2 = default, b3 = default, b4 = default, b5 = default, b6 = default, b7 = default;
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
+        for (long i = 0; i < k; i += 4)
+        {
+            float* p = packed + i * 12;
+            var u = Vector512.Load(p);
+            var v = Vector512.Load(p + 16);
+            var t = Vector512.Load(p + 32);
+            var s = Avx512F.BroadcastVector128ToVector512(w0 + i); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); b0 = Avx512F.FusedMultiplyAdd(s, v, b0); c0 = Avx512F.FusedMultiplyAdd(s, t, c0);
+            s = Avx512F.BroadcastVector128ToVector512(w1 + i); a1 = Avx512F.FusedMultiplyAdd(s, u, a1); b1 = Avx512F.FusedMultiplyAdd(s, v, b1); c1 = Avx512F.FusedMultiplyAdd(s, t, c1);
+            s = Avx512F.BroadcastVector128ToVector512(w2 + i); a2 = Avx512F.FusedMultiplyAdd(s, u, a2); b2 = Avx512F.FusedMultiplyAdd(s, v, b2); c2 = Avx512F.FusedMultiplyAdd(s, t, c2);
+            s = Avx512F.BroadcastVector128ToVector512(w3 + i); a3 = Avx512F.FusedMultiplyAdd(s, u, a3); b3 = Avx512F.FusedMultiplyAdd(s, v, b3); c3 = Avx512F.FusedMultiplyAdd(s, t, c3);
+            s = Avx512F.BroadcastVector128ToVector512(w4 + i); a4 = Avx512F.FusedMultiplyAdd(s, u, a4); b4 = Avx512F.FusedMultiplyAdd(s, v, b4); c4 = Avx512F.FusedMultiplyAdd(s, t, c4);
+            s = Avx512F.BroadcastVector128ToVector512(w5 + i); a5 = Avx512F.FusedMultiplyAdd(s, u, a5); b5 = Avx512F.FusedMultiplyAdd(s, v, b5); c5 = Avx512F.FusedMultiplyAdd(s, t, c5);
+            s = Avx512F.BroadcastVector128ToVector512(w6 + i); a6 = Avx512F.FusedMultiplyAdd(s, u, a6); b6 = Avx512F.FusedMultiplyAdd(s, v, b6); c6 = Avx512F.FusedMultiplyAdd(s, t, c6);
+            s = Avx512F.BroadcastVector128ToVector512(w7 + i); a7 = Avx512F.FusedMultiplyAdd(s, u, a7); b7 = Avx512F.FusedMultiplyAdd(s, v, b7); c7 = Avx512F.FusedMultiplyAdd(s, t, c7);
+        }
+        a0.Store(tile); b0.Store(tile + 16); c0.Store(tile + 32); a1.Store(tile + 48); b1.Store(tile + 64); c1.Store(tile + 80);
+        a2.Store(tile + 96); b2.Store(tile + 112); c2.Store(tile + 128); a3.Store(tile + 144); b3.Store(tile + 160); c3.Store(tile + 176);
+        a4.Store(tile + 192); b4.Store(tile + 208); c4.Store(tile + 224); a5.Store(tile + 240); b5.Store(tile + 256); c5.Store(tile + 272);
+        a6.Store(tile + 288); b6.Store(tile + 304); c6.Store(tile + 320); a7.Store(tile + 336); b7.Store(tile + 352); c7.Store(tile + 368);
     }
 
     /// <summary>Eight weight rows against up to 8 rows packed two k at a time: w[j, 2i..2i+1] broadcast as a 64-bit pair.</summary>
