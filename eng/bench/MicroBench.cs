@@ -23,8 +23,9 @@ internal static class MicroBench
         if (part is "all" or "sampler") ArgMaxMicroBench.Run();
         if (part is "all" or "stream") StreamMicroBench.Run();
         if (part == "small") RowCounts = new[] { 1, 2, 3, 4, 6, 8, 10, 12, 16 };
+        if (part == "prefill") RowCounts = [];
         if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
-        if (part is not ("all" or "linear" or "small" or "mid")) return 0;
+        if (part is not ("all" or "linear" or "small" or "mid" or "prefill")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
         var weights = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
@@ -65,7 +66,7 @@ internal static class MicroBench
         }
         if (part is "small" or "mid") return 0;
         // Long prefill chunks (MaxNumBatchedTokens 8192): one layer's four products.
-        foreach (var m in new[] { 2048, 8192 })
+        foreach (var m in new[] { 512, 2048, 8192 })
         {
             var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
             foreach (var (name, kernel) in new (string, SmallBatchLinear.Kernel?)[] { ("libtorch linear", null), ("SmallBatchLinear broadcast", SmallBatchLinear.Kernel.Broadcast) })
