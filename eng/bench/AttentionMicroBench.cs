@@ -51,6 +51,47 @@ internal static class AttentionMicroBench
             Console.WriteLine($"decode attention, {seqs} sequences x {context} positions: {perLayerMs:F2} ms per layer, {bytes / perLayerMs / 1e6:F1} GB/s of K/V");
             foreach (var (kc, vc) in caches) { kc.Dispose(); vc.Dispose(); }
         }
+        Prefill(threads);
+    }
+
+    /// <summary>
+    /// Prefill attention of whole prompts (16 query heads, 8 KV heads of 128): SDPA over gathered K/V against the C#
+    /// row kernel, which attends each query row over its causal prefix straight from the cache.
+    /// </summary>
+    private static void Prefill(int threads)
+    {
+        const int heads = 16, kvHeads = 8, headDim = 128, blockSize = 16;
+        foreach (var (seqs, length) in new[] { (64, 140), (8, 512), (2, 1024), (1, 2048) })
+        {
+            int blocksPerSeq = (length + blockSize - 1) / blockSize, numBlocks = seqs * blocksPerSeq;
+            using var kc = randn(numBlocks, blockSize, kvHeads, headDim);
+            using var vc = randn(numBlocks, blockSize, kvHeads, headDim);
+            LocalVllm.Engine.HugePages.Advise(kc); LocalVllm.Engine.HugePages.Advise(vc);
+            var tables = Enumerable.Range(0, seqs).Select(s => Enumerable.Range(s * blocksPerSeq, blocksPerSeq).ToArray()).ToArray();
+            var slots = tables.SelectMany(t => Enumerable.Range(0, length).Select(p => (long)t[p / blockSize] * blockSize + p % blockSize)).ToArray();
+            var spans = Enumerable.Range(0, seqs).Select(s => new SequenceSpan(s * length, length, length, s * length)).ToArray();
+            using var slotMapping = tensor(slots);
+            using var contextSlots = tensor(slots);
+            var meta = new AttentionMetadata(slotMapping, contextSlots, spans, tables, blockSize);
+            using var q = randn(seqs * length, heads, headDim);
+            using var k = randn(seqs * length, kvHeads, headDim);
+            using var v = randn(seqs * length, kvHeads, headDim);
+            double flops = 4.0 * seqs * heads * headDim * length * (length + 1) / 2;
+            var line = $"prefill attention, {seqs} x {length} tokens:";
+            foreach (var (name, backend) in new (string, CpuPagedAttention)[] { ("SDPA", new CpuPagedAttention(0)), ("row kernel", new CpuPagedAttention(int.MaxValue)) })
+            {
+                backend.Forward(q, k, v, kc, vc, meta).Dispose();
+                double best = double.MaxValue;
+                for (int i = 0; i < 3; i++)
+                {
+                    var sw = Stopwatch.StartNew();
+                    backend.Forward(q, k, v, kc, vc, meta).Dispose();
+                    best = Math.Min(best, sw.Elapsed.TotalMilliseconds);
+                }
+                line += $" {name} {best:F1} ms ({flops / best / 1e6:F1} GFLOP/s);";
+            }
+            Console.WriteLine(line);
+        }
     }
 }
 

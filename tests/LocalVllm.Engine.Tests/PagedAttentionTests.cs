@@ -17,6 +17,8 @@ public sealed class PagedAttentionTests
     [InlineData(1, "cpu", 4, 2, 8)]
     [InlineData(4, "cpu", 4, 2, 8)]
     [InlineData(16, "cpu", 4, 2, 8)]
+    [InlineData(4, "cpu-sdpa", 4, 2, 8)]
+    [InlineData(16, "cpu-sdpa", 8, 4, 128)]
     [InlineData(16, "cpu", 8, 4, 128)]
     [InlineData(6, "cpu", 8, 4, 128)]
     [InlineData(16, "cpu", 6, 2, 32)]
@@ -25,13 +27,19 @@ public sealed class PagedAttentionTests
     [InlineData(5, "cpu", 2, 2, 16)]
     public void Paged_attention_equals_dense_attention(int blockSize, string backendName, int heads, int kvHeads, int d)
     {
-        IAttentionBackend backend = backendName == "cpu" ? new CpuPagedAttention() : new TorchPagedAttention();
+        // "cpu": the C# kernel takes decode rows and these short prefill chunks; "cpu-sdpa": prefill chunks go to SDPA.
+        IAttentionBackend backend = backendName switch
+        {
+            "cpu" => new CpuPagedAttention(),
+            "cpu-sdpa" => new CpuPagedAttention(rowKernelMaxContext: 0),
+            _ => new TorchPagedAttention(),
+        };
         using var scope = NewDisposeScope();
         var gen = new TorchSharp.torch.Generator(42);
         int numBlocks = 256;
         var rng = new Random(blockSize);
         // Ragged sequences: (cached prefix length, new tokens this step).
-        // Decode rows (one new token) go through the in-place kernel of CpuPagedAttention; the others through SDPA.
+        // Decode rows (one new token) and chunks of several new tokens (prefill, or a chunk after a cached prefix).
         (int Cached, int New)[] seqs = [(0, 13), (20, 1), (5, 7), (0, 1), (33, 9), (70, 1), (2, 1)];
         var kCache = zeros(numBlocks, blockSize, kvHeads, d);
         var vCache = zeros(numBlocks, blockSize, kvHeads, d);

@@ -6,14 +6,25 @@ using static TorchSharp.torch;
 namespace LocalVllm.Engine.Attention;
 
 /// <summary>
-/// Paged attention for float32 on the CPU that reads K/V blocks in place: decode rows (one query per sequence) are
-/// computed by a C# kernel straight from the cache's memory, parallel over (sequence, KV head) pairs, with the query
-/// heads of a GQA group sharing one pass over their KV head and no copy of K or V. Prefill chunks, whose many query
-/// rows make a GEMM worthwhile, go to <see cref="TorchPagedAttention"/>'s gather + scaled_dot_product_attention.
+/// Paged attention for float32 on the CPU that reads K/V blocks in place: decode rows (one query per sequence) and the
+/// rows of prefill chunks with a short context are computed by a C# kernel straight from the cache's memory, row by
+/// row, parallel over query rows (or row x KV head), with the query heads of a GQA group sharing each K/V load and no
+/// copy of K or V. Prefill chunks over a long context, whose many query rows make a GEMM worthwhile, go to
+/// <see cref="TorchPagedAttention"/>'s gather + scaled_dot_product_attention.
 /// </summary>
 public sealed unsafe class CpuPagedAttention : IAttentionBackend
 {
     private readonly TorchPagedAttention _prefill = new();
+    private readonly int _rowKernelMaxContext;
+
+    /// <summary>Prefill chunks whose context is at most this many positions go through the C# kernel row by row.</summary>
+    public const int DefaultRowKernelMaxContext = 512;
+
+    /// <param name="rowKernelMaxContext">
+    /// Prefill chunks (more than one query row) whose whole context is at most this long are computed by the C# kernel,
+    /// one query row at a time over its causal prefix; longer ones by SDPA (0: decode rows only).
+    /// </param>
+    public CpuPagedAttention(int rowKernelMaxContext = DefaultRowKernelMaxContext) => _rowKernelMaxContext = rowKernelMaxContext;
 
     // Per-thread scratch, reused across layers and steps (a fresh one per call was garbage every layer).
     [ThreadStatic] private static Scratch? t_scratch;
@@ -37,34 +48,40 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         }
 
         var output = empty([tokens, numHeads * headDim], ScalarType.Float32); // [tokens, numHeads * headDim]
-        var decode = new List<int>();
+        // Query rows for the C# kernel: every decode row, and every row of prefill chunks whose context is short
+        // enough (row by row, each over its causal prefix); longer chunks go to SDPA's GEMMs.
+        var rows = new List<QueryRow>(tokens);
         var prefill = new List<int>();
         for (int i = 0; i < metadata.Sequences.Count; i++)
-            (metadata.Sequences[i].QueryLength == 1 ? decode : prefill).Add(i);
+        {
+            var span = metadata.Sequences[i];
+            if (span.QueryLength == 1 || span.ContextLength <= _rowKernelMaxContext)
+                for (int r = 0; r < span.QueryLength; r++)
+                    rows.Add(new QueryRow(span.QueryStart + r, span.ContextLength - span.QueryLength + r + 1, i));
+            else
+                prefill.Add(i);
+        }
 
-        if (decode.Count > 0)
+        if (rows.Count > 0)
         {
             using var qc = q.contiguous();
             float* qPtr = Simd.Pointer(qc), kPtr = Simd.Pointer(kCache), vPtr = Simd.Pointer(vCache), oPtr = Simd.Pointer(output);
             int groups = numHeads / numKvHeads;
             float scale = 1f / MathF.Sqrt(headDim);
-            int blockSize = metadata.BlockSize;
-            var spans = metadata.Sequences;
-            var tables = metadata.BlockTables;
-            var job = new DecodeJob(qPtr, kPtr, vPtr, oPtr, decode, spans, tables, blockSize, numHeads, numKvHeads, headDim, groups, scale);
+            var job = new RowJob(qPtr, kPtr, vPtr, oPtr, rows, metadata.BlockTables, metadata.BlockSize, numHeads, numKvHeads, headDim, groups, scale);
             CpuWorkers.Shared.For(job.Items, job.Run);
         }
 
         if (prefill.Count > 0)
         {
-            // Prefill chunks: gather each sequence's context and let SDPA do the GEMMs.
+            // Long prefill chunks: gather each sequence's context and let SDPA do the GEMMs.
             foreach (var i in prefill)
             {
                 var s = metadata.Sequences[i];
                 using var scope = NewDisposeScope();
                 var slots = metadata.ContextSlots.narrow(0, s.ContextStart, s.ContextLength);
-                var rows = TorchPagedAttention.AttendSequence(q, kFlat.index_select(0, slots), vFlat.index_select(0, slots), s, numHeads / numKvHeads);
-                output.narrow(0, s.QueryStart, s.QueryLength).copy_(rows);
+                var attended = TorchPagedAttention.AttendSequence(q, kFlat.index_select(0, slots), vFlat.index_select(0, slots), s, numHeads / numKvHeads);
+                output.narrow(0, s.QueryStart, s.QueryLength).copy_(attended);
             }
         }
         return output;
@@ -89,28 +106,30 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         }
     }
 
+    /// <summary>One query row for the C# kernel: its row in q and the output, how many cache positions it attends to, its sequence.</summary>
+    private readonly record struct QueryRow(int Row, int ContextLength, int Sequence);
+
     /// <summary>
-    /// The decode work of one layer. With enough sequences to keep every core busy and long cache rows an item is one
-    /// sequence (all its KV heads, rows read front to back); otherwise an item is one (sequence, KV head) pair.
+    /// The kernel's work in one layer. With enough rows to keep every core busy and long cache rows an item is one
+    /// query row (all its KV heads, cache rows read front to back); otherwise an item is one (query row, KV head) pair.
     /// </summary>
-    private sealed class DecodeJob(float* q, float* k, float* v, float* o, List<int> decode, IReadOnlyList<SequenceSpan> spans, int[][] tables,
+    private sealed class RowJob(float* q, float* k, float* v, float* o, List<QueryRow> rows, int[][] tables,
         int blockSize, int numHeads, int numKvHeads, int headDim, int groups, float scale)
     {
-        // Whole sequences pay off when a cache row is long (Qwen3-0.6B: 8 KV heads x 128 = 4 KB); with short rows
+        // Whole rows pay off when a cache row is long (Qwen3-0.6B: 8 KV heads x 128 = 4 KB); with short rows
         // (stories260K: 128 bytes) the finer split balances better. Measured with eng/bench-style kernel timings.
-        public bool WholeSequences => decode.Count >= 2 * Environment.ProcessorCount && numKvHeads * headDim >= 512;
-        public int Items => WholeSequences ? decode.Count : decode.Count * numKvHeads;
+        public bool WholeRows => rows.Count >= 2 * Environment.ProcessorCount && numKvHeads * headDim >= 512;
+        public int Items => WholeRows ? rows.Count : rows.Count * numKvHeads;
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int w)
         {
             var scratch = t_scratch ??= new Scratch();
-            bool whole = WholeSequences;
-            int s = whole ? decode[w] : decode[w / numKvHeads];
+            bool whole = WholeRows;
+            var row = rows[whole ? w : w / numKvHeads];
             int kvFrom = whole ? 0 : w % numKvHeads, kvTo = whole ? numKvHeads : kvFrom + 1;
-            var span = spans[s];
-            long row = (long)span.QueryStart * numHeads * headDim;
-            DecodeOne(q + row, k, v, o + row, tables[s], blockSize, span.ContextLength, kvFrom, kvTo, groups, numKvHeads, headDim, scale, scratch);
+            long offset = (long)row.Row * numHeads * headDim;
+            AttendRow(q + offset, k, v, o + offset, tables[row.Sequence], blockSize, row.ContextLength, kvFrom, kvTo, groups, numKvHeads, headDim, scale, scratch);
         }
     }
 
@@ -130,7 +149,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     // AggressiveOptimization: the kernel must be fully optimised from its first call. Under tiered compilation it would
     // start as unoptimised tier-0 code, where each vector operation is a call (measured 15x slower).
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DecodeOne(float* q, float* kCache, float* vCache, float* output, int[] table, int blockSize, int contextLength,
+    private static void AttendRow(float* q, float* kCache, float* vCache, float* output, int[] table, int blockSize, int contextLength,
         int kvFrom, int kvTo, int groups, int numKvHeads, int headDim, float scale, Scratch scratch)
     {
         int heads = (kvTo - kvFrom) * groups; // query heads handled here, consecutive from kvFrom * groups
