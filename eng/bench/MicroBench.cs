@@ -22,6 +22,7 @@ internal static class MicroBench
         if (part is "all" or "attention") AttentionMicroBench.Run(threads);
         if (part is "all" or "sampler") ArgMaxMicroBench.Run();
         if (part is "all" or "stream") StreamMicroBench.Run();
+        if (part is "all" or "peak") PeakMicroBench.Run();
         if (part == "small") RowCounts = new[] { 1, 2, 3, 4, 6, 8, 10, 12, 16 };
         if (part == "prefill") RowCounts = [];
         if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
