@@ -43,7 +43,7 @@ internal static class MicroBench
             var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
             using var headInput = randn(m, hidden);
             var kernels = new List<(string Name, Func<Tensor, Tensor, Tensor> Linear)> { ("libtorch linear", (x, w) => F.linear(x, w)) };
-            if (m <= 64 && part != "small") kernels.Add(("SmallBatchLinear dot", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Dot)));
+            if ((m <= 64 && part != "small") || m <= SmallBatchLinear.DotRowsMax) kernels.Add(("SmallBatchLinear dot", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Dot)));
             if (SmallBatchLinear.BroadcastSupported)
                 kernels.Add(("SmallBatchLinear broadcast", (x, w) => SmallBatchLinear.Apply(x, w, null, SmallBatchLinear.Kernel.Broadcast)));
             foreach (var (name, linear) in kernels)
