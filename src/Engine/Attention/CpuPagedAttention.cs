@@ -140,7 +140,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     }
 
     /// <summary>
-    /// One sequence's single query row against its whole context, for the query heads of KV heads
+    /// One query row against the first <paramref name="contextLength"/> positions of its sequence (its whole context for
+    /// a decode row, its causal prefix for a prefill row), for the query heads of KV heads
     /// [<paramref name="kvFrom"/>, <paramref name="kvTo"/>): scores, softmax and the weighted sum of values. The cache
     /// is walked block by block (a block's rows are contiguous), and within a block KV head by KV head, four positions
     /// at a time against two query heads of the GQA group: each K or V vector loaded feeds both heads, the two heads'
