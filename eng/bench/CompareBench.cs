@@ -89,6 +89,7 @@ internal static class CompareBench
     private static EngineRun RunOurs(Llm llm, Workload w)
     {
         var engine = llm.Engine;
+        var countersBefore = engine.Counters.Snapshot();
         var wall = Stopwatch.StartNew();
         var ids = w.Prompts.Select((p, i) => engine.AddRequest(p, new SamplingParams { Temperature = 0, MaxTokens = w.OutLens[i], IgnoreEos = true })).ToList();
         double firstTokenAll = 0;
@@ -110,7 +111,7 @@ internal static class CompareBench
         }
         Console.WriteLine("  ours, step time by requests in the step (up to N): " + string.Join(", ", byRows.Select(kv => $"{kv.Key}: {kv.Value.Steps} x {kv.Value.Ms / kv.Value.Steps:F0} ms")));
         double total = wall.Elapsed.TotalSeconds;
-        Console.WriteLine($"  ours: {engine.Counters.TimeSplit()}");
+        Console.WriteLine($"  ours: {engine.Counters.TimeSplit(countersBefore)}");
         // With continuous batching prefill and decode overlap; "prefill" is until every request has its first token.
         return new EngineRun("LocalVllm", w.Name, firstTokenAll, total - firstTokenAll, total, w.PromptTokens, w.OutputTokens);
     }

@@ -85,6 +85,22 @@ public sealed class BatchingInvarianceTests
     }
 
     [Fact]
+    public void Counters_since_a_snapshot_cover_only_the_later_work()
+    {
+        var prompts = MixedPrompts().Take(2).ToArray();
+        using var llm = new Llm(EngineHarness.Options("tiny-llama"));
+        llm.Generate(prompts, EngineHarness.Greedy(4));
+        var snapshot = llm.Engine.Counters.Snapshot();
+        long stepsBefore = llm.Engine.Counters.Steps;
+        llm.Generate(prompts, EngineHarness.Greedy(6));
+        long later = llm.Engine.Counters.Steps - stepsBefore;
+        Assert.True(later > 0 && stepsBefore > 0);
+        Assert.StartsWith($"steps {later}:", llm.Engine.Counters.TimeSplit(snapshot));
+        Assert.StartsWith($"steps {stepsBefore + later}:", llm.Engine.Counters.TimeSplit());
+        Assert.Equal(stepsBefore, snapshot.Steps); // the snapshot did not move with the engine
+    }
+
+    [Fact]
     public void Each_steps_output_ids_are_a_snapshot_that_later_tokens_do_not_change()
     {
         var prompts = MixedPrompts().Take(3).ToArray();
