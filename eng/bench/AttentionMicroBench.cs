@@ -19,7 +19,7 @@ internal static class AttentionMicroBench
         int context = int.Parse(Environment.GetEnvironmentVariable("ATT_CONTEXT") ?? "400");
         int layers = int.Parse(Environment.GetEnvironmentVariable("ATT_LAYERS") ?? "8");
         var backend = new CpuPagedAttention();
-        foreach (int seqs in new[] { 4, 16, 64 })
+        foreach (int seqs in new[] { 4, 5, 9, 16, 64 })
         {
             int blocksPerSeq = (context + blockSize - 1) / blockSize;
             int numBlocks = seqs * blocksPerSeq;

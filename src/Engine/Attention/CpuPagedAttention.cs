@@ -110,24 +110,37 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     private readonly record struct QueryRow(int Row, int ContextLength, int Sequence);
 
     /// <summary>
-    /// The kernel's work in one layer. With enough rows to keep every core busy and long cache rows an item is one
-    /// query row (all its KV heads, cache rows read front to back); otherwise an item is one (query row, KV head) pair.
+    /// The kernel's work in one layer. With enough rows to keep every core busy and long cache rows, an item is one
+    /// query row over all its KV heads (cache rows read front to back), except for the rows left over when the count
+    /// does not divide by the cores: those are split into one item per KV head and handed out last, so that they fill
+    /// in the cores' ends (5 rows on 2 cores would otherwise take 3 rounds). Otherwise every item is one (query row,
+    /// KV head) pair.
     /// </summary>
     private sealed class RowJob(float* q, float* k, float* v, float* o, List<QueryRow> rows, int[][] tables,
         int blockSize, int numHeads, int numKvHeads, int headDim, int groups, float scale)
     {
         // Whole rows pay off when a cache row is long (Qwen3-0.6B: 8 KV heads x 128 = 4 KB); with short rows
-        // (stories260K: 128 bytes) the finer split balances better. Measured with eng/bench-style kernel timings.
-        public bool WholeRows => rows.Count >= 2 * Environment.ProcessorCount && numKvHeads * headDim >= 512;
-        public int Items => WholeRows ? rows.Count : rows.Count * numKvHeads;
+        // (stories260K: 128 bytes) the finer split balances better. Measured with `eng/bench micro --part attention`.
+        private readonly int _whole = rows.Count >= 2 * Environment.ProcessorCount && numKvHeads * headDim >= 512
+            ? rows.Count - rows.Count % Environment.ProcessorCount
+            : 0;
+
+        public int Items => _whole + (rows.Count - _whole) * numKvHeads;
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int w)
         {
             var scratch = t_scratch ??= new Scratch();
-            bool whole = WholeRows;
-            var row = rows[whole ? w : w / numKvHeads];
-            int kvFrom = whole ? 0 : w % numKvHeads, kvTo = whole ? numKvHeads : kvFrom + 1;
+            QueryRow row;
+            int kvFrom, kvTo;
+            if (w < _whole)
+                (row, kvFrom, kvTo) = (rows[w], 0, numKvHeads);
+            else
+            {
+                int split = w - _whole;
+                (row, kvFrom) = (rows[_whole + split / numKvHeads], split % numKvHeads);
+                kvTo = kvFrom + 1;
+            }
             long offset = (long)row.Row * numHeads * headDim;
             AttendRow(q + offset, k, v, o + offset, tables[row.Sequence], blockSize, row.ContextLength, kvFrom, kvTo, groups, numKvHeads, headDim, scale, scratch);
         }
