@@ -64,6 +64,7 @@ internal sealed class CpuWorkers
         }
         finally
         {
+            Volatile.Write(ref _job, null); // the finished loop's body (and what it captured) is not kept alive
             Volatile.Write(ref _busy, 0);
         }
     }

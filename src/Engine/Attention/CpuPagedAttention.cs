@@ -17,6 +17,10 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     private readonly TorchPagedAttention _prefill = new();
     private readonly int _rowKernelMaxContext;
 
+    // The kernel's query rows, reused from call to call (a prefill chunk has thousands: a fresh list per layer was
+    // large-object garbage). A model runs its layers one after another on one thread, so one list per backend serves.
+    private readonly List<QueryRow> _rows = [];
+
     /// <summary>Prefill chunks whose context is at most this many positions go through the C# kernel row by row.</summary>
     public const int DefaultRowKernelMaxContext = 512;
 
@@ -50,7 +54,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
         var output = empty([tokens, numHeads * headDim], ScalarType.Float32); // [tokens, numHeads * headDim]
         // Query rows for the C# kernel: every decode row, and every row of prefill chunks whose context is short
         // enough (row by row, each over its causal prefix); longer chunks go to SDPA's GEMMs.
-        var rows = new List<QueryRow>(tokens);
+        var rows = _rows;
+        rows.Clear();
         var prefill = new List<int>();
         for (int i = 0; i < metadata.Sequences.Count; i++)
         {
