@@ -47,6 +47,22 @@ internal static unsafe class SmallBatchLinear
     /// <summary>Which kernel computes the product (tests and benchmarks pin one; the engine uses <see cref="Kernel.Auto"/>).</summary>
     public enum Kernel { Auto, Dot, Broadcast }
 
+    /// <summary>
+    /// Whether the broadcast kernels prefetch the next tile's weight rows into L2 while they compute the current tile
+    /// (two cache lines per 32 weights consumed, one tile ahead). The hardware prefetcher follows each of a tile's
+    /// eight row streams only after it has started, so without this every tile began with cold misses, and on this
+    /// machine 6-16-row products ran at memory time plus FMA time instead of overlapping them (`eng/bench micro --part small`
+    /// with <c>LOCALVLLM_LINEAR_PREFETCH=0</c> for the comparison; docs/benchmarks.md).
+    /// </summary>
+    internal static readonly bool PrefetchNextTile = Environment.GetEnvironmentVariable("LOCALVLLM_LINEAR_PREFETCH") != "0";
+
+    /// <summary>Prefetches the cache line at <paramref name="p"/> into L2 (a hint: it never faults).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Fetch(float* p)
+    {
+        if (PrefetchNextTile) Sse.Prefetch1(p);
+    }
+
     /// <summary>Whether this CPU runs the broadcast kernel.</summary>
     public static bool BroadcastSupported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
 
@@ -207,9 +223,11 @@ internal static unsafe class SmallBatchLinear
         int row = from, width = 16 * blocks;
         for (; row + TileRows <= to; row += TileRows)
         {
-            if (blocks == 3) TileQuadTriples(w + (long)row * k, k, packed, tile);
-            else if (blocks == 2) TileQuadPairs(w + (long)row * k, k, packed, tile);
-            else if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile);
+            // The next tile of this range (the last one prefetches itself: lines already on their way).
+            float* next = w + (long)(row + 2 * TileRows <= to ? row + TileRows : row) * k;
+            if (blocks == 3) TileQuadTriples(w + (long)row * k, k, packed, tile, next);
+            else if (blocks == 2) TileQuadPairs(w + (long)row * k, k, packed, tile, next);
+            else if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile, next);
             else TileGroups2(w + (long)row * k, k, packed, tile);
             for (int j = 0; j < TileRows; j++)
                 for (int r = 0; r < m; r++)
@@ -227,12 +245,13 @@ internal static unsafe class SmallBatchLinear
 
     /// <summary>Eight weight rows against up to 4 rows packed four k at a time: w[j, 4i..4i+3] broadcast as a 128-bit group.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void TileGroups4(float* w, long k, float* packed, float* tile)
+    private static void TileGroups4(float* w, long k, float* packed, float* tile, float* next)
     {
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i += 4)
         {
+            Fetch(next + i * 8); Fetch(next + i * 8 + 16);
             var u = Vector512.Load(packed + i * 4);
             a0 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w0 + i), u, a0);
             a1 = Avx512F.FusedMultiplyAdd(Avx512F.BroadcastVector128ToVector512(w1 + i), u, a1);
@@ -249,13 +268,14 @@ internal static unsafe class SmallBatchLinear
 
     /// <summary>Eight weight rows against two blocks of 4 rows packed four k at a time: each quad feeds both blocks.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void TileQuadPairs(float* w, long k, float* packed, float* tile)
+    private static void TileQuadPairs(float* w, long k, float* packed, float* tile, float* next)
     {
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
         Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i += 4)
         {
+            Fetch(next + i * 8); Fetch(next + i * 8 + 16);
             var u = Vector512.Load(packed + i * 8);
             var v = Vector512.Load(packed + i * 8 + 16);
             var s = Avx512F.BroadcastVector128ToVector512(w0 + i); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); c0 = Avx512F.FusedMultiplyAdd(s, v, c0);
@@ -275,7 +295,7 @@ internal static unsafe class SmallBatchLinear
 
     /// <summary>Eight weight rows against three blocks of 4 rows packed four k at a time: each quad feeds all three (24 accumulators).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void TileQuadTriples(float* w, long k, float* packed, float* tile)
+    private static void TileQuadTriples(float* w, long k, float* packed, float* tile, float* next)
     {
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
         Vector512<float> b0 = default, b1 = default, b2 = default, b3 = default, b4 = default, b5 = default, b6 = default, b7 = default;
@@ -283,6 +303,7 @@ internal static unsafe class SmallBatchLinear
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i += 4)
         {
+            Fetch(next + i * 8); Fetch(next + i * 8 + 16);
             float* p = packed + i * 12;
             var u = Vector512.Load(p);
             var v = Vector512.Load(p + 16);
@@ -403,19 +424,20 @@ internal static unsafe class SmallBatchLinear
         for (; row + TileRows <= to; row += TileRows)
         {
             float* wr = w + (long)row * k;
+            float* next = row + 2 * TileRows <= to ? wr + (long)TileRows * k : wr;
             for (int b = 0; b < full; b++)
             {
-                Tile8x32(wr, k, xt + (long)b * 32 * k, tile);
+                Tile8x32(wr, k, xt + (long)b * 32 * k, tile, b == 0 ? next : wr);
                 Scatter(tile, 32, 32, y + (long)b * 32 * n + row, n);
             }
             if (lastWidth == 32)
             {
-                Tile8x32(wr, k, xt + (long)full * 32 * k, tile);
+                Tile8x32(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
                 Scatter(tile, 32, m - full * 32, y + (long)full * 32 * n + row, n);
             }
             else if (lastWidth == 16)
             {
-                Tile8x16(wr, k, xt + (long)full * 32 * k, tile);
+                Tile8x16(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
                 Scatter(tile, 16, m - full * 32, y + (long)full * 32 * n + row, n);
             }
         }
@@ -434,13 +456,14 @@ internal static unsafe class SmallBatchLinear
 
     /// <summary>Eight weight rows (stride k) against a 32-row block of packed x: 16 accumulators.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Tile8x32(float* w, long k, float* xt, float* tile)
+    private static void Tile8x32(float* w, long k, float* xt, float* tile, float* next)
     {
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
         Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i++)
         {
+            if ((i & 1) == 0) Fetch(next + i * 8);
             var u = Vector512.Load(xt + i * 32);
             var v = Vector512.Load(xt + i * 32 + 16);
             var s = Vector512.Create(w0[i]); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); c0 = Avx512F.FusedMultiplyAdd(s, v, c0);
@@ -460,12 +483,13 @@ internal static unsafe class SmallBatchLinear
 
     /// <summary>Eight weight rows (stride k) against a 16-row block of packed x: 8 accumulators.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Tile8x16(float* w, long k, float* xt, float* tile)
+    private static void Tile8x16(float* w, long k, float* xt, float* tile, float* next)
     {
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, a4 = default, a5 = default, a6 = default, a7 = default;
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i++)
         {
+            if ((i & 1) == 0) Fetch(next + i * 8);
             var u = Vector512.Load(xt + i * 16);
             a0 = Avx512F.FusedMultiplyAdd(Vector512.Create(w0[i]), u, a0);
             a1 = Avx512F.FusedMultiplyAdd(Vector512.Create(w1[i]), u, a1);
