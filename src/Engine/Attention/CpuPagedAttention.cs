@@ -183,9 +183,11 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 int count = Math.Min(blockSize, contextLength - j);
                 long blockStart = (long)table[b] * blockSize * rowStride;
+                long nextStart = PrefetchNextBlock && j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
                 for (int g = kvFrom; g < kvTo; g++)
                 {
                     float* keys = kCache + blockStart + (long)g * headDim; // position o of the block at keys + o * rowStride
+                    float* nextKeys = kCache + nextStart + (long)g * headDim;
                     for (int h = (g - kvFrom) * groups, last = h + groups; h < last; h += 2)
                     {
                         bool pair = h + 1 < last;
@@ -194,7 +196,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
                         int o = 0;
                         if (wide)
                             for (; o + 4 <= count; o += 4)
-                                Scores4(qa, qb, keys + o * rowStride, rowStride, headDim, scale, sa + o, sb + o);
+                                Scores4(qa, qb, keys + o * rowStride, rowStride, headDim, scale, sa + o, sb + o, nextKeys + o * rowStride);
                         for (; o < count; o++)
                         {
                             sa[o] = Dot(qa, keys + o * rowStride, headDim) * scale;
@@ -209,9 +211,11 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 int count = Math.Min(blockSize, contextLength - j);
                 long blockStart = (long)table[b] * blockSize * rowStride;
+                long nextStart = PrefetchNextBlock && j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
                 for (int g = kvFrom; g < kvTo; g++)
                 {
                     float* values = vCache + blockStart + (long)g * headDim;
+                    float* nextValues = vCache + nextStart + (long)g * headDim;
                     for (int h = (g - kvFrom) * groups, last = h + groups; h < last; h += 2)
                     {
                         bool pair = h + 1 < last;
@@ -221,8 +225,8 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
                         if (wide)
                             for (; o + 4 <= count; o += 4)
                             {
-                                if (pair) Axpy4Pair(pa + o, pb + o, values + o * rowStride, rowStride, ya, yb, headDim);
-                                else Axpy4(pa + o, values + o * rowStride, rowStride, ya, headDim);
+                                if (pair) Axpy4Pair(pa + o, pb + o, values + o * rowStride, rowStride, ya, yb, headDim, nextValues + o * rowStride);
+                                else Axpy4(pa + o, values + o * rowStride, rowStride, ya, headDim, nextValues + o * rowStride);
                             }
                         for (; o < count; o++)
                         {
@@ -234,6 +238,24 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             }
             Buffer.MemoryCopy(acc, output + (long)kvFrom * groups * headDim, (long)heads * headDim * sizeof(float), (long)heads * headDim * sizeof(float));
         }
+    }
+
+    /// <summary>
+    /// Whether the kernel prefetches the next block's K (or V) rows into L2 while it reads the current block's: blocks
+    /// lie anywhere in the pool, so the hardware prefetcher cannot run ahead across a block boundary.
+    /// <c>LOCALVLLM_ATTENTION_PREFETCH=0</c> turns it off (for A/B measurements).
+    /// </summary>
+    internal static readonly bool PrefetchNextBlock = Environment.GetEnvironmentVariable("LOCALVLLM_ATTENTION_PREFETCH") != "0";
+
+    /// <summary>Prefetches the cache line at p in four rows <paramref name="stride"/> floats apart into L2.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Fetch4(float* p, long stride)
+    {
+        if (!PrefetchNextBlock || !System.Runtime.Intrinsics.X86.Sse.IsSupported) return;
+        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p);
+        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + stride);
+        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + 2 * stride);
+        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + 3 * stride);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -281,12 +303,13 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     /// 16): eight accumulators, each key vector feeding both query heads, reduced four at a time.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static void Scores4(float* qa, float* qb, float* k, long stride, int n, float scale, float* sa, float* sb)
+    private static void Scores4(float* qa, float* qb, float* k, long stride, int n, float scale, float* sa, float* sb, float* next)
     {
         float* k0 = k, k1 = k + stride, k2 = k + 2 * stride, k3 = k + 3 * stride;
         Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
         for (int i = 0; i < n; i += 16)
         {
+            Fetch4(next + i, stride);
             var x = Vector512.Load(qa + i);
             var y = Vector512.Load(qb + i);
             var r = Vector512.Load(k0 + i); a0 = Vector512.FusedMultiplyAdd(x, r, a0); b0 = Vector512.FusedMultiplyAdd(y, r, b0);
@@ -301,13 +324,14 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
 
     /// <summary>ya += sum_p pa[p] * v_p and yb += sum_p pb[p] * v_p over four value rows v_p = v + p * stride (n a multiple of 16).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static void Axpy4Pair(float* pa, float* pb, float* v, long stride, float* ya, float* yb, int n)
+    private static void Axpy4Pair(float* pa, float* pb, float* v, long stride, float* ya, float* yb, int n, float* next)
     {
         float* v0 = v, v1 = v + stride, v2 = v + 2 * stride, v3 = v + 3 * stride;
         Vector512<float> a0 = Vector512.Create(pa[0]), a1 = Vector512.Create(pa[1]), a2 = Vector512.Create(pa[2]), a3 = Vector512.Create(pa[3]);
         Vector512<float> b0 = Vector512.Create(pb[0]), b1 = Vector512.Create(pb[1]), b2 = Vector512.Create(pb[2]), b3 = Vector512.Create(pb[3]);
         for (int i = 0; i < n; i += 16)
         {
+            Fetch4(next + i, stride);
             var x = Vector512.Load(ya + i);
             var y = Vector512.Load(yb + i);
             var r = Vector512.Load(v0 + i); x = Vector512.FusedMultiplyAdd(a0, r, x); y = Vector512.FusedMultiplyAdd(b0, r, y);
@@ -321,12 +345,13 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
 
     /// <summary>y += sum_p a[p] * v_p over four value rows v_p = v + p * stride (n a multiple of 16).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-    private static void Axpy4(float* a, float* v, long stride, float* y, int n)
+    private static void Axpy4(float* a, float* v, long stride, float* y, int n, float* next)
     {
         float* v0 = v, v1 = v + stride, v2 = v + 2 * stride, v3 = v + 3 * stride;
         Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[1]), a2 = Vector512.Create(a[2]), a3 = Vector512.Create(a[3]);
         for (int i = 0; i < n; i += 16)
         {
+            Fetch4(next + i, stride);
             var acc = Vector512.FusedMultiplyAdd(a0, Vector512.Load(v0 + i), Vector512.Load(y + i));
             acc = Vector512.FusedMultiplyAdd(a1, Vector512.Load(v1 + i), acc);
             acc = Vector512.FusedMultiplyAdd(a2, Vector512.Load(v2 + i), acc);
