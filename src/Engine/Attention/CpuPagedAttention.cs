@@ -183,7 +183,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 int count = Math.Min(blockSize, contextLength - j);
                 long blockStart = (long)table[b] * blockSize * rowStride;
-                long nextStart = PrefetchNextBlock && j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
+                long nextStart = j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
                 for (int g = kvFrom; g < kvTo; g++)
                 {
                     float* keys = kCache + blockStart + (long)g * headDim; // position o of the block at keys + o * rowStride
@@ -211,7 +211,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 int count = Math.Min(blockSize, contextLength - j);
                 long blockStart = (long)table[b] * blockSize * rowStride;
-                long nextStart = PrefetchNextBlock && j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
+                long nextStart = j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
                 for (int g = kvFrom; g < kvTo; g++)
                 {
                     float* values = vCache + blockStart + (long)g * headDim;
@@ -241,17 +241,15 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     }
 
     /// <summary>
-    /// Whether the kernel prefetches the next block's K (or V) rows into L2 while it reads the current block's: blocks
-    /// lie anywhere in the pool, so the hardware prefetcher cannot run ahead across a block boundary.
-    /// <c>LOCALVLLM_ATTENTION_PREFETCH=0</c> turns it off (for A/B measurements).
+    /// Prefetches the cache line at p in four rows <paramref name="stride"/> floats apart into L2. The kernel fetches
+    /// the next block's K (or V) rows this way while it reads the current block's: blocks lie anywhere in the pool, so
+    /// the hardware prefetcher cannot run ahead across a block boundary. No branch beyond the JIT-time ISA check (a
+    /// branch in the loop makes the JIT keep the accumulators on the stack).
     /// </summary>
-    internal static readonly bool PrefetchNextBlock = Environment.GetEnvironmentVariable("LOCALVLLM_ATTENTION_PREFETCH") != "0";
-
-    /// <summary>Prefetches the cache line at p in four rows <paramref name="stride"/> floats apart into L2.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Fetch4(float* p, long stride)
     {
-        if (!PrefetchNextBlock || !System.Runtime.Intrinsics.X86.Sse.IsSupported) return;
+        if (!System.Runtime.Intrinsics.X86.Sse.IsSupported) return;
         System.Runtime.Intrinsics.X86.Sse.Prefetch1(p);
         System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + stride);
         System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + 2 * stride);

@@ -48,20 +48,15 @@ internal static unsafe class SmallBatchLinear
     public enum Kernel { Auto, Dot, Broadcast }
 
     /// <summary>
-    /// Whether the broadcast kernels prefetch the next tile's weight rows into L2 while they compute the current tile
-    /// (two cache lines per 32 weights consumed, one tile ahead). The hardware prefetcher follows each of a tile's
-    /// eight row streams only after it has started, so without this every tile began with cold misses, and on this
-    /// machine 6-16-row products ran at memory time plus FMA time instead of overlapping them (`eng/bench micro --part small`
-    /// with <c>LOCALVLLM_LINEAR_PREFETCH=0</c> for the comparison; docs/benchmarks.md).
+    /// Prefetches the cache line at <paramref name="p"/> into L2 (a hint: it never faults). The broadcast kernels fetch
+    /// the next tile's weight rows this way while they compute the current tile (two cache lines per 32 weights
+    /// consumed, one tile ahead): the hardware prefetcher picks up each of a tile's eight row streams only after it has
+    /// started, so without it every tile began with cold misses, and 6-16-row products took about memory time plus FMA
+    /// time instead of overlapping the two (docs/benchmarks.md). Unconditional on purpose: a branch in these loops makes
+    /// the JIT keep the accumulators on the stack.
     /// </summary>
-    internal static readonly bool PrefetchNextTile = Environment.GetEnvironmentVariable("LOCALVLLM_LINEAR_PREFETCH") != "0";
-
-    /// <summary>Prefetches the cache line at <paramref name="p"/> into L2 (a hint: it never faults).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Fetch(float* p)
-    {
-        if (PrefetchNextTile) Sse.Prefetch1(p);
-    }
+    private static void Fetch(float* p) => Sse.Prefetch1(p);
 
     /// <summary>Whether this CPU runs the broadcast kernel.</summary>
     public static bool BroadcastSupported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
@@ -463,7 +458,7 @@ internal static unsafe class SmallBatchLinear
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i++)
         {
-            if ((i & 1) == 0) Fetch(next + i * 8);
+            Fetch(next + i * 8); // every other one is a line already requested: cheaper than a branch
             var u = Vector512.Load(xt + i * 32);
             var v = Vector512.Load(xt + i * 32 + 16);
             var s = Vector512.Create(w0[i]); a0 = Avx512F.FusedMultiplyAdd(s, u, a0); c0 = Avx512F.FusedMultiplyAdd(s, v, c0);
@@ -489,7 +484,7 @@ internal static unsafe class SmallBatchLinear
         float* w0 = w, w1 = w + k, w2 = w + 2 * k, w3 = w + 3 * k, w4 = w + 4 * k, w5 = w + 5 * k, w6 = w + 6 * k, w7 = w + 7 * k;
         for (long i = 0; i < k; i++)
         {
-            if ((i & 1) == 0) Fetch(next + i * 8);
+            Fetch(next + i * 8); // every other one is a line already requested: cheaper than a branch
             var u = Vector512.Load(xt + i * 16);
             a0 = Avx512F.FusedMultiplyAdd(Vector512.Create(w0[i]), u, a0);
             a1 = Avx512F.FusedMultiplyAdd(Vector512.Create(w1[i]), u, a1);
