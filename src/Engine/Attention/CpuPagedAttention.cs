@@ -1,6 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Attention;
@@ -183,6 +184,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 int count = Math.Min(blockSize, contextLength - j);
                 long blockStart = (long)table[b] * blockSize * rowStride;
+                // The same rows of the next block are prefetched meanwhile (the last block prefetches itself: no-ops).
                 long nextStart = j + blockSize < contextLength ? (long)table[b + 1] * blockSize * rowStride : blockStart;
                 for (int g = kvFrom; g < kvTo; g++)
                 {
@@ -249,11 +251,11 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Fetch4(float* p, long stride)
     {
-        if (!System.Runtime.Intrinsics.X86.Sse.IsSupported) return;
-        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p);
-        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + stride);
-        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + 2 * stride);
-        System.Runtime.Intrinsics.X86.Sse.Prefetch1(p + 3 * stride);
+        if (!Sse.IsSupported) return;
+        Sse.Prefetch1(p);
+        Sse.Prefetch1(p + stride);
+        Sse.Prefetch1(p + 2 * stride);
+        Sse.Prefetch1(p + 3 * stride);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

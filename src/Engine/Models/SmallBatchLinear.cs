@@ -419,6 +419,8 @@ internal static unsafe class SmallBatchLinear
         for (; row + TileRows <= to; row += TileRows)
         {
             float* wr = w + (long)row * k;
+            // The first block's pass prefetches the next tile; later passes (and the range's last tile) prefetch the
+            // current one, whose lines are already in cache.
             float* next = row + 2 * TileRows <= to ? wr + (long)TileRows * k : wr;
             for (int b = 0; b < full; b++)
             {
