@@ -27,6 +27,18 @@ internal static class BenchModels
         }
     }
 
+    /// <summary>A tiny random model with a byte-level tokenizer and an 8,192-token context, for the output-processing bench.</summary>
+    public static string OutputsModel()
+    {
+        var dir = Path.Combine(CacheDir(), "outputs-bytes-seed0");
+        if (!File.Exists(Path.Combine(dir, "model.safetensors")))
+        {
+            int vocab = RandomModel.WriteByteTokenizer(dir);
+            RandomModel.Write(dir, new RandomModelSpec { VocabSize = vocab + 1, MaxPositionEmbeddings = 8192, EosTokenId = 258 }, seed: 0);
+        }
+        return dir;
+    }
+
     /// <summary>An F32 GGUF of <paramref name="modelDir"/> for llama.cpp, written once into the bench cache.</summary>
     public static string GgufFor(string modelDir)
     {

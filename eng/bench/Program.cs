@@ -57,5 +57,11 @@ var microPart = new Option<string>("--part") { Description = "all, linear (small
 var microCmd = new Command("micro", "the linear layers (libtorch vs SmallBatchLinear kernels) and the decode attention of a Qwen3-0.6B step") { microThreads, microPart };
 microCmd.SetAction(r => MicroBench.Run(r.GetValue(microThreads), r.GetValue(microPart)!));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd };
+var outTokens = new Option<int>("--tokens") { Description = "tokens generated per request", DefaultValueFactory = _ => 4000 };
+var outRequests = new Option<int>("--requests") { Description = "requests generating at once", DefaultValueFactory = _ => 4 };
+var outKind = new Option<string>("--output-kind") { Description = "cumulative, delta or final", DefaultValueFactory = _ => "delta" };
+var outputsCmd = new Command("outputs", "output processing per step over a long generation (early steps against late ones)") { outTokens, outRequests, outKind, json };
+outputsCmd.SetAction(r => OutputsBench.Run(new OutputsBench.Settings(r.GetValue(outTokens), r.GetValue(outRequests), r.GetValue(outKind)!, r.GetValue(json))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd };
 return root.Parse(args).Invoke();
