@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Text.Json;
 using LocalVllm.Engine;
+using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Kernels.Cpu;
 
 namespace LocalVllm.Bench;
 
@@ -21,7 +23,7 @@ internal static class AgentsBench
 
     public static int Run(Settings s)
     {
-        LocalVllm.Engine.TorchRuntime.Configure();
+        TorchRuntime.Configure();
         var model = BenchModels.Resolve(s.Size);
         var rng = new Random(7);
         int Vocab() { using var probe = System.IO.File.OpenRead(System.IO.Path.Combine(model, "config.json")); return System.Text.Json.Nodes.JsonNode.Parse(probe)!["vocab_size"]!.GetValue<int>(); }

@@ -1,5 +1,7 @@
 using System.Diagnostics;
 using LocalVllm.Engine.Attention;
+using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Kernels.Cpu;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -25,7 +27,7 @@ internal static class AttentionMicroBench
             int numBlocks = seqs * blocksPerSeq;
             var caches = Enumerable.Range(0, layers).Select(_ => (K: randn(numBlocks, blockSize, kvHeads, headDim), V: randn(numBlocks, blockSize, kvHeads, headDim))).ToArray();
             // As the engine's KvCache does.
-            foreach (var (kc, vc) in caches) { LocalVllm.Engine.HugePages.Advise(kc); LocalVllm.Engine.HugePages.Advise(vc); }
+            foreach (var (kc, vc) in caches) { HugePages.Advise(kc); HugePages.Advise(vc); }
             // Blocks of each sequence scattered over the pool, as after a while of serving.
             var order = Enumerable.Range(0, numBlocks).OrderBy(i => (i * 7919) % numBlocks).ToArray();
             var tables = Enumerable.Range(0, seqs).Select(s => order.Skip(s * blocksPerSeq).Take(blocksPerSeq).ToArray()).ToArray();
@@ -66,7 +68,7 @@ internal static class AttentionMicroBench
             int blocksPerSeq = (length + blockSize - 1) / blockSize, numBlocks = seqs * blocksPerSeq;
             using var kc = randn(numBlocks, blockSize, kvHeads, headDim);
             using var vc = randn(numBlocks, blockSize, kvHeads, headDim);
-            LocalVllm.Engine.HugePages.Advise(kc); LocalVllm.Engine.HugePages.Advise(vc);
+            HugePages.Advise(kc); HugePages.Advise(vc);
             var tables = Enumerable.Range(0, seqs).Select(s => Enumerable.Range(s * blocksPerSeq, blocksPerSeq).ToArray()).ToArray();
             var slots = tables.SelectMany(t => Enumerable.Range(0, length).Select(p => (long)t[p / blockSize] * blockSize + p % blockSize)).ToArray();
             var spans = Enumerable.Range(0, seqs).Select(s => new SequenceSpan(s * length, length, length, s * length)).ToArray();
@@ -104,7 +106,7 @@ internal static class ArgMaxMicroBench
         foreach (var (name, f) in new (string, Action)[]
         {
             ("libtorch argmax", () => logits.argmax(-1).data<long>().ToArray()),
-            ("Sampler.ArgMax", () => LocalVllm.Engine.Sampling.Sampler.ArgMax(logits)),
+            ("Sampler.ArgMax", () => CpuArgMax.ArgMax(logits)),
         })
         {
             f();

@@ -1,4 +1,5 @@
-using LocalVllm.Engine.Models;
+using LocalVllm.Fixtures;
+
 
 namespace LocalVllm.Bench;
 

@@ -1,6 +1,9 @@
 using System.Diagnostics;
 using System.Text.Json;
 using LocalVllm.Engine;
+using LocalVllm.Engine.Diagnostics;
+using LocalVllm.Engine.Kernels.Cpu;
+using LocalVllm.Engine.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -18,7 +21,7 @@ internal static class CompareBench
     public static int Run(Settings s)
     {
         LlamaCppPeer.LoadNative();
-        LocalVllm.Engine.TorchRuntime.Configure();
+        TorchRuntime.Configure();
         torch.set_num_threads(s.Threads);
         double ceiling = GemmCeiling();
         Console.WriteLine($"f32 GEMM ceiling ([1024,1024]x[1024,3072], {s.Threads} threads): {ceiling:F1} GFLOP/s");
@@ -29,7 +32,7 @@ internal static class CompareBench
             string size = name.StartsWith("stories", StringComparison.Ordinal) ? "stories" : "qwen3-0.6b";
             var model = BenchModels.Resolve(size);
             var gguf = BenchModels.GgufFor(model);
-            var cfg = LocalVllm.Engine.Models.ModelConfig.Load(Path.Combine(model, "config.json"));
+            var cfg = ModelConfig.Load(Path.Combine(model, "config.json"));
             double flopsPerToken = 2.0 * ParameterCount(cfg);
 
             // llama.cpp first: its OpenMP runtime starts with the default wait policy before our engine sets
@@ -54,11 +57,11 @@ internal static class CompareBench
             var peerRuns = new List<EngineRun>();
             for (int rep = 0; rep < s.Repeat; rep++)
             {
-                LocalVllm.Engine.Models.ForwardProfile.Reset();
-                LocalVllm.Engine.Models.ForwardProfile.Enabled = s.Profile;
+                ForwardProfile.Reset();
+                ForwardProfile.Enabled = s.Profile;
                 ourRuns.Add(RunOurs(llm, w));
-                if (s.Profile) Console.WriteLine($"  ours, forward split: {LocalVllm.Engine.Models.ForwardProfile.Summary()}");
-                LocalVllm.Engine.Models.ForwardProfile.Enabled = false;
+                if (s.Profile) Console.WriteLine($"  ours, forward split: {ForwardProfile.Summary()}");
+                ForwardProfile.Enabled = false;
                 if (peer is null) continue;
                 peer.Run(w, out var one);
                 peerRuns.Add(one);
@@ -142,7 +145,7 @@ internal static class CompareBench
         return best;
     }
 
-    private static long ParameterCount(LocalVllm.Engine.Models.ModelConfig c) =>
-        LocalVllm.Engine.Models.CausalLm.ExpectedTensors(c).Where(kv => kv.Key != "model.embed_tokens.weight" || !c.TieWordEmbeddings)
+    private static long ParameterCount(ModelConfig c) =>
+        CausalLm.ExpectedTensors(c).Where(kv => kv.Key != "model.embed_tokens.weight" || !c.TieWordEmbeddings)
             .Sum(kv => kv.Value.Aggregate(1L, (x, y) => x * y));
 }

@@ -1,4 +1,5 @@
 using System.Text;
+using LocalVllm.Engine.Loading;
 using LocalVllm.Engine.Models;
 using static TorchSharp.torch;
 

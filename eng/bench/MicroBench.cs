@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Kernels.Cpu;
 using TorchSharp;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
@@ -17,7 +17,7 @@ internal static class MicroBench
 
     public static int Run(int threads, string part)
     {
-        LocalVllm.Engine.TorchRuntime.Configure();
+        TorchRuntime.Configure();
         torch.set_num_threads(threads);
         if (part is "all" or "attention") AttentionMicroBench.Run(threads);
         if (part is "all" or "sampler") ArgMaxMicroBench.Run();
@@ -32,8 +32,8 @@ internal static class MicroBench
         var weights = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
         using var lmHead = randn(151936, hidden) / 32;
         // As the engine does with its weights (CausalLm).
-        foreach (var layer in weights) foreach (var w in layer) LocalVllm.Engine.HugePages.Advise(w);
-        LocalVllm.Engine.HugePages.Advise(lmHead);
+        foreach (var layer in weights) foreach (var w in layer) HugePages.Advise(w);
+        HugePages.Advise(lmHead);
         double layerFlopsPerRow = 2.0 * layers * shapes.Sum(s => (double)s.Out * s.In);
         double headFlopsPerRow = 2.0 * 151936 * hidden;
         Console.WriteLine("| rows | kernel | 28 layers ms | GFLOP/s | LM head ms | GFLOP/s |");

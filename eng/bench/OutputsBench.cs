@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using LocalVllm.Engine;
-using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Kernels.Cpu;
 
 namespace LocalVllm.Bench;
 

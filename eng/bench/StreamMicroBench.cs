@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using LocalVllm.Engine;
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Bench;

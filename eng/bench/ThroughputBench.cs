@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using LocalVllm.Engine;
+using LocalVllm.Engine.Kernels.Cpu;
 
 namespace LocalVllm.Bench;
 
@@ -16,7 +17,7 @@ internal static class ThroughputBench
 
     public static int Run(Settings s)
     {
-        LocalVllm.Engine.TorchRuntime.Configure();
+        TorchRuntime.Configure();
         var model = BenchModels.Resolve(s.Size);
         var rng = new Random(s.Seed);
         var options = new EngineOptions { Model = model, KvCacheMemoryBytes = 2L << 30, NumThreads = s.Threads };

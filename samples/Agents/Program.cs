@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using LocalVllm;
 using LocalVllm.Engine;
-using LocalVllm.Engine.Models;
+using LocalVllm.Fixtures;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.SemanticKernel;

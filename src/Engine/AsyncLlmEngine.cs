@@ -1,5 +1,8 @@
 using System.Runtime.CompilerServices;
 using System.Threading.Channels;
+using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Diagnostics;
+using LocalVllm.Engine.Text.Templating;
 
 namespace LocalVllm.Engine;
 

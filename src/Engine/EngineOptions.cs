@@ -1,3 +1,6 @@
+using LocalVllm.Engine.Attention;
+using LocalVllm.Engine.Loading.Hub;
+
 namespace LocalVllm.Engine;
 
 /// <summary>Engine settings, named as in vLLM. Validated when the engine starts.</summary>
@@ -6,7 +9,7 @@ public sealed class EngineOptions
     /// <summary>A Hugging Face model directory, or a hub repository id (<c>owner/name</c>, optionally <c>@revision</c>) found in or downloaded into the Hugging Face cache.</summary>
     public string Model { get; set; } = "";
     /// <summary>Hub and cache settings for repository ids; null reads them from the environment (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE).</summary>
-    public Hub.HubOptions? Hub { get; set; }
+    public HubOptions? Hub { get; set; }
     /// <summary>"cpu" (default) or "cuda" (needs the CUDA build of TorchSharp).</summary>
     public string Device { get; set; } = "cpu";
     /// <summary>Compute dtype: "float32" (default), "bfloat16" or "float16".</summary>
@@ -46,8 +49,8 @@ public sealed class EngineOptions
 
     /// <summary>Requests that may wait for admission; beyond it new requests are rejected at once with <see cref="EngineOverloadedException"/>.</summary>
     public int MaxWaitingRequests { get; set; } = 4096;
-    /// <summary>The paged-attention implementation; null picks <see cref="Attention.TorchPagedAttention"/>.</summary>
-    public Attention.IAttentionBackend? AttentionBackend { get; set; }
+    /// <summary>The paged-attention implementation; null picks <see cref="TorchPagedAttention"/>.</summary>
+    public IAttentionBackend? AttentionBackend { get; set; }
 
     /// <summary>
     /// Whether the forward pass may use the engine's C# CPU kernels (SmallBatchLinear, CpuLayerOps) where they apply

@@ -1,3 +1,6 @@
+using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Diagnostics;
+
 namespace LocalVllm.Engine;
 
 /// <summary>

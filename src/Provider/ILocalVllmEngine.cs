@@ -1,6 +1,7 @@
 using LocalVllm.Engine;
+using LocalVllm.Engine.Loading.Hub;
 using LocalVllm.Engine.Models;
-using LocalVllm.Engine.Templating;
+using LocalVllm.Engine.Text.Templating;
 
 namespace LocalVllm;
 
@@ -40,7 +41,7 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
             throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
         ChatTemplate = core.ChatTemplate
             ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
-        ModelId = modelId ?? (LocalVllm.Engine.Hub.ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
+        ModelId = modelId ?? (ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
             ? options.Model.Split('@')[0]
             : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
     }

@@ -1,4 +1,5 @@
 using LocalVllm.Engine;
+using LocalVllm.Engine.Loading.Hub;
 
 namespace LocalVllm;
 
@@ -22,7 +23,7 @@ public sealed class LocalVllmOptions
     {
         if (string.IsNullOrWhiteSpace(Model))
             throw new InvalidOperationException("LocalVllmOptions.Model is not set: give the path of a Hugging Face model directory.");
-        if (!Directory.Exists(Model) && LocalVllm.Engine.Hub.ModelResolver.IsRepoId(Model)) return; // resolved from the Hugging Face cache or hub at start
+        if (!Directory.Exists(Model) && ModelResolver.IsRepoId(Model)) return; // resolved from the Hugging Face cache or hub at start
         if (!Directory.Exists(Model))
             throw new InvalidOperationException($"LocalVllmOptions.Model: no such directory '{Path.GetFullPath(Model)}' (and not a hub repository id owner/name).");
         if (!File.Exists(Path.Combine(Model, "config.json")))

@@ -1,5 +1,5 @@
-using LocalVllm.Engine.Cache;
-using LocalVllm.Engine.Scheduling;
+using LocalVllm.Engine.Core;
+
 
 namespace LocalVllm.Engine.Tests;
 

@@ -1,3 +1,5 @@
+using LocalVllm.Engine.Text.Templating;
+
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The background engine loop: concurrent streams, cancellation, disposal, stats.</summary>

@@ -1,3 +1,5 @@
+using LocalVllm.Engine.Core;
+
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>

@@ -1,5 +1,5 @@
 using System.Text.Json.Nodes;
-using LocalVllm.Engine.Templating;
+using LocalVllm.Engine.Text.Templating;
 
 namespace LocalVllm.Engine.Tests;
 

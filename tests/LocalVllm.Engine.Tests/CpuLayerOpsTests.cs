@@ -1,3 +1,4 @@
+using LocalVllm.Engine.Kernels.Cpu;
 using LocalVllm.Engine.Models;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;

@@ -1,3 +1,5 @@
+using LocalVllm.Engine.Kernels.Cpu;
+
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The kernels' worker threads run every index exactly once, whatever the timing, and report failures.</summary>

@@ -1,5 +1,5 @@
+using LocalVllm.Engine.Core;
 using LocalVllm.Engine.Execution;
-using LocalVllm.Engine.Scheduling;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Tests;

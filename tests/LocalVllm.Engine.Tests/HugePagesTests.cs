@@ -1,3 +1,4 @@
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Tests;

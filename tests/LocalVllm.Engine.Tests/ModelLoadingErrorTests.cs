@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
-using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Loading;
+using LocalVllm.Fixtures;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Tests;

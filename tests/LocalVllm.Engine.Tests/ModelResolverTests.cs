@@ -1,4 +1,6 @@
-using LocalVllm.Engine.Hub;
+using LocalVllm.Engine.Loading.Hub;
+using LocalVllm.Engine.Text.Templating;
+
 
 namespace LocalVllm.Engine.Tests;
 

@@ -1,4 +1,5 @@
 using LocalVllm.Engine.Attention;
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 

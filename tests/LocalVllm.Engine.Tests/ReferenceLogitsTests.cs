@@ -1,3 +1,5 @@
+using LocalVllm.Engine.Attention;
+
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The forward pass against logits and greedy ids produced by transformers / llama.cpp (shared/fixtures).</summary>
@@ -32,7 +34,7 @@ public sealed class ReferenceLogitsTests
     public void Without_the_CPU_kernels_logits_and_greedy_ids_match_the_reference(string model)
     {
         using var llm = new Llm(EngineHarness.Options(model, o => o.CpuKernels = false));
-        Assert.IsType<LocalVllm.Engine.Attention.TorchPagedAttention>(llm.Engine.Model.AttentionBackend);
+        Assert.IsType<TorchPagedAttention>(llm.Engine.Model.AttentionBackend);
         foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
         {
             var ids = Fixtures.Ints(c!["prompt_ids"]);

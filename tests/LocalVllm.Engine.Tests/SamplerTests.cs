@@ -1,5 +1,6 @@
-using LocalVllm.Engine.Sampling;
-using LocalVllm.Engine.Scheduling;
+using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Tests;
@@ -70,8 +71,8 @@ public sealed class SamplerTests
         logits[4, 7] = 1e9f; logits[4, 600] = float.NaN; // a NaN wins over a larger value before it
         logits[5, 3] = float.PositiveInfinity;
         var expected = logits.argmax(-1).data<long>().ToArray();
-        Assert.Equal(expected, Sampler.ArgMax(logits));
-        Assert.Equal([500L, 0L, 1002L, 600L, 3L], Sampler.ArgMax(logits).Skip(1));
+        Assert.Equal(expected, CpuArgMax.ArgMax(logits));
+        Assert.Equal([500L, 0L, 1002L, 600L, 3L], CpuArgMax.ArgMax(logits).Skip(1));
     }
 
     [Fact]

@@ -1,4 +1,4 @@
-using LocalVllm.Engine.Models;
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 

@@ -1,5 +1,5 @@
 using System.Text;
-using LocalVllm.Engine.Tokenization;
+using LocalVllm.Engine.Text.Tokenization;
 
 namespace LocalVllm.Engine.Tests;
 

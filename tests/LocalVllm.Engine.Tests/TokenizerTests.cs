@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
-using LocalVllm.Engine.Models;
-using LocalVllm.Engine.Tokenization;
+using LocalVllm.Engine.Loading;
+using LocalVllm.Engine.Text.Tokenization;
 
 namespace LocalVllm.Engine.Tests;
 

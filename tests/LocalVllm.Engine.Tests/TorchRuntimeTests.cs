@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using LocalVllm.Engine.Kernels.Cpu;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Tests;

@@ -1,4 +1,5 @@
 using LocalVllm.Engine;
+using LocalVllm.Engine.Text.Templating;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;

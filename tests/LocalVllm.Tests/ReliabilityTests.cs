@@ -2,7 +2,7 @@ using System.Diagnostics;
 using System.Text.Json;
 using LocalVllm.Engine;
 using LocalVllm.Engine.Attention;
-using LocalVllm.Engine.Templating;
+using LocalVllm.Engine.Text.Templating;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Logging;
 using Xunit.Abstractions;

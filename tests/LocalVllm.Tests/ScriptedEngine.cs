@@ -1,8 +1,9 @@
 using System.Runtime.CompilerServices;
 using LocalVllm.Engine;
+using LocalVllm.Engine.Loading;
 using LocalVllm.Engine.Models;
-using LocalVllm.Engine.Templating;
-using LocalVllm.Engine.Tokenization;
+using LocalVllm.Engine.Text.Templating;
+using LocalVllm.Engine.Text.Tokenization;
 
 namespace LocalVllm.Tests;
 

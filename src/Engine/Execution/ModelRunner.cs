@@ -1,7 +1,6 @@
 using LocalVllm.Engine.Attention;
-using LocalVllm.Engine.Cache;
+using LocalVllm.Engine.Core;
 using LocalVllm.Engine.Models;
-using LocalVllm.Engine.Scheduling;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Execution;

@@ -1,5 +1,8 @@
 using LocalVllm.Engine.Attention;
-using LocalVllm.Engine.Cache;
+using LocalVllm.Engine.Diagnostics;
+using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Kernels.Cpu;
+using LocalVllm.Engine.Loading;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 

@@ -1,0 +1,162 @@
+
+namespace LocalVllm.Engine.Core;
+
+/// <summary>One sequence's share of a step: compute <see cref="NumNewTokens"/> tokens starting at its computed count.</summary>
+public readonly record struct ScheduledSequence(Sequence Sequence, int NumNewTokens);
+
+/// <summary>
+/// Token-level scheduling in the style of vLLM V1: each step spends a budget of <c>MaxNumBatchedTokens</c> on running
+/// sequences first (decodes and the next chunk of long prompts), then admits waiting ones in arrival order. When blocks
+/// run out, the most recently admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+/// </summary>
+public sealed class Scheduler
+{
+    private readonly BlockManager _blocks;
+    private readonly LinkedList<Sequence> _waiting = new();
+    private readonly List<Sequence> _running = [];
+
+    public Scheduler(BlockManager blocks, int maxNumBatchedTokens, int maxNumSeqs, bool deduplicateSharedPrefixes = false, bool cacheAwareOrdering = false)
+    {
+        _blocks = blocks;
+        MaxNumBatchedTokens = maxNumBatchedTokens;
+        MaxNumSeqs = maxNumSeqs;
+        DeduplicateSharedPrefixes = deduplicateSharedPrefixes;
+        CacheAwareOrdering = cacheAwareOrdering;
+    }
+
+    /// <summary>Waiting requests considered for admission each step.</summary>
+    public const int AdmissionWindow = 64;
+    /// <summary>How often a waiting request may be passed over (by cache-aware ordering or shared-head deferral) before it goes first.</summary>
+    public const int MaxTimesPassedOver = 32;
+
+    /// <summary>Hold back a request whose next uncached block another request is computing in this step.</summary>
+    public bool DeduplicateSharedPrefixes { get; }
+    /// <summary>Admit waiting requests with longer cached prefixes first (bounded by <see cref="MaxTimesPassedOver"/>).</summary>
+    public bool CacheAwareOrdering { get; }
+    /// <summary>Times a request was held back because its head was being computed by another.</summary>
+    public long NumDeferredForSharedPrefix { get; private set; }
+
+    /// <summary>The cached leading blocks a waiting sequence may start from (none when it has prompt logprobs to compute).</summary>
+    private IReadOnlyList<int> CachedHits(Sequence seq) =>
+        seq.NumComputedTokens == 0 && seq.Sampling.PromptLogprobs is null ? _blocks.FindCachedPrefix(seq) : [];
+
+    private HashSet<ulong> PendingBlockHashes()
+    {
+        var pending = new HashSet<ulong>();
+        foreach (var seq in _running)
+            for (int b = seq.NumComputedTokens / _blocks.BlockSize; b < seq.NumPromptTokens / _blocks.BlockSize && b < seq.BlockHashes.Count; b++)
+                pending.Add(seq.BlockHashes[b]);
+        return pending;
+    }
+
+    public int MaxNumBatchedTokens { get; }
+    public int MaxNumSeqs { get; }
+    public int NumWaiting => _waiting.Count;
+    public int NumRunning => _running.Count;
+    public bool HasUnfinished => _waiting.Count > 0 || _running.Count > 0;
+    /// <summary>Prompt tokens of admitted sequences, and how many of them the prefix cache served.</summary>
+    public long AdmittedPromptTokens { get; private set; }
+    /// <summary>Prompt tokens served from the prefix cache at admission.</summary>
+    public long CachedPromptTokens { get; private set; }
+    /// <summary>Preemptions since start.</summary>
+    public long NumPreemptions { get; private set; }
+
+    /// <summary>Queues a new sequence.</summary>
+    public void Add(Sequence seq) => _waiting.AddLast(seq);
+
+    /// <summary>Picks this step's work within the token budget.</summary>
+    public List<ScheduledSequence> Schedule()
+    {
+        var scheduled = new List<ScheduledSequence>();
+        int budget = MaxNumBatchedTokens;
+        bool preempted = false;
+
+        for (int i = 0; i < _running.Count && budget > 0;)
+        {
+            var seq = _running[i];
+            int numNew = Math.Min(seq.NumTokens - seq.NumComputedTokens, budget);
+            bool selfPreempted = false;
+            while (!_blocks.CanAllocate(seq, [], seq.NumComputedTokens + numNew))
+            {
+                var victim = _running[^1];
+                Preempt(victim);
+                preempted = true;
+                if (victim == seq) { selfPreempted = true; break; }
+            }
+            if (selfPreempted) break;
+            _blocks.Allocate(seq, [], seq.NumComputedTokens + numNew);
+            scheduled.Add(new ScheduledSequence(seq, numNew));
+            budget -= numNew;
+            i++;
+        }
+
+        if (preempted || budget <= 0 || _waiting.Count == 0 || _running.Count >= MaxNumSeqs) return scheduled;
+
+        // Hashes of uncached prompt blocks that sequences in prefill are computing right now: a waiting request whose
+        // next block is among them waits a step and then finds the block cached, instead of computing it again.
+        var pending = DeduplicateSharedPrefixes && _blocks.EnablePrefixCaching ? PendingBlockHashes() : null;
+        var candidates = _waiting.Take(AdmissionWindow).ToList();
+        if (CacheAwareOrdering && candidates.Count > 1 && candidates[0].TimesPassedOver < MaxTimesPassedOver)
+            candidates = candidates.OrderByDescending(seq => CachedHits(seq).Count).ToList(); // stable: arrival order among equals
+
+        bool admittedAny = false;
+        foreach (var seq in candidates)
+        {
+            if (budget <= 0 || _running.Count >= MaxNumSeqs) break;
+            // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
+            var hits = CachedHits(seq);
+            if (pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
+                && seq.TimesDeferred < MaxTimesPassedOver)
+            {
+                seq.TimesDeferred++;
+                NumDeferredForSharedPrefix++;
+                continue;
+            }
+            int computed = hits.Count * _blocks.BlockSize;
+            int numNew = Math.Min(seq.NumTokens - computed, budget);
+            if (!_blocks.CanAllocate(seq, hits, computed + numNew)) break; // out of blocks: admit nobody else this step
+            _blocks.Allocate(seq, hits, computed + numNew);
+            if (seq.NumOutputTokens == 0 && seq.NumCachedPromptTokens == 0)
+            {
+                seq.NumCachedPromptTokens = computed;
+                CachedPromptTokens += computed;
+                AdmittedPromptTokens += seq.NumPromptTokens;
+            }
+            seq.NumComputedTokens = computed;
+            seq.Status = SequenceStatus.Running;
+            _waiting.Remove(seq);
+            _running.Add(seq);
+            scheduled.Add(new ScheduledSequence(seq, numNew));
+            budget -= numNew;
+            admittedAny = true;
+            if (pending is not null)
+                for (int b = seq.NumComputedTokens / _blocks.BlockSize; b < seq.NumPromptTokens / _blocks.BlockSize && b < seq.BlockHashes.Count; b++)
+                    pending.Add(seq.BlockHashes[b]);
+        }
+        if (admittedAny && _waiting.First is { } head) head.Value.TimesPassedOver++; // someone was admitted while it waited
+        return scheduled;
+    }
+
+    /// <summary>Removes a finished or aborted sequence and releases its blocks.</summary>
+    public void Finish(Sequence seq, string reason, object? stopReason = null)
+    {
+        seq.FinishReason = reason;
+        seq.StopReason = stopReason;
+        seq.Status = SequenceStatus.Finished;
+        if (!_running.Remove(seq)) _waiting.Remove(seq);
+        _blocks.Free(seq);
+    }
+
+    /// <summary>The sequences not yet finished (running first, then waiting).</summary>
+    public IEnumerable<Sequence> Unfinished => _running.Concat(_waiting);
+
+    private void Preempt(Sequence seq)
+    {
+        _running.Remove(seq);
+        _blocks.Free(seq);
+        seq.NumComputedTokens = 0;
+        seq.Status = SequenceStatus.Waiting;
+        _waiting.AddFirst(seq);
+        NumPreemptions++;
+    }
+}

@@ -1,0 +1,98 @@
+using LocalVllm.Engine.Text.Tokenization;
+
+namespace LocalVllm.Engine.Core;
+
+/// <summary>Where a sequence is in its life.</summary>
+public enum SequenceStatus { Waiting, Running, Finished }
+
+/// <summary>
+/// One completion being generated: its tokens (prompt then output), how many of them have K/V in the cache, and the
+/// blocks that hold them. Owned by the engine thread.
+/// </summary>
+public sealed class Sequence
+{
+    private readonly List<int> _tokens;
+    // The output tokens again, append-only: a snapshot (array, count) stays valid and unchanged as tokens are added,
+    // because growing copies into a new array and never writes below the count. Each step's outputs share it.
+    private int[] _output = new int[16];
+    private int _outputCount;
+
+    internal Sequence(string requestId, int index, int[] promptTokenIds, SamplingParams sampling, long arrivalTicks)
+    {
+        RequestId = requestId;
+        Index = index;
+        PromptTokenIds = promptTokenIds;
+        Sampling = sampling;
+        _tokens = [.. promptTokenIds];
+        ArrivalTicks = arrivalTicks;
+        long seed = sampling.Seed is long s ? s + index : Random.Shared.NextInt64();
+        Random = new Random(unchecked((int)(seed ^ (seed >> 32))));
+    }
+
+    public string RequestId { get; }
+    /// <summary>Which of the request's N completions this is.</summary>
+    public int Index { get; }
+    public int[] PromptTokenIds { get; }
+    public SamplingParams Sampling { get; }
+    public SequenceStatus Status { get; internal set; } = SequenceStatus.Waiting;
+    /// <summary>Prompt then generated tokens.</summary>
+    public IReadOnlyList<int> Tokens => _tokens;
+    public int NumTokens => _tokens.Count;
+    public int NumPromptTokens => PromptTokenIds.Length;
+    public int NumOutputTokens => _tokens.Count - PromptTokenIds.Length;
+    /// <summary>Tokens whose K/V are in the cache.</summary>
+    public int NumComputedTokens { get; internal set; }
+    /// <summary>Prompt tokens found in the prefix cache when the sequence was first scheduled.</summary>
+    public int NumCachedPromptTokens { get; internal set; }
+    /// <summary>The sequence's blocks, in order.</summary>
+    public List<int> BlockTable { get; } = [];
+    /// <summary>Chained hashes of the sequence's full blocks (prefix caching), computed as blocks fill.</summary>
+    internal List<ulong> BlockHashes { get; } = [];
+    /// <summary>Leading blocks of the table already registered in the prefix cache.</summary>
+    internal int NumRegisteredBlocks { get; set; }
+    internal Random Random { get; }
+    /// <summary>Steps in which later requests were admitted ahead of this one (bounded-wait fairness).</summary>
+    internal int TimesPassedOver { get; set; }
+    /// <summary>Steps this request waited for another to compute the head they share.</summary>
+    internal int TimesDeferred { get; set; }
+    public string? FinishReason { get; internal set; }
+    public object? StopReason { get; internal set; }
+    internal List<PositionLogprobs>? OutputLogprobs { get; set; }
+    internal PositionLogprobs?[]? PromptLogprobs { get; set; }
+    internal long ArrivalTicks { get; }
+    /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
+    internal IncrementalDetokenizer? Detokenizer { get; set; }
+    internal long? FirstTokenTicks { get; set; }
+    internal long? LastTokenTicks { get; set; }
+    /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>
+    internal bool SamplesAfter(int numNewTokens) => NumComputedTokens + numNewTokens == NumTokens;
+
+    internal IEnumerable<int> OutputTokenIds => _tokens.Skip(PromptTokenIds.Length);
+
+    internal List<int> TokenList => _tokens;
+
+    internal void Append(int token)
+    {
+        _tokens.Add(token);
+        if (_outputCount == _output.Length) Array.Resize(ref _output, _output.Length * 2);
+        _output[_outputCount++] = token;
+    }
+
+    /// <summary>
+    /// The output tokens so far, as an immutable snapshot that later tokens do not change. No copy: every step hands
+    /// each progressing request its cumulative ids, which would otherwise cost a copy of the whole output per step.
+    /// </summary>
+    public IReadOnlyList<int> OutputTokens() => new TokenSnapshot(_output, _outputCount);
+
+    private sealed class TokenSnapshot(int[] tokens, int count) : IReadOnlyList<int>
+    {
+        public int this[int index] => (uint)index < (uint)count ? tokens[index] : throw new ArgumentOutOfRangeException(nameof(index));
+        public int Count => count;
+        public IEnumerator<int> GetEnumerator()
+        {
+            for (int i = 0; i < count; i++) yield return tokens[i];
+        }
+        System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
+        public override string ToString() => $"[{string.Join(", ", tokens.Take(count))}]";
+    }
+}

@@ -1,0 +1,142 @@
+using System.Runtime.Intrinsics;
+using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Kernels.Cpu;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Engine.Execution;
+
+/// <summary>The token chosen for one row, with its log-probabilities when asked for.</summary>
+public readonly record struct SampledToken(int TokenId, PositionLogprobs? Logprobs);
+
+/// <summary>
+/// Turns a step's logits into tokens, all rows in one pass: penalties, then greedy rows by argmax and the others by
+/// temperature, top-k, top-p and min-p (in that order, as Hugging Face applies them) and a draw from each sequence's
+/// own random stream, so a seeded request samples the same tokens whatever else shares its batch.
+/// Log-probabilities are those of the model's raw distribution.
+/// </summary>
+public sealed class Sampler
+{
+    /// <summary>Samples one token per row of <paramref name="logits"/> ([rows, vocab] float32) for <paramref name="seqs"/>.</summary>
+    public SampledToken[] Sample(Tensor logits, IReadOnlyList<Sequence> seqs)
+    {
+        using var scope = NewDisposeScope();
+        int rows = seqs.Count;
+        var result = new SampledToken[rows];
+        if (rows == 0) return result;
+
+        Tensor? logprobs = seqs.Any(s => s.Sampling.Logprobs is not null) ? logits.log_softmax(-1) : null;
+        var processed = ApplyPenalties(logits, seqs);
+
+        var greedyTokens = CpuArgMax.ArgMax(processed);
+        var randomRows = Enumerable.Range(0, rows).Where(i => !seqs[i].Sampling.IsGreedy).ToArray();
+        var chosen = new int[rows];
+        for (int i = 0; i < rows; i++) chosen[i] = (int)greedyTokens[i];
+        if (randomRows.Length > 0)
+        {
+            using var idx = tensor(randomRows.Select(r => (long)r).ToArray(), device: logits.device);
+            var sub = processed.index_select(0, idx);
+            var draws = randomRows.Select(r => seqs[r].Random.NextDouble()).ToArray();
+            var picked = SampleRows(sub, randomRows.Select(r => seqs[r].Sampling).ToArray(), draws);
+            for (int j = 0; j < randomRows.Length; j++) chosen[randomRows[j]] = picked[j];
+        }
+
+        for (int i = 0; i < rows; i++)
+        {
+            PositionLogprobs? lp = null;
+            if (seqs[i].Sampling.Logprobs is int k && logprobs is not null)
+                lp = Logprobs(logprobs[i], chosen[i], k);
+            result[i] = new SampledToken(chosen[i], lp);
+        }
+        return result;
+    }
+
+    /// <summary>
+    /// Temperature, top-k, top-p, min-p and a draw per row, computed in descending-probability order. Returns the
+    /// chosen ids. Exposed for tests that check the filters against a direct computation.
+    /// </summary>
+    internal static int[] SampleRows(Tensor logits, SamplingParams[] ps, double[] uniforms)
+    {
+        using var scope = NewDisposeScope();
+        var probs = FilteredProbabilities(logits, ps, out var order); // [rows, vocab] in sorted order
+        var cum = probs.cumsum(-1);
+        var total = cum.narrow(1, cum.shape[1] - 1, 1);
+        var u = tensor(uniforms.Select(x => (float)x).ToArray(), device: logits.device).unsqueeze(1) * total;
+        var pos = searchsorted(cum, u, right: true).clamp_max(cum.shape[1] - 1);
+        var ids = order.gather(1, pos).squeeze(1).data<long>().ToArray();
+        return ids.Select(x => (int)x).ToArray();
+    }
+
+    /// <summary>Per-row probabilities after the filters, in descending order of logit; <paramref name="order"/> maps back to token ids.</summary>
+    internal static Tensor FilteredProbabilities(Tensor logits, SamplingParams[] ps, out Tensor order)
+    {
+        int rows = ps.Length;
+        long vocab = logits.shape[1];
+        var temps = tensor(ps.Select(p => p.Temperature).ToArray(), device: logits.device).unsqueeze(1);
+        var scaled = logits / temps;
+        var (vals, idx) = scaled.sort(-1, descending: true);
+        order = idx;
+        var positions = arange(vocab, device: logits.device).unsqueeze(0); // [1, vocab]
+
+        var topK = tensor(ps.Select(p => p.TopK > 0 ? (long)Math.Min(p.TopK, vocab) : vocab).ToArray(), device: logits.device).unsqueeze(1);
+        var masked = vals.masked_fill(positions >= topK, float.NegativeInfinity);
+
+        var topP = tensor(ps.Select(p => p.TopP).ToArray(), device: logits.device).unsqueeze(1);
+        var p1 = masked.softmax(-1);
+        var before = p1.cumsum(-1) - p1; // mass of strictly more likely tokens
+        masked = masked.masked_fill((before > topP).logical_and(positions > 0), float.NegativeInfinity);
+
+        var minP = tensor(ps.Select(p => p.MinP).ToArray(), device: logits.device).unsqueeze(1);
+        var p2 = masked.softmax(-1);
+        masked = masked.masked_fill(p2 < p2.narrow(1, 0, 1) * minP, float.NegativeInfinity);
+        return masked.softmax(-1);
+    }
+
+    /// <summary>Repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.</summary>
+    internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
+    {
+        Tensor? result = null;
+        for (int i = 0; i < seqs.Count; i++)
+        {
+            var p = seqs[i].Sampling;
+            bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f;
+            if (!rep && !pres && !freq) continue;
+            result ??= logits.clone();
+            using var row = result[i];
+            if (rep)
+            {
+                using var seen = tensor(seqs[i].Tokens.Distinct().Select(t => (long)t).ToArray(), device: logits.device);
+                using var v = row.index_select(0, seen);
+                using var penalized = where(v > 0, v / p.RepetitionPenalty, v * p.RepetitionPenalty);
+                row.index_copy_(0, seen, penalized);
+            }
+            if ((pres || freq) && seqs[i].NumOutputTokens > 0)
+            {
+                var counts = seqs[i].OutputTokenIds.GroupBy(t => t).ToArray();
+                using var ids = tensor(counts.Select(g => (long)g.Key).ToArray(), device: logits.device);
+                using var delta = tensor(counts.Select(g => p.FrequencyPenalty * g.Count() + p.PresencePenalty).ToArray(), device: logits.device);
+                using var v = row.index_select(0, ids);
+                using var updated = v - delta;
+                row.index_copy_(0, ids, updated);
+            }
+        }
+        return result ?? logits;
+    }
+
+    /// <summary>The log-probability of <paramref name="token"/> in <paramref name="row"/> ([vocab] log-softmax), its rank and the top-k.</summary>
+    internal static PositionLogprobs Logprobs(Tensor row, int token, int k)
+    {
+        using var scope = NewDisposeScope();
+        float chosen = row[token].item<float>();
+        int rank = (int)(row > chosen).sum().item<long>() + 1;
+        var top = new List<TokenLogprob>(k);
+        if (k > 0)
+        {
+            var (vals, ids) = row.topk(k);
+            var v = vals.data<float>().ToArray();
+            var t = ids.data<long>().ToArray();
+            for (int j = 0; j < k; j++) top.Add(new TokenLogprob((int)t[j], v[j], j + 1));
+        }
+        return new PositionLogprobs(token, chosen, rank, top);
+    }
+}

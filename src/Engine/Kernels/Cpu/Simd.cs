@@ -1,0 +1,55 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Engine.Kernels.Cpu;
+
+/// <summary>The 256-bit vector helpers shared by the C# CPU kernels (paged attention, small-batch linear).</summary>
+internal static unsafe class Simd
+{
+    /// <summary>a * b + c, fused where the CPU has FMA.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Fma(Vector256<float> a, Vector256<float> b, Vector256<float> c) =>
+        System.Runtime.Intrinsics.X86.Fma.IsSupported ? System.Runtime.Intrinsics.X86.Fma.MultiplyAdd(a, b, c) : a * b + c;
+
+    /// <summary>The dot product of two float vectors of length <paramref name="n"/>, four accumulators deep.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    public static float Dot(float* a, float* b, int n)
+    {
+        int i = 0;
+        var s0 = Vector256<float>.Zero;
+        var s1 = Vector256<float>.Zero;
+        var s2 = Vector256<float>.Zero;
+        var s3 = Vector256<float>.Zero;
+        for (; i + 32 <= n; i += 32)
+        {
+            s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
+            s1 = Fma(Vector256.Load(a + i + 8), Vector256.Load(b + i + 8), s1);
+            s2 = Fma(Vector256.Load(a + i + 16), Vector256.Load(b + i + 16), s2);
+            s3 = Fma(Vector256.Load(a + i + 24), Vector256.Load(b + i + 24), s3);
+        }
+        for (; i + 8 <= n; i += 8) s0 = Fma(Vector256.Load(a + i), Vector256.Load(b + i), s0);
+        float sum = Vector256.Sum((s0 + s1) + (s2 + s3));
+        for (; i < n; i++) sum += a[i] * b[i];
+        return sum;
+    }
+
+    /// <summary>(sum a, sum b, sum c, sum d): four horizontal sums reduced together (cheaper than four reductions).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Sum4(Vector512<float> a, Vector512<float> b, Vector512<float> c, Vector512<float> d)
+    {
+        Vector256<float> a2 = a.GetLower() + a.GetUpper(), b2 = b.GetLower() + b.GetUpper();
+        Vector256<float> c2 = c.GetLower() + c.GetUpper(), d2 = d.GetLower() + d.GetUpper();
+        if (System.Runtime.Intrinsics.X86.Avx.IsSupported)
+        {
+            var h = System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(
+                System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(a2, b2), System.Runtime.Intrinsics.X86.Avx.HorizontalAdd(c2, d2));
+            return h.GetLower() + h.GetUpper();
+        }
+        return Vector128.Create(Vector256.Sum(a2), Vector256.Sum(b2), Vector256.Sum(c2), Vector256.Sum(d2));
+    }
+
+    /// <summary>The data of a contiguous float32 CPU tensor (valid while the tensor lives).</summary>
+    public static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
+}

@@ -1,0 +1,86 @@
+using System.Text.Json.Nodes;
+using LocalVllm.Engine.Loading;
+
+namespace LocalVllm.Engine.Text.Templating;
+
+/// <summary>
+/// The model's own chat template (tokenizer_config.json's <c>chat_template</c>, or <c>chat_template.jinja</c>), rendered
+/// as Hugging Face's <c>apply_chat_template</c> does: context = messages, tools (none when absent), documents (none),
+/// add_generation_prompt, the tokenizer's special tokens, then any extra keyword arguments such as enable_thinking.
+/// </summary>
+public sealed class ChatTemplate
+{
+    private readonly JinjaTemplate _default;
+    private readonly JinjaTemplate? _toolUse;
+    private readonly Dictionary<string, object?> _specialTokens;
+
+    /// <summary>Creates a template from source; <paramref name="specialTokens"/> are bos_token, eos_token and friends.</summary>
+    public ChatTemplate(string source, IReadOnlyDictionary<string, string>? specialTokens = null, string? toolUseSource = null)
+    {
+        _default = new JinjaTemplate(source);
+        _toolUse = toolUseSource is null ? null : new JinjaTemplate(toolUseSource);
+        _specialTokens = (specialTokens ?? new Dictionary<string, string>()).ToDictionary(kv => kv.Key, kv => (object?)kv.Value);
+    }
+
+    /// <summary>Loads the template of <paramref name="dir"/>, or returns null when the model has none.</summary>
+    public static ChatTemplate? Load(ModelDirectory dir) => Load(dir.Path);
+
+    /// <summary>Loads the template from the tokenizer files in <paramref name="folder"/>, or returns null when there is none.</summary>
+    public static ChatTemplate? Load(string folder)
+    {
+        var configPath = Path.Combine(folder, "tokenizer_config.json");
+        var config = File.Exists(configPath) ? JsonNode.Parse(File.ReadAllText(configPath))?.AsObject() : null;
+        var special = new Dictionary<string, string>();
+        foreach (var key in new[] { "bos_token", "eos_token", "pad_token", "unk_token" })
+            if (TokenText(config?[key]) is string s) special[key] = s;
+
+        string? source = null, toolUse = null;
+        switch (config?["chat_template"])
+        {
+            case JsonValue v:
+                source = v.GetValue<string>();
+                break;
+            case JsonArray named:
+                foreach (var t in named)
+                {
+                    var name = t?["name"]?.GetValue<string>();
+                    if (name == "default") source = t!["template"]!.GetValue<string>();
+                    else if (name == "tool_use") toolUse = t!["template"]!.GetValue<string>();
+                }
+                break;
+        }
+        var jinja = Path.Combine(folder, "chat_template.jinja");
+        if (source is null && File.Exists(jinja)) source = File.ReadAllText(jinja);
+        return source is null ? null : new ChatTemplate(source, special, toolUse);
+    }
+
+    /// <summary>
+    /// Renders <paramref name="messages"/> (a JSON array of {role, content, tool_calls...}) with optional
+    /// <paramref name="tools"/> (JSON array of tool definitions). A template's <c>raise_exception</c> surfaces as
+    /// <see cref="TemplateRaisedException"/>.
+    /// </summary>
+    public string Render(JsonArray messages, JsonArray? tools = null, bool addGenerationPrompt = true,
+        IReadOnlyDictionary<string, JsonNode?>? extraContext = null)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        var context = new Dictionary<string, object?>
+        {
+            ["messages"] = JinjaValues.FromJson(messages),
+            ["tools"] = tools is null ? null : JinjaValues.FromJson(tools),
+            ["documents"] = null,
+            ["add_generation_prompt"] = addGenerationPrompt,
+        };
+        foreach (var (k, v) in _specialTokens) context[k] = v;
+        if (extraContext is not null)
+            foreach (var (k, v) in extraContext) context[k] = JinjaValues.FromJson(v);
+        var template = tools is { Count: > 0 } && _toolUse is not null ? _toolUse : _default;
+        return template.Render(context);
+    }
+
+    private static string? TokenText(JsonNode? n) => n switch
+    {
+        JsonValue v when v.GetValueKind() == System.Text.Json.JsonValueKind.String => v.GetValue<string>(),
+        JsonObject o => o["content"]?.GetValue<string>(),
+        _ => null,
+    };
+}

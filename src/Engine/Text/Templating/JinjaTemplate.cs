@@ -1,0 +1,368 @@
+using System.Globalization;
+using System.Text;
+
+namespace LocalVllm.Engine.Text.Templating;
+
+/// <summary>
+/// A parsed Jinja2 template, rendered with jinja2's semantics for the subset chat templates use (see
+/// <see cref="JinjaParser"/> for the grammar). Immutable and safe to render from several threads.
+/// </summary>
+public sealed class JinjaTemplate
+{
+    private readonly List<Node> _body;
+
+    /// <summary>Parses <paramref name="source"/>; an unsupported construct throws <see cref="TemplateException"/> with line and column.</summary>
+    public JinjaTemplate(string source)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        _body = JinjaParser.Parse(source);
+    }
+
+    /// <summary>Renders with <paramref name="context"/> (values as produced by <see cref="JinjaValues.FromJson"/> or plain CLR lists/dictionaries).</summary>
+    public string Render(IReadOnlyDictionary<string, object?> context)
+    {
+        var renderer = new Renderer(context);
+        var sb = new StringBuilder();
+        renderer.Execute(_body, sb);
+        return sb.ToString();
+    }
+
+    private enum Flow { Normal, Break, Continue }
+
+    private sealed record BoundMethod(object? Target, string Name);
+    private sealed record Macro(MacroNode Node);
+
+    private sealed class Renderer
+    {
+        private readonly List<Dictionary<string, object?>> _scopes;
+
+        public Renderer(IReadOnlyDictionary<string, object?> context)
+        {
+            _scopes = [new Dictionary<string, object?>(context)];
+        }
+
+        private object? Lookup(string name)
+        {
+            for (int i = _scopes.Count - 1; i >= 0; i--)
+                if (_scopes[i].TryGetValue(name, out var v)) return v;
+            return name switch
+            {
+                "raise_exception" or "namespace" or "range" or "dict" => new BoundMethod(null, name),
+                _ => Undefined.Instance,
+            };
+        }
+
+        public Flow Execute(List<Node> nodes, StringBuilder output)
+        {
+            foreach (var node in nodes)
+            {
+                var flow = Execute(node, output);
+                if (flow != Flow.Normal) return flow;
+            }
+            return Flow.Normal;
+        }
+
+        private Flow Execute(Node node, StringBuilder output)
+        {
+            switch (node)
+            {
+                case TextNode t:
+                    output.Append(t.Text);
+                    return Flow.Normal;
+                case OutputNode o:
+                    output.Append(JinjaValues.Str(Eval(o.Value)));
+                    return Flow.Normal;
+                case IfNode f:
+                    foreach (var (cond, body) in f.Branches)
+                        if (JinjaValues.Truthy(Eval(cond))) return Execute(body, output);
+                    return f.Else is null ? Flow.Normal : Execute(f.Else, output);
+                case ForNode f:
+                    return ExecuteFor(f, output);
+                case SetNode s:
+                {
+                    var value = Eval(s.Value);
+                    if (s.Attribute is null) _scopes[^1][s.Name] = value;
+                    else if (Lookup(s.Name) is Namespace ns) ns.Values[s.Attribute] = value;
+                    else throw Error(s, $"cannot set attribute '{s.Attribute}' of '{s.Name}', which is not a namespace()");
+                    return Flow.Normal;
+                }
+                case SetBlockNode sb:
+                {
+                    var inner = new StringBuilder();
+                    Execute(sb.Body, inner);
+                    _scopes[^1][sb.Name] = inner.ToString();
+                    return Flow.Normal;
+                }
+                case MacroNode m:
+                    _scopes[^1][m.Name] = new Macro(m);
+                    return Flow.Normal;
+                case BreakNode:
+                    return Flow.Break;
+                case ContinueNode:
+                    return Flow.Continue;
+                default:
+                    throw Error(node, $"unsupported node {node.GetType().Name}");
+            }
+        }
+
+        private Flow ExecuteFor(ForNode f, StringBuilder output)
+        {
+            var items = Iterate(Eval(f.Iterable), f).ToList();
+            if (f.Filter is not null)
+            {
+                items = items.Where(item =>
+                {
+                    _scopes.Add([]);
+                    Bind(f, item);
+                    bool keep = JinjaValues.Truthy(Eval(f.Filter));
+                    _scopes.RemoveAt(_scopes.Count - 1);
+                    return keep;
+                }).ToList();
+            }
+            if (items.Count == 0)
+                return f.Else is null ? Flow.Normal : Execute(f.Else, output);
+            for (int i = 0; i < items.Count; i++)
+            {
+                var scope = new Dictionary<string, object?>
+                {
+                    ["loop"] = new Dictionary<string, object?>
+                    {
+                        ["index0"] = (long)i, ["index"] = (long)(i + 1), ["first"] = i == 0, ["last"] = i == items.Count - 1,
+                        ["length"] = (long)items.Count, ["revindex"] = (long)(items.Count - i), ["revindex0"] = (long)(items.Count - i - 1),
+                        ["previtem"] = i > 0 ? items[i - 1] : Undefined.Instance,
+                        ["nextitem"] = i + 1 < items.Count ? items[i + 1] : Undefined.Instance,
+                    },
+                };
+                _scopes.Add(scope);
+                Bind(f, items[i]);
+                var flow = Execute(f.Body, output);
+                _scopes.RemoveAt(_scopes.Count - 1);
+                if (flow == Flow.Break) break;
+            }
+            return Flow.Normal;
+        }
+
+        private void Bind(ForNode f, object? item)
+        {
+            if (f.Targets.Count == 1) { _scopes[^1][f.Targets[0]] = item; return; }
+            var parts = item as List<object?> ?? throw Error(f, $"cannot unpack {JinjaValues.Str(item)} into {f.Targets.Count} names");
+            if (parts.Count != f.Targets.Count) throw Error(f, $"cannot unpack {parts.Count} values into {f.Targets.Count} names");
+            for (int i = 0; i < parts.Count; i++) _scopes[^1][f.Targets[i]] = parts[i];
+        }
+
+        private IEnumerable<object?> Iterate(object? value, Node at) => value switch
+        {
+            List<object?> list => list,
+            Dictionary<string, object?> dict => dict.Keys,
+            string s => s.Select(c => (object?)c.ToString()),
+            null or Undefined => [],
+            _ => throw Error(at, $"'{JinjaValues.Str(value)}' is not iterable"),
+        };
+
+        private static TemplateException Error(Node at, string what) =>
+            new($"Chat template error at line {at.Line}, column {at.Column}: {what}.");
+
+        public object? Eval(Expr e)
+        {
+            switch (e)
+            {
+                case Literal l: return l.Value;
+                case NameExpr n: return Lookup(n.Name);
+                case ListExpr l: return l.Items.Select(Eval).ToList();
+                case DictExpr d:
+                {
+                    var dict = new Dictionary<string, object?>();
+                    foreach (var (k, v) in d.Items) dict[JinjaValues.Str(Eval(k))] = Eval(v);
+                    return dict;
+                }
+                case AttrExpr a: return GetAttr(Eval(a.Target), a.Name);
+                case IndexExpr i: return GetItem(Eval(i.Target), Eval(i.Index));
+                case SliceExpr s: return Slice(Eval(s.Target), s.Start is null ? null : Eval(s.Start), s.Stop is null ? null : Eval(s.Stop), s.Step is null ? null : Eval(s.Step), s);
+                case CallExpr c:
+                    return Call(Eval(c.Target), c.Args.Select(Eval).ToList(), c.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), c);
+                case FilterExpr f:
+                    return JinjaFilters.Apply(f.Name, Eval(f.Target), f.Args.Select(Eval).ToList(), f.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), f);
+                case TestExpr t:
+                    return JinjaFilters.Test(t.Name, Eval(t.Target), t.Args.Select(Eval).ToList(), t) != t.Negated;
+                case UnaryExpr u:
+                {
+                    var v = Eval(u.Operand);
+                    return u.Op switch
+                    {
+                        "not" => !JinjaValues.Truthy(v),
+                        "-" => v is long l ? (object)(-l) : -JinjaValues.ToDouble(v),
+                        _ => v,
+                    };
+                }
+                case CondExpr c:
+                    return JinjaValues.Truthy(Eval(c.Condition)) ? Eval(c.Then) : c.Else is null ? Undefined.Instance : Eval(c.Else);
+                case BinaryExpr b:
+                    if (b.Op == "and") { var l = Eval(b.Left); return JinjaValues.Truthy(l) ? Eval(b.Right) : l; }
+                    if (b.Op == "or") { var l = Eval(b.Left); return JinjaValues.Truthy(l) ? l : Eval(b.Right); }
+                    return Binary(b.Op, Eval(b.Left), Eval(b.Right), b);
+                default:
+                    throw Error(e, $"unsupported expression {e.GetType().Name}");
+            }
+        }
+
+        private static object? Binary(string op, object? a, object? b, Node at)
+        {
+            switch (op)
+            {
+                case "==": return JinjaValues.Equal(a, b);
+                case "!=": return !JinjaValues.Equal(a, b);
+                case "in": return Contains(b, a, at);
+                case "not in": return !Contains(b, a, at);
+                case "~": return JinjaValues.Str(a) + JinjaValues.Str(b);
+                case "<" or ">" or "<=" or ">=":
+                {
+                    int c = a is string sa && b is string sb ? string.CompareOrdinal(sa, sb)
+                        : JinjaValues.IsNumber(a) && JinjaValues.IsNumber(b) ? JinjaValues.ToDouble(a).CompareTo(JinjaValues.ToDouble(b))
+                        : throw Error(at, $"cannot compare {JinjaValues.Str(a)} and {JinjaValues.Str(b)}");
+                    return op switch { "<" => c < 0, ">" => c > 0, "<=" => c <= 0, _ => c >= 0 };
+                }
+                case "+":
+                    if (a is string s1 && b is string s2) return s1 + s2;
+                    if (a is List<object?> l1 && b is List<object?> l2) return l1.Concat(l2).ToList();
+                    break;
+                case "*":
+                    if (a is string rs && b is long n) return string.Concat(Enumerable.Repeat(rs, (int)Math.Max(0, n)));
+                    break;
+            }
+            if (JinjaValues.IsNumber(a) && JinjaValues.IsNumber(b))
+            {
+                bool ints = a is long or bool && b is long or bool;
+                double x = JinjaValues.ToDouble(a), y = JinjaValues.ToDouble(b);
+                return op switch
+                {
+                    "+" => ints ? (object)((long)x + (long)y) : x + y,
+                    "-" => ints ? (object)((long)x - (long)y) : x - y,
+                    "*" => ints ? (object)((long)x * (long)y) : x * y,
+                    "/" => x / y,
+                    "//" => ints ? (object)(long)Math.Floor(x / y) : Math.Floor(x / y),
+                    "%" => ints ? (object)(long)(x - y * Math.Floor(x / y)) : x - y * Math.Floor(x / y),
+                    _ => throw Error(at, $"unsupported operator '{op}'"),
+                };
+            }
+            throw Error(at, $"unsupported operand types for '{op}': {JinjaValues.Str(a)} and {JinjaValues.Str(b)}");
+        }
+
+        private static bool Contains(object? container, object? item, Node at) => container switch
+        {
+            string s => item is string sub ? s.Contains(sub, StringComparison.Ordinal) : throw Error(at, "'in <string>' needs a string"),
+            List<object?> list => list.Any(x => JinjaValues.Equal(x, item)),
+            Dictionary<string, object?> dict => item is string k && dict.ContainsKey(k),
+            null or Undefined => false,
+            _ => throw Error(at, $"'in' is not supported for {JinjaValues.Str(container)}"),
+        };
+
+        private static object? GetAttr(object? target, string name)
+        {
+            switch (target)
+            {
+                case Dictionary<string, object?> d:
+                    if (d.TryGetValue(name, out var v)) return v;
+                    return name is "items" or "keys" or "values" or "get" ? new BoundMethod(d, name) : Undefined.Instance;
+                case Namespace ns:
+                    return ns.Values.TryGetValue(name, out var nv) ? nv : Undefined.Instance;
+                case string s:
+                    return JinjaFilters.StringMethods.Contains(name) ? new BoundMethod(s, name) : Undefined.Instance;
+                case List<object?> l when long.TryParse(name, out var idx):
+                    return GetItem(l, idx);
+                default:
+                    return Undefined.Instance;
+            }
+        }
+
+        private static object? GetItem(object? target, object? key)
+        {
+            switch (target)
+            {
+                case Dictionary<string, object?> d:
+                    return key is string k && d.TryGetValue(k, out var v) ? v : Undefined.Instance;
+                case List<object?> l when key is long i:
+                    if (i < 0) i += l.Count;
+                    return i >= 0 && i < l.Count ? l[(int)i] : Undefined.Instance;
+                case string s when key is long i:
+                    if (i < 0) i += s.Length;
+                    return i >= 0 && i < s.Length ? s[(int)i].ToString() : Undefined.Instance;
+                case Namespace ns when key is string nk:
+                    return ns.Values.TryGetValue(nk, out var nv) ? nv : Undefined.Instance;
+                default:
+                    return key is string name ? GetAttr(target, name) : Undefined.Instance;
+            }
+        }
+
+        private static object? Slice(object? target, object? start, object? stop, object? step, Node at)
+        {
+            int len = target switch { List<object?> l => l.Count, string s => s.Length, _ => throw Error(at, $"cannot slice {JinjaValues.Str(target)}") };
+            long st = step is long x ? x : 1;
+            if (st == 0) throw Error(at, "slice step cannot be zero");
+            long Norm(object? v, long dflt)
+            {
+                if (v is not long i) return dflt;
+                if (i < 0) i += len;
+                return st > 0 ? Math.Clamp(i, 0, len) : Math.Clamp(i, -1, len - 1);
+            }
+            long a = Norm(start, st > 0 ? 0 : len - 1), b = Norm(stop, st > 0 ? len : -1);
+            var idx = new List<int>();
+            for (long i = a; st > 0 ? i < b : i > b; i += st) idx.Add((int)i);
+            return target is string str ? string.Concat(idx.Select(i => str[i])) : idx.Select(i => ((List<object?>)target!)[i]).ToList();
+        }
+
+        private object? Call(object? callee, List<object?> args, Dictionary<string, object?> kwargs, Node at)
+        {
+            if (callee is Macro m) return CallMacro(m.Node, args, kwargs);
+            if (callee is not BoundMethod bm) throw Error(at, $"'{JinjaValues.Str(callee)}' is not callable");
+            object? Arg(int i, object? dflt = null) => i < args.Count ? args[i] : dflt;
+            switch (bm.Target, bm.Name)
+            {
+                case (null, "raise_exception"):
+                    throw new TemplateRaisedException(JinjaValues.Str(Arg(0)));
+                case (null, "namespace"):
+                {
+                    var ns = new Namespace();
+                    if (Arg(0) is Dictionary<string, object?> init) foreach (var (k, v) in init) ns.Values[k] = v;
+                    foreach (var (k, v) in kwargs) ns.Values[k] = v;
+                    return ns;
+                }
+                case (null, "dict"):
+                    return new Dictionary<string, object?>(kwargs);
+                case (null, "range"):
+                {
+                    long a = args.Count > 1 ? (long)Arg(0)! : 0, b = (long)(args.Count > 1 ? Arg(1)! : Arg(0)!), s = args.Count > 2 ? (long)Arg(2)! : 1;
+                    var r = new List<object?>();
+                    for (long i = a; s > 0 ? i < b : i > b; i += s) r.Add(i);
+                    return r;
+                }
+                case (Dictionary<string, object?> d, "items"):
+                    return d.Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList();
+                case (Dictionary<string, object?> d, "keys"):
+                    return d.Keys.Select(k => (object?)k).ToList();
+                case (Dictionary<string, object?> d, "values"):
+                    return d.Values.ToList();
+                case (Dictionary<string, object?> d, "get"):
+                    return Arg(0) is string key && d.TryGetValue(key, out var gv) ? gv : Arg(1);
+                case (string s, _):
+                    return JinjaFilters.StringMethod(s, bm.Name, args, at);
+                default:
+                    throw Error(at, $"unsupported method '{bm.Name}'");
+            }
+        }
+
+        private string CallMacro(MacroNode m, List<object?> args, Dictionary<string, object?> kwargs)
+        {
+            var scope = new Dictionary<string, object?>();
+            for (int i = 0; i < m.Parameters.Count; i++)
+            {
+                var (name, dflt) = m.Parameters[i];
+                scope[name] = i < args.Count ? args[i] : kwargs.TryGetValue(name, out var kv) ? kv : dflt is null ? Undefined.Instance : Eval(dflt);
+            }
+            _scopes.Add(scope);
+            var sb = new StringBuilder();
+            Execute(m.Body, sb);
+            _scopes.RemoveAt(_scopes.Count - 1);
+            return sb.ToString();
+        }
+    }
+}
