@@ -45,7 +45,9 @@ public sealed class AsyncLlmEngine : IDisposable
 
     /// <summary>
     /// Submits a request and streams its outputs: one per step in which it made progress, the last with
-    /// <see cref="RequestOutput.Finished"/> set. Invalid requests throw before anything is queued.
+    /// <see cref="RequestOutput.Finished"/> set, each in the request's <see cref="SamplingParams.OutputKind"/>
+    /// (<see cref="RequestOutputKind.Delta"/> for streaming: each output then holds only the new text and tokens).
+    /// Invalid requests throw before anything is queued.
     /// </summary>
     public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
         string? requestId = null, string? prompt = null, [EnumeratorCancellation] CancellationToken cancellationToken = default,
@@ -87,7 +89,8 @@ public sealed class AsyncLlmEngine : IDisposable
         CancellationToken cancellationToken = default)
     {
         RequestOutput? last = null;
-        await foreach (var o in GenerateAsync(promptTokenIds, sampling, cancellationToken: cancellationToken).ConfigureAwait(false)) last = o;
+        var final = (sampling ?? new SamplingParams()) with { OutputKind = RequestOutputKind.FinalOnly };
+        await foreach (var o in GenerateAsync(promptTokenIds, final, cancellationToken: cancellationToken).ConfigureAwait(false)) last = o;
         return last ?? throw new InvalidOperationException("The engine ended the request without output.");
     }
 
@@ -140,13 +143,10 @@ public sealed class AsyncLlmEngine : IDisposable
         id = requestId ?? $"areq-{Interlocked.Increment(ref _nextId)}";
         try
         {
-            Engine.ValidateRequest(promptTokenIds, sampling);
+            Engine.Validator.Validate(promptTokenIds, sampling);
             // Reject at once, on the caller's thread, when the waiting queue (as of the last step) plus adds not yet
             // taken by the loop is full: an overloaded engine answers immediately instead of making callers hang.
-            int waiting = Stats.Waiting + Volatile.Read(ref _queuedAdds);
-            if (waiting + sampling.N > Engine.Options.MaxWaitingRequests)
-                throw new EngineOverloadedException(
-                    $"The engine's waiting queue is full ({waiting} waiting, MaxWaitingRequests = {Engine.Options.MaxWaitingRequests}); request '{id}' was rejected. Retry later.");
+            Engine.Validator.CheckQueue(Stats.Waiting + Volatile.Read(ref _queuedAdds), sampling, id);
         }
         catch (Exception e)
         {

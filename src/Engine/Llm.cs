@@ -31,10 +31,14 @@ public sealed class Llm : IDisposable
 
     private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, SamplingParams? sampling)
     {
+        // Only finished outputs are read: the engine builds nothing per step for these requests.
+        sampling ??= new SamplingParams();
+        Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
+        var final = sampling with { OutputKind = RequestOutputKind.FinalOnly };
         var ids = new List<string>(prompts.Count);
         try
         {
-            foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, sampling, prompt: text));
+            foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, final, prompt: text));
         }
         catch
         {

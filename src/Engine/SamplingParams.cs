@@ -46,27 +46,9 @@ public sealed record SamplingParams
     /// <summary>Leave special tokens out of the returned text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 
+    /// <summary>What each output carries: everything so far (default), only what is new, or one final output.</summary>
+    public RequestOutputKind OutputKind { get; init; } = RequestOutputKind.Cumulative;
+
     /// <summary>Whether this request is greedy.</summary>
     public bool IsGreedy => Temperature == 0f;
-
-    /// <summary>Throws an <see cref="ArgumentException"/> naming the first invalid field and its allowed range.</summary>
-    public void Validate(int vocabSize)
-    {
-        if (N < 1) throw new ArgumentOutOfRangeException(nameof(N), N, "N must be at least 1.");
-        if (float.IsNaN(Temperature) || Temperature < 0) throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, "Temperature must be >= 0 (0 is greedy).");
-        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(TopP), TopP, "TopP must be in (0, 1].");
-        if (TopK < -1) throw new ArgumentOutOfRangeException(nameof(TopK), TopK, "TopK must be -1, 0 (disabled) or a positive count.");
-        if (!(MinP >= 0 && MinP <= 1)) throw new ArgumentOutOfRangeException(nameof(MinP), MinP, "MinP must be in [0, 1].");
-        if (!(RepetitionPenalty > 0)) throw new ArgumentOutOfRangeException(nameof(RepetitionPenalty), RepetitionPenalty, "RepetitionPenalty must be > 0 (1 disables).");
-        if (!(PresencePenalty >= -2 && PresencePenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(PresencePenalty), PresencePenalty, "PresencePenalty must be in [-2, 2].");
-        if (!(FrequencyPenalty >= -2 && FrequencyPenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(FrequencyPenalty), FrequencyPenalty, "FrequencyPenalty must be in [-2, 2].");
-        if (MaxTokens < 1) throw new ArgumentOutOfRangeException(nameof(MaxTokens), MaxTokens, "MaxTokens must be at least 1.");
-        if (MinTokens < 0 || MinTokens > MaxTokens) throw new ArgumentOutOfRangeException(nameof(MinTokens), MinTokens, $"MinTokens must be in [0, MaxTokens = {MaxTokens}].");
-        if (Logprobs is < 0 || Logprobs > vocabSize) throw new ArgumentOutOfRangeException(nameof(Logprobs), Logprobs, $"Logprobs must be in [0, vocabulary size {vocabSize}].");
-        if (PromptLogprobs is < 0 || PromptLogprobs > vocabSize) throw new ArgumentOutOfRangeException(nameof(PromptLogprobs), PromptLogprobs, $"PromptLogprobs must be in [0, vocabulary size {vocabSize}].");
-        foreach (var id in StopTokenIds)
-            if (id < 0 || id >= vocabSize) throw new ArgumentOutOfRangeException(nameof(StopTokenIds), id, $"Stop token id {id} is outside the vocabulary [0, {vocabSize}).");
-        foreach (var s in Stop)
-            if (string.IsNullOrEmpty(s)) throw new ArgumentException("Stop strings must not be empty.", nameof(Stop));
-    }
 }

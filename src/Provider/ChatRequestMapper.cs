@@ -109,13 +109,9 @@ internal static class ChatRequestMapper
 
     public static SamplingParams ToSampling(ChatOptions? o, GenerationConfig defaults, int promptTokens, int maxModelLen)
     {
-        if (o?.Temperature is < 0) throw new ArgumentOutOfRangeException(nameof(o.Temperature), o.Temperature, "ChatOptions.Temperature must be >= 0.");
-        if (o?.TopP is float p && !(p > 0 && p <= 1)) throw new ArgumentOutOfRangeException(nameof(o.TopP), p, "ChatOptions.TopP must be in (0, 1].");
-        if (o?.TopK is < 0) throw new ArgumentOutOfRangeException(nameof(o.TopK), o.TopK, "ChatOptions.TopK must be >= 0.");
-        if (o?.MaxOutputTokens is < 1) throw new ArgumentOutOfRangeException(nameof(o.MaxOutputTokens), o.MaxOutputTokens, "ChatOptions.MaxOutputTokens must be at least 1.");
-        int room = maxModelLen - promptTokens;
-        if (room < 1)
-            throw new ArgumentException($"The rendered prompt has {promptTokens} tokens but the model's context length is {maxModelLen}; nothing is left to generate.");
+        // Value ranges are the engine's RequestValidator's to check (the same rules and messages on every path); here
+        // only what is chat-specific: the room the rendered prompt leaves in the context.
+        int room = Math.Max(1, maxModelLen - promptTokens);
 
         T? Extra<T>(string key) where T : struct =>
             o?.AdditionalProperties?.TryGetValue(key, out var v) == true && v is not null
@@ -138,6 +134,7 @@ internal static class ChatRequestMapper
             MinTokens = Extra<int>("min_tokens") ?? 0,
             IgnoreEos = Extra<bool>("ignore_eos") ?? false,
             Stop = o?.StopSequences?.ToArray() ?? [],
+            OutputKind = RequestOutputKind.Delta,
         };
     }
 

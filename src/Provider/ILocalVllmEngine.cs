@@ -21,47 +21,15 @@ public interface ILocalVllmEngine
     int MaxModelLen { get; }
     /// <summary>Tokenizes a rendered chat prompt (special tokens in the text kept whole; no BOS added: templates carry it).</summary>
     int[] EncodeChatPrompt(string renderedPrompt);
-    /// <summary>Streams a request's outputs (cumulative text and ids); cancellation aborts it and frees its blocks.</summary>
+    /// <summary>The engine's request rules; the client checks every request against them before it is queued.</summary>
+    RequestValidator Validator { get; }
+    /// <summary>
+    /// Streams a request's outputs in its <see cref="SamplingParams.OutputKind"/> (the client asks for deltas: each
+    /// output holds only the new text and token ids); cancellation aborts it and frees its blocks.
+    /// </summary>
     IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken);
     /// <summary>Computes and pins a token prefix so it is never evicted; returns its pin id.</summary>
     Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken);
     /// <summary>Releases a pin.</summary>
     Task<bool> UnpinAsync(string pinId);
-}
-
-/// <summary>An <see cref="AsyncLlmEngine"/> serving one model directory, as the chat client sees it.</summary>
-public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
-{
-    /// <summary>Loads the model and starts the engine loop.</summary>
-    public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null)
-    {
-        Engine = new AsyncLlmEngine(options, logger);
-        var core = Engine.Engine;
-        if (core.Tokenizer is null)
-            throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
-        ChatTemplate = core.ChatTemplate
-            ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
-        ModelId = modelId ?? (ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
-            ? options.Model.Split('@')[0]
-            : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
-    }
-
-    /// <summary>The engine behind this client.</summary>
-    public AsyncLlmEngine Engine { get; }
-    public string ModelId { get; }
-    public ChatTemplate ChatTemplate { get; }
-    public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
-    public int MaxModelLen => Engine.Engine.MaxModelLen;
-    public int[] EncodeChatPrompt(string renderedPrompt) => Engine.Engine.Tokenizer!.Encode(renderedPrompt, addSpecialTokens: false);
-
-    public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken) =>
-        Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);
-
-    public async Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken) =>
-        (await Engine.WarmUpAsync([prefixTokenIds], cancellationToken).ConfigureAwait(false))[0];
-
-    public Task<bool> UnpinAsync(string pinId) => Engine.UnpinAsync(pinId);
-
-    /// <inheritdoc />
-    public void Dispose() => Engine.Dispose();
 }

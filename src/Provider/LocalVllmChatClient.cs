@@ -50,6 +50,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
             var prompt = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: true, request.ExtraContext);
             ids = _engine.EncodeChatPrompt(prompt);
             sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen);
+            _engine.Validator.Validate(ids, sampling);
         }
         catch (Exception e)
         {
@@ -59,7 +60,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
         string messageId = $"msg-{Interlocked.Increment(ref _nextId)}";
         var created = DateTimeOffset.UtcNow;
         var parser = new ModelOutputParser();
-        int textSeen = 0;
+        int outputTokens = 0;
         bool sawToolCall = false;
         RequestOutput? last = null;
 
@@ -68,31 +69,32 @@ public sealed partial class LocalVllmChatClient : IChatClient
             ResponseId = responseId, MessageId = messageId, CreatedAt = created, ModelId = _engine.ModelId,
         };
 
+        // The engine streams deltas: each output holds only the text and token ids that are new since the last one.
         await foreach (var output in _engine.GenerateAsync(ids, sampling, responseId, cancellationToken).ConfigureAwait(false))
         {
             last = output;
-            var text = output.Outputs[0].Text;
-            if (text.Length <= textSeen) continue;
-            var delta = text[textSeen..];
-            textSeen = text.Length;
-            foreach (var piece in parser.Feed(delta))
+            if (output.Outputs.Count == 0) continue;
+            var delta = output.Outputs[0];
+            outputTokens += delta.TokenIds.Count;
+            if (delta.Text.Length == 0) continue;
+            foreach (var piece in parser.Feed(delta.Text))
                 if (ToContent(piece, ref sawToolCall) is { } content) yield return Update(content);
         }
         foreach (var piece in parser.Finish())
             if (ToContent(piece, ref sawToolCall) is { } content) yield return Update(content);
 
         if (last is null) yield break;
-        var completion = last.Outputs[0];
+        var finishReason = last.Outputs.Count > 0 ? last.Outputs[0].FinishReason : null;
         var usage = new UsageDetails
         {
             InputTokenCount = last.PromptTokenIds.Count,
-            OutputTokenCount = completion.TokenIds.Count,
-            TotalTokenCount = last.PromptTokenIds.Count + completion.TokenIds.Count,
+            OutputTokenCount = outputTokens,
+            TotalTokenCount = last.PromptTokenIds.Count + outputTokens,
             CachedInputTokenCount = last.NumCachedTokens,
         };
         var final = Update(new UsageContent(usage));
         final.FinishReason = sawToolCall ? ChatFinishReason.ToolCalls
-            : completion.FinishReason == FinishReasons.Length ? ChatFinishReason.Length : ChatFinishReason.Stop;
+            : finishReason == FinishReasons.Length ? ChatFinishReason.Length : ChatFinishReason.Stop;
         yield return final;
     }
 

@@ -21,7 +21,7 @@ internal static class EngineHarness
         engine.Blocks.Allocate(seq, [], ids.Length);
         try
         {
-            var step = new ModelRunner(engine.Model, engine.Cache).Run([new ScheduledSequence(seq, ids.Length)]);
+            var step = engine.Runner.ComputeLogits([new ScheduledSequence(seq, ids.Length)]);
             var rows = new float[ids.Length][];
             for (int i = 0; i < ids.Length; i++) rows[i] = step.Logits[i].data<float>().ToArray();
             return rows;

@@ -23,9 +23,7 @@ public sealed class TokenizerTests
     [Fact]
     public void Qwen3_byte_level_bpe_encodes_every_vector_exactly_and_round_trips()
     {
-        var sw = Stopwatch.StartNew();
         var tok = Load("qwen3");
-        sw.Stop();
         var failures = new List<string>();
         foreach (var v in Vectors("qwen2.json"))
         {
@@ -36,7 +34,6 @@ public sealed class TokenizerTests
             else if (tok.Decode(ids) != text.Normalize(System.Text.NormalizationForm.FormC)) failures.Add($"decode {JsonValue.Create(text)}");
         }
         Assert.True(failures.Count == 0, string.Join("\n", failures));
-        Assert.True(sw.Elapsed.TotalSeconds < 5, $"loading took {sw.Elapsed.TotalSeconds:F1}s");
     }
 
     [Fact]

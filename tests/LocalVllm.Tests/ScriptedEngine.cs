@@ -32,6 +32,7 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
     public ChatTemplate ChatTemplate { get; }
     public GenerationConfig Defaults => _dir.Generation;
     public int MaxModelLen => 40960;
+    public RequestValidator Validator { get; } = new(vocabSize: 151936, maxModelLen: 40960, kvCacheBlocks: 4096, blockSize: 16);
     public int[] EncodeChatPrompt(string renderedPrompt)
     {
         Prompts.Add(renderedPrompt);
@@ -51,18 +52,17 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
     {
         Samplings.Add(sampling);
         var chunks = _scripts.Dequeue();
-        var text = "";
         for (int i = 0; i < chunks.Length; i++)
         {
             cancellationToken.ThrowIfCancellationRequested();
             await Task.Yield();
-            text += chunks[i];
             bool last = i == chunks.Length - 1;
+            // One chunk per output, as the engine's delta outputs carry it.
             yield return new RequestOutput
             {
                 RequestId = requestId,
                 PromptTokenIds = promptTokenIds,
-                Outputs = [new CompletionOutput { Index = 0, Text = text, TokenIds = new int[i + 1], FinishReason = last ? FinishReasons.Stop : null }],
+                Outputs = [new CompletionOutput { Index = 0, Text = chunks[i], TokenIds = new int[1], FinishReason = last ? FinishReasons.Stop : null }],
                 Finished = last,
                 NumCachedTokens = 16,
             };

@@ -14,4 +14,11 @@ public interface IAttentionBackend
     /// Returns [tokens, numHeads * headDim].
     /// </summary>
     Tensor Forward(Tensor q, Tensor k, Tensor v, Tensor kCache, Tensor vCache, AttentionMetadata metadata);
+
+    /// <summary>
+    /// Whether <see cref="Forward"/> reads <see cref="AttentionMetadata.ContextSlots"/> for a sequence with
+    /// <paramref name="queryLength"/> rows this step over <paramref name="contextLength"/> positions: the model runner
+    /// expands block tables into context slots (O(context) per sequence and step) only where this says so.
+    /// </summary>
+    bool ReadsContextSlots(int queryLength, int contextLength) => true;
 }

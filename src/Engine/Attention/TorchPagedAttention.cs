@@ -21,17 +21,27 @@ public sealed class TorchPagedAttention : IAttentionBackend
         kFlat.index_copy_(0, metadata.SlotMapping, k);
         vFlat.index_copy_(0, metadata.SlotMapping, v);
 
-        using var kCtx = kFlat.index_select(0, metadata.ContextSlots); // [sumContext, numKvHeads, headDim]
-        using var vCtx = vFlat.index_select(0, metadata.ContextSlots);
-
         var outputs = new Tensor[metadata.Sequences.Count];
-        for (int i = 0; i < outputs.Length; i++)
+        if (metadata.HasAllContextSlots)
         {
-            var s = metadata.Sequences[i];
-            using var kn = kCtx.narrow(0, s.ContextStart, s.ContextLength);
-            using var vn = vCtx.narrow(0, s.ContextStart, s.ContextLength);
-            outputs[i] = AttendSequence(q, kn, vn, s, groups);
+            using var kCtx = kFlat.index_select(0, metadata.ContextSlots!); // [sumContext, numKvHeads, headDim]
+            using var vCtx = vFlat.index_select(0, metadata.ContextSlots!);
+            for (int i = 0; i < outputs.Length; i++)
+            {
+                var s = metadata.Sequences[i];
+                using var kn = kCtx.narrow(0, s.ContextStart, s.ContextLength);
+                using var vn = vCtx.narrow(0, s.ContextStart, s.ContextLength);
+                outputs[i] = AttendSequence(q, kn, vn, s, groups);
+            }
         }
+        else
+            for (int i = 0; i < outputs.Length; i++)
+            {
+                using var slots = metadata.ContextSlotsOf(i);
+                using var kn = kFlat.index_select(0, slots);
+                using var vn = vFlat.index_select(0, slots);
+                outputs[i] = AttendSequence(q, kn, vn, metadata.Sequences[i], groups);
+            }
         if (outputs.Length == 1) return outputs[0];
         var result = cat(outputs, 0);
         foreach (var o in outputs) o.Dispose();

@@ -1,3 +1,4 @@
+using LocalVllm.Engine.Execution;
 
 namespace LocalVllm.Engine.Core;
 
@@ -135,6 +136,25 @@ public sealed class Scheduler
         }
         if (admittedAny && _waiting.First is { } head) head.Value.TimesPassedOver++; // someone was admitted while it waited
         return scheduled;
+    }
+
+    /// <summary>
+    /// Applies a step's results: each scheduled sequence's computed-token count moves on by the tokens it computed,
+    /// its newly full blocks enter the prefix cache, and each sequence that sampled gets its token appended. Returns
+    /// the prefill and decode tokens the step computed.
+    /// </summary>
+    public (int Prefill, int Decode) Update(IReadOnlyList<ScheduledSequence> batch, IReadOnlyList<SampledToken?> sampled)
+    {
+        int prefill = 0, decode = 0;
+        for (int i = 0; i < batch.Count; i++)
+        {
+            var (seq, numNew) = batch[i];
+            if (seq.NumComputedTokens < seq.NumPromptTokens) prefill += numNew; else decode += numNew;
+            seq.NumComputedTokens += numNew;
+            _blocks.CacheFullBlocks(seq);
+            if (sampled[i] is { } token) seq.Append(token.TokenId);
+        }
+        return (prefill, decode);
     }
 
     /// <summary>Removes a finished or aborted sequence and releases its blocks.</summary>

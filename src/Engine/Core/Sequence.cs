@@ -63,6 +63,10 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
+    /// <summary>Output tokens already handed out in a delta output (and their log-probabilities).</summary>
+    internal int NumOutputTokensSent { get; set; }
+    /// <summary>Whether a delta output has already reported this sequence's finish.</summary>
+    internal bool FinishSent { get; set; }
     internal long? LastTokenTicks { get; set; }
     /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>
     internal bool SamplesAfter(int numNewTokens) => NumComputedTokens + numNewTokens == NumTokens;
@@ -82,17 +86,20 @@ public sealed class Sequence
     /// The output tokens so far, as an immutable snapshot that later tokens do not change. No copy: every step hands
     /// each progressing request its cumulative ids, which would otherwise cost a copy of the whole output per step.
     /// </summary>
-    public IReadOnlyList<int> OutputTokens() => new TokenSnapshot(_output, _outputCount);
+    public IReadOnlyList<int> OutputTokens() => new TokenSnapshot(_output, 0, _outputCount);
 
-    private sealed class TokenSnapshot(int[] tokens, int count) : IReadOnlyList<int>
+    /// <summary>The output tokens from index <paramref name="from"/> on (a delta), as an immutable snapshot.</summary>
+    internal IReadOnlyList<int> OutputTokens(int from) => new TokenSnapshot(_output, from, _outputCount - from);
+
+    private sealed class TokenSnapshot(int[] tokens, int offset, int count) : IReadOnlyList<int>
     {
-        public int this[int index] => (uint)index < (uint)count ? tokens[index] : throw new ArgumentOutOfRangeException(nameof(index));
+        public int this[int index] => (uint)index < (uint)count ? tokens[offset + index] : throw new ArgumentOutOfRangeException(nameof(index));
         public int Count => count;
         public IEnumerator<int> GetEnumerator()
         {
-            for (int i = 0; i < count; i++) yield return tokens[i];
+            for (int i = 0; i < count; i++) yield return tokens[offset + i];
         }
         System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
-        public override string ToString() => $"[{string.Join(", ", tokens.Take(count))}]";
+        public override string ToString() => $"[{string.Join(", ", tokens.Skip(offset).Take(count))}]";
     }
 }

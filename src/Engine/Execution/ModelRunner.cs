@@ -1,44 +1,122 @@
+using System.Diagnostics;
 using LocalVllm.Engine.Attention;
 using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Diagnostics;
+using LocalVllm.Engine.Kernels.Cpu;
+using LocalVllm.Engine.Loading;
 using LocalVllm.Engine.Models;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Execution;
 
-/// <summary>Logit rows of one step: which sequences sample and which rows hold prompt positions for prompt logprobs.</summary>
-/// <param name="Logits">[rows, vocab] float32.</param>
-/// <param name="SampleRows">Per scheduled sequence, its sampling row, or -1 when it does not sample this step.</param>
-/// <param name="PromptRows">Per scheduled sequence, (first row, first position, count) of prompt-logprob rows, or null.</param>
-public sealed record StepLogits(Tensor Logits, int[] SampleRows, (int Row, int Position, int Count)?[] PromptRows);
-
 /// <summary>
-/// Packs a step's scheduled tokens into one forward pass: input ids, positions, slot mapping, the context slots of
-/// every sequence's block table, and the rows whose logits are needed.
+/// Everything between a scheduling decision and the sampled tokens: loads the model on its device and dtype, picks the
+/// attention backend, sizes and allocates the KV cache, and each step packs the scheduled tokens into one forward pass
+/// (input ids, positions, slot mapping, block tables, and context slots only where the backend reads them), runs the
+/// model and samples. It never changes a sequence: the scheduler applies what it returns.
 /// </summary>
-public sealed class ModelRunner
+public sealed class ModelRunner : IDisposable
 {
-    private readonly CausalLm _model;
-    private readonly KvCache _cache;
+    private readonly Sampler _sampler = new();
+    private readonly EngineCounters _counters;
 
-    public ModelRunner(CausalLm model, KvCache cache)
+    /// <summary>Loads the model of <paramref name="directory"/> and allocates the KV cache as <paramref name="options"/> say.</summary>
+    public ModelRunner(EngineOptions options, ModelDirectory directory, EngineCounters counters)
     {
-        _model = model;
-        _cache = cache;
+        _counters = counters;
+        var device = torch.device(options.Device);
+        var dtype = options.DType switch
+        {
+            "bfloat16" => ScalarType.BFloat16,
+            "float16" => ScalarType.Float16,
+            _ => ScalarType.Float32,
+        };
+        // On the CPU in float32, attention reads the paged cache in place (CpuPagedAttention); elsewhere the
+        // device-agnostic TorchSharp backend.
+        Attention = options.AttentionBackend
+            ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 && options.CpuKernels ? new CpuPagedAttention() : new TorchPagedAttention());
+        Model = CausalLm.Load(directory, dtype, device, Attention, options.CpuKernels);
+        try
+        {
+            var c = Model.Config;
+            MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
+            long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);
+            int numBlocks = options.NumKvBlocks
+                ?? (int)Math.Max(1, Math.Min(int.MaxValue, (options.KvCacheMemoryBytes ?? 256L * 1024 * 1024) / bytesPerBlock));
+            Cache = new KvCache(c.NumHiddenLayers, numBlocks, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype, device);
+        }
+        catch
+        {
+            Model.Dispose();
+            throw;
+        }
     }
 
-    /// <summary>Called with the Stopwatch ticks spent building each step's inputs (for the engine's time split).</summary>
-    public Action<long>? OnInputsBuilt { get; init; }
+    public CausalLm Model { get; }
+    public KvCache Cache { get; }
+    /// <summary>The paged-attention implementation the model calls.</summary>
+    public IAttentionBackend Attention { get; }
+    /// <summary>The longest sequence (prompt plus output) served: MaxModelLen capped by the model's max_position_embeddings.</summary>
+    public int MaxModelLen { get; }
 
-    /// <summary>Runs the step; the returned logits belong to the caller's dispose scope.</summary>
-    public StepLogits Run(IReadOnlyList<ScheduledSequence> batch)
+    /// <summary>Runs one step: forward pass, then sampling and prompt log-probabilities; tensors stay in the caller's dispose scope.</summary>
+    public ModelRunnerOutput Execute(IReadOnlyList<ScheduledSequence> batch)
     {
-        long buildStart = System.Diagnostics.Stopwatch.GetTimestamp();
-        int bs = _cache.BlockSize;
-        int totalTokens = 0, totalContext = 0;
-        foreach (var s in batch)
+        long t0 = Stopwatch.GetTimestamp();
+        var step = ComputeLogits(batch);
+        long t1 = Stopwatch.GetTimestamp();
+        _counters.ForwardTicks += t1 - t0;
+
+        var sampled = new SampledToken?[batch.Count];
+        var samplers = new List<Sequence>();
+        var rows = new List<long>();
+        for (int i = 0; i < batch.Count; i++)
+            if (step.SampleRows[i] >= 0)
+            {
+                samplers.Add(batch[i].Sequence);
+                rows.Add(step.SampleRows[i]);
+            }
+        if (samplers.Count > 0)
         {
-            totalTokens += s.NumNewTokens;
-            totalContext += s.Sequence.NumComputedTokens + s.NumNewTokens;
+            using var rowsT = tensor(rows.ToArray(), device: step.Logits.device);
+            using var sampleLogits = step.Logits.index_select(0, rowsT);
+            var tokens = _sampler.Sample(sampleLogits, samplers);
+            for (int i = 0, k = 0; i < batch.Count; i++)
+                if (step.SampleRows[i] >= 0) sampled[i] = tokens[k++];
+        }
+        var promptLogprobs = new PromptLogprobsChunk?[batch.Count];
+        for (int i = 0; i < batch.Count; i++)
+            if (step.PromptRows[i] is var (row, position, count))
+                promptLogprobs[i] = PromptLogprobs(step.Logits, row, position, count, batch[i].Sequence);
+        _counters.SampleTicks += Stopwatch.GetTimestamp() - t1;
+        return new ModelRunnerOutput(sampled, promptLogprobs);
+    }
+
+    /// <summary>Log-probabilities of prompt positions <paramref name="position"/> + 1 .. + <paramref name="count"/> from their preceding rows.</summary>
+    private static PromptLogprobsChunk PromptLogprobs(Tensor logits, int row, int position, int count, Sequence seq)
+    {
+        using var scope = NewDisposeScope();
+        int k = seq.Sampling.PromptLogprobs ?? 0;
+        var lp = logits.narrow(0, row, count).log_softmax(-1);
+        var values = new PositionLogprobs[count];
+        for (int j = 0; j < count; j++) values[j] = Sampler.Logprobs(lp[j], seq.PromptTokenIds[position + j + 1], k);
+        return new PromptLogprobsChunk(position + 1, values);
+    }
+
+    /// <summary>Packs the step's tokens and runs the model; the returned logits belong to the caller's dispose scope.</summary>
+    public StepLogits ComputeLogits(IReadOnlyList<ScheduledSequence> batch)
+    {
+        long buildStart = Stopwatch.GetTimestamp();
+        int bs = Cache.BlockSize;
+        int totalTokens = 0, totalContext = 0;
+        var readsContext = new bool[batch.Count];
+        for (int i = 0; i < batch.Count; i++)
+        {
+            var (seq, numNew) = batch[i];
+            totalTokens += numNew;
+            readsContext[i] = Attention.ReadsContextSlots(numNew, seq.NumComputedTokens + numNew);
+            if (readsContext[i]) totalContext += seq.NumComputedTokens + numNew;
         }
         var ids = new long[totalTokens];
         var positions = new long[totalTokens];
@@ -56,9 +134,12 @@ public sealed class ModelRunner
             int start = seq.NumComputedTokens, end = start + numNew;
             var table = seq.BlockTable;
             tables[i] = [.. table];
-            spans[i] = new SequenceSpan(t, numNew, end, c);
-            for (int p = 0; p < end; p++) contextSlots[c + p] = (long)table[p / bs] * bs + p % bs;
-            c += end;
+            spans[i] = new SequenceSpan(t, numNew, end, readsContext[i] ? c : -1);
+            if (readsContext[i])
+            {
+                for (int p = 0; p < end; p++) contextSlots[c + p] = (long)table[p / bs] * bs + p % bs;
+                c += end;
+            }
             if (seq.Sampling.PromptLogprobs is not null && start < seq.NumPromptTokens - 1)
             {
                 int last = Math.Min(end, seq.NumPromptTokens - 1);
@@ -69,7 +150,7 @@ public sealed class ModelRunner
             {
                 ids[t] = seq.Tokens[p];
                 positions[t] = p;
-                slots[t] = contextSlots[spans[i].ContextStart + p];
+                slots[t] = (long)table[p / bs] * bs + p % bs;
             }
             maxPosition = Math.Max(maxPosition, end - 1);
             if (seq.SamplesAfter(numNew))
@@ -80,15 +161,22 @@ public sealed class ModelRunner
             else sampleRows[i] = -1;
         }
 
-        var device = _model.Device;
+        var device = Model.Device;
         using var idsT = tensor(ids, device: device);
         using var posT = tensor(positions, device: device);
         using var slotT = tensor(slots, device: device);
-        using var ctxT = tensor(contextSlots, device: device);
+        using var ctxT = totalContext > 0 ? tensor(contextSlots, device: device) : null;
         using var rowsT = tensor(logitRows.ToArray(), device: device);
         var metadata = new AttentionMetadata(slotT, ctxT, spans, tables, bs);
-        OnInputsBuilt?.Invoke(System.Diagnostics.Stopwatch.GetTimestamp() - buildStart);
-        var logits = _model.Forward(idsT, posT, maxPosition, metadata, _cache, rowsT);
+        _counters.InputTicks += Stopwatch.GetTimestamp() - buildStart;
+        var logits = Model.Forward(idsT, posT, maxPosition, metadata, Cache, rowsT);
         return new StepLogits(logits, sampleRows, promptRows);
+    }
+
+    /// <inheritdoc />
+    public void Dispose()
+    {
+        Cache.Dispose();
+        Model.Dispose();
     }
 }

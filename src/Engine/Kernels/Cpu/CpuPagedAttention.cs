@@ -36,6 +36,12 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
     // Per-thread scratch, reused across layers and steps (a fresh one per call was garbage every layer).
     [ThreadStatic] private static Scratch? t_scratch;
 
+    /// <summary>
+    /// Only prefill chunks too long for the row kernel go through SDPA over gathered context slots; decode rows and
+    /// short chunks read the block tables in place, so no context slots are built for them.
+    /// </summary>
+    public bool ReadsContextSlots(int queryLength, int contextLength) => queryLength > 1 && contextLength > _rowKernelMaxContext;
+
     /// <inheritdoc />
     public Tensor Forward(Tensor q, Tensor k, Tensor v, Tensor kCache, Tensor vCache, AttentionMetadata metadata)
     {
@@ -87,7 +93,7 @@ public sealed unsafe class CpuPagedAttention : IAttentionBackend
             {
                 var s = metadata.Sequences[i];
                 using var scope = NewDisposeScope();
-                var slots = metadata.ContextSlots.narrow(0, s.ContextStart, s.ContextLength);
+                var slots = metadata.ContextSlotsOf(i);
                 var attended = TorchPagedAttention.AttendSequence(q, kFlat.index_select(0, slots), vFlat.index_select(0, slots), s, numHeads / numKvHeads);
                 output.narrow(0, s.QueryStart, s.QueryLength).copy_(attended);
             }

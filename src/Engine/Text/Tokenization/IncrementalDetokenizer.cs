@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using System.Text;
 
 namespace LocalVllm.Engine.Text.Tokenization;
@@ -14,9 +15,13 @@ public sealed class IncrementalDetokenizer
     private readonly bool _skipSpecial;
     private readonly IReadOnlyList<string> _stop;
     private readonly List<byte> _pending = [];
+    // Decided text (emitted), and decoded text held back because it could start a stop string. Each token's work
+    // touches only the held-back text and the new bytes, never the whole text, so a long generation costs the same
+    // per token at its end as at its start.
     private readonly StringBuilder _text = new();
+    private readonly StringBuilder _held = new();
+    private int _deltaStart;
     private bool _atStart;
-    private int _emitted;
 
     /// <summary>
     /// Creates a detokenizer for a sequence whose prompt was <paramref name="promptIds"/> (used only to know whether the
@@ -31,11 +36,22 @@ public sealed class IncrementalDetokenizer
         _atStart = !promptIds.Any(id => !tokenizer.IsSpecial(id) && tokenizer.TokenBytes(id).Length > 0);
     }
 
-    /// <summary>All text decided so far (what has been emitted).</summary>
-    public string Text => _text.ToString(0, _emitted);
+    /// <summary>All text decided so far (what has been emitted). Builds a string of the whole text: O(length).</summary>
+    public string Text => _text.ToString();
+
+    /// <summary>Characters decided so far.</summary>
+    public int Length => _text.Length;
 
     /// <summary>The stop string that ended the text, once one matched.</summary>
     public string? MatchedStop { get; private set; }
+
+    /// <summary>The text decided since the previous call (for delta outputs); O(length of the delta).</summary>
+    public string TakeDelta()
+    {
+        var delta = _text.ToString(_deltaStart, _text.Length - _deltaStart);
+        _deltaStart = _text.Length;
+        return delta;
+    }
 
     /// <summary>Adds one token; returns the newly decided text (possibly empty).</summary>
     public string Add(int tokenId)
@@ -53,7 +69,7 @@ public sealed class IncrementalDetokenizer
             int complete = CompleteUtf8Prefix(_pending);
             if (complete > 0)
             {
-                _text.Append(Encoding.UTF8.GetString(_pending.GetRange(0, complete).ToArray()));
+                _held.Append(Encoding.UTF8.GetString(CollectionsMarshal.AsSpan(_pending)[..complete]));
                 _pending.RemoveRange(0, complete);
             }
         }
@@ -65,38 +81,34 @@ public sealed class IncrementalDetokenizer
     {
         if (MatchedStop is null && _pending.Count > 0)
         {
-            _text.Append(Encoding.UTF8.GetString(_pending.ToArray()));
+            _held.Append(Encoding.UTF8.GetString(CollectionsMarshal.AsSpan(_pending)));
             _pending.Clear();
         }
         return Advance(final: true);
     }
 
+    /// <summary>Moves what is decided from the held-back text to the text: up to a stop string, or all but a possible stop-string start.</summary>
     private string Advance(bool final)
     {
-        if (MatchedStop is not null) return "";
-        var all = _text.ToString();
-        // Text before _emitted could not start a stop string (held-back suffixes guarantee it), so search from there.
+        if (MatchedStop is not null || _held.Length == 0) return "";
+        // Emitted text cannot start a stop string (held-back suffixes guarantee it), so only the held-back text is searched.
+        var held = _held.ToString();
         int at = -1;
         foreach (var stop in _stop)
         {
-            int i = all.IndexOf(stop, _emitted, StringComparison.Ordinal);
+            int i = held.IndexOf(stop, StringComparison.Ordinal);
             if (i >= 0 && (at < 0 || i < at)) { at = i; MatchedStop = stop; }
         }
-        if (at >= 0)
-        {
-            var piece = all[_emitted..at];
-            _text.Length = at;
-            _emitted = at;
-            return piece;
-        }
-        int safe = all.Length;
-        if (!final)
+        int safe = at >= 0 ? at : held.Length;
+        if (at < 0 && !final)
             foreach (var stop in _stop)
-                for (int k = Math.Min(stop.Length - 1, all.Length - _emitted); k > 0; k--)
-                    if (string.CompareOrdinal(all, all.Length - k, stop, 0, k) == 0) { safe = Math.Min(safe, all.Length - k); break; }
-        if (safe <= _emitted) return "";
-        var emitted = all[_emitted..safe];
-        _emitted = safe;
+                for (int k = Math.Min(stop.Length - 1, held.Length); k > 0; k--)
+                    if (string.CompareOrdinal(held, held.Length - k, stop, 0, k) == 0) { safe = Math.Min(safe, held.Length - k); break; }
+        if (at >= 0) _held.Clear();
+        else _held.Remove(0, safe);
+        if (safe == 0) return "";
+        var emitted = held[..safe];
+        _text.Append(emitted);
         return emitted;
     }
 

@@ -1,0 +1,218 @@
+using System.Diagnostics;
+using LocalVllm.Engine.Diagnostics;
+using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Text.Tokenization;
+using Microsoft.Extensions.Logging;
+
+namespace LocalVllm.Engine.Core;
+
+/// <summary>
+/// The requests in flight and everything that happens to a sampled token after the scheduler has appended it: the
+/// sequence's timings and log-probabilities, incremental detokenization, stop checks (stop strings, a custom stop
+/// condition, EOS and stop tokens, MaxTokens, the context length) and the <see cref="RequestOutput"/>s of the step in
+/// each request's <see cref="RequestOutputKind"/>. A delta output costs the same at the end of a long generation as at
+/// its start: it touches only the new tokens and text. Finishing a sequence goes through the scheduler, which frees
+/// its blocks. Owned by the engine thread.
+/// </summary>
+internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger)
+{
+    private readonly Dictionary<string, Request> _requests = [];
+
+    /// <summary>Requests not yet finished.</summary>
+    public int Count => _requests.Count;
+
+    public bool Contains(string requestId) => _requests.ContainsKey(requestId);
+
+    /// <summary>Takes a validated request: one sequence per completion, queued in the scheduler.</summary>
+    public void Add(string requestId, IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string? prompt, DateTimeOffset? deadline)
+    {
+        var ids = promptTokenIds.ToArray();
+        long now = Stopwatch.GetTimestamp();
+        var seqs = new Sequence[sampling.N];
+        for (int i = 0; i < seqs.Length; i++)
+        {
+            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now);
+            if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
+            if (sampling.Logprobs is not null) s.OutputLogprobs = [];
+            if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop);
+        }
+        _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs, deadline);
+        foreach (var s in seqs) scheduler.Add(s);
+    }
+
+    /// <summary>Ends a request's unfinished sequences with finish reason "abort"; returns its final output, or null if unknown.</summary>
+    public RequestOutput? Abort(string requestId)
+    {
+        if (!_requests.Remove(requestId, out var request)) return null;
+        FinishAll(request, FinishReasons.Abort);
+        return BuildOutput(request);
+    }
+
+    /// <summary>Ends the requests whose deadline has passed (finish reason "timeout").</summary>
+    public List<RequestOutput> ExpireDeadlines()
+    {
+        var outputs = new List<RequestOutput>();
+        var now = DateTimeOffset.UtcNow;
+        foreach (var r in _requests.Values.Where(r => r.Deadline is { } d && d <= now).ToArray())
+        {
+            FinishAll(r, FinishReasons.Timeout);
+            _requests.Remove(r.Id);
+            EngineLog.Failed(logger, r.Id, $"deadline {r.Deadline:O} passed");
+            outputs.Add(BuildOutput(r));
+        }
+        return outputs;
+    }
+
+    /// <summary>A sequence that cannot be scheduled even alone (it outgrew the whole cache) ends with "length".</summary>
+    public IEnumerable<RequestOutput> FinishStuck(Sequence seq)
+    {
+        scheduler.Finish(seq, FinishReasons.Length);
+        return Collect([seq]);
+    }
+
+    /// <summary>The forward pass or the sampler failed: the step's requests fail with the cause; the others carry on.</summary>
+    public List<RequestOutput> FailStep(IReadOnlyList<ScheduledSequence> batch, Exception e) =>
+        batch.Select(b => b.Sequence.RequestId).Distinct().ToArray()
+            .Select(id => Fail(id, new EngineStepException($"Request '{id}' failed in the engine step: {e.Message}", e))).ToList();
+
+    /// <summary>
+    /// Processes one step's results after the scheduler appended the sampled tokens: prompt log-probabilities,
+    /// timings, detokenization and stop checks; returns an output for every request that progressed (as its output
+    /// kind says).
+    /// </summary>
+    public List<RequestOutput> Process(IReadOnlyList<ScheduledSequence> batch, ModelRunnerOutput result)
+    {
+        var outputs = new List<RequestOutput>();
+        var touched = new List<Sequence>();
+        long now = Stopwatch.GetTimestamp();
+        for (int i = 0; i < batch.Count; i++)
+        {
+            var seq = batch[i].Sequence;
+            if (result.PromptLogprobs[i] is { } chunk) chunk.Values.CopyTo(seq.PromptLogprobs!, chunk.FirstPosition);
+            if (result.Sampled[i] is not { } token) continue;
+            seq.LastTokenTicks = now;
+            if (seq.FirstTokenTicks is null)
+            {
+                seq.FirstTokenTicks = now;
+                EngineMetrics.TimeToFirstToken.Record(Stopwatch.GetElapsedTime(seq.ArrivalTicks, now).TotalSeconds);
+            }
+            if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
+            try
+            {
+                CheckStop(seq, token.TokenId);
+                touched.Add(seq);
+            }
+            catch (Exception e)
+            {
+                // A failure in one request's own processing (detokenizer, stop condition) fails that request only.
+                outputs.Add(Fail(seq.RequestId, new RequestFailedException($"Request '{seq.RequestId}' failed while processing its output: {e.Message}", e)));
+            }
+        }
+        outputs.AddRange(Collect(touched));
+        return outputs;
+    }
+
+    private void CheckStop(Sequence seq, int token)
+    {
+        var p = seq.Sampling;
+        int generated = seq.NumOutputTokens;
+        if (seq.Detokenizer is { } detok)
+        {
+            detok.Add(token);
+            if (detok.MatchedStop is string matched) { scheduler.Finish(seq, FinishReasons.Stop, matched); return; }
+            if (p.StopCondition is { } stop && stop(detok.Text)) { scheduler.Finish(seq, FinishReasons.Stop, "StopCondition"); return; }
+        }
+        if (generated >= p.MinTokens)
+        {
+            if (!p.IgnoreEos && eos.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
+            if (p.StopTokenIds.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
+        }
+        if (generated >= p.MaxTokens || seq.NumTokens >= maxModelLen) scheduler.Finish(seq, FinishReasons.Length);
+    }
+
+    private RequestOutput Fail(string requestId, Exception error)
+    {
+        var r = _requests[requestId];
+        r.Error = error;
+        FinishAll(r, FinishReasons.Error);
+        _requests.Remove(requestId);
+        EngineLog.Failed(logger, requestId, error.Message);
+        return BuildOutput(r);
+    }
+
+    private void FinishAll(Request r, string reason)
+    {
+        foreach (var s in r.Sequences)
+            if (s.Status != SequenceStatus.Finished) scheduler.Finish(s, reason);
+    }
+
+    private IEnumerable<RequestOutput> Collect(List<Sequence> touched)
+    {
+        foreach (var id in touched.Select(s => s.RequestId).Distinct())
+        {
+            if (!_requests.TryGetValue(id, out var request)) continue;
+            bool finished = request.Finished;
+            if (finished)
+            {
+                _requests.Remove(id);
+                counters.FinishedRequests++;
+                EngineMetrics.FinishedRequests.Add(1);
+            }
+            else if (request.Sampling.OutputKind == RequestOutputKind.FinalOnly) continue;
+            yield return BuildOutput(request);
+        }
+    }
+
+    /// <summary>The request's output: what is new since its last output (delta), else everything so far.</summary>
+    private static RequestOutput BuildOutput(Request r)
+    {
+        bool delta = r.Sampling.OutputKind == RequestOutputKind.Delta;
+        var completions = new List<CompletionOutput>(r.Sequences.Length);
+        foreach (var s in r.Sequences)
+        {
+            bool finished = s.Status == SequenceStatus.Finished;
+            if (finished) s.Detokenizer?.Flush();
+            if (delta)
+            {
+                int from = s.NumOutputTokensSent;
+                if (from == s.NumOutputTokens && (!finished || s.FinishSent)) continue; // nothing new for this completion
+                s.NumOutputTokensSent = s.NumOutputTokens;
+                s.FinishSent = finished;
+                completions.Add(new CompletionOutput
+                {
+                    Index = s.Index,
+                    Text = s.Detokenizer?.TakeDelta() ?? "",
+                    TokenIds = s.OutputTokens(from),
+                    Logprobs = s.OutputLogprobs?.GetRange(from, s.OutputLogprobs.Count - from),
+                    FinishReason = s.FinishReason,
+                    StopReason = s.StopReason,
+                });
+            }
+            else
+                completions.Add(new CompletionOutput
+                {
+                    Index = s.Index,
+                    Text = s.Detokenizer?.Text ?? "",
+                    TokenIds = s.OutputTokens(),
+                    Logprobs = s.OutputLogprobs?.ToArray(),
+                    FinishReason = s.FinishReason,
+                    StopReason = s.StopReason,
+                });
+        }
+        var first = r.Sequences.Where(s => s.FirstTokenTicks is not null).Select(s => s.FirstTokenTicks!.Value).DefaultIfEmpty().Min();
+        return new RequestOutput
+        {
+            RequestId = r.Id,
+            Prompt = r.Prompt,
+            PromptTokenIds = r.PromptIds,
+            PromptLogprobs = r.Sequences[0].PromptLogprobs,
+            Outputs = completions,
+            Finished = r.Finished,
+            Error = r.Error,
+            NumCachedTokens = r.Sequences.Max(s => s.NumCachedPromptTokens),
+            TimeToFirstTokenSeconds = first == 0 ? null : Stopwatch.GetElapsedTime(r.Sequences[0].ArrivalTicks, first).TotalSeconds,
+            TimePerOutputTokenSeconds = r.Sequences[0] is { NumOutputTokens: > 1, FirstTokenTicks: long f0, LastTokenTicks: long l0 } s0
+                ? Stopwatch.GetElapsedTime(f0, l0).TotalSeconds / (s0.NumOutputTokens - 1) : null,
+        };
+    }
+}

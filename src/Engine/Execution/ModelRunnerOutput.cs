@@ -1,0 +1,9 @@
+namespace LocalVllm.Engine.Execution;
+
+/// <summary>Prompt log-probabilities computed in one step for one sequence: positions <c>FirstPosition ..</c> of its prompt.</summary>
+public sealed record PromptLogprobsChunk(int FirstPosition, PositionLogprobs[] Values);
+
+/// <summary>What one step produced for each scheduled sequence, in batch order.</summary>
+/// <param name="Sampled">The sampled token, or null when the sequence's chunk did not reach the end of its known tokens.</param>
+/// <param name="PromptLogprobs">The prompt log-probabilities this step computed, or null.</param>
+public sealed record ModelRunnerOutput(SampledToken?[] Sampled, PromptLogprobsChunk?[] PromptLogprobs);

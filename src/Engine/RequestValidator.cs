@@ -1,0 +1,99 @@
+namespace LocalVllm.Engine;
+
+/// <summary>
+/// The one set of rules a request must meet, checked before it touches engine state: the offline API
+/// (<see cref="Llm"/>), the async engine and the chat provider all call it, so a bad value gets the same exception and
+/// message on every path. Messages name the field (with its chat and HTTP names where they differ) and its limit.
+/// Immutable and safe to call from any thread.
+/// </summary>
+public sealed class RequestValidator
+{
+    /// <summary>Rules for a model of <paramref name="vocabSize"/> tokens served up to <paramref name="maxModelLen"/> tokens a sequence, with a KV cache of <paramref name="kvCacheBlocks"/> blocks of <paramref name="blockSize"/> tokens.</summary>
+    public RequestValidator(int vocabSize, int maxModelLen, int kvCacheBlocks, int blockSize, int maxWaitingRequests = int.MaxValue)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(vocabSize, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxModelLen, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(kvCacheBlocks, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(blockSize, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(maxWaitingRequests);
+        VocabSize = vocabSize;
+        MaxModelLen = maxModelLen;
+        KvCacheBlocks = kvCacheBlocks;
+        BlockSize = blockSize;
+        MaxWaitingRequests = maxWaitingRequests;
+    }
+
+    /// <summary>Token ids must lie in [0, VocabSize).</summary>
+    public int VocabSize { get; }
+    /// <summary>The longest sequence (prompt plus output) served.</summary>
+    public int MaxModelLen { get; }
+    /// <summary>Blocks in the KV cache.</summary>
+    public int KvCacheBlocks { get; }
+    /// <summary>Tokens per KV block.</summary>
+    public int BlockSize { get; }
+    /// <summary>Requests that may wait for admission before new ones are refused.</summary>
+    public int MaxWaitingRequests { get; }
+
+    /// <summary>Checks the prompt, then the sampling parameters; throws <see cref="ArgumentException"/> naming the first bad value.</summary>
+    public void Validate(IReadOnlyList<int> promptTokenIds, SamplingParams sampling)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        ArgumentNullException.ThrowIfNull(sampling);
+        ValidatePrompt(promptTokenIds);
+        ValidateSampling(sampling);
+    }
+
+    /// <summary>The prompt is not empty, its ids are in the vocabulary, and it fits the context and the KV cache with one token to spare.</summary>
+    public void ValidatePrompt(IReadOnlyList<int> promptTokenIds)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        if (promptTokenIds.Count == 0) throw new ArgumentException("The prompt is empty: at least one token id is needed.", nameof(promptTokenIds));
+        for (int i = 0; i < promptTokenIds.Count; i++)
+            if (promptTokenIds[i] < 0 || promptTokenIds[i] >= VocabSize)
+                throw new ArgumentOutOfRangeException(nameof(promptTokenIds), promptTokenIds[i],
+                    $"Token id {promptTokenIds[i]} at prompt position {i} is outside the vocabulary [0, {VocabSize}).");
+        if (promptTokenIds.Count >= MaxModelLen)
+            throw new ArgumentException(
+                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} (max_position_embeddings / MaxModelLen); at least one token must be left to generate.",
+                nameof(promptTokenIds));
+        int capacity = KvCacheBlocks * BlockSize;
+        if (promptTokenIds.Count + 1 > capacity)
+            throw new ArgumentException(
+                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({KvCacheBlocks} blocks of {BlockSize}); raise KvCacheMemoryBytes.",
+                nameof(promptTokenIds));
+    }
+
+    /// <summary>Every sampling field is within its range; throws <see cref="ArgumentException"/> naming the field.</summary>
+    public void ValidateSampling(SamplingParams p)
+    {
+        ArgumentNullException.ThrowIfNull(p);
+        if (p.N < 1) throw new ArgumentOutOfRangeException(nameof(p.N), p.N, "N (n) must be at least 1.");
+        if (float.IsNaN(p.Temperature) || p.Temperature < 0) throw new ArgumentOutOfRangeException(nameof(p.Temperature), p.Temperature, "Temperature must be >= 0 (0 is greedy).");
+        if (!(p.TopP > 0 && p.TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(p.TopP), p.TopP, "TopP (top_p) must be in (0, 1].");
+        if (p.TopK < -1) throw new ArgumentOutOfRangeException(nameof(p.TopK), p.TopK, "TopK (top_k) must be -1 or 0 (both disable it) or a positive count.");
+        if (!(p.MinP >= 0 && p.MinP <= 1)) throw new ArgumentOutOfRangeException(nameof(p.MinP), p.MinP, "MinP (min_p) must be in [0, 1].");
+        if (!(p.RepetitionPenalty > 0)) throw new ArgumentOutOfRangeException(nameof(p.RepetitionPenalty), p.RepetitionPenalty, "RepetitionPenalty (repetition_penalty) must be > 0 (1 disables it).");
+        if (!(p.PresencePenalty >= -2 && p.PresencePenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(p.PresencePenalty), p.PresencePenalty, "PresencePenalty (presence_penalty) must be in [-2, 2].");
+        if (!(p.FrequencyPenalty >= -2 && p.FrequencyPenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(p.FrequencyPenalty), p.FrequencyPenalty, "FrequencyPenalty (frequency_penalty) must be in [-2, 2].");
+        if (p.MaxTokens < 1) throw new ArgumentOutOfRangeException(nameof(p.MaxTokens), p.MaxTokens, "MaxTokens (ChatOptions.MaxOutputTokens, max_tokens) must be at least 1.");
+        if (p.MinTokens < 0 || p.MinTokens > p.MaxTokens) throw new ArgumentOutOfRangeException(nameof(p.MinTokens), p.MinTokens, $"MinTokens (min_tokens) must be in [0, MaxTokens = {p.MaxTokens}].");
+        if (p.Logprobs is < 0 || p.Logprobs > VocabSize) throw new ArgumentOutOfRangeException(nameof(p.Logprobs), p.Logprobs, $"Logprobs (logprobs) must be in [0, vocabulary size {VocabSize}].");
+        if (p.PromptLogprobs is < 0 || p.PromptLogprobs > VocabSize) throw new ArgumentOutOfRangeException(nameof(p.PromptLogprobs), p.PromptLogprobs, $"PromptLogprobs (prompt_logprobs) must be in [0, vocabulary size {VocabSize}].");
+        foreach (var id in p.StopTokenIds)
+            if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.StopTokenIds), id, $"Stop token id {id} (StopTokenIds, stop_token_ids) is outside the vocabulary [0, {VocabSize}).");
+        foreach (var s in p.Stop)
+            if (string.IsNullOrEmpty(s)) throw new ArgumentException("Stop strings (Stop, ChatOptions.StopSequences, stop) must not be empty.", nameof(p.Stop));
+        if (!Enum.IsDefined(p.OutputKind)) throw new ArgumentOutOfRangeException(nameof(p.OutputKind), p.OutputKind, "OutputKind must be Cumulative, Delta or FinalOnly.");
+    }
+
+    /// <summary>
+    /// Refuses a request at once when <paramref name="waiting"/> requests already wait and its <see cref="SamplingParams.N"/>
+    /// sequences would pass <see cref="MaxWaitingRequests"/>: throws <see cref="EngineOverloadedException"/>.
+    /// </summary>
+    public void CheckQueue(int waiting, SamplingParams sampling, string requestId)
+    {
+        if (waiting + sampling.N > MaxWaitingRequests)
+            throw new EngineOverloadedException(
+                $"The engine's waiting queue is full ({waiting} waiting, MaxWaitingRequests = {MaxWaitingRequests}); request '{requestId}' was rejected. Retry later.");
+    }
+}

@@ -1,0 +1,110 @@
+using LocalVllm.Engine;
+using Microsoft.Extensions.AI;
+
+namespace LocalVllm.Tests;
+
+/// <summary>
+/// One set of request rules: a bad value is refused with the same exception type and message through the offline
+/// API (<see cref="Llm"/>), the async engine and the chat client, and nothing is queued.
+/// </summary>
+public sealed class RequestValidationTests(RequestValidationTests.Engines engines) : IClassFixture<RequestValidationTests.Engines>
+{
+    private static EngineOptions Options() => new() { Model = Fixtures.Model("tiny-qwen3-chat"), KvCacheMemoryBytes = 16L << 20 };
+
+    /// <summary>One offline engine and one async engine, shared by the cases (each case leaves them idle).</summary>
+    public sealed class Engines : IDisposable
+    {
+        public Llm Llm { get; } = new(Options());
+        public LocalVllmEngine Async { get; } = new(Options());
+        public void Dispose()
+        {
+            Llm.Dispose();
+            Async.Dispose();
+        }
+    }
+
+    /// <summary>Each bad value as engine sampling parameters and as the chat options that map onto them (null: no chat option for it).</summary>
+    public static TheoryData<string, SamplingParams, ChatOptions?> BadValues() => new()
+    {
+        { "Temperature", new SamplingParams { Temperature = -0.5f }, new ChatOptions { Temperature = -0.5f } },
+        { "TopP zero", new SamplingParams { TopP = 0 }, new ChatOptions { TopP = 0 } },
+        { "TopP over one", new SamplingParams { TopP = 1.5f }, new ChatOptions { TopP = 1.5f } },
+        { "TopK", new SamplingParams { TopK = -2 }, new ChatOptions { TopK = -2 } },
+        { "MinP", new SamplingParams { MinP = 2 }, new ChatOptions { AdditionalProperties = new() { ["min_p"] = 2.0 } } },
+        { "RepetitionPenalty", new SamplingParams { RepetitionPenalty = 0 }, new ChatOptions { AdditionalProperties = new() { ["repetition_penalty"] = 0.0 } } },
+        { "PresencePenalty", new SamplingParams { PresencePenalty = 3 }, new ChatOptions { PresencePenalty = 3 } },
+        { "FrequencyPenalty", new SamplingParams { FrequencyPenalty = -3 }, new ChatOptions { FrequencyPenalty = -3 } },
+        { "MaxTokens", new SamplingParams { MaxTokens = 0 }, new ChatOptions { MaxOutputTokens = 0 } },
+        { "MinTokens", new SamplingParams { MaxTokens = 4, MinTokens = 5 }, new ChatOptions { MaxOutputTokens = 4, AdditionalProperties = new() { ["min_tokens"] = 5 } } },
+        { "Stop", new SamplingParams { Stop = [""] }, new ChatOptions { StopSequences = [""] } },
+        { "N", new SamplingParams { N = 0 }, null },
+        { "Logprobs", new SamplingParams { Logprobs = -1 }, null },
+        { "PromptLogprobs", new SamplingParams { PromptLogprobs = 1_000_000 }, null },
+        { "StopTokenIds", new SamplingParams { StopTokenIds = [-1] }, null },
+        { "OutputKind", new SamplingParams { OutputKind = (RequestOutputKind)7 }, null },
+    };
+
+    [Theory]
+    [MemberData(nameof(BadValues))]
+    public async Task A_bad_value_gets_the_same_message_on_every_path(string name, SamplingParams bad, ChatOptions? chat)
+    {
+        var llm = engines.Llm;
+        int[] prompt = [1, 2, 3];
+        var direct = Assert.ThrowsAny<ArgumentException>(() => llm.Generate([prompt], bad));
+        Assert.False(llm.Engine.HasUnfinishedRequests, name);
+        // The message names the field (by its engine name) and its allowed range.
+        Assert.Contains(name.Split(' ')[0], direct.Message);
+
+        var engine = engines.Async;
+        var viaAsync = await Assert.ThrowsAnyAsync<ArgumentException>(async () =>
+        {
+            await foreach (var _ in engine.Engine.GenerateAsync(prompt, bad)) { }
+        });
+        Assert.Equal(direct.GetType(), viaAsync.GetType());
+        Assert.Equal(direct.Message, viaAsync.Message);
+
+        if (chat is not null)
+        {
+            var client = new LocalVllmChatClient(engine);
+            chat.AdditionalProperties ??= [];
+            chat.AdditionalProperties["enable_thinking"] = false;
+            var viaChat = await Assert.ThrowsAnyAsync<ArgumentException>(() => client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi")], chat));
+            Assert.Equal(direct.GetType(), viaChat.GetType());
+            Assert.Equal(direct.Message, viaChat.Message);
+        }
+        await engine.Engine.InvokeAsync(e =>
+        {
+            Assert.False(e.HasUnfinishedRequests);
+            e.Blocks.CheckInvariants(expectAllFree: true);
+        });
+    }
+
+    [Fact]
+    public async Task A_bad_prompt_gets_the_same_message_from_the_offline_api_and_the_async_engine()
+    {
+        var llm = engines.Llm;
+        var engine = engines.Async;
+        int vocab = llm.Engine.Model.Config.VocabSize, context = llm.Engine.MaxModelLen;
+        foreach (var prompt in new[] { [], [1, vocab], Enumerable.Repeat(5, context).ToArray() })
+        {
+            var direct = Assert.ThrowsAny<ArgumentException>(() => llm.Generate([prompt], new SamplingParams()));
+            var viaAsync = await Assert.ThrowsAnyAsync<ArgumentException>(async () =>
+            {
+                await foreach (var _ in engine.Engine.GenerateAsync(prompt)) { }
+            });
+            Assert.Equal(direct.Message, viaAsync.Message);
+            Assert.Equal(direct.Message, Assert.ThrowsAny<ArgumentException>(() => llm.Engine.Validator.ValidatePrompt(prompt)).Message);
+        }
+    }
+
+    [Fact]
+    public void TopK_minus_one_means_disabled_on_every_path()
+    {
+        var llm = engines.Llm;
+        var disabled = llm.Generate([[1, 2, 3]], new SamplingParams { Temperature = 0, TopK = -1, MaxTokens = 3, IgnoreEos = true })[0];
+        var plain = llm.Generate([[1, 2, 3]], new SamplingParams { Temperature = 0, MaxTokens = 3, IgnoreEos = true })[0];
+        Assert.Equal(plain.Outputs[0].TokenIds, disabled.Outputs[0].TokenIds);
+        // The chat mapping passes -1 through rather than refusing it with rules of its own.
+        Assert.Equal(-1, ChatRequestMapper.ToSampling(new ChatOptions { TopK = -1 }, llm.Engine.Directory.Generation, 3, 100).TopK);
+    }
+}
