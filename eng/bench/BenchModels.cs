@@ -31,11 +31,15 @@ internal static class BenchModels
     /// <summary>A tiny random model with a byte-level tokenizer and an 8,192-token context, for the output-processing bench.</summary>
     public static string OutputsModel()
     {
-        var dir = Path.Combine(CacheDir(), "outputs-bytes-seed0");
+        var dir = Path.Combine(CacheDir(), "outputs-bytes-l1-seed0");
         if (!File.Exists(Path.Combine(dir, "model.safetensors")))
         {
             int vocab = RandomModel.WriteByteTokenizer(dir);
-            RandomModel.Write(dir, new RandomModelSpec { VocabSize = vocab + 1, MaxPositionEmbeddings = 8192, EosTokenId = 258 }, seed: 0);
+            RandomModel.Write(dir, new RandomModelSpec
+            {
+                VocabSize = vocab + 1, HiddenSize = 16, IntermediateSize = 32, NumHiddenLayers = 1, NumAttentionHeads = 2, NumKeyValueHeads = 1,
+                HeadDim = 8, MaxPositionEmbeddings = 8192, EosTokenId = 258,
+            }, seed: 0);
         }
         return dir;
     }

@@ -131,7 +131,8 @@ public sealed class AsyncLlmEngine : IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        _commands.Writer.TryWrite(new CallCommand(action, done));
+        // After Dispose completes the channel, a write fails: the caller learns at once instead of waiting forever.
+        if (!_commands.Writer.TryWrite(new CallCommand(action, done))) throw Disposed();
         return done.Task;
     }
 
@@ -155,7 +156,11 @@ public sealed class AsyncLlmEngine : IDisposable
         }
         var channel = Channel.CreateUnbounded<RequestOutput>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
         Interlocked.Increment(ref _queuedAdds);
-        _commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, deadline, channel));
+        if (!_commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, deadline, channel)))
+        {
+            Interlocked.Decrement(ref _queuedAdds);
+            throw Disposed();
+        }
         return channel.Reader;
     }
 
@@ -193,7 +198,22 @@ public sealed class AsyncLlmEngine : IDisposable
         foreach (var (id, channel) in _streams)
             channel.Writer.TryComplete(new ObjectDisposedException(nameof(AsyncLlmEngine), $"The engine was disposed while request '{id}' was running."));
         _streams.Clear();
+        // Dispose completed the command channel before it stopped the loop, so nothing more can arrive: every command
+        // still queued is answered, none is left waiting.
+        while (reader.TryRead(out var command))
+            switch (command)
+            {
+                case AddCommand add:
+                    Interlocked.Decrement(ref _queuedAdds);
+                    add.Output.Writer.TryComplete(new ObjectDisposedException(nameof(AsyncLlmEngine), $"The engine was disposed before request '{add.Id}' started."));
+                    break;
+                case CallCommand call:
+                    call.Done.TrySetException(Disposed());
+                    break;
+            }
     }
+
+    private ObjectDisposedException Disposed() => new(nameof(AsyncLlmEngine), "The engine has been disposed.");
 
     private void Handle(Command command)
     {
@@ -254,8 +274,8 @@ public sealed class AsyncLlmEngine : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
+        _commands.Writer.TryComplete(); // first: after this no command can be queued, so the loop's final drain sees them all
         _stop.Cancel();
-        _commands.Writer.TryComplete();
         _thread.Join();
         Engine.Dispose();
         _stop.Dispose();

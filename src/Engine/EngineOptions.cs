@@ -16,9 +16,15 @@ public sealed class EngineOptions
     public string DType { get; set; } = "float32";
     /// <summary>Tokens per KV block.</summary>
     public int BlockSize { get; set; } = 16;
-    /// <summary>Bytes of KV cache to allocate; when null, 256 MiB on CPU or 80% of free memory on CUDA.</summary>
+    /// <summary>
+    /// Bytes of KV cache to allocate. When null: on the CPU, half the memory available after the weights are loaded,
+    /// capped at 4 GiB (vLLM's CPU default) and at least 64 MiB; on other devices 256 MiB. The engine logs the result
+    /// at start-up ("KV cache: N blocks = T tokens, X GiB"). If the cache cannot hold one sequence of the model's full
+    /// context, <see cref="MaxModelLen"/> is lowered to what fits (with a warning), or, when MaxModelLen was set,
+    /// start-up fails saying what to change.
+    /// </summary>
     public long? KvCacheMemoryBytes { get; set; }
-    /// <summary>Number of KV blocks; overrides <see cref="KvCacheMemoryBytes"/> when set.</summary>
+    /// <summary>Number of KV blocks; overrides <see cref="KvCacheMemoryBytes"/> when set (and capacity messages then name it).</summary>
     public int? NumKvBlocks { get; set; }
     /// <summary>Token budget per engine step (prefill chunks and decodes together).</summary>
     public int MaxNumBatchedTokens { get; set; } = 2048;

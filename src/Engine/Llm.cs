@@ -5,20 +5,29 @@ namespace LocalVllm.Engine;
 
 /// <summary>
 /// The offline batch API, as in vLLM: load a model once, then <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>
-/// runs every prompt through the continuous-batching engine until all finish.
+/// runs every prompt through the continuous-batching engine until all finish. Safe to call from several threads:
+/// <c>Generate</c> calls run one after another (each call batches its own prompts); for requests from many callers
+/// that should batch together, use <see cref="AsyncLlmEngine"/>. <see cref="Dispose"/> stops an in-flight
+/// <c>Generate</c> after its current step (it throws <see cref="ObjectDisposedException"/>) and frees the model only
+/// once no step can run.
 /// </summary>
 public sealed class Llm : IDisposable
 {
+    private readonly object _gate = new();
+    private volatile bool _disposeRequested;
+    private bool _disposed;
+
     /// <summary>Loads the model named by <paramref name="options"/>.</summary>
     public Llm(EngineOptions options) => Engine = new LlmEngine(options);
 
-    /// <summary>The engine this API drives.</summary>
+    /// <summary>The engine this API drives; not thread-safe on its own: drive it from one thread, outside <c>Generate</c>.</summary>
     public LlmEngine Engine { get; }
 
     /// <summary>Generates for each text prompt (tokenized with the model's tokenizer); outputs come back in prompt order.</summary>
     public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null)
     {
         ArgumentNullException.ThrowIfNull(prompts);
+        ObjectDisposedException.ThrowIf(_disposeRequested, this);
         return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), sampling);
     }
 
@@ -31,34 +40,49 @@ public sealed class Llm : IDisposable
 
     private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, SamplingParams? sampling)
     {
-        // Only finished outputs are read: the engine builds nothing per step for these requests.
-        sampling ??= new SamplingParams();
-        Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
-        var final = sampling with { OutputKind = RequestOutputKind.FinalOnly };
-        var ids = new List<string>(prompts.Count);
-        try
+        lock (_gate)
         {
-            foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, final, prompt: text));
-        }
-        catch
-        {
-            foreach (var id in ids) Engine.Abort(id);
-            throw;
-        }
-        var results = new Dictionary<string, RequestOutput>();
-        using var progress = ProgressBar.Create(Engine.Options.UseProgressBar, ids.Count);
-        while (results.Count < ids.Count)
-        {
-            foreach (var o in Engine.Step())
-                if (o.Finished)
+            ObjectDisposedException.ThrowIf(_disposed || _disposeRequested, this);
+            sampling ??= new SamplingParams();
+            Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
+            // Only finished outputs are read: the engine builds nothing per step for these requests.
+            var final = sampling with { OutputKind = RequestOutputKind.FinalOnly };
+            var ids = new List<string>(prompts.Count);
+            try
+            {
+                foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, final, prompt: text));
+                var results = new Dictionary<string, RequestOutput>();
+                using var progress = ProgressBar.Create(Engine.Options.UseProgressBar, ids.Count);
+                while (results.Count < ids.Count)
                 {
-                    results[o.RequestId] = o;
-                    progress?.Advance();
+                    ObjectDisposedException.ThrowIf(_disposeRequested, this);
+                    foreach (var o in Engine.Step())
+                        if (o.Finished)
+                        {
+                            results[o.RequestId] = o;
+                            progress?.Advance();
+                        }
                 }
+                return ids.Select(id => results[id]).ToArray();
+            }
+            catch
+            {
+                // Added requests that did not finish (a rejected prompt, dispose, a failure) leave no blocks behind.
+                foreach (var id in ids) Engine.Abort(id);
+                throw;
+            }
         }
-        return ids.Select(id => results[id]).ToArray();
     }
 
-    /// <inheritdoc />
-    public void Dispose() => Engine.Dispose();
+    /// <summary>Stops an in-flight <c>Generate</c> after its current step, then frees the model and the KV cache.</summary>
+    public void Dispose()
+    {
+        _disposeRequested = true;
+        lock (_gate)
+        {
+            if (_disposed) return;
+            _disposed = true;
+            Engine.Dispose();
+        }
+    }
 }

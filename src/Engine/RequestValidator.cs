@@ -8,8 +8,16 @@ namespace LocalVllm.Engine;
 /// </summary>
 public sealed class RequestValidator
 {
-    /// <summary>Rules for a model of <paramref name="vocabSize"/> tokens served up to <paramref name="maxModelLen"/> tokens a sequence, with a KV cache of <paramref name="kvCacheBlocks"/> blocks of <paramref name="blockSize"/> tokens.</summary>
-    public RequestValidator(int vocabSize, int maxModelLen, int kvCacheBlocks, int blockSize, int maxWaitingRequests = int.MaxValue)
+    /// <summary>Rules for a model served with these limits.</summary>
+    /// <param name="vocabSize">Token ids must lie in [0, vocabSize).</param>
+    /// <param name="maxModelLen">The longest sequence (prompt plus output) served.</param>
+    /// <param name="kvCacheBlocks">Blocks in the KV cache.</param>
+    /// <param name="blockSize">Tokens per block.</param>
+    /// <param name="maxWaitingRequests">Sequences that may wait for admission.</param>
+    /// <param name="kvCacheOption">The option that set the cache's size (named in capacity messages).</param>
+    /// <param name="contextLimitedByCache">Whether <paramref name="maxModelLen"/> was lowered to what the cache holds.</param>
+    public RequestValidator(int vocabSize, int maxModelLen, int kvCacheBlocks, int blockSize, int maxWaitingRequests = int.MaxValue,
+        string kvCacheOption = "KvCacheMemoryBytes", bool contextLimitedByCache = false)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(vocabSize, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxModelLen, 1);
@@ -21,7 +29,18 @@ public sealed class RequestValidator
         KvCacheBlocks = kvCacheBlocks;
         BlockSize = blockSize;
         MaxWaitingRequests = maxWaitingRequests;
+        KvCacheOption = kvCacheOption;
+        ContextLimitedByCache = contextLimitedByCache;
     }
+
+    /// <summary>The option that set the KV cache's size: what a capacity message tells the user to raise.</summary>
+    public string KvCacheOption { get; }
+    /// <summary>Whether the context length is the KV cache's capacity rather than the model's.</summary>
+    public bool ContextLimitedByCache { get; }
+
+    private string ContextSource => ContextLimitedByCache
+        ? $"the KV cache holds {KvCacheBlocks * BlockSize} tokens ({KvCacheBlocks} blocks of {BlockSize}; raise {KvCacheOption} for more)"
+        : "max_position_embeddings / MaxModelLen";
 
     /// <summary>Token ids must lie in [0, VocabSize).</summary>
     public int VocabSize { get; }
@@ -41,6 +60,11 @@ public sealed class RequestValidator
         ArgumentNullException.ThrowIfNull(sampling);
         ValidatePrompt(promptTokenIds);
         ValidateSampling(sampling);
+        if ((long)promptTokenIds.Count + sampling.MaxTokens > MaxModelLen)
+            throw new ArgumentException(
+                $"The prompt has {promptTokenIds.Count} tokens and MaxTokens (max_tokens) is {sampling.MaxTokens}: {promptTokenIds.Count + (long)sampling.MaxTokens} tokens " +
+                $"exceed the context length of {MaxModelLen} ({ContextSource}); MaxTokens may be at most {MaxModelLen - promptTokenIds.Count} for this prompt.",
+                nameof(sampling));
     }
 
     /// <summary>The prompt is not empty, its ids are in the vocabulary, and it fits the context and the KV cache with one token to spare.</summary>
@@ -54,12 +78,12 @@ public sealed class RequestValidator
                     $"Token id {promptTokenIds[i]} at prompt position {i} is outside the vocabulary [0, {VocabSize}).");
         if (promptTokenIds.Count >= MaxModelLen)
             throw new ArgumentException(
-                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} (max_position_embeddings / MaxModelLen); at least one token must be left to generate.",
+                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} ({ContextSource}); at least one token must be left to generate.",
                 nameof(promptTokenIds));
         int capacity = KvCacheBlocks * BlockSize;
         if (promptTokenIds.Count + 1 > capacity)
             throw new ArgumentException(
-                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({KvCacheBlocks} blocks of {BlockSize}); raise KvCacheMemoryBytes.",
+                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({KvCacheBlocks} blocks of {BlockSize}); raise {KvCacheOption} to at least {(promptTokenIds.Count + BlockSize) / BlockSize} blocks' worth.",
                 nameof(promptTokenIds));
     }
 
@@ -68,6 +92,9 @@ public sealed class RequestValidator
     {
         ArgumentNullException.ThrowIfNull(p);
         if (p.N < 1) throw new ArgumentOutOfRangeException(nameof(p.N), p.N, "N (n) must be at least 1.");
+        if (p.N > MaxWaitingRequests)
+            throw new ArgumentOutOfRangeException(nameof(p.N), p.N,
+                $"N (n) = {p.N} completions can never be queued: the engine holds at most MaxWaitingRequests = {MaxWaitingRequests} waiting sequences.");
         if (float.IsNaN(p.Temperature) || p.Temperature < 0) throw new ArgumentOutOfRangeException(nameof(p.Temperature), p.Temperature, "Temperature must be >= 0 (0 is greedy).");
         if (!(p.TopP > 0 && p.TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(p.TopP), p.TopP, "TopP (top_p) must be in (0, 1].");
         if (p.TopK < -1) throw new ArgumentOutOfRangeException(nameof(p.TopK), p.TopK, "TopK (top_k) must be -1 or 0 (both disable it) or a positive count.");

@@ -22,6 +22,8 @@ internal static class ChatRequestMapper
     {
         ArgumentNullException.ThrowIfNull(messages);
         var list = messages.ToList();
+        int nullAt = list.IndexOf(null!);
+        if (nullAt >= 0) throw new ArgumentException($"Message {nullAt} of the list is null.", nameof(messages));
         if (list.Count == 0) throw new ArgumentException("The message list is empty: a chat request needs at least one message.", nameof(messages));
         if (options?.ModelId is string requested && !string.Equals(requested, modelId, StringComparison.OrdinalIgnoreCase))
             throw new ArgumentException($"ChatOptions.ModelId '{requested}' does not match the loaded model '{modelId}'.", nameof(options));
@@ -103,7 +105,8 @@ internal static class ChatRequestMapper
 
         var extra = new Dictionary<string, JsonNode?>();
         if (options?.AdditionalProperties?.TryGetValue("enable_thinking", out var think) == true)
-            extra["enable_thinking"] = JsonValue.Create(Convert.ToBoolean(think, System.Globalization.CultureInfo.InvariantCulture));
+            extra["enable_thinking"] = JsonValue.Create(Extra<bool>(options, "enable_thinking")
+                ?? throw new ArgumentException("AdditionalProperties[\"enable_thinking\"] is null; it must be true or false.", nameof(options)));
         return new MappedRequest(json, tools, extra, options);
     }
 
@@ -113,10 +116,7 @@ internal static class ChatRequestMapper
         // only what is chat-specific: the room the rendered prompt leaves in the context.
         int room = Math.Max(1, maxModelLen - promptTokens);
 
-        T? Extra<T>(string key) where T : struct =>
-            o?.AdditionalProperties?.TryGetValue(key, out var v) == true && v is not null
-                ? (T)Convert.ChangeType(v is JsonElement e ? e.ToString() : v, typeof(T), System.Globalization.CultureInfo.InvariantCulture)
-                : null;
+        T? Extra<T>(string key) where T : struct => ChatRequestMapper.Extra<T>(o, key);
 
         bool sample = o?.Temperature is not null || defaults.DoSample;
         float temperature = o?.Temperature ?? (defaults.DoSample ? defaults.Temperature ?? 1f : 0f);
@@ -136,6 +136,39 @@ internal static class ChatRequestMapper
             Stop = o?.StopSequences?.ToArray() ?? [],
             OutputKind = RequestOutputKind.Delta,
         };
+    }
+
+    /// <summary>
+    /// An engine knob from <see cref="ChatOptions.AdditionalProperties"/>, given as a value of the right type, a string
+    /// or a <see cref="JsonElement"/> (as settings loaded from JSON or YAML arrive); anything else is an
+    /// <see cref="ArgumentException"/> naming the key, the value and the type expected.
+    /// </summary>
+    internal static T? Extra<T>(ChatOptions? o, string key) where T : struct
+    {
+        if (o?.AdditionalProperties?.TryGetValue(key, out var v) != true || v is null) return null;
+        var culture = System.Globalization.CultureInfo.InvariantCulture;
+        object? value = v is JsonElement e
+            ? e.ValueKind switch { JsonValueKind.True => true, JsonValueKind.False => false, JsonValueKind.Null => null, JsonValueKind.String => e.GetString(), _ => e.GetRawText() }
+            : v;
+        if (value is null) return null;
+        try
+        {
+            if (typeof(T) == typeof(bool))
+                return value switch
+                {
+                    bool flag => (T)(object)flag,
+                    string b when b.Trim().Equals("true", StringComparison.OrdinalIgnoreCase) => (T)(object)true,
+                    string b when b.Trim().Equals("false", StringComparison.OrdinalIgnoreCase) => (T)(object)false,
+                    _ => throw new FormatException(),
+                };
+            if (value is bool) throw new FormatException();
+            return (T)Convert.ChangeType(value, typeof(T), culture);
+        }
+        catch (Exception ex) when (ex is FormatException or InvalidCastException or OverflowException)
+        {
+            string expected = typeof(T) == typeof(bool) ? "true or false" : typeof(T) == typeof(int) ? "an integer" : "a number";
+            throw new ArgumentException($"AdditionalProperties[\"{key}\"] = '{value}' is not valid: it must be {expected}.", nameof(o), ex);
+        }
     }
 
     private static string ResultText(object? result) => result switch

@@ -44,11 +44,11 @@ public sealed class AsyncEngineTests
         var other = engine.GenerateFinalAsync(Prompts[1], EngineHarness.Greedy(40));
         await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
         {
-            await foreach (var _ in engine.GenerateAsync(Prompts[2], EngineHarness.Greedy(400), cancellationToken: cts.Token))
+            await foreach (var _ in engine.GenerateAsync(Prompts[2], EngineHarness.Greedy(350), cancellationToken: cts.Token))
                 if (++received == 3) cts.Cancel();
         });
         // Leaving an enumeration early aborts too.
-        await foreach (var _ in engine.GenerateAsync(Prompts[3], EngineHarness.Greedy(400))) break;
+        await foreach (var _ in engine.GenerateAsync(Prompts[3], EngineHarness.Greedy(350))) break;
         Assert.Equal(40, (await other).Outputs[0].TokenIds.Count);
         await AssertNoLeaksAsync(engine);
     }
@@ -68,12 +68,13 @@ public sealed class AsyncEngineTests
     [Fact]
     public async Task Disposing_while_requests_run_ends_them_promptly()
     {
-        // tiny-qwen3-chat's 40,960-token context: the request cannot finish on its own before Dispose.
+        // tiny-qwen3-chat with an 8 MiB cache (16,384 tokens, its context lowered to that): 16,000 tokens cannot finish
+        // on their own before Dispose.
         var engine = new AsyncLlmEngine(EngineHarness.Options("tiny-qwen3-chat"));
         var started = new TaskCompletionSource();
         var running = Task.Run(async () =>
         {
-            await foreach (var _ in engine.GenerateAsync([5, 6, 7], EngineHarness.Greedy(30000))) started.TrySetResult();
+            await foreach (var _ in engine.GenerateAsync([5, 6, 7], EngineHarness.Greedy(16000))) started.TrySetResult();
         });
         await started.Task.WaitAsync(TimeSpan.FromSeconds(30));
         engine.Dispose();

@@ -38,6 +38,10 @@ internal sealed class FakeHub : IDisposable
     }
 
     public string Repo { get; }
+    /// <summary>The commit the revision endpoint answers (a hostile hub may answer anything).</summary>
+    public string CommitAnswer { get; set; } = Commit;
+    /// <summary>Replaces the ETag the hub announces for a file, when set (a hostile hub).</summary>
+    public Func<string, string>? EtagAnswer { get; set; }
     public string? GatedRepo { get; }
     public bool DropFirstDownload { get; }
     public int ApiPort { get; }
@@ -86,7 +90,7 @@ internal sealed class FakeHub : IDisposable
         {
             var json = new JsonObject
             {
-                ["id"] = Repo, ["sha"] = Commit,
+                ["id"] = Repo, ["sha"] = CommitAnswer,
                 ["siblings"] = new JsonArray(_files.Keys.Select(f => (JsonNode)new JsonObject { ["rfilename"] = f }).ToArray()),
             };
             Write(res, System.Text.Encoding.UTF8.GetBytes(json.ToJsonString()), ctx.Request.HttpMethod == "HEAD");
@@ -100,13 +104,13 @@ internal sealed class FakeHub : IDisposable
         if (IsLfs(file))
         {
             res.StatusCode = 302;
-            res.Headers["X-Linked-Etag"] = $"\"{Sha256(bytes)}\"";
+            res.Headers["X-Linked-Etag"] = $"\"{EtagAnswer?.Invoke(file) ?? Sha256(bytes)}\"";
             res.Headers["X-Linked-Size"] = bytes.Length.ToString();
             res.Headers["Location"] = $"http://127.0.0.1:{CdnPort}/cdn/{file}";
             res.Close();
             return;
         }
-        res.Headers["ETag"] = $"\"{Sha256(bytes)[..40]}\"";
+        res.Headers["ETag"] = $"\"{EtagAnswer?.Invoke(file) ?? Sha256(bytes)[..40]}\"";
         Write(res, bytes, ctx.Request.HttpMethod == "HEAD");
     }
 

@@ -108,4 +108,64 @@ public sealed class ModelResolverTests : IDisposable
         Assert.Contains(Path.Combine(Cache, "models--karpathy--stories260K"), e.Message);
         Assert.Contains("huggingface-cli download", e.Message);
     }
+
+    /// <summary>Everything under the test's temporary home except the cache folder: must stay empty.</summary>
+    private List<string> WrittenOutsideTheCache() =>
+        Directory.EnumerateFileSystemEntries(_home, "*", SearchOption.AllDirectories)
+            .Where(p => !p.StartsWith(Cache + Path.DirectorySeparatorChar, StringComparison.Ordinal) && p != Cache).ToList();
+
+    [Theory]
+    [InlineData("../../../escaped")]
+    [InlineData("../../../../../../tmp/escaped")]
+    [InlineData("0123456789abcdef0123456789abcdef0123456/..")]
+    [InlineData("main")]
+    public void A_hostile_commit_sha_is_refused_and_nothing_is_written_outside_the_cache(string sha)
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K") { CommitAnswer = sha };
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Contains(sha, e.Message);
+        Assert.Contains("commit", e.Message);
+        Assert.Empty(WrittenOutsideTheCache());
+    }
+
+    [Theory]
+    [InlineData("../../../../escaped-blob")]
+    [InlineData("deadbeef")]
+    [InlineData("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdeX")]
+    public void A_hostile_etag_is_refused_and_nothing_is_written_outside_the_cache(string etag)
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K") { EtagAnswer = _ => etag };
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Contains(etag, e.Message);
+        Assert.Contains("ETag", e.Message);
+        Assert.Empty(WrittenOutsideTheCache());
+        Assert.DoesNotContain(Directory.EnumerateFiles(Cache, "*", SearchOption.AllDirectories), f => f.Contains("blobs"));
+    }
+
+    [Theory]
+    [InlineData("../..")]
+    [InlineData("main/../../escape")]
+    [InlineData("/etc")]
+    [InlineData("refs/./pr")]
+    public void A_revision_with_dot_segments_is_refused_before_any_request(string revision)
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K");
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve($"karpathy/stories260K@{revision}", Options(hub)));
+        Assert.Contains(revision, e.Message);
+        Assert.Empty(hub.Requests);
+        Assert.Empty(WrittenOutsideTheCache());
+    }
+
+    [Fact]
+    public void Branch_names_and_pull_request_refs_stay_valid_revisions()
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K");
+        var dir = ModelResolver.Resolve("karpathy/stories260K@refs/pr/1", Options(hub));
+        Assert.Equal(Path.Combine(Cache, "models--karpathy--stories260K", "snapshots", FakeHub.Commit), dir);
+        Assert.Equal(FakeHub.Commit, File.ReadAllText(Path.Combine(Cache, "models--karpathy--stories260K", "refs", "refs", "pr", "1")));
+        // A poisoned ref file is not trusted as a path: the revision is resolved again through the hub.
+        File.WriteAllText(Path.Combine(Cache, "models--karpathy--stories260K", "refs", "main"), "../../../escaped");
+        Assert.Equal(dir, ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Empty(WrittenOutsideTheCache());
+    }
 }

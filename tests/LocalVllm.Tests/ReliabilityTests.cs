@@ -99,7 +99,7 @@ public sealed class ReliabilityTests(ITestOutputHelper output)
     public async Task A_request_past_its_deadline_ends_with_a_timeout_and_frees_its_blocks()
     {
         using var engine = new AsyncLlmEngine(new EngineOptions { Model = ModelDir, KvCacheMemoryBytes = 4L << 20 });
-        var sampling = new SamplingParams { Temperature = 0, MaxTokens = 30000, IgnoreEos = true };
+        var sampling = new SamplingParams { Temperature = 0, MaxTokens = 8000, IgnoreEos = true }; // the 4 MiB cache holds 8,192 tokens
         await Assert.ThrowsAsync<TimeoutException>(async () =>
         {
             await foreach (var _ in engine.GenerateAsync([5, 6, 7], sampling, deadline: DateTimeOffset.UtcNow.AddMilliseconds(200))) { }

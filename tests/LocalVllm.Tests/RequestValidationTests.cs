@@ -107,4 +107,40 @@ public sealed class RequestValidationTests(RequestValidationTests.Engines engine
         // The chat mapping passes -1 through rather than refusing it with rules of its own.
         Assert.Equal(-1, ChatRequestMapper.ToSampling(new ChatOptions { TopK = -1 }, llm.Engine.Directory.Generation, 3, 100).TopK);
     }
+
+    [Theory]
+    [InlineData("top_k", "abc", "an integer")]
+    [InlineData("min_p", "lots", "a number")]
+    [InlineData("enable_thinking", "maybe", "true or false")]
+    [InlineData("ignore_eos", 3, "true or false")]
+    public async Task A_malformed_additional_property_is_named_with_what_is_allowed(string key, object value, string allowed)
+    {
+        var client = new LocalVllmChatClient(engines.Async);
+        var e = await Assert.ThrowsAnyAsync<ArgumentException>(() => client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi")],
+            new ChatOptions { AdditionalProperties = new() { [key] = value } }));
+        Assert.Contains($"AdditionalProperties[\"{key}\"]", e.Message);
+        Assert.Contains(value.ToString()!, e.Message);
+        Assert.Contains(allowed, e.Message);
+    }
+
+    [Fact]
+    public async Task Additional_properties_loaded_from_json_arrive_as_their_values()
+    {
+        var client = new LocalVllmChatClient(engines.Async);
+        var settings = System.Text.Json.JsonDocument.Parse("""{ "enable_thinking": false, "ignore_eos": true, "top_k": 1, "min_tokens": 2 }""").RootElement;
+        var options = new ChatOptions { Temperature = 0, MaxOutputTokens = 3, AdditionalProperties = [] };
+        foreach (var p in settings.EnumerateObject()) options.AdditionalProperties[p.Name] = p.Value.Clone();
+        var r = await client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi")], options);
+        Assert.Equal(3, r.Usage!.OutputTokenCount); // ignore_eos true: all three tokens
+        var sampling = ChatRequestMapper.ToSampling(options, engines.Llm.Engine.Directory.Generation, 3, 100);
+        Assert.Equal((1, 2, true), (sampling.TopK, sampling.MinTokens, sampling.IgnoreEos));
+    }
+
+    [Fact]
+    public async Task A_null_message_in_the_list_is_named_by_its_position()
+    {
+        var client = new LocalVllmChatClient(engines.Async);
+        var e = await Assert.ThrowsAnyAsync<ArgumentException>(() => client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi"), null!]));
+        Assert.Contains("Message 1 of the list is null", e.Message);
+    }
 }

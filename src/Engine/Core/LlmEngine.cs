@@ -42,7 +42,11 @@ public sealed class LlmEngine : IDisposable
         var c = Model.Config;
         Blocks = new BlockManager(Cache.NumBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
-        Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests);
+        Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests,
+            _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null);
+        EngineLog.KvCache(_logger, Cache.NumBlocks, (long)Cache.NumBlocks * options.BlockSize, ModelRunner.FormatBytes(_runner.KvCacheBytes), _runner.KvCacheSizedBy);
+        if (_runner.MaxModelLenLoweredTo is int lowered)
+            EngineLog.MaxModelLenLowered(_logger, c.MaxPositionEmbeddings, lowered, _runner.KvCacheSizedBy);
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
         Tokenizer = hasTokenizer ? ModelTokenizer.Load(Directory) : null;

@@ -40,10 +40,24 @@ public sealed class ModelRunner : IDisposable
         try
         {
             var c = Model.Config;
-            MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
             long bytesPerBlock = KvCache.BytesPerBlock(c.NumHiddenLayers, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype);
-            int numBlocks = options.NumKvBlocks
-                ?? (int)Math.Max(1, Math.Min(int.MaxValue, (options.KvCacheMemoryBytes ?? 256L * 1024 * 1024) / bytesPerBlock));
+            KvCacheSizedBy = options.NumKvBlocks is not null ? "NumKvBlocks" : "KvCacheMemoryBytes";
+            long budget = options.KvCacheMemoryBytes ?? DefaultKvCacheBytes(device);
+            int numBlocks = options.NumKvBlocks ?? (int)Math.Max(1, Math.Min(int.MaxValue, budget / bytesPerBlock));
+            KvCacheBytes = numBlocks * bytesPerBlock;
+            MaxModelLen = Math.Min(options.MaxModelLen ?? c.MaxPositionEmbeddings, c.MaxPositionEmbeddings);
+            long capacity = (long)numBlocks * options.BlockSize;
+            if (capacity < MaxModelLen)
+            {
+                // As vLLM does: a context the cache cannot hold is either lowered (when it came from the model) or refused.
+                string need = $"{MaxModelLen} tokens need {(MaxModelLen + options.BlockSize - 1) / options.BlockSize} blocks = {FormatBytes(((long)MaxModelLen + options.BlockSize - 1) / options.BlockSize * bytesPerBlock)}";
+                if (options.MaxModelLen is not null)
+                    throw new ArgumentException(
+                        $"MaxModelLen = {MaxModelLen} does not fit in the KV cache of {numBlocks} blocks = {capacity} tokens ({FormatBytes(KvCacheBytes)}, set by {KvCacheSizedBy}): " +
+                        $"{need}. Raise {KvCacheSizedBy} or lower MaxModelLen.", nameof(options));
+                MaxModelLenLoweredTo = (int)capacity;
+                MaxModelLen = (int)capacity;
+            }
             Cache = new KvCache(c.NumHiddenLayers, numBlocks, options.BlockSize, c.NumKeyValueHeads, c.HeadDim, dtype, device);
         }
         catch
@@ -57,8 +71,32 @@ public sealed class ModelRunner : IDisposable
     public KvCache Cache { get; }
     /// <summary>The paged-attention implementation the model calls.</summary>
     public IAttentionBackend Attention { get; }
-    /// <summary>The longest sequence (prompt plus output) served: MaxModelLen capped by the model's max_position_embeddings.</summary>
+    /// <summary>
+    /// The longest sequence (prompt plus output) served: MaxModelLen capped by the model's max_position_embeddings and,
+    /// when MaxModelLen was not set, by what the KV cache holds.
+    /// </summary>
     public int MaxModelLen { get; }
+    /// <summary>The context length the cache forced, when it was smaller than the model's (null otherwise).</summary>
+    public int? MaxModelLenLoweredTo { get; }
+    /// <summary>Bytes of the KV cache.</summary>
+    public long KvCacheBytes { get; }
+    /// <summary>The option that set the cache's size (NumKvBlocks or KvCacheMemoryBytes), for messages that say what to change.</summary>
+    public string KvCacheSizedBy { get; }
+
+    /// <summary>The KV cache's bytes when KvCacheMemoryBytes is not set.</summary>
+    public const long DefaultKvCacheCap = 4L << 30;
+
+    /// <summary>
+    /// On the CPU: half the memory available once the weights are loaded, capped at <see cref="DefaultKvCacheCap"/>
+    /// (vLLM's CPU default) and at least 64 MiB; elsewhere 256 MiB.
+    /// </summary>
+    private static long DefaultKvCacheBytes(Device device) => DefaultKvCacheBytes(device.type == DeviceType.CPU, HostMemory.AvailableBytes());
+
+    /// <summary>The rule behind the default, for a host with <paramref name="availableBytes"/> free (null: unknown).</summary>
+    internal static long DefaultKvCacheBytes(bool cpu, long? availableBytes) =>
+        cpu && availableBytes is long available ? Math.Clamp(available / 2, 64L << 20, DefaultKvCacheCap) : 256L << 20;
+
+    internal static string FormatBytes(long bytes) => bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F2} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
 
     /// <summary>Runs one step: forward pass, then sampling and prompt log-probabilities; tensors stay in the caller's dispose scope.</summary>
     public ModelRunnerOutput Execute(IReadOnlyList<ScheduledSequence> batch)

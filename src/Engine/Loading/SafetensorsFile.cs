@@ -36,7 +36,15 @@ public sealed unsafe class SafetensorsFile : IDisposable
     /// <summary>The tensors in this file, by name.</summary>
     public IReadOnlyDictionary<string, SafetensorsEntry> Entries { get; }
 
-    /// <summary>Maps <paramref name="path"/> and parses its header; a truncated or malformed file is an error naming it.</summary>
+    /// <summary>The longest header accepted (the safetensors format's own limit).</summary>
+    public const long MaxHeaderBytes = 100_000_000;
+
+    /// <summary>
+    /// Maps <paramref name="path"/> and validates its whole header before any tensor is read: the header length, the
+    /// JSON, every entry's dtype, shape and offsets (non-negative, ordered, inside the data section, no overlaps, sizes
+    /// without overflow and equal to what the shape needs). A file that fails any check is an
+    /// <see cref="InvalidDataException"/> naming the file and the tensor; no header can make a read leave the mapping.
+    /// </summary>
     public static SafetensorsFile Open(string path)
     {
         var info = new FileInfo(path);
@@ -51,34 +59,10 @@ public sealed unsafe class SafetensorsFile : IDisposable
         try
         {
             long headerLen = *(long*)ptr;
-            if (headerLen <= 0 || 8 + headerLen > length)
-                throw new InvalidDataException($"'{path}' is truncated or not a safetensors file: header of {headerLen} bytes in a {length}-byte file.");
-            var header = JsonNode.Parse(new ReadOnlySpan<byte>(ptr + 8, (int)headerLen))?.AsObject()
-                ?? throw new InvalidDataException($"'{path}' has an empty header.");
-            long dataStart = 8 + headerLen;
-            var entries = new Dictionary<string, SafetensorsEntry>(StringComparer.Ordinal);
-            foreach (var (name, node) in header)
-            {
-                if (name == "__metadata__" || node is null) continue;
-                var dtype = node["dtype"]!.GetValue<string>();
-                var shape = node["shape"]!.AsArray().Select(d => d!.GetValue<long>()).ToArray();
-                var offsets = node["data_offsets"]!.AsArray();
-                long begin = offsets[0]!.GetValue<long>(), end = offsets[1]!.GetValue<long>();
-                long expected = shape.Aggregate(1L, (a, b) => a * b) * ElementSize(dtype, name, path);
-                if (end - begin != expected)
-                    throw new InvalidDataException($"'{path}': tensor '{name}' has {end - begin} bytes but its shape [{string.Join(", ", shape)}] needs {expected}.");
-                if (dataStart + end > length)
-                    throw new InvalidDataException($"'{path}' is truncated: tensor '{name}' ends at byte {dataStart + end} but the file has {length} bytes.");
-                entries[name] = new SafetensorsEntry(name, dtype, shape, begin, end);
-            }
-            return new SafetensorsFile(path, file, view, ptr, dataStart, entries);
-        }
-        catch (Exception e) when (e is JsonException or InvalidOperationException or NullReferenceException)
-        {
-            view.SafeMemoryMappedViewHandle.ReleasePointer();
-            view.Dispose();
-            file.Dispose();
-            throw new InvalidDataException($"'{path}' has a malformed safetensors header: {e.Message}", e);
+            if (headerLen <= 0 || headerLen > MaxHeaderBytes || headerLen > length - 8)
+                throw new InvalidDataException($"'{path}' is truncated or not a safetensors file: header of {headerLen} bytes in a {length}-byte file (at most {MaxHeaderBytes}).");
+            var entries = ParseHeader(new ReadOnlySpan<byte>(ptr + 8, (int)headerLen), length - 8 - headerLen, path);
+            return new SafetensorsFile(path, file, view, ptr, 8 + headerLen, entries);
         }
         catch
         {
@@ -89,25 +73,101 @@ public sealed unsafe class SafetensorsFile : IDisposable
         }
     }
 
+    /// <summary>Parses and checks a header whose data section has <paramref name="dataLength"/> bytes.</summary>
+    internal static Dictionary<string, SafetensorsEntry> ParseHeader(ReadOnlySpan<byte> json, long dataLength, string path)
+    {
+        JsonObject header;
+        try
+        {
+            header = JsonNode.Parse(json) as JsonObject
+                ?? throw new InvalidDataException($"'{path}' has a malformed safetensors header: it is not a JSON object.");
+        }
+        catch (Exception e) when (e is JsonException or ArgumentException or InvalidOperationException)
+        {
+            throw new InvalidDataException($"'{path}' has a malformed safetensors header: {e.Message}", e);
+        }
+        var entries = new Dictionary<string, SafetensorsEntry>(StringComparer.Ordinal);
+        string? current = null;
+        try
+        {
+            foreach (var (name, node) in header) // names and values are decoded lazily: invalid UTF-8 surfaces here
+            {
+                current = name;
+                if (name == "__metadata__") continue;
+                entries[name] = ParseEntry(name, node, dataLength, path);
+            }
+        }
+        catch (Exception e) when (e is not (InvalidDataException or OutOfMemoryException))
+        {
+            throw new InvalidDataException(current is null
+                ? $"'{path}' has a malformed safetensors header: {e.Message}"
+                : $"'{path}': tensor '{current}' has a malformed header entry: {e.Message}", e);
+        }
+        // Tensors may not share bytes.
+        SafetensorsEntry? previous = null;
+        foreach (var e in entries.Values.Where(e => e.End > e.Begin).OrderBy(e => e.Begin))
+        {
+            if (previous is not null && e.Begin < previous.End)
+                throw new InvalidDataException($"'{path}': tensor '{e.Name}' (bytes {e.Begin}-{e.End}) overlaps tensor '{previous.Name}' (bytes {previous.Begin}-{previous.End}).");
+            previous = e;
+        }
+        return entries;
+    }
+
+    private static SafetensorsEntry ParseEntry(string name, JsonNode? node, long dataLength, string path)
+    {
+        if (node is not JsonObject obj) throw new InvalidDataException($"'{path}': tensor '{name}' has a header entry that is not a JSON object.");
+        string Where() => $"'{path}': tensor '{name}'";
+        if (obj["dtype"] is not JsonValue dt || !dt.TryGetValue<string>(out var dtype))
+            throw new InvalidDataException($"{Where()} has no dtype string.");
+        int elementSize = ElementSize(dtype) ?? throw new InvalidDataException($"{Where()} has unknown dtype '{dtype}'.");
+        if (obj["shape"] is not JsonArray shapeNode) throw new InvalidDataException($"{Where()} has no shape array.");
+        var shape = new long[shapeNode.Count];
+        for (int i = 0; i < shape.Length; i++)
+            if (shapeNode[i] is not JsonValue d || !d.TryGetValue<long>(out shape[i]) || shape[i] < 0)
+                throw new InvalidDataException($"{Where()} has an invalid shape: dimension {i} is not a non-negative integer.");
+        if (obj["data_offsets"] is not JsonArray { Count: 2 } offsets
+            || offsets[0] is not JsonValue b || !b.TryGetValue<long>(out var begin)
+            || offsets[1] is not JsonValue e || !e.TryGetValue<long>(out var end))
+            throw new InvalidDataException($"{Where()} has no data_offsets pair of integers.");
+        if (begin < 0 || end < begin || end > dataLength)
+            throw new InvalidDataException(end > dataLength && begin >= 0 && end >= begin
+                ? $"'{path}' is truncated: tensor '{name}' ends at data byte {end} but the data section has {dataLength} bytes."
+                : $"{Where()} has invalid data_offsets [{begin}, {end}] (the data section has {dataLength} bytes).");
+        long expected;
+        try
+        {
+            expected = checked(shape.Aggregate(1L, (a, x) => a * x) * elementSize);
+        }
+        catch (OverflowException)
+        {
+            throw new InvalidDataException($"{Where()} has a shape [{string.Join(", ", shape)}] whose size overflows.");
+        }
+        if (end - begin != expected)
+            throw new InvalidDataException($"'{path}': tensor '{name}' has {end - begin} bytes but its shape [{string.Join(", ", shape)}] needs {expected}.");
+        return new SafetensorsEntry(name, dtype, shape, begin, end);
+    }
+
     /// <summary>Reads <paramref name="name"/> into a new tensor of <paramref name="dtype"/> on <paramref name="device"/>.</summary>
     public Tensor Read(string name, ScalarType dtype, Device device)
     {
         var e = Entries[name];
         var stored = StoredType(e.DType, name, Path);
-        var span = new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, checked((int)(e.End - e.Begin)));
         var raw = torch.empty(e.Shape, stored, CPU);
-        span.CopyTo(raw.bytes);
+        long bytes = e.End - e.Begin; // checked against the shape and the data section at Open
+        new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, checked((int)bytes)).CopyTo(raw.bytes);
         if (stored == dtype && device.type == DeviceType.CPU) return raw;
         using (raw) return raw.to(dtype, device);
     }
 
-    private static int ElementSize(string dtype, string name, string path) => dtype switch
+    /// <summary>Bytes per element of a safetensors dtype, or null when the format does not define it.</summary>
+    private static int? ElementSize(string dtype) => dtype switch
     {
-        "F32" or "I32" => 4,
-        "BF16" or "F16" or "I16" => 2,
-        "F64" or "I64" => 8,
-        "U8" or "I8" or "BOOL" => 1,
-        _ => throw new NotSupportedException($"'{path}': tensor '{name}' has unsupported dtype '{dtype}' (supported: F32, BF16, F16)."),
+        "F32" or "I32" or "U32" => 4,
+        "BF16" or "F16" or "I16" or "U16" => 2,
+        "F64" or "I64" or "U64" => 8,
+        "U8" or "I8" or "BOOL" or "F8_E4M3" or "F8_E5M2" => 1,
+        _ => null,
     };
 
     private static ScalarType StoredType(string dtype, string name, string path) => dtype switch

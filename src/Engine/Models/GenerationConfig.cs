@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using LocalVllm.Engine.Loading;
 
 namespace LocalVllm.Engine.Models;
 
@@ -18,18 +19,18 @@ public sealed record GenerationConfig
     public static GenerationConfig Load(string path)
     {
         if (!File.Exists(path)) return new GenerationConfig();
-        var json = JsonNode.Parse(File.ReadAllText(path))?.AsObject()
-            ?? throw new InvalidDataException($"'{path}' is empty.");
+        var json = JsonFiles.ReadObject(path);
+        var f = new ModelConfig.ConfigFields(json, path);
         return new GenerationConfig
         {
-            BosTokenId = ModelConfig.ReadIds(json["bos_token_id"]) is [var b, ..] ? b : null,
-            EosTokenIds = ModelConfig.ReadIds(json["eos_token_id"]),
-            PadTokenId = ModelConfig.ReadIds(json["pad_token_id"]) is [var p, ..] ? p : null,
-            DoSample = json["do_sample"]?.GetValue<bool>() ?? false,
-            Temperature = (float?)json["temperature"]?.GetValue<double>(),
-            TopK = json["top_k"]?.GetValue<int>(),
-            TopP = (float?)json["top_p"]?.GetValue<double>(),
-            RepetitionPenalty = (float?)json["repetition_penalty"]?.GetValue<double>(),
+            BosTokenId = ModelConfig.ReadIds(json["bos_token_id"], "bos_token_id", path) is [var b, ..] ? b : null,
+            EosTokenIds = ModelConfig.ReadIds(json["eos_token_id"], "eos_token_id", path),
+            PadTokenId = ModelConfig.ReadIds(json["pad_token_id"], "pad_token_id", path) is [var p, ..] ? p : null,
+            DoSample = f.Bool("do_sample") ?? false,
+            Temperature = (float?)f.Double("temperature", positive: false),
+            TopK = f.Int("top_k", min: -1, required: false),
+            TopP = (float?)f.Double("top_p", positive: true),
+            RepetitionPenalty = (float?)f.Double("repetition_penalty", positive: true),
         };
     }
 }

@@ -62,51 +62,116 @@ public sealed record ModelConfig
 
     internal static ModelConfig Parse(JsonObject json, string source)
     {
-        var architecture = json["architectures"]?.AsArray().FirstOrDefault()?.GetValue<string>()
-            ?? throw new InvalidDataException($"'{source}' has no 'architectures' entry; supported: {string.Join(", ", SupportedArchitectures)}.");
+        var architecture = json["architectures"] is JsonArray { Count: > 0 } archs && archs[0] is JsonValue a && a.TryGetValue<string>(out var arch) ? arch
+            : throw new InvalidDataException($"'{source}' has no 'architectures' entry; supported: {string.Join(", ", SupportedArchitectures)}.");
         if (!SupportedArchitectures.Contains(architecture))
             throw new NotSupportedException(
                 $"Unknown architecture '{architecture}' in '{source}'. Supported architectures: {string.Join(", ", SupportedArchitectures)}.");
+        var f = new ConfigFields(json, source);
 
-        int Req(string key) => json[key]?.GetValue<int>()
-            ?? throw new InvalidDataException($"'{source}' lacks the required field '{key}'.");
-
-        int hidden = Req("hidden_size");
-        int heads = Req("num_attention_heads");
-        int headDim = json["head_dim"] is JsonNode hd && hd.GetValueKind() == JsonValueKind.Number ? hd.GetValue<int>() : hidden / heads;
+        int hidden = f.Int("hidden_size", min: 1)!.Value;
+        int heads = f.Int("num_attention_heads", min: 1)!.Value;
+        int kvHeads = f.Int("num_key_value_heads", min: 1, required: false) ?? heads;
+        if (heads % kvHeads != 0)
+            throw new InvalidDataException($"'{source}': num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kvHeads}).");
+        int? explicitHeadDim = f.Int("head_dim", min: 1, required: false);
+        if (explicitHeadDim is null && hidden % heads != 0)
+            throw new InvalidDataException($"'{source}': hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}) when head_dim is not given.");
         bool isQwen2 = architecture == "Qwen2ForCausalLM";
         bool isQwen3 = architecture == "Qwen3ForCausalLM";
 
         return new ModelConfig
         {
             Architecture = architecture,
-            VocabSize = Req("vocab_size"),
+            VocabSize = f.Int("vocab_size", min: 1)!.Value,
             HiddenSize = hidden,
-            IntermediateSize = Req("intermediate_size"),
-            NumHiddenLayers = Req("num_hidden_layers"),
+            IntermediateSize = f.Int("intermediate_size", min: 1)!.Value,
+            NumHiddenLayers = f.Int("num_hidden_layers", min: 1)!.Value,
             NumAttentionHeads = heads,
-            NumKeyValueHeads = json["num_key_value_heads"]?.GetValue<int>() ?? heads,
-            HeadDim = headDim,
-            RmsNormEps = json["rms_norm_eps"]?.GetValue<double>() ?? 1e-6,
-            RopeTheta = json["rope_theta"]?.GetValue<double>() ?? 10000.0,
+            NumKeyValueHeads = kvHeads,
+            HeadDim = explicitHeadDim ?? hidden / heads,
+            RmsNormEps = f.Double("rms_norm_eps", positive: true) ?? 1e-6,
+            RopeTheta = f.Double("rope_theta", positive: true) ?? 10000.0,
             RopeScaling = ParseRopeScaling(json["rope_scaling"], source),
-            MaxPositionEmbeddings = json["max_position_embeddings"]?.GetValue<int>() ?? 2048,
-            TieWordEmbeddings = json["tie_word_embeddings"]?.GetValue<bool>() ?? false,
-            AttentionBias = isQwen2 || (json["attention_bias"]?.GetValue<bool>() ?? false),
+            MaxPositionEmbeddings = f.Int("max_position_embeddings", min: 1, required: false) ?? 2048,
+            TieWordEmbeddings = f.Bool("tie_word_embeddings") ?? false,
+            AttentionBias = isQwen2 || (f.Bool("attention_bias") ?? false),
             QkNorm = isQwen3,
-            TorchDtype = json["torch_dtype"]?.GetValue<string>() ?? "float32",
-            BosTokenId = ReadIds(json["bos_token_id"]) is [var b, ..] ? b : null,
-            EosTokenIds = ReadIds(json["eos_token_id"]),
+            TorchDtype = f.String("torch_dtype") ?? "float32",
+            BosTokenId = ReadIds(json["bos_token_id"], "bos_token_id", source) is [var b, ..] ? b : null,
+            EosTokenIds = ReadIds(json["eos_token_id"], "eos_token_id", source),
         };
     }
 
-    internal static IReadOnlyList<int> ReadIds(JsonNode? node) => node switch
+    /// <summary>Typed reads of config fields: a value of the wrong type or range is an error naming the file, the field and what is allowed.</summary>
+    internal readonly struct ConfigFields(JsonObject json, string source)
     {
-        null => [],
-        JsonArray array => array.Where(n => n is not null).Select(n => n!.GetValue<int>()).ToArray(),
-        JsonValue v when v.GetValueKind() == JsonValueKind.Number => [v.GetValue<int>()],
-        _ => [],
-    };
+        private JsonValue? Value(string key, string expected)
+        {
+            var node = json[key];
+            if (node is null || node.GetValueKind() == JsonValueKind.Null) return null;
+            return node as JsonValue ?? throw Bad(key, expected, node);
+        }
+
+        private InvalidDataException Bad(string key, string expected, JsonNode? node) =>
+            new($"'{source}': field '{key}' must be {expected}, got {node?.ToJsonString() ?? "null"}.");
+
+        public int? Int(string key, int min, bool required = true)
+        {
+            string expected = $"an integer >= {min}";
+            var v = Value(key, expected);
+            if (v is null) return required ? throw new InvalidDataException($"'{source}' lacks the required field '{key}' ({expected}).") : null;
+            if (v.GetValueKind() != JsonValueKind.Number || !v.TryGetValue<int>(out var i) || i < min) throw Bad(key, expected, v);
+            return i;
+        }
+
+        public double? Double(string key, bool positive)
+        {
+            var v = Value(key, positive ? "a number > 0" : "a number");
+            if (v is null) return null;
+            if (v.GetValueKind() != JsonValueKind.Number || !v.TryGetValue<double>(out var d) || (positive && !(d > 0))) throw Bad(key, positive ? "a number > 0" : "a number", v);
+            return d;
+        }
+
+        public bool? Bool(string key)
+        {
+            var v = Value(key, "true or false");
+            if (v is null) return null;
+            return v.GetValueKind() switch { JsonValueKind.True => true, JsonValueKind.False => false, _ => throw Bad(key, "true or false", v) };
+        }
+
+        public string? String(string key)
+        {
+            var v = Value(key, "a string");
+            if (v is null) return null;
+            return v.TryGetValue<string>(out var s) ? s : throw Bad(key, "a string", v);
+        }
+    }
+
+    /// <summary>A token id or a list of them (eos_token_id may be either); anything else is an error naming the field.</summary>
+    internal static IReadOnlyList<int> ReadIds(JsonNode? node, string key, string source)
+    {
+        static bool IsId(JsonNode? n, out int id)
+        {
+            id = 0;
+            return n is JsonValue v && v.GetValueKind() == JsonValueKind.Number && v.TryGetValue(out id) && id >= 0;
+        }
+        switch (node)
+        {
+            case null:
+                return [];
+            case JsonValue v when v.GetValueKind() == JsonValueKind.Null:
+                return [];
+            case JsonArray array:
+                var ids = new List<int>();
+                foreach (var n in array)
+                    if (n is not null) ids.Add(IsId(n, out var id) ? id : throw new InvalidDataException($"'{source}': field '{key}' must be a token id or a list of token ids (integers >= 0), got {node.ToJsonString()}."));
+                return ids;
+            default:
+                return IsId(node, out var one) ? [one]
+                    : throw new InvalidDataException($"'{source}': field '{key}' must be a token id or a list of token ids (integers >= 0), got {node.ToJsonString()}.");
+        }
+    }
 
     private static RopeScaling ParseRopeScaling(JsonNode? node, string source)
     {

@@ -47,6 +47,7 @@ public static partial class ModelResolver
         options ??= new HubOptions();
         var parts = model.Split('@', 2);
         string repo = parts[0], revision = parts.Length > 1 ? parts[1] : "main";
+        CheckRevision(repo, revision);
         string repoDir = Path.Combine(options.CacheDir, "models--" + repo.Replace("/", "--"));
 
         if (CachedSnapshot(repoDir, revision) is string cached) return cached;
@@ -80,9 +81,41 @@ public static partial class ModelResolver
 
     private static string? CommitFor(string repoDir, string revision)
     {
-        if (Regex.IsMatch(revision, "^[0-9a-f]{40}$")) return revision;
+        if (CommitPattern().IsMatch(revision)) return revision;
         var refFile = Path.Combine(repoDir, "refs", revision);
-        return File.Exists(refFile) ? File.ReadAllText(refFile).Trim() : null;
+        if (!File.Exists(refFile)) return null;
+        var commit = File.ReadAllText(refFile).Trim();
+        // A ref file that does not hold a commit id is not trusted as a path component: the revision is fetched again.
+        return CommitPattern().IsMatch(commit) ? commit : null;
+    }
+
+    [GeneratedRegex("^[0-9a-f]{40}$")]
+    private static partial Regex CommitPattern();
+
+    [GeneratedRegex("^(?:[0-9a-f]{40}|[0-9a-f]{64})$")]
+    private static partial Regex EtagPattern();
+
+    [GeneratedRegex(@"^[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*$")]
+    private static partial Regex RevisionPattern();
+
+    /// <summary>
+    /// A revision becomes a path under <c>refs/</c>: branch and tag names and <c>refs/pr/N</c> are fine, a <c>..</c> or
+    /// <c>.</c> segment, an absolute path or an odd character is refused.
+    /// </summary>
+    private static void CheckRevision(string repo, string revision)
+    {
+        if (!RevisionPattern().IsMatch(revision) || revision.Split('/').Any(segment => segment is "." or ".."))
+            throw new HubException($"'{repo}@{revision}': the revision '{revision}' is not a valid branch, tag or commit name (no '..' or '.' segments, no leading '/', letters, digits and _ . + - / only).");
+    }
+
+    /// <summary>Throws unless <paramref name="path"/> lies inside <paramref name="repoDir"/>: nothing the hub answers may place a file elsewhere.</summary>
+    private static string Inside(string repoDir, string path, string what)
+    {
+        var root = Path.GetFullPath(repoDir).TrimEnd(Path.DirectorySeparatorChar) + Path.DirectorySeparatorChar;
+        var full = Path.GetFullPath(path);
+        if (!full.StartsWith(root, StringComparison.Ordinal))
+            throw new HubException($"Refusing to write {what} at '{full}': it is outside the repository's cache folder '{root}'.");
+        return full;
     }
 
     /// <summary>What a snapshot lacks to be loadable: config, weights (and shards named in the index), a tokenizer.</summary>
@@ -121,20 +154,27 @@ public static partial class ModelResolver
         JsonNode json;
         using (info) json = JsonNode.Parse(await info.Content.ReadAsStringAsync(ct).ConfigureAwait(false))!;
         var commit = json["sha"]?.GetValue<string>() ?? throw new HubException($"The hub's answer for '{repo}@{revision}' has no commit sha.");
+        if (!CommitPattern().IsMatch(commit))
+            throw new HubException($"The hub's answer for '{repo}@{revision}' has an invalid commit sha '{commit}' (expected 40 hex digits); nothing was written.");
         var files = json["siblings"]!.AsArray().Select(s => s!["rfilename"]!.GetValue<string>()).Where(IsNeeded).ToList();
         if (!files.Contains("config.json")) throw new HubException($"'{repo}@{revision}' has no config.json: it is not a transformers model repository.");
 
-        var snapshot = Path.Combine(repoDir, "snapshots", commit);
+        var snapshot = Inside(repoDir, Path.Combine(repoDir, "snapshots", commit), "a snapshot");
         Directory.CreateDirectory(snapshot);
         Directory.CreateDirectory(Path.Combine(repoDir, "blobs"));
         foreach (var file in files)
         {
-            var target = Path.Combine(snapshot, file);
+            var target = Inside(repoDir, Path.Combine(snapshot, file), $"'{file}'");
             if (File.Exists(target)) continue;
             await DownloadFileAsync(http, repo, commit, file, repoDir, target, o, ct).ConfigureAwait(false);
         }
         Directory.CreateDirectory(Path.Combine(repoDir, "refs"));
-        if (revision != commit) await File.WriteAllTextAsync(Path.Combine(repoDir, "refs", revision), commit, ct).ConfigureAwait(false);
+        if (revision != commit)
+        {
+            var refFile = Inside(repoDir, Path.Combine(repoDir, "refs", revision), $"the ref of '{revision}'");
+            Directory.CreateDirectory(Path.GetDirectoryName(refFile)!);
+            await File.WriteAllTextAsync(refFile, commit, ct).ConfigureAwait(false);
+        }
         var missing = MissingFiles(snapshot);
         if (missing.Count > 0) throw new HubException($"'{repo}@{revision}' lacks files the engine needs: {string.Join(", ", missing)}.");
         return snapshot;
@@ -146,8 +186,10 @@ public static partial class ModelResolver
         // HEAD (no redirects followed) gives the blob's etag (sha256 for LFS files) and size.
         using var head = await SendAsync(http, HttpMethod.Head, url, o, repo, commit, ct, followRedirects: false).ConfigureAwait(false);
         string etag = (Header(head, "X-Linked-Etag") ?? head.Headers.ETag?.Tag ?? throw new HubException($"No ETag for '{file}' of '{repo}'.")).Trim('"').Replace("W/", "");
+        if (!EtagPattern().IsMatch(etag))
+            throw new HubException($"The hub's ETag for '{file}' of '{repo}' is '{etag}', not a 40- or 64-hex-digit blob id; nothing was written.");
         long? size = long.TryParse(Header(head, "X-Linked-Size"), out var ls) ? ls : head.Content.Headers.ContentLength;
-        var blob = Path.Combine(repoDir, "blobs", etag);
+        var blob = Inside(repoDir, Path.Combine(repoDir, "blobs", etag), $"the blob of '{file}'");
         if (!File.Exists(blob))
         {
             var partial = blob + ".incomplete";

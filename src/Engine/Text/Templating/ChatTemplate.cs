@@ -28,8 +28,20 @@ public sealed class ChatTemplate
     /// <summary>Loads the template from the tokenizer files in <paramref name="folder"/>, or returns null when there is none.</summary>
     public static ChatTemplate? Load(string folder)
     {
+        try
+        {
+            return LoadCore(folder);
+        }
+        catch (Exception e) when (e is InvalidOperationException or NullReferenceException or FormatException or KeyNotFoundException)
+        {
+            throw new InvalidDataException($"The chat template settings in '{folder}' (tokenizer_config.json 'chat_template', chat_template.jinja) are malformed: {e.Message}", e);
+        }
+    }
+
+    private static ChatTemplate? LoadCore(string folder)
+    {
         var configPath = Path.Combine(folder, "tokenizer_config.json");
-        var config = File.Exists(configPath) ? JsonNode.Parse(File.ReadAllText(configPath))?.AsObject() : null;
+        var config = File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null;
         var special = new Dictionary<string, string>();
         foreach (var key in new[] { "bos_token", "eos_token", "pad_token", "unk_token" })
             if (TokenText(config?[key]) is string s) special[key] = s;

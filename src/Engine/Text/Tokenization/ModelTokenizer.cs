@@ -56,12 +56,25 @@ public sealed class ModelTokenizer
     public int[] Encode(string text, bool addSpecialTokens = true)
     {
         ArgumentNullException.ThrowIfNull(text);
+        CheckUnicode(text);
         var ids = new List<int>();
         if (addSpecialTokens && AddBosToken && BosTokenId is int bos) ids.Add(bos);
         if (_sentencePiece) EncodeSentencePiece(text, ids);
         else ids.AddRange(_inner.EncodeToIds(text));
         if (addSpecialTokens && AddEosToken && EosTokenId is int eos) ids.Add(eos);
         return [.. ids];
+    }
+
+    /// <summary>A lone UTF-16 surrogate cannot be encoded as UTF-8: refused with its position instead of failing deep inside.</summary>
+    private static void CheckUnicode(string text)
+    {
+        for (int i = 0; i < text.Length; i++)
+        {
+            char c = text[i];
+            if (!char.IsSurrogate(c)) continue;
+            if (char.IsHighSurrogate(c) && i + 1 < text.Length && char.IsLowSurrogate(text[i + 1])) { i++; continue; }
+            throw new ArgumentException($"The text has a lone UTF-16 surrogate U+{(int)c:X4} at index {i}; text must be valid Unicode.", nameof(text));
+        }
     }
 
     /// <summary>Decodes ids to text, skipping special tokens unless asked otherwise; invalid UTF-8 becomes U+FFFD.</summary>
@@ -128,21 +141,37 @@ public sealed class ModelTokenizer
         string? Existing(string name) => File.Exists(Path.Combine(folder, name)) ? Path.Combine(folder, name) : null;
         var dir = new TokenizerFiles(folder, Existing("tokenizer.json"), Existing("vocab.json"), Existing("merges.txt"),
             Existing("tokenizer.model"), model);
-        var config = Existing("tokenizer_config.json") is string cfg ? JsonNode.Parse(File.ReadAllText(cfg))?.AsObject() : null;
-        if (dir.TokenizerJson is string tj)
+        string reading = Existing("tokenizer_config.json") ?? folder;
+        try
         {
-            var json = JsonNode.Parse(File.ReadAllText(tj))!.AsObject();
-            if (json["model"]?["type"]?.GetValue<string>() == "BPE" && json["decoder"]?["type"]?.GetValue<string>() is "ByteLevel")
-                return LoadByteLevelBpe(json, config, dir, tj);
+            var config = Existing("tokenizer_config.json") is string cfg ? JsonFiles.ReadObject(cfg) : null;
+            if (dir.TokenizerJson is string tj)
+            {
+                reading = tj;
+                var json = JsonFiles.ReadObject(tj);
+                if (json["model"]?["type"]?.GetValue<string>() == "BPE" && json["decoder"]?["type"]?.GetValue<string>() is "ByteLevel")
+                    return LoadByteLevelBpe(json, config, dir, tj);
+            }
+            if (dir.VocabJson is string vj && dir.MergesTxt is string mt)
+            {
+                reading = vj;
+                var vocab = JsonFiles.ReadObject(vj);
+                var merges = File.ReadLines(mt).Where(l => l.Length > 0 && !l.StartsWith("#version", StringComparison.Ordinal));
+                var json = new JsonObject { ["model"] = new JsonObject { ["vocab"] = vocab.DeepClone(), ["merges"] = new JsonArray(merges.Select(m => (JsonNode)m).ToArray()) } };
+                return LoadByteLevelBpe(json, config, dir, vj);
+            }
+            if (dir.TokenizerModel is string tm)
+            {
+                reading = tm;
+                return LoadSentencePiece(tm, config, dir);
+            }
         }
-        if (dir.VocabJson is string vj && dir.MergesTxt is string mt)
+        catch (Exception e) when (e is InvalidOperationException or NullReferenceException or FormatException or KeyNotFoundException
+            or ArgumentException or IndexOutOfRangeException or OverflowException && e is not InvalidDataException)
         {
-            var vocab = JsonNode.Parse(File.ReadAllText(vj))!.AsObject();
-            var merges = File.ReadLines(mt).Where(l => l.Length > 0 && !l.StartsWith("#version", StringComparison.Ordinal));
-            var json = new JsonObject { ["model"] = new JsonObject { ["vocab"] = vocab.DeepClone(), ["merges"] = new JsonArray(merges.Select(m => (JsonNode)m).ToArray()) } };
-            return LoadByteLevelBpe(json, config, dir, vj);
+            // A field of the wrong type or shape deep in a tokenizer file: say which file, not just what failed.
+            throw new InvalidDataException($"'{reading}' is not a tokenizer file this engine can read: {e.Message}", e);
         }
-        if (dir.TokenizerModel is string tm) return LoadSentencePiece(tm, config, dir);
         throw new FileNotFoundException(
             $"No tokenizer in '{folder}': expected tokenizer.json (byte-level BPE), vocab.json + merges.txt, or tokenizer.model (SentencePiece).");
     }
