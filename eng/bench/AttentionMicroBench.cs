@@ -97,7 +97,7 @@ internal static class AttentionMicroBench
     }
 }
 
-/// <summary>Greedy argmax over a decode step's logits (64 x 151,936): libtorch against Sampler.ArgMax.</summary>
+/// <summary>Greedy argmax over a decode step's logits (64 x 151,936): libtorch against CpuArgMax.</summary>
 internal static class ArgMaxMicroBench
 {
     public static void Run()
@@ -106,7 +106,7 @@ internal static class ArgMaxMicroBench
         foreach (var (name, f) in new (string, Action)[]
         {
             ("libtorch argmax", () => logits.argmax(-1).data<long>().ToArray()),
-            ("Sampler.ArgMax", () => CpuArgMax.ArgMax(logits)),
+            ("CpuArgMax", () => CpuArgMax.ArgMax(logits)),
         })
         {
             f();
