@@ -78,14 +78,17 @@ public sealed class RequestValidator
                     $"Token id {promptTokenIds[i]} at prompt position {i} is outside the vocabulary [0, {VocabSize}).");
         if (promptTokenIds.Count >= MaxModelLen)
             throw new ArgumentException(
-                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} ({ContextSource}); at least one token must be left to generate.",
+                $"The prompt has {promptTokenIds.Count} tokens but the model's context length is {MaxModelLen} ({ContextSource}); at least one token must be left to generate" +
+                (ContextLimitedByCache ? $": this prompt needs a KV cache of at least {BlocksFor(promptTokenIds.Count + 1)} blocks." : "."),
                 nameof(promptTokenIds));
         int capacity = KvCacheBlocks * BlockSize;
         if (promptTokenIds.Count + 1 > capacity)
             throw new ArgumentException(
-                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({KvCacheBlocks} blocks of {BlockSize}); raise {KvCacheOption} to at least {(promptTokenIds.Count + BlockSize) / BlockSize} blocks' worth.",
+                $"The prompt has {promptTokenIds.Count} tokens but the whole KV cache holds {capacity} tokens ({KvCacheBlocks} blocks of {BlockSize}); raise {KvCacheOption} to at least {BlocksFor(promptTokenIds.Count + 1)} blocks' worth.",
                 nameof(promptTokenIds));
     }
+
+    private int BlocksFor(int tokens) => (tokens + BlockSize - 1) / BlockSize;
 
     /// <summary>Every sampling field is within its range; throws <see cref="ArgumentException"/> naming the field.</summary>
     public void ValidateSampling(SamplingParams p)

@@ -62,10 +62,11 @@ public sealed class CapacityAndErrorTests : IDisposable
         var warning = Assert.Single(log.Entries, e => e.Level == LogLevel.Warning);
         Assert.Contains("512", warning.Message);
         Assert.Contains("64", warning.Message);
-        Assert.Contains("NumKvBlocks", warning.Message);
+        Assert.Contains("Raise NumKvBlocks to at least 32 blocks", warning.Message);
         var e = Assert.ThrowsAny<ArgumentException>(() => engine.AddRequest(Enumerable.Repeat(7, 70).ToArray(), EngineHarness.Greedy(2)));
         Assert.Contains("KV cache holds 64 tokens", e.Message);
         Assert.Contains("raise NumKvBlocks", e.Message);
+        Assert.Contains("needs a KV cache of at least 5 blocks", e.Message); // 70 tokens + 1 to generate, 16 a block
         Assert.DoesNotContain("KvCacheMemoryBytes", e.Message);
     }
 

@@ -2,7 +2,12 @@ using LocalVllm.Engine.Kernels.Cpu;
 
 namespace LocalVllm.Engine.Tests;
 
+/// <summary>No other test class runs beside these: the shared workers must be free for the tests to reach them.</summary>
+[CollectionDefinition(nameof(CpuWorkersTests), DisableParallelization = true)]
+public sealed class CpuWorkersCollection;
+
 /// <summary>The kernels' worker threads run every index exactly once, whatever the timing, and report failures.</summary>
+[Collection(nameof(CpuWorkersTests))]
 public sealed class CpuWorkersTests
 {
     [Fact]

@@ -196,11 +196,13 @@ public sealed class ReliabilityTests(ITestOutputHelper output)
         var client = new LocalVllmChatClient(engine);
         var options = Greedy.Clone();
         options.MaxOutputTokens = 20000;
+        var streaming = Enumerable.Range(0, 5).Select(_ => new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).ToArray();
         var calls = Enumerable.Range(0, 5).Select(i => Task.Run(async () =>
         {
-            await foreach (var _ in client.GetStreamingResponseAsync([new ChatMessage(ChatRole.User, $"Go {i}")], options)) { }
+            await foreach (var _ in client.GetStreamingResponseAsync([new ChatMessage(ChatRole.User, $"Go {i}")], options)) streaming[i].TrySetResult();
         })).ToArray();
-        await Task.Delay(300);
+        // Every call has streamed an update, so the dispose below lands while all five are generating.
+        await Task.WhenAll(streaming.Select(s => s.Task)).WaitAsync(TimeSpan.FromSeconds(60));
         var sw = Stopwatch.StartNew();
         engine.Dispose();
         foreach (var c in calls)

@@ -46,7 +46,8 @@ public sealed class LlmEngine : IDisposable
             _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null);
         EngineLog.KvCache(_logger, Cache.NumBlocks, (long)Cache.NumBlocks * options.BlockSize, ModelRunner.FormatBytes(_runner.KvCacheBytes), _runner.KvCacheSizedBy);
         if (_runner.MaxModelLenLoweredTo is int lowered)
-            EngineLog.MaxModelLenLowered(_logger, c.MaxPositionEmbeddings, lowered, _runner.KvCacheSizedBy);
+            EngineLog.MaxModelLenLowered(_logger, c.MaxPositionEmbeddings, lowered, _runner.KvCacheSizedBy,
+                (c.MaxPositionEmbeddings + options.BlockSize - 1) / options.BlockSize);
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
         Tokenizer = hasTokenizer ? ModelTokenizer.Load(Directory) : null;

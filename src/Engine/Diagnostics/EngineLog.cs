@@ -14,6 +14,6 @@ internal static partial class EngineLog
     [LoggerMessage(EventId = 3, Level = LogLevel.Information, Message = "KV cache: {Blocks} blocks = {Tokens} tokens, {Size} (set by {Option})")]
     public static partial void KvCache(ILogger logger, int blocks, long tokens, string size, string option);
 
-    [LoggerMessage(EventId = 4, Level = LogLevel.Warning, Message = "The model's context of {ModelContext} tokens does not fit in the KV cache: MaxModelLen lowered to {MaxModelLen} tokens. Raise {Option} to serve the full context.")]
-    public static partial void MaxModelLenLowered(ILogger logger, int modelContext, int maxModelLen, string option);
+    [LoggerMessage(EventId = 4, Level = LogLevel.Warning, Message = "The model's context of {ModelContext} tokens does not fit in the KV cache: MaxModelLen lowered to {MaxModelLen} tokens. Raise {Option} to at least {BlocksNeeded} blocks to serve the full context.")]
+    public static partial void MaxModelLenLowered(ILogger logger, int modelContext, int maxModelLen, string option, int blocksNeeded);
 }
