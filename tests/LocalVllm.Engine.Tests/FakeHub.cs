@@ -42,6 +42,12 @@ internal sealed class FakeHub : IDisposable
     public string CommitAnswer { get; set; } = Commit;
     /// <summary>Replaces the ETag the hub announces for a file, when set (a hostile hub).</summary>
     public Func<string, string>? EtagAnswer { get; set; }
+    /// <summary>Files whose next download has one byte flipped (then served intact).</summary>
+    public HashSet<string> CorruptOnce { get; } = [];
+    /// <summary>Files whose next announced size is 10 bytes too large (then announced right).</summary>
+    public HashSet<string> WrongSizeOnce { get; } = [];
+    /// <summary>The CDN answers every range request with the whole file (200), as some servers do.</summary>
+    public bool IgnoreRange { get; set; }
     public string? GatedRepo { get; }
     public bool DropFirstDownload { get; }
     public int ApiPort { get; }
@@ -105,7 +111,9 @@ internal sealed class FakeHub : IDisposable
         {
             res.StatusCode = 302;
             res.Headers["X-Linked-Etag"] = $"\"{EtagAnswer?.Invoke(file) ?? Sha256(bytes)}\"";
-            res.Headers["X-Linked-Size"] = bytes.Length.ToString();
+            bool wrongSize;
+            lock (WrongSizeOnce) wrongSize = ctx.Request.HttpMethod == "HEAD" && WrongSizeOnce.Remove(file);
+            res.Headers["X-Linked-Size"] = (bytes.Length + (wrongSize ? 10 : 0)).ToString();
             res.Headers["Location"] = $"http://127.0.0.1:{CdnPort}/cdn/{file}";
             res.Close();
             return;
@@ -120,9 +128,22 @@ internal sealed class FakeHub : IDisposable
         var bytes = _files[file];
         var res = ctx.Response;
         long from = 0;
-        if (ctx.Request.Headers["Range"] is string range && range.StartsWith("bytes=", StringComparison.Ordinal))
+        bool corrupt;
+        lock (CorruptOnce) corrupt = CorruptOnce.Remove(file);
+        if (corrupt)
+        {
+            bytes = (byte[])bytes.Clone();
+            bytes[bytes.Length / 3] ^= 0x40;
+        }
+        if (!IgnoreRange && ctx.Request.Headers["Range"] is string range && range.StartsWith("bytes=", StringComparison.Ordinal))
         {
             from = long.Parse(range["bytes=".Length..].Split('-')[0]);
+            if (from >= bytes.Length)
+            {
+                res.StatusCode = 416;
+                res.Close();
+                return;
+            }
             res.StatusCode = 206;
             res.Headers["Content-Range"] = $"bytes {from}-{bytes.Length - 1}/{bytes.Length}";
         }

@@ -168,4 +168,60 @@ public sealed class ModelResolverTests : IDisposable
         Assert.Equal(dir, ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
         Assert.Empty(WrittenOutsideTheCache());
     }
+
+    private string Blobs => Path.Combine(Cache, "models--karpathy--stories260K", "blobs");
+    private string SnapshotWeights => Path.Combine(Cache, "models--karpathy--stories260K", "snapshots", FakeHub.Commit, "model.safetensors");
+
+    [Fact]
+    public void A_flipped_byte_fails_the_sha256_check_leaves_no_blob_and_a_retry_succeeds()
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K");
+        hub.CorruptOnce.Add("model.safetensors");
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Contains("model.safetensors", e.Message);
+        Assert.Contains("sha256", e.Message);
+        var sha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(Path.Combine(Fixtures.Model("stories260K"), "model.safetensors"))));
+        Assert.False(File.Exists(Path.Combine(Blobs, sha)));
+        Assert.False(File.Exists(SnapshotWeights));
+        var dir = ModelResolver.Resolve("karpathy/stories260K", Options(hub));
+        Assert.Equal(File.ReadAllBytes(Path.Combine(Fixtures.Model("stories260K"), "model.safetensors")), File.ReadAllBytes(Path.Combine(dir, "model.safetensors")));
+    }
+
+    [Fact]
+    public void A_wrong_etag_fails_the_sha256_check_and_leaves_no_blob_under_it()
+    {
+        const string Wrong = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K") { EtagAnswer = f => f == "model.safetensors" ? Wrong : null! };
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Contains("model.safetensors", e.Message);
+        Assert.Contains("sha256", e.Message);
+        Assert.Contains(Wrong, e.Message);
+        Assert.False(File.Exists(Path.Combine(Blobs, Wrong)));
+        Assert.False(File.Exists(SnapshotWeights));
+        hub.EtagAnswer = null;
+        Assert.True(File.Exists(Path.Combine(ModelResolver.Resolve("karpathy/stories260K", Options(hub)), "model.safetensors")));
+    }
+
+    [Fact]
+    public void A_wrong_size_fails_the_size_check_and_a_retry_succeeds()
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K");
+        hub.WrongSizeOnce.Add("model.safetensors");
+        var e = Assert.Throws<HubException>(() => ModelResolver.Resolve("karpathy/stories260K", Options(hub)));
+        Assert.Contains("model.safetensors", e.Message);
+        Assert.Contains("bytes", e.Message);
+        Assert.False(File.Exists(SnapshotWeights));
+        Assert.DoesNotContain(Directory.EnumerateFiles(Blobs), f => !f.EndsWith(".incomplete", StringComparison.Ordinal) && new FileInfo(f).Length > 100_000);
+        var dir = ModelResolver.Resolve("karpathy/stories260K", Options(hub));
+        Assert.Equal(File.ReadAllBytes(Path.Combine(Fixtures.Model("stories260K"), "model.safetensors")), File.ReadAllBytes(Path.Combine(dir, "model.safetensors")));
+    }
+
+    [Fact]
+    public void A_server_that_ignores_range_requests_still_yields_the_exact_file()
+    {
+        using var hub = new FakeHub(Fixtures.Model("stories260K"), "karpathy/stories260K", dropFirstDownload: true) { IgnoreRange = true };
+        var dir = ModelResolver.Resolve("karpathy/stories260K", Options(hub));
+        Assert.Equal(File.ReadAllBytes(Path.Combine(Fixtures.Model("stories260K"), "model.safetensors")), File.ReadAllBytes(Path.Combine(dir, "model.safetensors")));
+        Assert.Contains(hub.Requests, r => r.Host == "cdn" && r.Range is not null); // it did ask to resume
+    }
 }

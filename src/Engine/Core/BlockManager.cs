@@ -200,6 +200,34 @@ public sealed class BlockManager
         }
     }
 
+    /// <summary>
+    /// Test hook: maps every chained block hash before use (a function that folds hashes together forces collisions,
+    /// which the token comparison on every hit must then catch). Null in production.
+    /// </summary>
+    internal Func<ulong, ulong>? HashTransform { get; set; }
+
+    /// <summary>
+    /// Throws if the bookkeeping is inconsistent with <paramref name="holders"/>, the sequences that hold blocks now:
+    /// every block's reference count is its holders' references plus its pins, and every cached block a holder
+    /// holds carries exactly the holder's tokens for that position (no request ever reads another's KV).
+    /// </summary>
+    public void CheckInvariants(IEnumerable<Sequence> holders)
+    {
+        CheckInvariants(expectAllFree: false);
+        var refs = new int[_blocks.Length];
+        foreach (var seq in holders)
+            for (int i = 0; i < seq.BlockTable.Count; i++)
+            {
+                var b = _blocks[seq.BlockTable[i]];
+                refs[b.Id]++;
+                if (b.Tokens is { } cached && !TokensEqual(cached, seq, i))
+                    throw new InvalidOperationException($"Block {b.Id} at position {i} of sequence {seq.RequestId}/{seq.Index} holds other tokens than the sequence.");
+            }
+        foreach (var b in _blocks)
+            if (b.RefCount != refs[b.Id] + b.Pins)
+                throw new InvalidOperationException($"Block {b.Id} has reference count {b.RefCount} but {refs[b.Id]} holders and {b.Pins} pins.");
+    }
+
     /// <summary>Throws if the pool's bookkeeping is inconsistent; used by tests after every request.</summary>
     public void CheckInvariants(bool expectAllFree)
     {
@@ -238,7 +266,8 @@ public sealed class BlockManager
             BitConverter.TryWriteBytes(parent, parentHash);
             hasher.Append(parent);
             hasher.Append(MemoryMarshal.AsBytes(CollectionsMarshal.AsSpan(tokens).Slice(i * BlockSize, BlockSize)));
-            seq.BlockHashes.Add(hasher.GetCurrentHashAsUInt64());
+            ulong hash = hasher.GetCurrentHashAsUInt64();
+            seq.BlockHashes.Add(HashTransform is { } transform ? transform(hash) : hash);
         }
     }
 

@@ -205,6 +205,11 @@ public static partial class ModelResolver
                     // The connection dropped: resume from what is on disk.
                     await Task.Delay(200 * attempt, ct).ConfigureAwait(false);
                 }
+                catch (IOException e)
+                {
+                    // Five tries and the bytes still do not add up to the size the hub announced (the size check).
+                    throw new HubException($"'{file}' of '{repo}' could not be downloaded whole: {e.Message} The partial file is kept for the next try.", e);
+                }
             }
             Verify(partial, file, size, etag);
             File.Move(partial, blob, overwrite: true);
@@ -280,6 +285,8 @@ public static partial class ModelResolver
             }
             if (response.IsSuccessStatusCode) return response;
             response.Dispose();
+            if (code == 416) // nothing past what is on disk: the file is shorter than the size the hub announced
+                throw new IOException($"the server has no bytes from {rangeFrom} on ({url}).");
             throw code switch
             {
                 401 or 403 => new HubException(
