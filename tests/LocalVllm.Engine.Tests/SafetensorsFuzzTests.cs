@@ -143,4 +143,40 @@ public sealed class SafetensorsFuzzTests
         File.WriteAllBytes(path, bytes);
         return path;
     }
+
+    [Fact]
+    public void A_tensor_of_more_than_2_GiB_is_read_whole()
+    {
+        // A sparse file: a 2.25 GiB F32 tensor of zeros with a few bytes written at known places, past the 2 GiB mark too.
+        long elements = (9L << 30) / 4 / 4; // 2.25 GiB of floats
+        long bytes = elements * 4;
+        var header = Encoding.UTF8.GetBytes($"{{\"big\":{{\"dtype\":\"F32\",\"shape\":[{elements}],\"data_offsets\":[0,{bytes}]}}}}");
+        var path = Path.Combine(Directory.CreateTempSubdirectory("localvllm-big-").FullName, "big.safetensors");
+        long[] marks = [0, (1L << 30) / 4 - 1, (1L << 30) / 4, (2L << 30) / 4 + 12345, elements - 1];
+        try
+        {
+            using (var f = new FileStream(path, FileMode.Create))
+            {
+                Span<byte> len = stackalloc byte[8];
+                BinaryPrimitives.WriteInt64LittleEndian(len, header.Length);
+                f.Write(len);
+                f.Write(header);
+                f.SetLength(8 + header.Length + bytes);
+                foreach (var m in marks)
+                {
+                    f.Position = 8 + header.Length + m * 4;
+                    f.Write(BitConverter.GetBytes((float)(m % 1000 + 1)));
+                }
+            }
+            using var file = SafetensorsFile.Open(path);
+            using var t = file.Read("big", ScalarType.Float32, CPU);
+            Assert.Equal(elements, t.numel());
+            foreach (var m in marks) Assert.Equal(m % 1000 + 1, t[m].item<float>());
+            Assert.Equal(0f, t[(1L << 30) / 4 + 1].item<float>());
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
 }

@@ -155,7 +155,22 @@ public sealed unsafe class SafetensorsFile : IDisposable
         var stored = StoredType(e.DType, name, Path);
         var raw = torch.empty(e.Shape, stored, CPU);
         long bytes = e.End - e.Begin; // checked against the shape and the data section at Open
-        new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, checked((int)bytes)).CopyTo(raw.bytes);
+        if (bytes <= int.MaxValue)
+            new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, (int)bytes).CopyTo(raw.bytes);
+        else
+        {
+            // A tensor of 2 GiB or more (an f32 152k x 3584 embedding) is copied through views of at most 1 GiB, since a
+            // span cannot cover it whole.
+            int elementSize = (int)(bytes / Math.Max(1, raw.numel()));
+            long chunk = (1L << 30) / elementSize;
+            using var flat = raw.view(-1);
+            for (long first = 0; first < flat.shape[0]; first += chunk)
+            {
+                long count = Math.Min(chunk, flat.shape[0] - first);
+                using var part = flat.narrow(0, first, count);
+                new ReadOnlySpan<byte>(_base + _dataStart + e.Begin + first * elementSize, checked((int)(count * elementSize))).CopyTo(part.bytes);
+            }
+        }
         if (stored == dtype && device.type == DeviceType.CPU) return raw;
         using (raw) return raw.to(dtype, device);
     }
