@@ -13,17 +13,25 @@ public sealed class DisposeAndThreadsTests
     private static readonly TimeSpan Patience = TimeSpan.FromSeconds(60);
 
     [Fact]
-    public async Task Dispose_answers_every_command_queued_behind_a_busy_loop()
+    public async Task Dispose_answers_every_command_queued_behind_a_busy_step()
     {
         var engine = new AsyncLlmEngine(EngineHarness.Options("tiny-llama"));
         var busy = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var release = new ManualResetEventSlim();
-        var blocking = engine.InvokeAsync(_ => { busy.SetResult(); release.Wait(); });
-        await busy.Task.WaitAsync(Patience); // the loop thread is now inside the call: everything below queues behind it
+        // The stop condition runs inside the engine step, on the loop thread: while it waits, the loop is mid-step, and
+        // after the step it sees the stop and leaves without reading the commands queued meanwhile (the drain's case).
+        var running = Task.Run(async () =>
+        {
+            await foreach (var _ in engine.GenerateAsync(Prompts[0], EngineHarness.Greedy(50) with
+            {
+                StopCondition = _ => { busy.TrySetResult(); release.Wait(); return false; },
+            })) { }
+        });
+        await busy.Task.WaitAsync(Patience);
 
         var stream = Task.Run(async () =>
         {
-            await foreach (var _ in engine.GenerateAsync(Prompts[0], EngineHarness.Greedy(50))) { }
+            await foreach (var _ in engine.GenerateAsync(Prompts[1], EngineHarness.Greedy(50))) { }
         });
         var queuedCall = engine.InvokeAsync(_ => { });
         var disposing = Task.Run(engine.Dispose);
@@ -31,12 +39,12 @@ public sealed class DisposeAndThreadsTests
         release.Set();
 
         await disposing.WaitAsync(Patience);
-        await blocking.WaitAsync(Patience);
-        // Each queued command completed: the request ran or ended with ObjectDisposedException, the call ran or was refused.
-        var streamError = await Record.ExceptionAsync(() => stream.WaitAsync(Patience));
-        Assert.True(streamError is null or ObjectDisposedException, $"stream ended with {streamError}");
-        var callError = await Record.ExceptionAsync(() => queuedCall.WaitAsync(Patience));
-        Assert.True(callError is null or ObjectDisposedException, $"call ended with {callError}");
+        // Each request and call completed: it ran, or ended with ObjectDisposedException; none is left waiting.
+        foreach (var (name, task) in new[] { ("running", running), ("queued stream", stream), ("queued call", queuedCall) })
+        {
+            var error = await Record.ExceptionAsync(() => task.WaitAsync(Patience));
+            Assert.True(error is null or ObjectDisposedException, $"{name} ended with {error}");
+        }
 
         // After dispose, new work is refused at once.
         Assert.Throws<ObjectDisposedException>(() => { _ = engine.InvokeAsync(_ => { }); }); // thrown at once, not through the task
@@ -66,14 +74,27 @@ public sealed class DisposeAndThreadsTests
         for (int round = 0; round < 12; round++)
         {
             var engine = new AsyncLlmEngine(EngineHarness.Options("tiny-llama"));
+            // Dispose after a random number (0-99) of the callers' events (calls done, outputs streamed): at a random
+            // point of their work, ordered by the events themselves rather than by a delay.
+            int threshold = rng.Next(0, 100), events = 0;
+            var reached = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            void Event()
+            {
+                if (Interlocked.Increment(ref events) >= threshold) reached.TrySetResult();
+            }
+            if (threshold == 0) reached.TrySetResult();
             var callers = Enumerable.Range(0, 24).Select(i => Task.Run(async () =>
             {
                 if (i % 3 == 0)
-                    for (int k = 0; k < 20; k++) await engine.InvokeAsync(e => _ = e.GetStats());
+                    for (int k = 0; k < 20; k++)
+                    {
+                        await engine.InvokeAsync(e => _ = e.GetStats());
+                        Event();
+                    }
                 else
-                    await foreach (var _ in engine.GenerateAsync(Prompts[i % Prompts.Length], EngineHarness.Greedy(8 + i))) { }
+                    await foreach (var _ in engine.GenerateAsync(Prompts[i % Prompts.Length], EngineHarness.Greedy(8 + i))) Event();
             })).ToArray();
-            await Task.Delay(rng.Next(0, 40)); // dispose at a random point of the callers' work
+            await reached.Task.WaitAsync(Patience); // eight callers make 20 calls each: 160 events, more than any threshold
             engine.Dispose();
             foreach (var caller in callers)
             {

@@ -27,6 +27,7 @@ public sealed class AttentionMetadata
         Sequences = sequences;
         BlockTables = blockTables;
         BlockSize = blockSize;
+        HasAllContextSlots = contextSlots is not null && sequences.All(s => s.ContextStart >= 0);
     }
 
     /// <summary>[tokens] int64: cache slot (<c>block * blockSize + offset</c>) of every packed token.</summary>
@@ -44,7 +45,7 @@ public sealed class AttentionMetadata
     public int BlockSize { get; }
 
     /// <summary>Whether every sequence's context slots were built into <see cref="ContextSlots"/>.</summary>
-    public bool HasAllContextSlots => ContextSlots is not null && Sequences.All(s => s.ContextStart >= 0);
+    public bool HasAllContextSlots { get; }
 
     /// <summary>
     /// [contextLength] int64: the context slots of sequence <paramref name="index"/>, a view of <see cref="ContextSlots"/>

@@ -172,32 +172,23 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         {
             bool finished = s.Status == SequenceStatus.Finished;
             if (finished) s.Detokenizer?.Flush();
+            // Delta: only what this completion produced since the request's last output; cumulative: everything.
+            int from = delta ? s.NumOutputTokensSent : 0;
             if (delta)
             {
-                int from = s.NumOutputTokensSent;
                 if (from == s.NumOutputTokens && (!finished || s.FinishSent)) continue; // nothing new for this completion
                 s.NumOutputTokensSent = s.NumOutputTokens;
                 s.FinishSent = finished;
-                completions.Add(new CompletionOutput
-                {
-                    Index = s.Index,
-                    Text = s.Detokenizer?.TakeDelta() ?? "",
-                    TokenIds = s.OutputTokens(from),
-                    Logprobs = s.OutputLogprobs?.GetRange(from, s.OutputLogprobs.Count - from),
-                    FinishReason = s.FinishReason,
-                    StopReason = s.StopReason,
-                });
             }
-            else
-                completions.Add(new CompletionOutput
-                {
-                    Index = s.Index,
-                    Text = s.Detokenizer?.Text ?? "",
-                    TokenIds = s.OutputTokens(),
-                    Logprobs = s.OutputLogprobs?.ToArray(),
-                    FinishReason = s.FinishReason,
-                    StopReason = s.StopReason,
-                });
+            completions.Add(new CompletionOutput
+            {
+                Index = s.Index,
+                Text = s.Detokenizer is not { } detok ? "" : delta ? detok.TakeDelta() : detok.Text,
+                TokenIds = s.OutputTokens(from),
+                Logprobs = s.OutputLogprobs?.GetRange(from, s.OutputLogprobs.Count - from),
+                FinishReason = s.FinishReason,
+                StopReason = s.StopReason,
+            });
         }
         var first = r.Sequences.Where(s => s.FirstTokenTicks is not null).Select(s => s.FirstTokenTicks!.Value).DefaultIfEmpty().Min();
         return new RequestOutput

@@ -86,7 +86,7 @@ public sealed class Sequence
     /// The output tokens so far, as an immutable snapshot that later tokens do not change. No copy: every step hands
     /// each progressing request its cumulative ids, which would otherwise cost a copy of the whole output per step.
     /// </summary>
-    public IReadOnlyList<int> OutputTokens() => new TokenSnapshot(_output, 0, _outputCount);
+    public IReadOnlyList<int> OutputTokens() => OutputTokens(0);
 
     /// <summary>The output tokens from index <paramref name="from"/> on (a delta), as an immutable snapshot.</summary>
     internal IReadOnlyList<int> OutputTokens(int from) => new TokenSnapshot(_output, from, _outputCount - from);
