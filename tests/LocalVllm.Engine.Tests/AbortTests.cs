@@ -74,3 +74,22 @@ public sealed class AbortTests
         EngineHarness.AssertNoLeaks(engine);
     }
 }
+
+/// <summary>The shared dispose-time check (tests/Shared/EngineInvariantChecks.cs) is armed and catches a leak.</summary>
+public sealed class InvariantCheckTests
+{
+    [Fact]
+    public void Disposing_an_engine_that_leaked_a_block_fails()
+    {
+        var engine = new LlmEngine(EngineHarness.Options("tiny-llama", o => o.NumKvBlocks = 8));
+        // A sequence the scheduler does not know holds two blocks: a leak as far as the engine can tell.
+        var stray = new Sequence("stray", 0, [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], EngineHarness.Greedy(1), 0);
+        engine.Blocks.Allocate(stray, [], stray.NumTokens);
+        int before = LocalVllm.TestSupport.EngineInvariantChecks.Checked;
+        var e = Assert.Throws<InvalidOperationException>(engine.Dispose);
+        Assert.Contains("holders", e.Message);
+        engine.Blocks.Free(stray);
+        engine.Dispose();
+        Assert.True(LocalVllm.TestSupport.EngineInvariantChecks.Checked > before, "the check ran on the clean dispose");
+    }
+}

@@ -4,6 +4,7 @@ using LocalVllm.Engine.Core;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>Prefix caching tuned for agents: shared heads computed once, pinning, shared-aware eviction, multi-turn reuse.</summary>
+[Trait("Category", "Fixtures")]
 public sealed class AgentPrefixCachingTests
 {
     // tiny-qwen3-chat: a context of 40,960 tokens, so 1,000-token heads fit; token ids drawn from its vocabulary.

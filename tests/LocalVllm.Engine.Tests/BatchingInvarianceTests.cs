@@ -6,6 +6,7 @@ namespace LocalVllm.Engine.Tests;
 /// Greedy tokens are the same whether a request runs alone, in a batch, chunked, preempted and resumed, or with its
 /// prefix served from the cache (the reference is each prompt run alone, with every optimisation off).
 /// </summary>
+[Trait("Category", "Fixtures")]
 public sealed class BatchingInvarianceTests
 {
     private static IReadOnlyList<int>[] MixedPrompts()

@@ -6,6 +6,7 @@ using F = TorchSharp.torch.nn.functional;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The fused float32 layer ops equal the libtorch expressions they replace.</summary>
+[Trait("Category", "Kernels")]
 public sealed class CpuLayerOpsTests
 {
     private static void AssertClose(Tensor expected, Tensor actual, float tolerance = 1e-5f)

@@ -5,6 +5,7 @@ using static TorchSharp.torch;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The model runner builds only the attention metadata the chosen backend reads; results do not change.</summary>
+[Trait("Category", "Fixtures")]
 public sealed class ModelRunnerTests
 {
     /// <summary>Passes every call through and records what metadata each layer call received.</summary>

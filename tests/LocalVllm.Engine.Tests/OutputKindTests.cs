@@ -6,6 +6,7 @@ namespace LocalVllm.Engine.Tests;
 /// Output kinds as vLLM's RequestOutputKind: the same seeded requests run as cumulative, delta and final-only; the
 /// reference is the cumulative run's final output.
 /// </summary>
+[Trait("Category", "Fixtures")]
 public sealed class OutputKindTests
 {
     private static readonly SamplingParams Seeded = new()

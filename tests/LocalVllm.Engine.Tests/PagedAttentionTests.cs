@@ -6,6 +6,7 @@ using F = TorchSharp.torch.nn.functional;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>Paged attention over scattered blocks equals dense causal attention on the same inputs.</summary>
+[Trait("Category", "Kernels")]
 public sealed class PagedAttentionTests
 {
     // Head shapes: d = 8 takes the CPU kernel's scalar-width path; multiples of 16 its 512-bit path (four positions

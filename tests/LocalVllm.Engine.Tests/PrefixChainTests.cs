@@ -6,6 +6,7 @@ namespace LocalVllm.Engine.Tests;
 /// The prefix cache is a chain: a block is found only under the same whole prefix, and a hit is confirmed by its
 /// tokens, so no request ever reads KV computed for other tokens. Reference: each prompt run alone, without caching.
 /// </summary>
+[Trait("Category", "Fixtures")]
 public sealed class PrefixChainTests
 {
     private static int[] Block(int seed) => [.. Enumerable.Range(0, 16).Select(i => 3 + (seed * 37 + i * 11) % 480)];

@@ -3,6 +3,7 @@ using LocalVllm.Engine.Attention;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The forward pass against logits and greedy ids produced by transformers / llama.cpp (shared/fixtures).</summary>
+[Trait("Category", "Fixtures")]
 public sealed class ReferenceLogitsTests
 {
     public static TheoryData<string> IdModels => new(Fixtures.IdModels);

@@ -8,6 +8,7 @@ namespace LocalVllm.Engine.Tests;
 /// definitions: linear divides positions by the factor; dynamic (NTK) leaves positions inside the original context
 /// alone and beyond it raises the base by ((factor * len / original) - (factor - 1)) ^ (dim / (dim - 2)).
 /// </summary>
+[Trait("Category", "Kernels")]
 public sealed class RotaryEmbeddingTests
 {
     private static ModelConfig Config(RopeScaling scaling) => ModelConfig.Parse(

@@ -6,6 +6,7 @@ using static TorchSharp.torch;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The sampler's filters and penalties against a direct computation on known logits.</summary>
+[Trait("Category", "Kernels")]
 public sealed class SamplerTests
 {
     private static readonly float[] Logits = [2.0f, 1.0f, 0.5f, 3.0f, -1.0f, 0.0f, 2.5f, -3.0f];

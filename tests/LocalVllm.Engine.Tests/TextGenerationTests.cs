@@ -4,6 +4,7 @@ using LocalVllm.Engine.Text.Tokenization;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>Text in, text out: prompts tokenized as the reference did, streamed text complete and equal to the final text.</summary>
+[Trait("Category", "Fixtures")]
 public sealed class TextGenerationTests
 {
     [Fact]

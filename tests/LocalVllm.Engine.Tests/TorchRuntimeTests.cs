@@ -5,16 +5,18 @@ using static TorchSharp.torch;
 namespace LocalVllm.Engine.Tests;
 
 /// <summary>The process settings the engine applies: large tensors come from the reusable heap, not fresh mmaps.</summary>
+[Trait("Category", "Kernels")]
 public sealed partial class TorchRuntimeTests
 {
-    [Fact]
+    [SkippableFact]
     public void Large_tensors_are_not_served_by_fresh_mmaps_after_configure()
     {
-        if (!OperatingSystem.IsLinux() || Environment.GetEnvironmentVariable("LOCALVLLM_MALLOC_TUNING") == "0") return;
+        Skip.IfNot(OperatingSystem.IsLinux(), "the malloc tuning is glibc's (Linux only)");
+        Skip.If(Environment.GetEnvironmentVariable("LOCALVLLM_MALLOC_TUNING") == "0", "LOCALVLLM_MALLOC_TUNING=0 turns the tuning off");
         TorchRuntime.Configure();
-        MallInfo2 before;
+        MallInfo2 before = default;
         try { before = mallinfo2(); }
-        catch (EntryPointNotFoundException) { return; } // not glibc 2.33+: nothing to check
+        catch (EntryPointNotFoundException) { Skip.If(true, "mallinfo2 needs glibc 2.33 or later"); }
         // 40 MB: above glibc's largest mmap threshold (32 MB), below a thread arena's heap size (64 MB).
         using var t = empty(10L << 20, ScalarType.Float32);
         var after = mallinfo2();

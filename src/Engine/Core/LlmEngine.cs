@@ -238,9 +238,17 @@ public sealed class LlmEngine : IDisposable
         System.IO.Hashing.XxHash64.HashToUInt64(System.Text.Encoding.UTF8.GetBytes(
             $"{c.Architecture}/{c.VocabSize}/{c.HiddenSize}/{c.NumHiddenLayers}/{c.NumAttentionHeads}/{c.NumKeyValueHeads}/{c.HeadDim}"));
 
+    /// <summary>
+    /// Called at the start of every <see cref="Dispose"/>, on the disposing thread, while the pool is still intact. The
+    /// test assemblies set it once (a module initializer) to check the KV pool's invariants against the live sequences,
+    /// so every test that builds an engine is checked without having to remember to.
+    /// </summary>
+    internal static Action<LlmEngine>? DisposingHook;
+
     /// <inheritdoc />
     public void Dispose()
     {
+        DisposingHook?.Invoke(this);
         EngineMetrics.Unregister(this);
         _runner.Dispose();
     }
