@@ -97,7 +97,11 @@ public sealed class BatchingInvarianceTests
         long stepsBefore = llm.Engine.Counters.Steps;
         llm.Generate(prompts, EngineHarness.Greedy(6));
         long later = llm.Engine.Counters.Steps - stepsBefore;
-        Assert.True(later > 0 && stepsBefore > 0);
+        // Both prompts fit the token budget: one step prefills them and samples each one's first token, and every
+        // further token is one decode step, so a run of M tokens takes exactly M steps.
+        Assert.True(prompts.Sum(p => p.Count) <= new EngineOptions().MaxNumBatchedTokens);
+        Assert.Equal(4, stepsBefore);
+        Assert.Equal(6, later);
         Assert.StartsWith($"steps {later}:", llm.Engine.Counters.TimeSplit(snapshot));
         Assert.StartsWith($"steps {stepsBefore + later}:", llm.Engine.Counters.TimeSplit());
         Assert.Equal(stepsBefore, snapshot.Steps); // the snapshot did not move with the engine
@@ -123,7 +127,7 @@ public sealed class BatchingInvarianceTests
     }
 
     [Fact]
-    public void N_completions_share_the_prompt_and_seeded_sampling_is_reproducible_across_batches()
+    public void Seeded_sampling_is_reproducible_across_batches_and_n_completions_differ()
     {
         using var llm = new Llm(EngineHarness.Options("tiny-llama"));
         var seeded = new SamplingParams { Temperature = 0.8f, TopK = 50, TopP = 0.9f, Seed = 1234, MaxTokens = 12, IgnoreEos = true };
@@ -131,15 +135,29 @@ public sealed class BatchingInvarianceTests
         var alone = llm.Generate([prompt], seeded)[0].Outputs[0].TokenIds;
         var others = MixedPrompts().Take(7).ToList();
         others.Insert(3, prompt);
-        var inBatch = llm.Generate(others, new SamplingParams { Temperature = 1.0f, MaxTokens = 12 });
-        var seededInBatch = llm.Generate(others.Select(p => p).ToArray(), seeded)[3].Outputs[0].TokenIds;
+        var seededInBatch = llm.Generate(others, seeded)[3].Outputs[0].TokenIds;
         Assert.Equal(alone, seededInBatch);
-        Assert.Equal(8, inBatch.Count);
 
         var n = llm.Generate([prompt], seeded with { N = 3 })[0];
         Assert.Equal(3, n.Outputs.Count);
         Assert.Equal(alone, n.Outputs[0].TokenIds); // completion 0 uses the request seed
         Assert.NotEqual(n.Outputs[1].TokenIds, n.Outputs[2].TokenIds);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public void N_completions_compute_the_prompts_full_blocks_once_and_each_equals_a_run_alone()
+    {
+        var prompt = MixedPrompts().First(p => p.Count >= 40).Take(40).ToArray(); // two full blocks of 16 and 8 tokens
+        var alone = RunAlone([prompt], 10)[0];
+        using var llm = new Llm(EngineHarness.Options("tiny-llama"));
+        var output = llm.Generate([prompt], EngineHarness.Greedy(10) with { N = 3 })[0];
+        Assert.Equal(3, output.Outputs.Count);
+        foreach (var completion in output.Outputs) Assert.Equal(alone, completion.TokenIds);
+        // The first completion computes all 40 prompt tokens; its siblings wait one step for the two full blocks and
+        // then compute only the 8-token tail: 40 + 2 * 8, not 3 * 40.
+        Assert.Equal(40 + 2 * 8, llm.Engine.Counters.PrefillTokens);
+        Assert.Equal(2 * 32, llm.Engine.Scheduler.CachedPromptTokens);
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
 

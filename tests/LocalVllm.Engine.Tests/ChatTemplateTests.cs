@@ -47,15 +47,15 @@ public sealed class ChatTemplateTests
     }
 
     [Theory]
-    [InlineData("{% for x in y %}", "line 1")]
-    [InlineData("hello\n{{ x | frobnicate }}", "frobnicate")]
-    [InlineData("{% macro %}", "line 1")]
-    [InlineData("a\n  {% include 'x' %}", "include")]
-    public void Unsupported_constructs_name_themselves_with_a_position(string source, string expected)
+    [InlineData("{% for x in y %}", "endfor", 1, 4)] // the opening keyword of the unclosed block
+    [InlineData("hello\n{{ x | frobnicate }}", "frobnicate", 2, 8)] // the unknown filter's name
+    [InlineData("{% macro %}", "expected Name", 1, 10)] // where the macro's name should be
+    [InlineData("a\n  {% include 'x' %}", "include", 2, 6)] // the unsupported keyword
+    public void Unsupported_constructs_name_themselves_with_a_position(string source, string construct, int line, int column)
     {
         var e = Assert.Throws<TemplateException>(() => new ChatTemplate(source).Render([]));
-        Assert.Contains(expected, e.Message);
-        Assert.Contains("line", e.Message);
+        Assert.StartsWith($"Chat template error at line {line}, column {column}: ", e.Message);
+        Assert.Contains(construct, e.Message);
     }
 
     [Fact]

@@ -49,6 +49,43 @@ public sealed class ReferenceLogitsTests
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
 
+    /// <summary>
+    /// The engine computing in bfloat16 (weights and activations) against the float32 references, at the fixtures'
+    /// bf16 tolerance: logits within 0.1 at every position, and the reference's argmax wherever its top-2 margin is
+    /// wider than twice that bound (narrower margins may flip legitimately in bf16).
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(IdModels))]
+    public void In_bfloat16_logits_stay_within_the_bf16_bound_and_clear_argmaxes_agree(string model)
+    {
+        const float bound = 0.1f;
+        using var llm = new Llm(EngineHarness.Options(model, o => o.DType = "bfloat16"));
+        Assert.Equal(TorchSharp.torch.ScalarType.BFloat16, llm.Engine.Model.DType);
+        int clear = 0;
+        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        {
+            var ids = Fixtures.Ints(c!["prompt_ids"]);
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
+            var reference = c["logits"]!.AsArray();
+            bool all = c["logits_positions"]!.GetValue<string>() == "all";
+            for (int r = 0; r < reference.Count; r++)
+            {
+                var mine = all ? rows[r] : rows[^1];
+                var expected = Fixtures.Floats(reference[r]);
+                float diff = EngineHarness.MaxAbsDiff(mine, expected);
+                Assert.True(diff <= bound, $"{model}/{c["name"]} row {r}: max abs diff {diff} in bfloat16");
+                var sorted = expected.OrderDescending().ToArray();
+                if (sorted[0] - sorted[1] > 2 * bound)
+                {
+                    clear++;
+                    Assert.Equal(Array.IndexOf(expected, sorted[0]), Array.IndexOf(mine, mine.Max()));
+                }
+            }
+        }
+        Assert.True(clear > 0, $"{model}: no position with a clear argmax; the argmax check compared nothing");
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
     [Theory]
     [MemberData(nameof(IdModels))]
     public void Greedy_continuations_equal_the_reference(string model)

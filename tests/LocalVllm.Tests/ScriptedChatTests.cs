@@ -73,9 +73,37 @@ public sealed class ScriptedChatTests
             Instructions = "Be brief.", Tools = [tool], AdditionalProperties = new() { ["enable_thinking"] = false },
         });
         var prompt = engine.Prompts[0];
-        Assert.StartsWith("<|im_start|>system\nBe brief.\n\n# Tools", prompt);
-        Assert.Contains("\"name\": \"get_weather\"", prompt);
-        Assert.EndsWith("<|im_start|>assistant\n<think>\n\n</think>\n\n", prompt);
+        // The schema MEAI derives from the delegate, rendered as the template's tojson writes it.
+        const string toolJson = "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Get the weather.\", " +
+            "\"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}";
+        Assert.Equal(
+            "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" +
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + toolJson + "\n</tools>\n\n" +
+            "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n" +
+            "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" +
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", prompt);
+    }
+
+    /// <summary>
+    /// Messages and a declared tool mapped from the fixture's tools case render exactly what transformers'
+    /// apply_chat_template rendered for it (shared/fixtures/tiny-qwen3-chat, case "tools").
+    /// </summary>
+    [Fact]
+    public async Task A_declared_tool_renders_exactly_as_transformers_renders_it()
+    {
+        var c = Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray().Single(x => x!["name"]!.GetValue<string>() == "tools")!;
+        var messages = c["messages"]!.AsArray()
+            .Select(m => new ChatMessage(new ChatRole(m!["role"]!.GetValue<string>()), m["content"]!.GetValue<string>())).ToList();
+        var tools = c["tools"]!.AsArray().Select(t =>
+        {
+            var f = t!["function"]!;
+            using var schema = JsonDocument.Parse(f["parameters"]!.ToJsonString());
+            return (AITool)AIFunctionFactory.CreateDeclaration(f["name"]!.GetValue<string>(), f["description"]!.GetValue<string>(), schema.RootElement.Clone());
+        }).ToList();
+        var engine = new ScriptedEngine(["ok"]);
+        await new LocalVllmChatClient(engine).GetResponseAsync(messages,
+            new ChatOptions { Tools = tools, AdditionalProperties = new() { ["enable_thinking"] = c["enable_thinking"]!.GetValue<bool>() } });
+        Assert.Equal(c["prompt_text"]!.GetValue<string>(), engine.Prompts[0]);
     }
 
     [Fact]

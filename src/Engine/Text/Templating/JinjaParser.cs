@@ -265,10 +265,10 @@ internal sealed class JinjaParser
         {
             if (IsOp("|"))
             {
-                var t = Advance();
-                var name = Expect(TokenKind.Name).Value;
+                Advance();
+                var t = Expect(TokenKind.Name); // errors about a filter point at its name
                 var (args, kwargs) = IsOp("(") ? ParseArgs() : ([], []);
-                e = ParsePostfix(new FilterExpr(e, name, args, kwargs, t.Line, t.Column));
+                e = ParsePostfix(new FilterExpr(e, t.Value, args, kwargs, t.Line, t.Column));
             }
             else if (IsName("is"))
             {
