@@ -70,6 +70,9 @@ public sealed class EngineOptions
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
     public int? NumThreads { get; set; }
 
+    /// <summary>A copy of these options (lists and the hub settings are shared, not copied).</summary>
+    public EngineOptions Clone() => (EngineOptions)MemberwiseClone();
+
     internal void Validate()
     {
         if (string.IsNullOrWhiteSpace(Model)) throw new ArgumentException("EngineOptions.Model must name a model directory.", nameof(Model));

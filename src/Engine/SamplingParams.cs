@@ -36,7 +36,10 @@ public sealed record SamplingParams
     public bool IgnoreEos { get; init; }
     /// <summary>Return the top-k log-probabilities of each generated token (plus the sampled one).</summary>
     public int? Logprobs { get; init; }
-    /// <summary>Return the top-k log-probabilities at every prompt position after the first.</summary>
+    /// <summary>
+    /// Return the top-k log-probabilities at every prompt position after the first. Such a request does not read the
+    /// prefix cache (every prompt position must be computed to have its logits), so it prefills its whole prompt.
+    /// </summary>
     public int? PromptLogprobs { get; init; }
     /// <summary>
     /// A custom stop condition, called with the text generated so far after each token (needs a tokenizer); returning

@@ -16,7 +16,7 @@ internal sealed record MappedRequest(JsonArray Messages, JsonArray? Tools, Dicti
 internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
-    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k"];
+    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs"];
 
     public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
     {
@@ -27,6 +27,12 @@ internal static class ChatRequestMapper
         if (list.Count == 0) throw new ArgumentException("The message list is empty: a chat request needs at least one message.", nameof(messages));
         if (options?.ModelId is string requested && !string.Equals(requested, modelId, StringComparison.OrdinalIgnoreCase))
             throw new ArgumentException($"ChatOptions.ModelId '{requested}' does not match the loaded model '{modelId}'.", nameof(options));
+        if (options?.ConversationId is { } conversation)
+            throw new NotSupportedException($"ChatOptions.ConversationId ('{conversation}') is not supported: LocalVllm keeps no conversation state on its side; send the whole history in the messages (the prefix cache makes the repeated turns cheap).");
+        if (options?.AdditionalProperties is { Count: > 0 } extraProperties)
+            foreach (var key in extraProperties.Keys)
+                if (!AdditionalPropertyNames.Contains(key, StringComparer.Ordinal))
+                    throw new NotSupportedException($"ChatOptions.AdditionalProperties[\"{key}\"] is not supported; the keys LocalVllm reads are {string.Join(", ", AdditionalPropertyNames)}.");
         if (options?.ResponseFormat is ChatResponseFormatJson)
             throw new NotSupportedException("ChatOptions.ResponseFormat JSON is not supported yet (no constrained decoding); use ChatResponseFormat.Text.");
 
@@ -34,8 +40,14 @@ internal static class ChatRequestMapper
         if (options?.Instructions is { Length: > 0 } instructions)
             json.Add(new JsonObject { ["role"] = "system", ["content"] = instructions });
         var knownCalls = new HashSet<string>(StringComparer.Ordinal);
-        foreach (var m in list)
+        for (int index = 0; index < list.Count; index++)
         {
+            var m = list[index];
+            foreach (var content in m.Contents)
+                if (content is not (TextContent or TextReasoningContent or FunctionCallContent or FunctionResultContent or UsageContent))
+                    throw new NotSupportedException(
+                        $"Message {index} ({m.Role}) holds {(content is DataContent d ? $"DataContent of media type '{d.MediaType}'" : content.GetType().Name)}, which LocalVllm cannot " +
+                        "send to the model: it serves text-only models and reads text, reasoning, function calls and function results.");
             var results = m.Contents.OfType<FunctionResultContent>().ToList();
             if (results.Count > 0)
             {
@@ -104,9 +116,20 @@ internal static class ChatRequestMapper
         }
 
         var extra = new Dictionary<string, JsonNode?>();
-        if (options?.AdditionalProperties?.TryGetValue("enable_thinking", out var think) == true)
-            extra["enable_thinking"] = JsonValue.Create(Extra<bool>(options, "enable_thinking")
-                ?? throw new ArgumentException("AdditionalProperties[\"enable_thinking\"] is null; it must be true or false.", nameof(options)));
+        bool? thinking = null;
+        if (options?.AdditionalProperties?.TryGetValue("enable_thinking", out _) == true)
+            thinking = Extra<bool>(options, "enable_thinking")
+                ?? throw new ArgumentException("AdditionalProperties[\"enable_thinking\"] is null; it must be true or false.", nameof(options));
+        // ChatOptions.Reasoning: effort None turns thinking off, any other effort on (the effort is not graded further:
+        // the templates have one switch); given together with enable_thinking, the two must agree.
+        if (options?.Reasoning?.Effort is { } effort)
+        {
+            bool wanted = effort != ReasoningEffort.None;
+            if (thinking is { } explicitThinking && explicitThinking != wanted)
+                throw new ArgumentException($"ChatOptions.Reasoning.Effort = {effort} contradicts AdditionalProperties[\"enable_thinking\"] = {explicitThinking}.", nameof(options));
+            thinking = wanted;
+        }
+        if (thinking is { } on) extra["enable_thinking"] = JsonValue.Create(on);
         return new MappedRequest(json, tools, extra, options);
     }
 
@@ -133,6 +156,7 @@ internal static class ChatRequestMapper
             MaxTokens = Math.Min(o?.MaxOutputTokens ?? room, room),
             MinTokens = Extra<int>("min_tokens") ?? 0,
             IgnoreEos = Extra<bool>("ignore_eos") ?? false,
+            Logprobs = Extra<int>("logprobs"),
             Stop = o?.StopSequences?.ToArray() ?? [],
             OutputKind = RequestOutputKind.Delta,
         };

@@ -1,4 +1,5 @@
 using LocalVllm.Engine;
+using LocalVllm.Engine.Core;
 using LocalVllm.Engine.Loading.Hub;
 using LocalVllm.Engine.Models;
 using LocalVllm.Engine.Text.Templating;
@@ -8,19 +9,42 @@ namespace LocalVllm;
 /// <summary>An <see cref="AsyncLlmEngine"/> serving one model directory, as the chat client sees it.</summary>
 public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
 {
-    /// <summary>Loads the model and starts the engine loop.</summary>
-    public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null)
+    /// <summary>
+    /// Loads the model, computes and pins <paramref name="pinnedSystemPrompts"/> (each rendered with the chat template
+    /// as a conversation holding only that system message), then starts the engine loop.
+    /// </summary>
+    public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null,
+        IEnumerable<string>? pinnedSystemPrompts = null)
     {
-        Engine = new AsyncLlmEngine(options, logger);
-        var core = Engine.Engine;
-        if (core.Tokenizer is null)
-            throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
-        ChatTemplate = core.ChatTemplate
-            ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
-        ModelId = modelId ?? (ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
-            ? options.Model.Split('@')[0]
-            : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
+        ArgumentNullException.ThrowIfNull(options);
+        var core = new LlmEngine(options, logger);
+        try
+        {
+            if (core.Tokenizer is null)
+                throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
+            ChatTemplate = core.ChatTemplate
+                ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
+            ModelId = modelId ?? (ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
+                ? options.Model.Split('@')[0]
+                : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
+            // Pinned here, synchronously, before the loop thread exists: nothing blocks on async code.
+            var heads = (pinnedSystemPrompts ?? []).Select(prompt =>
+            {
+                var request = ChatRequestMapper.Map([new Microsoft.Extensions.AI.ChatMessage(Microsoft.Extensions.AI.ChatRole.System, prompt)], null, ModelId);
+                return (IReadOnlyList<int>)EncodeChatPrompt(ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext), core);
+            }).ToList();
+            PinnedSystemPromptIds = core.WarmUp(heads);
+        }
+        catch
+        {
+            core.Dispose();
+            throw;
+        }
+        Engine = new AsyncLlmEngine(core);
     }
+
+    /// <summary>The pin ids of the system prompts pinned at start-up (for <see cref="UnpinAsync"/>).</summary>
+    public IReadOnlyList<string> PinnedSystemPromptIds { get; }
 
     /// <summary>The engine behind this client.</summary>
     public AsyncLlmEngine Engine { get; }
@@ -29,7 +53,9 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
     public int MaxModelLen => Engine.Engine.MaxModelLen;
     public RequestValidator Validator => Engine.Engine.Validator;
-    public int[] EncodeChatPrompt(string renderedPrompt) => Engine.Engine.Tokenizer!.Encode(renderedPrompt, addSpecialTokens: false);
+    public int[] EncodeChatPrompt(string renderedPrompt) => EncodeChatPrompt(renderedPrompt, Engine.Engine);
+
+    private static int[] EncodeChatPrompt(string renderedPrompt, LlmEngine core) => core.Tokenizer!.Encode(renderedPrompt, addSpecialTokens: false);
 
     public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken) =>
         Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);

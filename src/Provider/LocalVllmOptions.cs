@@ -3,7 +3,11 @@ using LocalVllm.Engine.Loading.Hub;
 
 namespace LocalVllm;
 
-/// <summary>Settings for <c>AddLocalVllm</c>: the model to serve and the engine's knobs (bindable from configuration).</summary>
+/// <summary>
+/// Settings for <c>AddLocalVllm</c>: the model to serve and the engine's knobs. Bindable from configuration (a section
+/// with <c>Model</c>, <c>ModelId</c>, <c>PinnedSystemPrompts</c> and <c>Engine:*</c>) and read through
+/// <c>IOptions&lt;LocalVllmOptions&gt;</c> (named options for keyed registrations).
+/// </summary>
 public sealed class LocalVllmOptions
 {
     /// <summary>A Hugging Face model directory (config.json, safetensors, tokenizer files with a chat template).</summary>
@@ -30,16 +34,14 @@ public sealed class LocalVllmOptions
             throw new InvalidOperationException($"LocalVllmOptions.Model: '{Path.GetFullPath(Model)}' has no config.json; it is not a Hugging Face model directory.");
     }
 
+    /// <summary>
+    /// The engine options with <see cref="EngineOptions.Model"/> set from <see cref="Model"/>: a copy of
+    /// <see cref="Engine"/> with every property it has, so nothing set through configuration or code is lost.
+    /// </summary>
     internal EngineOptions ToEngineOptions()
     {
-        var e = Engine;
-        return new EngineOptions
-        {
-            Model = Model, Hub = e.Hub, Device = e.Device, DType = e.DType, BlockSize = e.BlockSize, KvCacheMemoryBytes = e.KvCacheMemoryBytes,
-            NumKvBlocks = e.NumKvBlocks, MaxNumBatchedTokens = e.MaxNumBatchedTokens, MaxNumSeqs = e.MaxNumSeqs,
-            MaxModelLen = e.MaxModelLen, EnablePrefixCaching = e.EnablePrefixCaching, NumThreads = e.NumThreads,
-            DeduplicateSharedPrefixes = e.DeduplicateSharedPrefixes, CacheAwareScheduling = e.CacheAwareScheduling,
-            SharedAwareEviction = e.SharedAwareEviction, PinnedPrefixes = e.PinnedPrefixes, PinnedPrefixTokenIds = e.PinnedPrefixTokenIds,
-        };
+        var e = Engine.Clone();
+        e.Model = Model;
+        return e;
     }
 }

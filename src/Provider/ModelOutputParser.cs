@@ -24,6 +24,9 @@ internal sealed class ModelOutputParser
     private State _state = State.Text;
     private bool _dropLeadingNewlines;
 
+    /// <summary>Whether the text read so far ends inside a <c>&lt;think&gt;</c> block.</summary>
+    public bool InReasoning => _state == State.Reasoning;
+
     public IEnumerable<OutputPiece> Feed(string delta)
     {
         _buffer.Append(delta);

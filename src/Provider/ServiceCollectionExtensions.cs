@@ -1,7 +1,9 @@
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
 
 namespace LocalVllm;
 
@@ -9,51 +11,71 @@ namespace LocalVllm;
 public static class ServiceCollectionExtensions
 {
     /// <summary>
-    /// Registers the engine (a singleton, disposed with the container) and an <see cref="IChatClient"/> over it; returns
-    /// the <see cref="ChatClientBuilder"/> so callers chain <c>.UseFunctionInvocation().UseLogging()</c>. The options
-    /// are validated here, at start-up.
+    /// Registers the engine (a singleton, loaded on first resolve and disposed with the container) and an
+    /// <see cref="IChatClient"/> over it; returns the <see cref="ChatClientBuilder"/> so callers chain
+    /// <c>.UseFunctionInvocation().UseLogging()</c>. <paramref name="configure"/> is added to
+    /// <c>IOptions&lt;LocalVllmOptions&gt;</c>, and the options it makes are validated here, at registration.
     /// </summary>
     public static ChatClientBuilder AddLocalVllm(this IServiceCollection services, Action<LocalVllmOptions> configure)
     {
         ArgumentNullException.ThrowIfNull(services);
         ArgumentNullException.ThrowIfNull(configure);
-        var options = new LocalVllmOptions();
-        configure(options);
-        options.Validate();
-        services.AddSingleton(sp => Start(options, sp));
-        services.AddSingleton<ILocalVllmEngine>(sp => sp.GetRequiredService<LocalVllmEngine>());
+        ValidateNow(configure);
+        services.AddOptions<LocalVllmOptions>().Configure(configure);
+        return services.AddLocalVllm();
+    }
+
+    /// <summary>
+    /// Registers the engine and its <see cref="IChatClient"/> with the options configured elsewhere through
+    /// <c>IOptions&lt;LocalVllmOptions&gt;</c> (<c>services.Configure&lt;LocalVllmOptions&gt;(...)</c>); they are
+    /// validated when the engine is first resolved.
+    /// </summary>
+    public static ChatClientBuilder AddLocalVllm(this IServiceCollection services)
+    {
+        ArgumentNullException.ThrowIfNull(services);
+        services.AddOptions<LocalVllmOptions>();
+        services.TryAddSingleton(sp => Start(sp.GetRequiredService<IOptions<LocalVllmOptions>>().Value, sp));
+        services.TryAddSingleton<ILocalVllmEngine>(sp => sp.GetRequiredService<LocalVllmEngine>());
         return services.AddChatClient(sp => new LocalVllmChatClient(sp.GetRequiredService<ILocalVllmEngine>(), sp.GetService<ILogger<LocalVllmChatClient>>()));
     }
 
-    private static LocalVllmEngine Start(LocalVllmOptions options, IServiceProvider services)
-    {
-        var logger = services.GetService<ILoggerFactory>()?.CreateLogger("LocalVllm.Engine");
-        var engine = new LocalVllmEngine(options.ToEngineOptions(), options.ModelId, logger);
-        if (options.PinnedSystemPrompts.Count > 0)
-        {
-            var client = new LocalVllmChatClient(engine);
-            foreach (var prompt in options.PinnedSystemPrompts)
-                client.WarmUpAsync([new ChatMessage(ChatRole.System, prompt)]).GetAwaiter().GetResult();
-        }
-        return engine;
-    }
-
-    /// <summary>Registers from a configuration section shaped like <see cref="LocalVllmOptions"/> (Model, ModelId, Engine:...).</summary>
+    /// <summary>Registers from a configuration section shaped like <see cref="LocalVllmOptions"/> (Model, ModelId, PinnedSystemPrompts, Engine:...).</summary>
     public static ChatClientBuilder AddLocalVllm(this IServiceCollection services, IConfiguration configuration)
     {
         ArgumentNullException.ThrowIfNull(configuration);
         return services.AddLocalVllm(o => configuration.Bind(o));
     }
 
-    /// <summary>Registers a second (or further) model under <paramref name="key"/>, e.g. two models in one app.</summary>
+    /// <summary>
+    /// Registers a second (or further) model under <paramref name="key"/>, e.g. two models in one app. Its options are
+    /// the named options <c>key.ToString()</c> of <c>IOptionsMonitor&lt;LocalVllmOptions&gt;</c>.
+    /// </summary>
     public static ChatClientBuilder AddKeyedLocalVllm(this IServiceCollection services, object key, Action<LocalVllmOptions> configure)
     {
         ArgumentNullException.ThrowIfNull(services);
+        ArgumentNullException.ThrowIfNull(key);
         ArgumentNullException.ThrowIfNull(configure);
-        var options = new LocalVllmOptions();
-        configure(options);
-        options.Validate();
-        services.AddKeyedSingleton(key, (sp, _) => Start(options, sp));
+        ValidateNow(configure);
+        string name = OptionsName(key);
+        services.AddOptions<LocalVllmOptions>(name).Configure(configure);
+        services.AddKeyedSingleton(key, (sp, _) => Start(sp.GetRequiredService<IOptionsMonitor<LocalVllmOptions>>().Get(name), sp));
         return services.AddKeyedChatClient(key, sp => new LocalVllmChatClient(sp.GetRequiredKeyedService<LocalVllmEngine>(key), sp.GetService<ILogger<LocalVllmChatClient>>()));
+    }
+
+    /// <summary>The options name a keyed registration reads.</summary>
+    public static string OptionsName(object key) => key.ToString() ?? throw new ArgumentException("The service key's ToString() is null.", nameof(key));
+
+    private static void ValidateNow(Action<LocalVllmOptions> configure)
+    {
+        var probe = new LocalVllmOptions();
+        configure(probe);
+        probe.Validate();
+    }
+
+    private static LocalVllmEngine Start(LocalVllmOptions options, IServiceProvider services)
+    {
+        options.Validate();
+        var logger = services.GetService<ILoggerFactory>()?.CreateLogger("LocalVllm.Engine");
+        return new LocalVllmEngine(options.ToEngineOptions(), options.ModelId, logger, options.PinnedSystemPrompts);
     }
 }

@@ -58,7 +58,7 @@ public sealed class AgentPrefixCachingTests
         Assert.Equal(0, withUnpinned.NumCachedTokens);
         engine.Blocks.CheckInvariants(expectAllFree: true);
 
-        Assert.True(engine.Unpin("pin-0"));
+        Assert.True(engine.Unpin(Assert.Single(engine.PinnedPrefixIds)));
         Assert.Equal(0, engine.GetStats().KvBlocksPinned);
         EngineHarness.AssertNoLeaks(engine);
     }

@@ -147,13 +147,39 @@ public sealed class ScriptedChatTests
     }
 
     [Fact]
-    public async Task Malformed_tool_call_json_stays_text_with_a_warning()
+    public async Task A_tool_call_with_unparsable_arguments_carries_the_error_to_the_function_invoking_client()
     {
         var logger = new ListLogger();
-        var client = new LocalVllmChatClient(new ScriptedEngine(["<tool_call>\n{\"name\": \"a\", \"arguments\": {oops}\n</tool_call>"]), logger);
+        var engine = new ScriptedEngine(["<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {oops}\n</tool_call>"], ["Sorry."]);
+        var r = await new LocalVllmChatClient(engine, logger).GetResponseAsync(Hello);
+        var call = Assert.Single(r.Messages[0].Contents.OfType<FunctionCallContent>());
+        Assert.Equal("get_weather", call.Name);
+        Assert.IsType<JsonException>(Assert.IsType<InvalidOperationException>(call.Exception).InnerException);
+        Assert.Equal(ChatFinishReason.ToolCalls, r.FinishReason);
+        Assert.Equal("", r.Text);
+        Assert.Contains(logger.Entries, e => e.Level == LogLevel.Warning && e.Message.Contains("do not parse"));
+
+        // Through FunctionInvokingChatClient the model gets an error as the tool result and answers again; the function
+        // never runs (10.11 tries to bind the missing arguments and reports that failure).
+        int invoked = 0;
+        var tool = AIFunctionFactory.Create((string city) => { invoked++; return "sunny"; }, "get_weather");
+        engine = new ScriptedEngine(["<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {oops}\n</tool_call>"], ["Sorry."]);
+        using var client = new ChatClientBuilder(new LocalVllmChatClient(engine)).UseFunctionInvocation(configure: f => f.IncludeDetailedErrors = true).Build();
+        var final = await client.GetResponseAsync([new ChatMessage(ChatRole.User, "Weather?")], new ChatOptions { Tools = [tool] });
+        Assert.Equal(0, invoked);
+        Assert.Equal("Sorry.", final.Text);
+        Assert.Contains("<tool_response>\nError: ", engine.Prompts[1]);
+        Assert.Contains("Function failed", engine.Prompts[1]);
+    }
+
+    [Fact]
+    public async Task A_tool_call_naming_no_function_stays_text_with_a_warning()
+    {
+        var logger = new ListLogger();
+        var client = new LocalVllmChatClient(new ScriptedEngine(["<tool_call>\n{oops, no name}\n</tool_call>"]), logger);
         var r = await client.GetResponseAsync(Hello);
         Assert.Empty(r.Messages[0].Contents.OfType<FunctionCallContent>());
-        Assert.Contains("{oops}", r.Text);
+        Assert.Equal("<tool_call>\n{oops, no name}\n</tool_call>", r.Text);
         Assert.Equal(ChatFinishReason.Stop, r.FinishReason);
         Assert.Contains(logger.Entries, e => e.Level == LogLevel.Warning && e.Message.Contains("malformed tool call"));
     }
@@ -194,7 +220,7 @@ public sealed class ScriptedChatTests
         Assert.Same(engine, client.GetService<ILocalVllmEngine>());
     }
 
-    private sealed class ListLogger : ILogger<LocalVllmChatClient>
+    internal sealed class ListLogger : ILogger<LocalVllmChatClient>
     {
         public List<(LogLevel Level, string Message)> Entries { get; } = [];
         public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;

@@ -217,13 +217,26 @@ public sealed class LlmEngine : IDisposable
         return outputs;
     }
 
-    /// <summary>Computes each prefix now and pins its full blocks (used at start-up, before any caller).</summary>
-    private void WarmUp(IEnumerable<IReadOnlyList<int>> prefixes)
+    /// <summary>
+    /// Computes each prefix now, synchronously, and pins its full blocks; returns the pin ids (for <see cref="Unpin"/>).
+    /// For start-up, before the engine serves callers: it steps the engine until nothing is unfinished, so it must not
+    /// be called while another thread (an <see cref="AsyncLlmEngine"/> loop) drives this engine.
+    /// </summary>
+    public IReadOnlyList<string> WarmUp(IEnumerable<IReadOnlyList<int>> prefixes)
     {
-        int n = 0;
-        foreach (var ids in prefixes) AddPinRequest(ids, $"pin-{n++}");
+        ArgumentNullException.ThrowIfNull(prefixes);
+        var pins = new List<string>();
+        foreach (var ids in prefixes)
+        {
+            var pinId = $"startup-pin-{_startupPins++}";
+            AddPinRequest(ids, pinId);
+            pins.Add(pinId);
+        }
         while (HasUnfinishedRequests) Step();
+        return pins;
     }
+
+    private int _startupPins;
 
     /// <summary>Encodes a text prompt with the model's tokenizer (special tokens in the text kept whole, BOS as configured).</summary>
     public int[] EncodePrompt(string prompt)
