@@ -14,13 +14,53 @@ internal static class JinjaFilters
         switch (name)
         {
             case "tojson":
-                return JinjaValues.ToJson(v, Arg(0, "indent") is long n ? (int)n : null);
+            {
+                // transformers' tojson: json.dumps(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
+                var separators = Arg(2, "separators");
+                if (separators is not (null or Undefined) && separators is not List<object?> { Count: 2 })
+                    throw Error(at, "tojson's separators must be a pair (item separator, key separator)");
+                var pair = separators as List<object?>;
+                return JinjaValues.ToJson(v, Arg(1, "indent") is long n ? (int)n : null,
+                    pair is null ? null : JinjaValues.Str(pair[0]), pair is null ? null : JinjaValues.Str(pair[1]),
+                    JinjaValues.Truthy(Arg(3, "sort_keys", false)), JinjaValues.Truthy(Arg(0, "ensure_ascii", false)));
+            }
             case "trim":
-                return JinjaValues.Str(v).Trim();
+                return Arg(0, "chars") is string trimChars ? JinjaValues.Str(v).Trim(trimChars.ToCharArray()) : JinjaValues.PyStrip(JinjaValues.Str(v));
+            case "indent":
+            {
+                // jinja2's do_indent, quirks included (a trailing newline is added before splitting into lines).
+                var width = Arg(0, "width", 4L);
+                string indention = width is string w ? w : new string(' ', (int)(long)width!);
+                bool first = JinjaValues.Truthy(Arg(1, "first", false)), blank = JinjaValues.Truthy(Arg(2, "blank", false));
+                var lines = SplitLines(JinjaValues.Str(v) + "\n");
+                string rv;
+                if (blank) rv = string.Join("\n" + indention, lines);
+                else
+                {
+                    rv = lines.Count > 0 ? lines[0] : "";
+                    if (lines.Count > 1) rv += "\n" + string.Join("\n", lines.Skip(1).Select(l => l.Length > 0 ? indention + l : l));
+                }
+                return first ? indention + rv : rv;
+            }
+            case "sort":
+            {
+                bool reverse = JinjaValues.Truthy(Arg(0, "reverse", false)), caseSensitive = JinjaValues.Truthy(Arg(1, "case_sensitive", false));
+                var attribute = Arg(2, "attribute") as string;
+                object? Key(object? item)
+                {
+                    var k = attribute is null ? item : Attr(item, attribute);
+                    return !caseSensitive && k is string ks ? ks.ToLowerInvariant() : k;
+                }
+                var sorted = AsList(v, at).OrderBy(Key, Comparer<object?>.Create((a, b) => Compare(a, b, at))).ToList();
+                if (reverse) sorted.Reverse();
+                return sorted;
+            }
+            case "format":
+                return JinjaValues.PercentFormat(JinjaValues.Str(v), kwargs.Count > 0 ? new Dictionary<string, object?>(kwargs) : new JinjaTuple(args), at);
             case "length" or "count":
                 return v switch
                 {
-                    string s => (long)s.Length,
+                    string s => JinjaValues.PyLength(s),
                     System.Collections.ICollection c => (long)c.Count,
                     null or Undefined => 0L,
                     _ => throw Error(at, $"object of type {v.GetType().Name} has no length"),
@@ -54,13 +94,23 @@ internal static class JinjaFilters
             case "int": return v switch { long l => l, double dd => (long)dd, string s when long.TryParse(s, out var p) => p, _ => Arg(0, "default", 0L) };
             case "float": return v switch { long l => (double)l, double dd => dd, string s when double.TryParse(s, CultureInfo.InvariantCulture, out var p) => p, _ => 0.0 };
             case "abs": return v is long al ? (object)Math.Abs(al) : Math.Abs(JinjaValues.ToDouble(v));
-            case "safe" or "e" or "escape" when name == "safe": return v;
+            case "safe": return v is SafeString ? v : new SafeString(JinjaValues.Str(v));
             case "items":
-                return v is Dictionary<string, object?> d ? d.Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList() : throw Error(at, "'items' needs a mapping");
+                return v is Dictionary<string, object?> d ? d.Select(kv => (object?)new JinjaTuple { kv.Key, kv.Value }).ToList() : throw Error(at, "'items' needs a mapping");
             case "dictsort":
-                return v is Dictionary<string, object?> ds
-                    ? ds.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList()
-                    : throw Error(at, "'dictsort' needs a mapping");
+            {
+                if (v is not Dictionary<string, object?> ds) throw Error(at, "'dictsort' needs a mapping");
+                bool caseSensitive = JinjaValues.Truthy(Arg(0, "case_sensitive", false)), reverse = JinjaValues.Truthy(Arg(2, "reverse", false));
+                bool byValue = JinjaValues.Str(Arg(1, "by", "key")) == "value";
+                object? Key(KeyValuePair<string, object?> kv)
+                {
+                    var k = byValue ? kv.Value : kv.Key;
+                    return !caseSensitive && k is string ks ? ks.ToLowerInvariant() : k;
+                }
+                var pairs = ds.OrderBy(Key, Comparer<object?>.Create((a, b) => Compare(a, b, at))).Select(kv => (object?)new JinjaTuple { kv.Key, kv.Value }).ToList();
+                if (reverse) pairs.Reverse();
+                return pairs;
+            }
             case "reverse": return v is string rs ? new string(rs.Reverse().ToArray()) : AsList(v, at).AsEnumerable().Reverse().ToList();
             case "unique": return AsList(v, at).Aggregate(new List<object?>(), (acc, x) => { if (!acc.Any(y => JinjaValues.Equal(x, y))) acc.Add(x); return acc; });
             case "selectattr" or "rejectattr":
@@ -144,9 +194,9 @@ internal static class JinjaFilters
                 return args.Count > 0 && (args[0] is List<object?> ps ? ps.Any(p => s.StartsWith(JinjaValues.Str(p), StringComparison.Ordinal)) : s.StartsWith(JinjaValues.Str(args[0]), StringComparison.Ordinal));
             case "endswith":
                 return args.Count > 0 && (args[0] is List<object?> es ? es.Any(p => s.EndsWith(JinjaValues.Str(p), StringComparison.Ordinal)) : s.EndsWith(JinjaValues.Str(args[0]), StringComparison.Ordinal));
-            case "strip": return StrArg(0) is string sc ? s.Trim(sc.ToCharArray()) : s.Trim();
-            case "lstrip": return StrArg(0) is string lc ? s.TrimStart(lc.ToCharArray()) : s.TrimStart();
-            case "rstrip": return StrArg(0) is string rc ? s.TrimEnd(rc.ToCharArray()) : s.TrimEnd();
+            case "strip": return StrArg(0) is string sc ? s.Trim(sc.ToCharArray()) : JinjaValues.PyStrip(s);
+            case "lstrip": return StrArg(0) is string lc ? s.TrimStart(lc.ToCharArray()) : JinjaValues.PyStrip(s, end: false);
+            case "rstrip": return StrArg(0) is string rc ? s.TrimEnd(rc.ToCharArray()) : JinjaValues.PyStrip(s, start: false);
             case "upper": return s.ToUpperInvariant();
             case "lower": return s.ToLowerInvariant();
             case "title": return CultureInfo.InvariantCulture.TextInfo.ToTitleCase(s.ToLowerInvariant());
@@ -156,11 +206,7 @@ internal static class JinjaFilters
             {
                 var sep = StrArg(0);
                 int max = args.Count > 1 && args[1] is long m ? (int)m : -1;
-                if (sep is null)
-                {
-                    var parts = s.Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries);
-                    return parts.Select(p => (object?)p).ToList();
-                }
+                if (sep is null) return JinjaValues.PySplit(s);
                 var split = max >= 0 ? s.Split(sep, max + 1) : s.Split(sep);
                 return split.Select(p => (object?)p).ToList();
             }
@@ -171,6 +217,28 @@ internal static class JinjaFilters
             case "isdigit": return s.Length > 0 && s.All(char.IsDigit);
             default: throw Error(at, $"unsupported string method '{name}'");
         }
+    }
+
+    /// <summary>Python's ordering of two sort keys: numbers with numbers, strings with strings (by code point), lists element-wise.</summary>
+    public static int Compare(object? a, object? b, Node at)
+    {
+        if (JinjaValues.IsNumber(a) && JinjaValues.IsNumber(b)) return JinjaValues.ToDouble(a).CompareTo(JinjaValues.ToDouble(b));
+        if (a is string sa && b is string sb) return string.CompareOrdinal(sa, sb);
+        if (a is List<object?> la && b is List<object?> lb)
+        {
+            for (int i = 0; i < Math.Min(la.Count, lb.Count); i++)
+                if (Compare(la[i], lb[i], at) is var c && c != 0) return c;
+            return la.Count.CompareTo(lb.Count);
+        }
+        throw Error(at, $"cannot order {JinjaValues.Repr(a)} and {JinjaValues.Repr(b)}");
+    }
+
+    /// <summary>Python's str.splitlines() for \n-separated text (the template source's newlines are already \n).</summary>
+    private static List<string> SplitLines(string s)
+    {
+        var lines = s.Split('\n').ToList();
+        if (lines.Count > 0 && lines[^1].Length == 0) lines.RemoveAt(lines.Count - 1);
+        return lines;
     }
 
     private static object? Attr(object? item, string attr)

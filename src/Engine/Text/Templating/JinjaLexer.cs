@@ -109,7 +109,16 @@ internal static class JinjaLexer
                 int start = pos;
                 while (pos < s.Length && (char.IsDigit(s[pos]) || s[pos] == '_')) pos++;
                 bool isFloat = pos + 1 < s.Length && s[pos] == '.' && char.IsDigit(s[pos + 1]);
-                if (isFloat) { pos++; while (pos < s.Length && char.IsDigit(s[pos])) pos++; }
+                if (isFloat) { pos++; while (pos < s.Length && (char.IsDigit(s[pos]) || s[pos] == '_')) pos++; }
+                // An exponent (1e3, 2.5E-2) makes a float, as in Python.
+                int exp = pos < s.Length && s[pos] is 'e' or 'E' ? pos + 1 : -1;
+                if (exp > 0 && exp < s.Length && s[exp] is '+' or '-') exp++;
+                if (exp > 0 && exp < s.Length && char.IsDigit(s[exp]))
+                {
+                    isFloat = true;
+                    pos = exp;
+                    while (pos < s.Length && char.IsDigit(s[pos])) pos++;
+                }
                 tokens.Add(new Token(isFloat ? TokenKind.Float : TokenKind.Integer, s[start..pos].Replace("_", ""), line, col));
             }
             else if (c is '\'' or '"')
@@ -121,13 +130,22 @@ internal static class JinjaLexer
                     if (s[pos] == '\\' && pos + 1 < s.Length)
                     {
                         pos++;
+                        // Python's escapes: \xhh, \uhhhh and \Uhhhhhhhh name a code point; an unknown escape stays as written.
+                        int hex = s[pos] switch { 'x' => 2, 'u' => 4, 'U' => 8, _ => 0 };
+                        if (hex > 0 && pos + hex < s.Length
+                            && int.TryParse(s.AsSpan(pos + 1, hex), NumberStyles.HexNumber, CultureInfo.InvariantCulture, out int code))
+                        {
+                            if (code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF && hex == 8)) throw Error(s, pos, $"invalid escape '\\{s[pos]}{s.Substring(pos + 1, hex)}'");
+                            sb.Append(code >= 0xD800 && code <= 0xDFFF ? ((char)code).ToString() : char.ConvertFromUtf32(code));
+                            pos += hex + 1;
+                            continue;
+                        }
                         sb.Append(s[pos] switch
                         {
                             'n' => "\n", 't' => "\t", 'r' => "\r", '\\' => "\\", '\'' => "'", '"' => "\"",
-                            'u' when pos + 4 < s.Length => ((char)int.Parse(s.Substring(pos + 1, 4), NumberStyles.HexNumber, CultureInfo.InvariantCulture)).ToString(),
+                            'a' => "\a", 'b' => "\b", 'f' => "\f", 'v' => "\v", '0' => "\0",
                             _ => "\\" + s[pos],
                         });
-                        if (s[pos] == 'u') pos += 4;
                         pos++;
                     }
                     else sb.Append(s[pos++]);

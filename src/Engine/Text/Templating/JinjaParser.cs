@@ -12,6 +12,9 @@ internal sealed class JinjaParser
 
     public static List<Node> Parse(string source)
     {
+        // As jinja2: newlines in the source become \n, and one final newline is dropped (keep_trailing_newline=False).
+        source = source.Replace("\r\n", "\n", StringComparison.Ordinal).Replace('\r', '\n');
+        if (source.EndsWith('\n')) source = source[..^1];
         var parser = new JinjaParser(JinjaLexer.Tokenize(source));
         var body = parser.ParseBody(out var end);
         if (end is not null) throw parser.Error(parser.Previous, $"unexpected '{{% {end} %}}'");
@@ -126,15 +129,24 @@ internal sealed class JinjaParser
             }
             case "set":
             {
+                bool parenthesized = IsOp("(");
+                if (parenthesized) Advance();
                 var name = Expect(TokenKind.Name).Value;
                 string? attr = null;
+                List<string>? targets = null;
                 if (IsOp(".")) { Advance(); attr = Expect(TokenKind.Name).Value; }
-                if (IsOp("="))
+                else if (IsOp(","))
                 {
-                    Advance();
+                    targets = [name];
+                    while (IsOp(",")) { Advance(); if (Current.Kind != TokenKind.Name) break; targets.Add(Advance().Value); }
+                }
+                if (parenthesized) Expect(TokenKind.Operator, ")");
+                if (IsOp("=") || targets is not null)
+                {
+                    Expect(TokenKind.Operator, "=");
                     var value = ParseTupleOrExpression();
                     Expect(TokenKind.BlockEnd);
-                    return new SetNode(name, attr, value, kw.Line, kw.Column);
+                    return new SetNode(name, attr, value, kw.Line, kw.Column, targets);
                 }
                 Expect(TokenKind.BlockEnd);
                 var body = ParseBody(out var end, "endset");
@@ -168,6 +180,30 @@ internal sealed class JinjaParser
                 Expect(TokenKind.BlockEnd);
                 return new MacroNode(name, ps, body, kw.Line, kw.Column);
             }
+            case "filter":
+            {
+                var filters = new List<(string, List<Expr>, List<(string, Expr)>, int, int)>();
+                do
+                {
+                    if (filters.Count > 0) Advance(); // the '|' between chained filters
+                    var f = Expect(TokenKind.Name);
+                    var (args, kwargs) = IsOp("(") ? ParseArgs() : ([], []);
+                    filters.Add((f.Value, args, kwargs, f.Line, f.Column));
+                } while (IsOp("|"));
+                Expect(TokenKind.BlockEnd);
+                var body = ParseBody(out var end, "endfilter");
+                if (end != "endfilter") throw Error(kw, "'filter' without 'endfilter'");
+                Expect(TokenKind.BlockEnd);
+                return new FilterBlockNode(filters, body, kw.Line, kw.Column);
+            }
+            case "generation":
+            {
+                Expect(TokenKind.BlockEnd);
+                var body = ParseBody(out var end, "endgeneration");
+                if (end != "endgeneration") throw Error(kw, "'generation' without 'endgeneration'");
+                Expect(TokenKind.BlockEnd);
+                return new GenerationNode(body, kw.Line, kw.Column);
+            }
             default:
                 throw Error(kw, $"unsupported statement '{{% {kw.Value} %}}'");
         }
@@ -178,8 +214,8 @@ internal sealed class JinjaParser
         var first = ParseExpression();
         if (!IsOp(",")) return first;
         var items = new List<Expr> { first };
-        while (IsOp(",")) { Advance(); items.Add(ParseExpression()); }
-        return new ListExpr(items, first.Line, first.Column);
+        while (IsOp(",")) { Advance(); if (Current.Kind == TokenKind.BlockEnd) break; items.Add(ParseExpression()); }
+        return new ListExpr(items, first.Line, first.Column, IsTuple: true);
     }
 
     public Expr ParseExpression(bool allowConditional = true)
@@ -251,16 +287,29 @@ internal sealed class JinjaParser
 
     private Expr ParseMul()
     {
-        var left = ParseUnary();
-        while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) { var t = Advance(); left = new BinaryExpr(t.Value, left, ParseUnary(), t.Line, t.Column); }
+        var left = ParsePow();
+        while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) { var t = Advance(); left = new BinaryExpr(t.Value, left, ParsePow(), t.Line, t.Column); }
         return left;
     }
 
-    private Expr ParseUnary()
+    /// <summary><c>**</c>, left-associative and binding looser than unary minus, as jinja2 parses it (<c>-2 ** 2</c> is 4).</summary>
+    private Expr ParsePow()
     {
-        if (IsOp("-") || IsOp("+")) { var t = Advance(); return new UnaryExpr(t.Value, ParseUnary(), t.Line, t.Column); }
-        var e = ParsePostfix(ParsePrimary());
-        // Filters and tests bind to the unary operand, as in jinja2.
+        var left = ParseUnary();
+        while (IsOp("**")) { var t = Advance(); left = new BinaryExpr("**", left, ParseUnary(), t.Line, t.Column); }
+        return left;
+    }
+
+    /// <summary>
+    /// A unary expression; as in jinja2, the filters and tests after it apply to the whole of it, sign included
+    /// (<c>-3|abs</c> is 3).
+    /// </summary>
+    private Expr ParseUnary(bool withFilters = true)
+    {
+        Expr e;
+        if (IsOp("-") || IsOp("+")) { var t = Advance(); e = ParsePostfix(new UnaryExpr(t.Value, ParseUnary(withFilters: false), t.Line, t.Column)); }
+        else e = ParsePostfix(ParsePrimary());
+        if (!withFilters) return e;
         while (true)
         {
             if (IsOp("|"))
@@ -369,13 +418,13 @@ internal sealed class JinjaParser
                 };
             case TokenKind.Operator when t.Value == "(":
             {
-                if (IsOp(")")) { Advance(); return new ListExpr([], t.Line, t.Column); }
+                if (IsOp(")")) { Advance(); return new ListExpr([], t.Line, t.Column, IsTuple: true); }
                 var e = ParseExpression();
                 if (IsOp(","))
                 {
                     var items = new List<Expr> { e };
                     while (IsOp(",")) { Advance(); if (IsOp(")")) break; items.Add(ParseExpression()); }
-                    e = new ListExpr(items, t.Line, t.Column);
+                    e = new ListExpr(items, t.Line, t.Column, IsTuple: true);
                 }
                 Expect(TokenKind.Operator, ")");
                 return e;

@@ -19,9 +19,12 @@ public sealed class JinjaTemplate
     }
 
     /// <summary>Renders with <paramref name="context"/> (values as produced by <see cref="JinjaValues.FromJson"/> or plain CLR lists/dictionaries).</summary>
-    public string Render(IReadOnlyDictionary<string, object?> context)
+    public string Render(IReadOnlyDictionary<string, object?> context) => Render(context, DateTime.Now);
+
+    /// <summary>Renders with <paramref name="now"/> as the time <c>strftime_now</c> formats (local time, as Python's datetime.now()).</summary>
+    internal string Render(IReadOnlyDictionary<string, object?> context, DateTime now)
     {
-        var renderer = new Renderer(context);
+        var renderer = new Renderer(context, now);
         var sb = new StringBuilder();
         renderer.Execute(_body, sb);
         return sb.ToString();
@@ -31,14 +34,18 @@ public sealed class JinjaTemplate
 
     private sealed record BoundMethod(object? Target, string Name);
     private sealed record Macro(MacroNode Node);
+    /// <summary><c>loop.cycle(a, b, ...)</c> of the loop iteration <see cref="Index"/>.</summary>
+    private sealed record LoopCycle(int Index);
 
     private sealed class Renderer
     {
-        private readonly List<Dictionary<string, object?>> _scopes;
+        private List<Dictionary<string, object?>> _scopes;
+        private readonly DateTime _now;
 
-        public Renderer(IReadOnlyDictionary<string, object?> context)
+        public Renderer(IReadOnlyDictionary<string, object?> context, DateTime now)
         {
             _scopes = [new Dictionary<string, object?>(context)];
+            _now = now;
         }
 
         private object? Lookup(string name)
@@ -47,7 +54,7 @@ public sealed class JinjaTemplate
                 if (_scopes[i].TryGetValue(name, out var v)) return v;
             return name switch
             {
-                "raise_exception" or "namespace" or "range" or "dict" => new BoundMethod(null, name),
+                "raise_exception" or "namespace" or "range" or "dict" or "strftime_now" => new BoundMethod(null, name),
                 _ => Undefined.Instance,
             };
         }
@@ -72,6 +79,18 @@ public sealed class JinjaTemplate
                 case OutputNode o:
                     output.Append(JinjaValues.Str(Eval(o.Value)));
                     return Flow.Normal;
+                case GenerationNode g:
+                    return Execute(g.Body, output);
+                case FilterBlockNode fb:
+                {
+                    var inner = new StringBuilder();
+                    var flow = Execute(fb.Body, inner);
+                    object? value = inner.ToString();
+                    foreach (var (name, args, kwargs, line, column) in fb.Filters)
+                        value = Plain(JinjaFilters.Apply(name, value, args.Select(Eval).ToList(), kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), new TextNode("", line, column)));
+                    output.Append(JinjaValues.Str(value));
+                    return flow;
+                }
                 case IfNode f:
                     foreach (var (cond, body) in f.Branches)
                         if (JinjaValues.Truthy(Eval(cond))) return Execute(body, output);
@@ -81,7 +100,14 @@ public sealed class JinjaTemplate
                 case SetNode s:
                 {
                     var value = Eval(s.Value);
-                    if (s.Attribute is null) _scopes[^1][s.Name] = value;
+                    if (s.Targets is { } targets)
+                    {
+                        var parts = value as List<object?> ?? (value is string str ? JinjaValues.CodePoints(str).Select(p => (object?)p).ToList() : null)
+                            ?? throw Error(s, $"cannot unpack {JinjaValues.Repr(value)} into {targets.Count} names");
+                        if (parts.Count != targets.Count) throw Error(s, $"cannot unpack {parts.Count} values into {targets.Count} names");
+                        for (int i = 0; i < targets.Count; i++) _scopes[^1][targets[i]] = parts[i];
+                    }
+                    else if (s.Attribute is null) _scopes[^1][s.Name] = value;
                     else if (Lookup(s.Name) is Namespace ns) ns.Values[s.Attribute] = value;
                     else throw Error(s, $"cannot set attribute '{s.Attribute}' of '{s.Name}', which is not a namespace()");
                     return Flow.Normal;
@@ -131,6 +157,7 @@ public sealed class JinjaTemplate
                         ["length"] = (long)items.Count, ["revindex"] = (long)(items.Count - i), ["revindex0"] = (long)(items.Count - i - 1),
                         ["previtem"] = i > 0 ? items[i - 1] : Undefined.Instance,
                         ["nextitem"] = i + 1 < items.Count ? items[i + 1] : Undefined.Instance,
+                        ["cycle"] = new LoopCycle(i),
                     },
                 };
                 _scopes.Add(scope);
@@ -154,7 +181,7 @@ public sealed class JinjaTemplate
         {
             List<object?> list => list,
             Dictionary<string, object?> dict => dict.Keys,
-            string s => s.Select(c => (object?)c.ToString()),
+            string s => JinjaValues.CodePoints(s),
             null or Undefined => [],
             _ => throw Error(at, $"'{JinjaValues.Str(value)}' is not iterable"),
         };
@@ -162,13 +189,18 @@ public sealed class JinjaTemplate
         private static TemplateException Error(Node at, string what) =>
             new($"Chat template error at line {at.Line}, column {at.Column}: {what}.");
 
-        public object? Eval(Expr e)
+        /// <summary>An expression's value; a safe string (<see cref="SafeString"/>) is its plain text outside a <c>+</c>.</summary>
+        public object? Eval(Expr e) => Plain(EvalRaw(e));
+
+        private static object? Plain(object? v) => v is SafeString safe ? safe.Value : v;
+
+        private object? EvalRaw(Expr e)
         {
             switch (e)
             {
                 case Literal l: return l.Value;
                 case NameExpr n: return Lookup(n.Name);
-                case ListExpr l: return l.Items.Select(Eval).ToList();
+                case ListExpr l: return l.IsTuple ? new JinjaTuple(l.Items.Select(Eval)) : l.Items.Select(Eval).ToList();
                 case DictExpr d:
                 {
                     var dict = new Dictionary<string, object?>();
@@ -179,7 +211,17 @@ public sealed class JinjaTemplate
                 case IndexExpr i: return GetItem(Eval(i.Target), Eval(i.Index));
                 case SliceExpr s: return Slice(Eval(s.Target), s.Start is null ? null : Eval(s.Start), s.Stop is null ? null : Eval(s.Stop), s.Step is null ? null : Eval(s.Step), s);
                 case CallExpr c:
-                    return Call(Eval(c.Target), c.Args.Select(Eval).ToList(), c.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), c);
+                {
+                    var callee = Eval(c.Target);
+                    if (callee is Undefined)
+                        throw Error(c, c.Target switch
+                        {
+                            NameExpr n => $"'{n.Name}' is undefined",
+                            AttrExpr a => $"'{a.Name}' is undefined, so it cannot be called",
+                            _ => "an undefined value is called",
+                        });
+                    return Call(callee, c.Args.Select(Eval).ToList(), c.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), c);
+                }
                 case FilterExpr f:
                     return JinjaFilters.Apply(f.Name, Eval(f.Target), f.Args.Select(Eval).ToList(), f.Kwargs.ToDictionary(k => k.Name, k => Eval(k.Value)), f);
                 case TestExpr t:
@@ -199,16 +241,32 @@ public sealed class JinjaTemplate
                 case BinaryExpr b:
                     if (b.Op == "and") { var l = Eval(b.Left); return JinjaValues.Truthy(l) ? Eval(b.Right) : l; }
                     if (b.Op == "or") { var l = Eval(b.Left); return JinjaValues.Truthy(l) ? l : Eval(b.Right); }
+                    if (b.Op == "+")
+                    {
+                        // Markup + str (either side) escapes the plain string and stays Markup, as markupsafe does.
+                        var (left, right) = (EvalRaw(b.Left), EvalRaw(b.Right));
+                        if (left is SafeString || right is SafeString)
+                        {
+                            if (left is SafeString or string && right is SafeString or string)
+                                return new SafeString(Escaped(left) + Escaped(right));
+                            return Binary("+", Plain(left), Plain(right), b);
+                        }
+                        return Binary("+", left, right, b);
+                    }
                     return Binary(b.Op, Eval(b.Left), Eval(b.Right), b);
                 default:
                     throw Error(e, $"unsupported expression {e.GetType().Name}");
             }
         }
 
+        private static string Escaped(object? v) => v is SafeString safe ? safe.Value : SafeString.Escape((string)v!);
+
         private static object? Binary(string op, object? a, object? b, Node at)
         {
             switch (op)
             {
+                case "%" when a is string format:
+                    return JinjaValues.PercentFormat(format, b, at);
                 case "==": return JinjaValues.Equal(a, b);
                 case "!=": return !JinjaValues.Equal(a, b);
                 case "in": return Contains(b, a, at);
@@ -241,6 +299,7 @@ public sealed class JinjaTemplate
                     "/" => x / y,
                     "//" => ints ? (object)(long)Math.Floor(x / y) : Math.Floor(x / y),
                     "%" => ints ? (object)(long)(x - y * Math.Floor(x / y)) : x - y * Math.Floor(x / y),
+                    "**" => ints && y >= 0 ? (object)(long)Math.Pow(x, y) : Math.Pow(x, y),
                     _ => throw Error(at, $"unsupported operator '{op}'"),
                 };
             }
@@ -284,8 +343,11 @@ public sealed class JinjaTemplate
                     if (i < 0) i += l.Count;
                     return i >= 0 && i < l.Count ? l[(int)i] : Undefined.Instance;
                 case string s when key is long i:
-                    if (i < 0) i += s.Length;
-                    return i >= 0 && i < s.Length ? s[(int)i].ToString() : Undefined.Instance;
+                {
+                    var points = JinjaValues.CodePoints(s);
+                    if (i < 0) i += points.Length;
+                    return i >= 0 && i < points.Length ? points[(int)i] : Undefined.Instance;
+                }
                 case Namespace ns when key is string nk:
                     return ns.Values.TryGetValue(nk, out var nv) ? nv : Undefined.Instance;
                 default:
@@ -295,7 +357,8 @@ public sealed class JinjaTemplate
 
         private static object? Slice(object? target, object? start, object? stop, object? step, Node at)
         {
-            int len = target switch { List<object?> l => l.Count, string s => s.Length, _ => throw Error(at, $"cannot slice {JinjaValues.Str(target)}") };
+            string[]? points = target is string text ? JinjaValues.CodePoints(text) : null;
+            int len = target switch { List<object?> l => l.Count, string => points!.Length, _ => throw Error(at, $"cannot slice {JinjaValues.Str(target)}") };
             long st = step is long x ? x : 1;
             if (st == 0) throw Error(at, "slice step cannot be zero");
             long Norm(object? v, long dflt)
@@ -307,12 +370,14 @@ public sealed class JinjaTemplate
             long a = Norm(start, st > 0 ? 0 : len - 1), b = Norm(stop, st > 0 ? len : -1);
             var idx = new List<int>();
             for (long i = a; st > 0 ? i < b : i > b; i += st) idx.Add((int)i);
-            return target is string str ? string.Concat(idx.Select(i => str[i])) : idx.Select(i => ((List<object?>)target!)[i]).ToList();
+            return points is not null ? string.Concat(idx.Select(i => points[i])) : idx.Select(i => ((List<object?>)target!)[i]).ToList();
         }
 
         private object? Call(object? callee, List<object?> args, Dictionary<string, object?> kwargs, Node at)
         {
             if (callee is Macro m) return CallMacro(m.Node, args, kwargs);
+            if (callee is LoopCycle cycle)
+                return args.Count > 0 ? args[cycle.Index % args.Count] : throw Error(at, "loop.cycle() needs at least one value");
             if (callee is not BoundMethod bm) throw Error(at, $"'{JinjaValues.Str(callee)}' is not callable");
             object? Arg(int i, object? dflt = null) => i < args.Count ? args[i] : dflt;
             switch (bm.Target, bm.Name)
@@ -328,6 +393,8 @@ public sealed class JinjaTemplate
                 }
                 case (null, "dict"):
                     return new Dictionary<string, object?>(kwargs);
+                case (null, "strftime_now"):
+                    return Strftime(JinjaValues.Str(Arg(0)), _now, at);
                 case (null, "range"):
                 {
                     long a = args.Count > 1 ? (long)Arg(0)! : 0, b = (long)(args.Count > 1 ? Arg(1)! : Arg(0)!), s = args.Count > 2 ? (long)Arg(2)! : 1;
@@ -336,7 +403,7 @@ public sealed class JinjaTemplate
                     return r;
                 }
                 case (Dictionary<string, object?> d, "items"):
-                    return d.Select(kv => (object?)new List<object?> { kv.Key, kv.Value }).ToList();
+                    return d.Select(kv => (object?)new JinjaTuple { kv.Key, kv.Value }).ToList();
                 case (Dictionary<string, object?> d, "keys"):
                     return d.Keys.Select(k => (object?)k).ToList();
                 case (Dictionary<string, object?> d, "values"):
@@ -358,10 +425,55 @@ public sealed class JinjaTemplate
                 var (name, dflt) = m.Parameters[i];
                 scope[name] = i < args.Count ? args[i] : kwargs.TryGetValue(name, out var kv) ? kv : dflt is null ? Undefined.Instance : Eval(dflt);
             }
-            _scopes.Add(scope);
+            // As in jinja2, a macro sees the template's top-level names and its arguments, not the caller's loop variables.
+            var callers = _scopes;
+            _scopes = [callers[0], scope];
+            try
+            {
+                var sb = new StringBuilder();
+                Execute(m.Body, sb);
+                return sb.ToString();
+            }
+            finally
+            {
+                _scopes = callers;
+            }
+        }
+
+        /// <summary>Python's <c>strftime</c> with the C locale's names (what transformers' <c>strftime_now</c> returns).</summary>
+        private static string Strftime(string format, DateTime t, Node at)
+        {
+            var inv = CultureInfo.InvariantCulture;
             var sb = new StringBuilder();
-            Execute(m.Body, sb);
-            _scopes.RemoveAt(_scopes.Count - 1);
+            for (int i = 0; i < format.Length; i++)
+            {
+                if (format[i] != '%' || i + 1 >= format.Length) { sb.Append(format[i]); continue; }
+                char d = format[++i];
+                sb.Append(d switch
+                {
+                    'd' => t.Day.ToString("00", inv),
+                    'e' => t.Day.ToString(inv).PadLeft(2),
+                    'm' => t.Month.ToString("00", inv),
+                    'Y' => t.Year.ToString("0000", inv),
+                    'y' => (t.Year % 100).ToString("00", inv),
+                    'H' => t.Hour.ToString("00", inv),
+                    'I' => (t.Hour % 12 == 0 ? 12 : t.Hour % 12).ToString("00", inv),
+                    'M' => t.Minute.ToString("00", inv),
+                    'S' => t.Second.ToString("00", inv),
+                    'p' => t.Hour < 12 ? "AM" : "PM",
+                    'b' or 'h' => t.ToString("MMM", inv),
+                    'B' => t.ToString("MMMM", inv),
+                    'a' => t.ToString("ddd", inv),
+                    'A' => t.ToString("dddd", inv),
+                    'j' => t.DayOfYear.ToString("000", inv),
+                    'w' => ((int)t.DayOfWeek).ToString(inv),
+                    'F' => t.ToString("yyyy-MM-dd", inv),
+                    'T' => t.ToString("HH:mm:ss", inv),
+                    'D' => t.ToString("MM/dd/yy", inv),
+                    '%' => "%",
+                    _ => throw Error(at, $"strftime_now: unsupported directive '%{d}'"),
+                });
+            }
             return sb.ToString();
         }
     }
