@@ -6,7 +6,7 @@ internal abstract record Node(int Line, int Column);
 internal sealed record TextNode(string Text, int Line, int Column) : Node(Line, Column);
 internal sealed record OutputNode(Expr Value, int Line, int Column) : Node(Line, Column);
 internal sealed record IfNode(List<(Expr Condition, List<Node> Body)> Branches, List<Node>? Else, int Line, int Column) : Node(Line, Column);
-internal sealed record ForNode(List<string> Targets, Expr Iterable, Expr? Filter, List<Node> Body, List<Node>? Else, int Line, int Column) : Node(Line, Column);
+internal sealed record ForNode(List<string> Targets, Expr Iterable, Expr? Filter, List<Node> Body, List<Node>? Else, int Line, int Column, bool Recursive = false) : Node(Line, Column);
 /// <summary><c>{% set name = v %}</c>, <c>{% set ns.attr = v %}</c> or, with several <see cref="Targets"/>, <c>{% set a, b = pair %}</c>.</summary>
 internal sealed record SetNode(string Name, string? Attribute, Expr Value, int Line, int Column, List<string>? Targets = null) : Node(Line, Column);
 /// <summary><c>{% filter f(args) | g %}body{% endfilter %}</c>: the rendered body passed through the filters.</summary>

@@ -114,7 +114,8 @@ internal sealed class JinjaParser
                 var iterable = ParseExpression(allowConditional: false);
                 Expr? filter = null;
                 if (IsName("if")) { Advance(); filter = ParseExpression(allowConditional: false); }
-                if (IsName("recursive")) throw Error(Current, "recursive loops are not supported");
+                bool recursive = false;
+                if (IsName("recursive")) { Advance(); recursive = true; }
                 Expect(TokenKind.BlockEnd);
                 var body = ParseBody(out var end, "else", "endfor");
                 List<Node>? elseBody = null;
@@ -125,7 +126,7 @@ internal sealed class JinjaParser
                 }
                 if (end != "endfor") throw Error(kw, "'for' without 'endfor'");
                 Expect(TokenKind.BlockEnd);
-                return new ForNode(targets, iterable, filter, body, elseBody, kw.Line, kw.Column);
+                return new ForNode(targets, iterable, filter, body, elseBody, kw.Line, kw.Column, recursive);
             }
             case "set":
             {

@@ -36,6 +36,8 @@ public sealed class JinjaTemplate
     private sealed record Macro(MacroNode Node);
     /// <summary><c>loop.cycle(a, b, ...)</c> of the loop iteration <see cref="Index"/>.</summary>
     private sealed record LoopCycle(int Index);
+    /// <summary>The <c>loop</c> of a <c>recursive</c> for loop, called as <c>loop(children)</c>: the body again, one level deeper.</summary>
+    private sealed record RecursiveLoop(ForNode Node, int Depth);
 
     private sealed class Renderer
     {
@@ -96,7 +98,7 @@ public sealed class JinjaTemplate
                         if (JinjaValues.Truthy(Eval(cond))) return Execute(body, output);
                     return f.Else is null ? Flow.Normal : Execute(f.Else, output);
                 case ForNode f:
-                    return ExecuteFor(f, output);
+                    return ExecuteFor(f, Eval(f.Iterable), 1, output);
                 case SetNode s:
                 {
                     var value = Eval(s.Value);
@@ -131,9 +133,9 @@ public sealed class JinjaTemplate
             }
         }
 
-        private Flow ExecuteFor(ForNode f, StringBuilder output)
+        private Flow ExecuteFor(ForNode f, object? iterable, int depth, StringBuilder output)
         {
-            var items = Iterate(Eval(f.Iterable), f).ToList();
+            var items = Iterate(iterable, f).ToList();
             if (f.Filter is not null)
             {
                 items = items.Where(item =>
@@ -158,6 +160,8 @@ public sealed class JinjaTemplate
                         ["previtem"] = i > 0 ? items[i - 1] : Undefined.Instance,
                         ["nextitem"] = i + 1 < items.Count ? items[i + 1] : Undefined.Instance,
                         ["cycle"] = new LoopCycle(i),
+                        ["depth"] = (long)depth, ["depth0"] = (long)(depth - 1),
+                        ["__call__"] = f.Recursive ? new RecursiveLoop(f, depth) : null,
                     },
                 };
                 _scopes.Add(scope);
@@ -376,6 +380,12 @@ public sealed class JinjaTemplate
         private object? Call(object? callee, List<object?> args, Dictionary<string, object?> kwargs, Node at)
         {
             if (callee is Macro m) return CallMacro(m.Node, args, kwargs);
+            if (callee is Dictionary<string, object?> loop && loop.TryGetValue("__call__", out var self) && self is RecursiveLoop recursion)
+            {
+                var inner = new StringBuilder();
+                ExecuteFor(recursion.Node, args.Count > 0 ? args[0] : null, recursion.Depth + 1, inner);
+                return inner.ToString();
+            }
             if (callee is LoopCycle cycle)
                 return args.Count > 0 ? args[cycle.Index % args.Count] : throw Error(at, "loop.cycle() needs at least one value");
             if (callee is not BoundMethod bm) throw Error(at, $"'{JinjaValues.Str(callee)}' is not callable");
