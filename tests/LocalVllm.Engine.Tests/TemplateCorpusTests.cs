@@ -34,6 +34,37 @@ public sealed class TemplateCorpusTests
         Assert.Equal(c["expected"]!.GetValue<string>(), template.Render(context, now));
     }
 
+    /// <summary>
+    /// The same comparison on a corpus made outside the repository (real model templates rendered by jinja2, in the
+    /// same file format), named by LOCALVLLM_TEMPLATE_CORPUS; skipped when it is not set. Model templates are not
+    /// committed here: they are other projects' files.
+    /// </summary>
+    [SkippableTheory]
+    [MemberData(nameof(ExternalCaseNames))]
+    public void Renders_a_real_template_as_jinja2_renders(string name)
+    {
+        Skip.If(ExternalCorpus is null, "LOCALVLLM_TEMPLATE_CORPUS is not set: no external template corpus to compare with.");
+        var c = ExternalCorpus!["cases"]!.AsArray().Single(x => x!["name"]!.GetValue<string>() == name)!;
+        var context = (Dictionary<string, object?>)JinjaValues.FromJson(c["context"])!;
+        var now = DateTime.Parse(c["now"]!.GetValue<string>(), CultureInfo.InvariantCulture);
+        if (c["error"] is { } error)
+        {
+            var what = error.GetValue<string>();
+            var e = Assert.ThrowsAny<Exception>(() => new JinjaTemplate(c["template"]!.GetValue<string>()).Render(context, now));
+            Assert.Contains(what[(what.IndexOf(": ", StringComparison.Ordinal) + 2)..], e.Message);
+            return;
+        }
+        Assert.Equal(c["expected"]!.GetValue<string>(), new JinjaTemplate(c["template"]!.GetValue<string>()).Render(context, now));
+    }
+
+    private static JsonObject? ExternalCorpus =>
+        Environment.GetEnvironmentVariable("LOCALVLLM_TEMPLATE_CORPUS") is { Length: > 0 } path
+            ? (JsonObject)JsonNode.Parse(File.ReadAllText(path))!
+            : null;
+
+    public static TheoryData<string> ExternalCaseNames =>
+        ExternalCorpus is { } corpus ? new(corpus["cases"]!.AsArray().Select(c => c!["name"]!.GetValue<string>())) : new("(no external corpus)");
+
     [Fact]
     public void Json_integers_stay_integers_and_fractions_floats_as_in_Python()
     {
