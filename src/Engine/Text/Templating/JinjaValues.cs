@@ -8,8 +8,11 @@ namespace LocalVllm.Engine.Text.Templating;
 /// <summary>The value of a name that is not defined (distinct from none).</summary>
 internal sealed class Undefined
 {
-    public static readonly Undefined Instance = new();
-    private Undefined() { }
+    public static readonly Undefined Instance = new(null);
+    private Undefined(string? hint) => Hint = hint;
+    /// <summary>Why it is undefined, in jinja2's words ("'x' is undefined", "'dict object' has no attribute 'y'").</summary>
+    public string? Hint { get; }
+    public static Undefined Because(string hint) => new(hint);
     public override string ToString() => "";
 }
 
@@ -293,6 +296,13 @@ internal static class JinjaValues
             return da.Count == db.Count && da.All(kv => db.TryGetValue(kv.Key, out var o) && Equal(kv.Value, o));
         return ReferenceEquals(a, b) || a.Equals(b);
     }
+
+    /// <summary>Python's name of a value's type, as its error messages write it.</summary>
+    public static string PyType(object? v) => v switch
+    {
+        null => "NoneType", bool => "bool", long => "int", double => "float", string or SafeString => "str", JinjaTuple => "tuple",
+        List<object?> => "list", Dictionary<string, object?> => "dict", Undefined => "Undefined", _ => v.GetType().Name,
+    };
 
     public static bool IsNumber(object? v) => v is long or double || v is bool;
     public static double ToDouble(object? v) => v switch { long l => l, double d => d, bool b => b ? 1 : 0, _ => throw new InvalidCastException() };

@@ -1,0 +1,76 @@
+using System.Net;
+using LocalVllm.Engine;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+
+namespace LocalVllm.Server;
+
+/// <summary>
+/// vLLM's OpenAI-compatible HTTP server over one in-process engine: Kestrel, the engine loaded at creation, the
+/// endpoints of <see cref="OpenAiEndpoints"/>. <c>Program</c> runs it; tests start it on a free port.
+/// </summary>
+public sealed class LocalVllmServer : IAsyncDisposable
+{
+    private LocalVllmServer(WebApplication app, LocalVllmEngine engine)
+    {
+        App = app;
+        Engine = engine;
+    }
+
+    public WebApplication App { get; }
+    public LocalVllmEngine Engine { get; }
+
+    /// <summary>Loads the model and builds the server; <see cref="StartAsync"/> (or <c>App.RunAsync</c>) starts listening.</summary>
+    public static LocalVllmServer Create(ServerOptions options, Action<ILoggingBuilder>? logging = null)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        var builder = WebApplication.CreateSlimBuilder();
+        if (logging is not null) logging(builder.Logging);
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            var address = options.Host is "localhost" ? IPAddress.Loopback : IPAddress.Parse(options.Host);
+            k.Listen(address, options.Port);
+            k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
+        });
+        var engineOptions = options.Engine.Clone();
+        engineOptions.Model = options.Model;
+        // The engine logs through the host's logging; it is created before the app so a bad model fails at once.
+        using var bootstrap = LoggerFactory.Create(b => logging?.Invoke(b));
+        var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"));
+        try
+        {
+            builder.Services.AddSingleton(engine);
+            var app = builder.Build();
+            new OpenAiEndpoints(engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);
+            return new LocalVllmServer(app, engine);
+        }
+        catch
+        {
+            engine.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Starts listening; returns once Kestrel is bound.</summary>
+    public Task StartAsync(CancellationToken cancellationToken = default) => App.StartAsync(cancellationToken);
+
+    /// <summary>Where the server listens (after <see cref="StartAsync"/>), e.g. http://127.0.0.1:8000/.</summary>
+    public Uri BaseAddress => new(App.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First().TrimEnd('/') + "/");
+
+    public async ValueTask DisposeAsync()
+    {
+        try
+        {
+            await App.StopAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            await App.DisposeAsync().ConfigureAwait(false);
+            Engine.Dispose();
+        }
+    }
+}

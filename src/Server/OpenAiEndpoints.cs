@@ -1,0 +1,458 @@
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LocalVllm.Engine;
+using LocalVllm.Engine.Text.Templating;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.AI;
+using Microsoft.Extensions.Logging;
+
+namespace LocalVllm.Server;
+
+/// <summary>A request the server refuses: the status and OpenAI error fields it answers with.</summary>
+internal sealed class ApiException(int status, string message, string type = "invalid_request_error", string? param = null) : Exception(message)
+{
+    public int Status { get; } = status;
+    public string Type { get; } = type;
+    public string? Param { get; } = param;
+}
+
+/// <summary>
+/// The OpenAI-compatible endpoints, with vLLM's request and response shapes: chat completions (through the same
+/// <see cref="LocalVllmChatClient"/> in-process apps use, so templates, tool calls and reasoning behave alike),
+/// completions (straight on the engine), models, health, tokenize and detokenize. Errors use OpenAI's error JSON.
+/// </summary>
+internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions options, ILogger logger)
+{
+    private readonly LocalVllmChatClient _chat = new(engine, logger);
+    private readonly long _started = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+    private static readonly JsonSerializerOptions Compact = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
+    private string ModelName => engine.ModelId;
+
+    public void Map(WebApplication app)
+    {
+        app.Use(async (ctx, next) =>
+        {
+            if (options.ApiKey is { } key && RequiresKey(ctx.Request.Path)
+                && ctx.Request.Headers.Authorization.ToString() != "Bearer " + key)
+            {
+                await WriteError(ctx, new ApiException(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", "authentication_error"));
+                return;
+            }
+            try
+            {
+                await next(ctx);
+            }
+            catch (Exception e) when (!ctx.Response.HasStarted && e is not OperationCanceledException)
+            {
+                await WriteError(ctx, Classify(e));
+            }
+        });
+        app.MapGet("/health", () => Results.Ok());
+        app.MapGet("/v1/models", ListModels);
+        app.MapPost("/v1/chat/completions", ChatCompletions);
+        app.MapPost("/v1/completions", Completions);
+        app.MapPost("/tokenize", Tokenize);
+        app.MapPost("/detokenize", Detokenize);
+    }
+
+    private static bool RequiresKey(PathString path) =>
+        path.StartsWithSegments("/v1") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");
+
+    /// <summary>What the client did wrong, or what the server could not do, as a status and message.</summary>
+    private ApiException Classify(Exception e)
+    {
+        switch (e)
+        {
+            case ApiException api: return api;
+            case EngineOverloadedException: return new ApiException(429, e.Message, "server_overloaded");
+            case JsonException or BadHttpRequestException: return new ApiException(400, $"The request body is not valid JSON: {e.Message}");
+            case ArgumentException or NotSupportedException or FormatException or TemplateException or TemplateRaisedException: return new ApiException(400, e.Message);
+            default:
+                logger.LogError(e, "Request failed");
+                return new ApiException(500, $"Internal error: {e.Message}", "internal_server_error");
+        }
+    }
+
+    private static async Task WriteError(HttpContext ctx, ApiException e)
+    {
+        ctx.Response.StatusCode = e.Status;
+        if (e.Status == 429) ctx.Response.Headers.RetryAfter = "1";
+        ctx.Response.ContentType = "application/json";
+        var body = new JsonObject
+        {
+            ["error"] = new JsonObject { ["message"] = e.Message, ["type"] = e.Type, ["param"] = e.Param, ["code"] = e.Status },
+        };
+        await ctx.Response.WriteAsync(body.ToJsonString(Compact));
+    }
+
+    private static async Task<JsonObject> ReadBody(HttpContext ctx)
+    {
+        JsonNode? node;
+        try
+        {
+            node = await JsonNode.ParseAsync(ctx.Request.Body, cancellationToken: ctx.RequestAborted);
+        }
+        catch (JsonException e)
+        {
+            throw new ApiException(400, $"The request body is not valid JSON: {e.Message}");
+        }
+        return node as JsonObject ?? throw new ApiException(400, "The request body must be a JSON object.");
+    }
+
+    private void CheckModel(JsonObject body)
+    {
+        if (body["model"] is JsonValue m && m.GetValueKind() == JsonValueKind.String && m.GetValue<string>() != ModelName)
+            throw new ApiException(404, $"The model '{m.GetValue<string>()}' does not exist; this server serves '{ModelName}'.", "NotFoundError", "model");
+    }
+
+    private IResult ListModels() => Results.Content(new JsonObject
+    {
+        ["object"] = "list",
+        ["data"] = new JsonArray
+        {
+            new JsonObject
+            {
+                ["id"] = ModelName, ["object"] = "model", ["created"] = _started, ["owned_by"] = "localvllm", ["root"] = options.Model,
+                ["max_model_len"] = engine.MaxModelLen,
+            },
+        },
+    }.ToJsonString(Compact), "application/json");
+
+    // ---------------------------------------------------------------- chat completions
+
+    private async Task ChatCompletions(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        CheckModel(body);
+        var request = OpenAiChatRequest.Parse(body);
+        // vLLM refuses what cannot fit rather than shortening it; the prompt's own length is checked by the engine.
+        if (request.Options(0).MaxOutputTokens is int max && max >= engine.MaxModelLen)
+            throw new ApiException(400, $"max_tokens = {max} does not fit in this model's context of {engine.MaxModelLen} tokens (prompt included).", param: "max_tokens");
+        string id = $"chatcmpl-{Guid.NewGuid():N}";
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        if (!request.Stream)
+        {
+            var turns = await Task.WhenAll(Enumerable.Range(0, request.N).Select(i => RunTurn(request, i, ctx.RequestAborted)));
+            var choices = new JsonArray();
+            foreach (var t in turns) choices.Add(t.ToChoice());
+            var usage = Usage(turns.Select(t => t.Usage).ToList());
+            var response = new JsonObject
+            {
+                ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices, ["usage"] = usage,
+            };
+            await Json(ctx, response);
+            return;
+        }
+
+        if (request.N != 1) throw new ApiException(400, "Streaming with n > 1 is not supported yet; use n = 1 or stream = false.", param: "n");
+        var stream = _chat.GetStreamingResponseAsync(request.Messages, request.Options(0), ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted);
+        await using var _ = stream;
+        // The first update comes before any byte is sent: an overloaded engine or a bad request still gets its status.
+        bool any = await stream.MoveNextAsync();
+        StartEventStream(ctx);
+        var turn = new ChatTurn(engine, request.Logprobs, 0);
+        JsonObject Chunk(JsonObject delta, string? finish = null, JsonObject? logprobs = null) => new()
+        {
+            ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName,
+            ["choices"] = new JsonArray { new JsonObject { ["index"] = 0, ["delta"] = delta, ["logprobs"] = logprobs, ["finish_reason"] = finish } },
+        };
+        await Event(ctx, Chunk(new JsonObject { ["role"] = "assistant", ["content"] = "" }));
+        while (any)
+        {
+            var u = stream.Current;
+            foreach (var delta in turn.Add(u))
+                await Event(ctx, Chunk(delta.Delta, null, delta.Logprobs));
+            any = await stream.MoveNextAsync();
+        }
+        await Event(ctx, Chunk(new JsonObject(), turn.FinishReason));
+        if (request.IncludeUsage)
+            await Event(ctx, new JsonObject
+            {
+                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+                ["usage"] = Usage([turn.Usage]),
+            });
+        await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+    }
+
+    private async Task<ChatTurn> RunTurn(OpenAiChatRequest request, int index, CancellationToken cancellationToken)
+    {
+        var turn = new ChatTurn(engine, request.Logprobs, index);
+        await foreach (var u in _chat.GetStreamingResponseAsync(request.Messages, request.Options(index), cancellationToken).ConfigureAwait(false))
+            turn.Add(u).Consume();
+        return turn;
+    }
+
+    private static JsonObject Usage(IReadOnlyList<UsageDetails?> usages)
+    {
+        // n completions share one prompt: it is counted once, as vLLM does.
+        long prompt = usages.Max(u => u?.InputTokenCount ?? 0), completion = usages.Sum(u => u?.OutputTokenCount ?? 0);
+        long cached = usages.Max(u => u?.CachedInputTokenCount ?? 0);
+        return new JsonObject
+        {
+            ["prompt_tokens"] = prompt, ["completion_tokens"] = completion, ["total_tokens"] = prompt + completion,
+            ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = cached },
+        };
+    }
+
+    // ---------------------------------------------------------------- completions
+
+    private async Task Completions(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        CheckModel(body);
+        var core = engine.Engine.Engine;
+        var prompts = OpenAiCompletionRequest.Prompts(body, text => core.EncodePrompt(text));
+        var sampling = OpenAiCompletionRequest.Sampling(body);
+        bool stream = body["stream"]?.GetValue<bool>() ?? false;
+        bool includeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false;
+        foreach (var p in prompts) engine.Validator.Validate(p.Ids, sampling);
+        string id = $"cmpl-{Guid.NewGuid():N}";
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+        if (!stream)
+        {
+            var outputs = await Task.WhenAll(prompts.Select(p => engine.Engine.GenerateFinalAsync(p.Ids, sampling with { OutputKind = RequestOutputKind.FinalOnly }, ctx.RequestAborted)));
+            var choices = new JsonArray();
+            long promptTokens = 0, completionTokens = 0, cached = 0;
+            for (int i = 0; i < outputs.Length; i++)
+            {
+                var o = outputs[i];
+                if (o.Error is { } error) throw error;
+                promptTokens += o.PromptTokenIds.Count;
+                cached += o.NumCachedTokens;
+                foreach (var c in o.Outputs)
+                {
+                    completionTokens += c.TokenIds.Count;
+                    choices.Add(new JsonObject
+                    {
+                        ["index"] = i * sampling.N + c.Index, ["text"] = c.Text, ["logprobs"] = CompletionLogprobs(c),
+                        ["finish_reason"] = c.FinishReason, ["stop_reason"] = StopReason(c.StopReason),
+                    });
+                }
+            }
+            await Json(ctx, new JsonObject
+            {
+                ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices,
+                ["usage"] = new JsonObject
+                {
+                    ["prompt_tokens"] = promptTokens, ["completion_tokens"] = completionTokens, ["total_tokens"] = promptTokens + completionTokens,
+                    ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = cached },
+                },
+            });
+            return;
+        }
+
+        if (prompts.Count != 1 || sampling.N != 1) throw new ApiException(400, "Streaming supports one prompt and n = 1 for now.", param: "prompt");
+        var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
+            .GetAsyncEnumerator(ctx.RequestAborted);
+        await using var _ = run;
+        bool any = await run.MoveNextAsync();
+        StartEventStream(ctx);
+        RequestOutput? last = null;
+        long generated = 0;
+        while (any)
+        {
+            var o = last = run.Current;
+            if (o.Error is { } error) throw error;
+            foreach (var c in o.Outputs)
+            {
+                generated += c.TokenIds.Count;
+                if (c.Text.Length == 0 && c.FinishReason is null) continue;
+                await Event(ctx, new JsonObject
+                {
+                    ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName,
+                    ["choices"] = new JsonArray { new JsonObject { ["index"] = c.Index, ["text"] = c.Text, ["logprobs"] = CompletionLogprobs(c), ["finish_reason"] = c.FinishReason, ["stop_reason"] = StopReason(c.StopReason) } },
+                });
+            }
+            any = await run.MoveNextAsync();
+        }
+        if (includeUsage && last is not null)
+            await Event(ctx, new JsonObject
+            {
+                ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+                ["usage"] = new JsonObject
+                {
+                    ["prompt_tokens"] = last.PromptTokenIds.Count, ["completion_tokens"] = generated, ["total_tokens"] = last.PromptTokenIds.Count + generated,
+                    ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = last.NumCachedTokens },
+                },
+            });
+        await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+    }
+
+    private static JsonNode? StopReason(object? reason) => reason switch { int t => t, string s => s, _ => null };
+
+    private JsonObject? CompletionLogprobs(CompletionOutput c)
+    {
+        if (c.Logprobs is null) return null;
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var tokens = new JsonArray();
+        var logprobs = new JsonArray();
+        var top = new JsonArray();
+        foreach (var p in c.Logprobs)
+        {
+            tokens.Add(tokenizer.Decode([p.TokenId], skipSpecialTokens: false));
+            logprobs.Add(p.Logprob);
+            var alternatives = new JsonObject();
+            foreach (var t in p.Top) alternatives[tokenizer.Decode([t.TokenId], skipSpecialTokens: false)] = t.Logprob;
+            top.Add(alternatives);
+        }
+        return new JsonObject { ["tokens"] = tokens, ["token_logprobs"] = logprobs, ["top_logprobs"] = top };
+    }
+
+    // ---------------------------------------------------------------- tokenize
+
+    private async Task Tokenize(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        CheckModel(body);
+        if (body["prompt"] is not JsonValue prompt || prompt.GetValueKind() != JsonValueKind.String)
+            throw new ApiException(400, "'prompt' (a string) is required; 'messages' is not supported here yet.", param: "prompt");
+        bool special = body["add_special_tokens"]?.GetValue<bool>() ?? true;
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var ids = special ? engine.Engine.Engine.EncodePrompt(prompt.GetValue<string>()) : tokenizer.Encode(prompt.GetValue<string>(), addSpecialTokens: false);
+        await Json(ctx, new JsonObject { ["count"] = ids.Length, ["max_model_len"] = engine.MaxModelLen, ["tokens"] = new JsonArray(ids.Select(i => (JsonNode?)i).ToArray()) });
+    }
+
+    private async Task Detokenize(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        CheckModel(body);
+        if (body["tokens"] is not JsonArray tokens) throw new ApiException(400, "'tokens' (an array of token ids) is required.", param: "tokens");
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var ids = tokens.Select(t => t is JsonValue v && v.TryGetValue<int>(out var id) && id >= 0 && id < tokenizer.Count
+            ? id : throw new ApiException(400, $"'tokens' holds {t?.ToJsonString() ?? "null"}, which is not a token id of this model (0..{tokenizer.Count - 1}).", param: "tokens")).ToArray();
+        await Json(ctx, new JsonObject { ["prompt"] = tokenizer.Decode(ids, skipSpecialTokens: false) });
+    }
+
+    // ---------------------------------------------------------------- plumbing
+
+    private static Task Json(HttpContext ctx, JsonObject body)
+    {
+        ctx.Response.ContentType = "application/json";
+        return ctx.Response.WriteAsync(body.ToJsonString(Compact), ctx.RequestAborted);
+    }
+
+    private static void StartEventStream(HttpContext ctx)
+    {
+        ctx.Response.StatusCode = 200;
+        ctx.Response.ContentType = "text/event-stream";
+        ctx.Response.Headers.CacheControl = "no-cache";
+    }
+
+    private static async Task Event(HttpContext ctx, JsonObject data)
+    {
+        await ctx.Response.WriteAsync("data: " + data.ToJsonString(Compact) + "\n\n", ctx.RequestAborted);
+        await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+    }
+}
+
+/// <summary>One choice being assembled from the chat client's updates: text, reasoning, tool calls, logprobs, usage.</summary>
+internal sealed class ChatTurn(LocalVllmEngine engine, bool logprobs, int index)
+{
+    private readonly StringBuilder _text = new(), _reasoning = new();
+    private readonly JsonArray _toolCalls = [];
+    private readonly JsonArray _logprobs = [];
+    private object? _lastRaw;
+
+    public UsageDetails? Usage { get; private set; }
+    public string FinishReason { get; private set; } = "stop";
+
+    public readonly record struct DeltaEvent(JsonObject Delta, JsonObject? Logprobs);
+
+    /// <summary>Takes one update; returns the stream deltas it makes (enumerate them, or call Consume()).</summary>
+    public IEnumerable<DeltaEvent> Add(ChatResponseUpdate u)
+    {
+        var events = new List<DeltaEvent>();
+        JsonObject? lp = null;
+        if (logprobs && u.RawRepresentation is RequestOutput raw && !ReferenceEquals(raw, _lastRaw))
+        {
+            _lastRaw = raw;
+            if (raw.Outputs.Count > 0 && raw.Outputs[0].Logprobs is { Count: > 0 } positions)
+            {
+                var content = new JsonArray();
+                foreach (var p in positions) content.Add(Entry(p));
+                foreach (var e in content) _logprobs.Add(e!.DeepClone());
+                lp = new JsonObject { ["content"] = content };
+            }
+        }
+        foreach (var c in u.Contents)
+        {
+            switch (c)
+            {
+                case TextContent t:
+                    _text.Append(t.Text);
+                    events.Add(new(new JsonObject { ["content"] = t.Text }, lp));
+                    lp = null;
+                    break;
+                case TextReasoningContent r:
+                    _reasoning.Append(r.Text);
+                    events.Add(new(new JsonObject { ["reasoning_content"] = r.Text }, lp));
+                    lp = null;
+                    break;
+                case FunctionCallContent call:
+                {
+                    var json = new JsonObject
+                    {
+                        ["id"] = call.CallId, ["type"] = "function",
+                        ["function"] = new JsonObject { ["name"] = call.Name, ["arguments"] = JsonSerializer.Serialize(call.Arguments ?? new Dictionary<string, object?>()) },
+                    };
+                    var streamed = (JsonObject)json.DeepClone();
+                    streamed["index"] = _toolCalls.Count;
+                    _toolCalls.Add(json);
+                    events.Add(new(new JsonObject { ["tool_calls"] = new JsonArray { streamed } }, lp));
+                    lp = null;
+                    break;
+                }
+                case UsageContent usage:
+                    Usage = usage.Details;
+                    break;
+            }
+        }
+        if (lp is not null) events.Add(new(new JsonObject(), lp));
+        if (u.FinishReason is { } finish)
+            FinishReason = finish == ChatFinishReason.Length ? "length" : finish == ChatFinishReason.ToolCalls ? "tool_calls" : "stop";
+        return events;
+    }
+
+    private JsonObject Entry(PositionLogprobs p)
+    {
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        JsonObject Token(int id, float logprob)
+        {
+            var text = tokenizer.Decode([id], skipSpecialTokens: false);
+            return new JsonObject
+            {
+                ["token"] = text, ["logprob"] = logprob,
+                ["bytes"] = new JsonArray(tokenizer.TokenBytes(id).ToArray().Select(b => (JsonNode?)(int)b).ToArray()),
+            };
+        }
+        var entry = Token(p.TokenId, p.Logprob);
+        entry["top_logprobs"] = new JsonArray(p.Top.Select(t => (JsonNode?)Token(t.TokenId, t.Logprob)).ToArray());
+        return entry;
+    }
+
+    public JsonObject ToChoice()
+    {
+        var message = new JsonObject
+        {
+            ["role"] = "assistant",
+            ["content"] = _text.Length == 0 && _toolCalls.Count > 0 ? null : _text.ToString(),
+            ["reasoning_content"] = _reasoning.Length > 0 ? _reasoning.ToString() : null,
+        };
+        if (_toolCalls.Count > 0) message["tool_calls"] = _toolCalls.DeepClone();
+        return new JsonObject
+        {
+            ["index"] = index, ["message"] = message,
+            ["logprobs"] = logprobs ? new JsonObject { ["content"] = _logprobs.DeepClone() } : null,
+            ["finish_reason"] = FinishReason,
+        };
+    }
+}
+
+internal static class EnumerableExtensions
+{
+    public static void Consume<T>(this IEnumerable<T> items) { foreach (var _ in items) { } }
+}

@@ -1,0 +1,233 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LocalVllm.Engine;
+using LocalVllm.Engine.Models;
+using Microsoft.Extensions.AI;
+
+namespace LocalVllm.Server;
+
+/// <summary>
+/// A <c>/v1/chat/completions</c> body read into Microsoft.Extensions.AI messages and options, so the request runs
+/// through the same chat client as in-process calls; vLLM's extra sampling fields travel as AdditionalProperties.
+/// </summary>
+internal sealed class OpenAiChatRequest
+{
+    public required List<ChatMessage> Messages { get; init; }
+    public required bool Stream { get; init; }
+    public required bool IncludeUsage { get; init; }
+    public required int N { get; init; }
+    public required bool Logprobs { get; init; }
+    private ChatOptions _options = new();
+
+    /// <summary>The options of completion <paramref name="index"/> (a seeded request gives completion i the seed + i).</summary>
+    public ChatOptions Options(int index)
+    {
+        var o = _options.Clone();
+        if (o.Seed is { } seed) o.Seed = seed + index;
+        return o;
+    }
+
+    private static readonly string[] Known =
+    [
+        "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+        "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user",
+    ];
+
+    public static OpenAiChatRequest Parse(JsonObject body)
+    {
+        foreach (var (key, _) in body)
+            if (!Known.Contains(key)) throw new ApiException(400, $"Unknown or unsupported field '{key}'.", param: key);
+        if (body["messages"] is not JsonArray { Count: > 0 } messages)
+            throw new ApiException(400, "'messages' must be a non-empty array.", param: "messages");
+
+        var o = new ChatOptions { AdditionalProperties = [] };
+        o.Temperature = Float(body, "temperature");
+        o.TopP = Float(body, "top_p");
+        o.MaxOutputTokens = Int(body, "max_completion_tokens") ?? Int(body, "max_tokens");
+        o.Seed = Long(body, "seed");
+        o.PresencePenalty = Float(body, "presence_penalty");
+        o.FrequencyPenalty = Float(body, "frequency_penalty");
+        o.TopK = Int(body, "top_k");
+        if (body["stop"] is JsonNode stop)
+            o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
+        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos" })
+            if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
+        if (body["chat_template_kwargs"] is JsonObject kwargs)
+            foreach (var (key, value) in kwargs)
+            {
+                if (key != "enable_thinking") throw new ApiException(400, $"chat_template_kwargs '{key}' is not supported; enable_thinking is.", param: "chat_template_kwargs");
+                if (value is not null) o.AdditionalProperties["enable_thinking"] = value.GetValue<JsonElement>().Clone();
+            }
+        bool logprobs = body["logprobs"]?.GetValue<bool>() ?? false;
+        if (logprobs) o.AdditionalProperties["logprobs"] = Int(body, "top_logprobs") ?? 0;
+        else if (body["top_logprobs"] is not null) throw new ApiException(400, "'top_logprobs' needs 'logprobs': true.", param: "top_logprobs");
+        if (body["parallel_tool_calls"] is JsonValue parallel) o.AllowMultipleToolCalls = parallel.GetValue<bool>();
+
+        if (body["tools"] is JsonArray tools)
+        {
+            o.Tools = [];
+            foreach (var t in tools)
+            {
+                var f = t?["function"] as JsonObject ?? throw new ApiException(400, "Each tool must be {\"type\": \"function\", \"function\": {...}}.", param: "tools");
+                var name = f["name"]?.GetValue<string>() ?? throw new ApiException(400, "A tool function has no 'name'.", param: "tools");
+                using var schema = JsonDocument.Parse(f["parameters"]?.ToJsonString() ?? """{"type": "object", "properties": {}}""");
+                o.Tools.Add(AIFunctionFactory.CreateDeclaration(name, f["description"]?.GetValue<string>() ?? "", schema.RootElement.Clone()));
+            }
+        }
+        switch (body["tool_choice"])
+        {
+            case null: break;
+            case JsonValue choice when choice.GetValueKind() == JsonValueKind.String:
+                o.ToolMode = choice.GetValue<string>() switch
+                {
+                    "auto" => ChatToolMode.Auto,
+                    "none" => ChatToolMode.None,
+                    "required" => ChatToolMode.RequireAny,
+                    var other => throw new ApiException(400, $"tool_choice '{other}' is not one of auto, none, required.", param: "tool_choice"),
+                };
+                break;
+            case JsonObject named:
+                o.ToolMode = ChatToolMode.RequireSpecific(named["function"]?["name"]?.GetValue<string>()
+                    ?? throw new ApiException(400, "A named tool_choice needs function.name.", param: "tool_choice"));
+                break;
+            default: throw new ApiException(400, "tool_choice must be a string or {\"type\": \"function\", \"function\": {\"name\": ...}}.", param: "tool_choice");
+        }
+        if (body["response_format"] is JsonObject format && format["type"]?.GetValue<string>() is { } type && type != "text")
+            o.ResponseFormat = type == "json_object" ? ChatResponseFormat.Json : ChatResponseFormat.ForJsonSchema(
+                (format["json_schema"]?["schema"] is JsonNode s ? JsonDocument.Parse(s.ToJsonString()).RootElement.Clone() : default));
+        if (o.AdditionalProperties.Count == 0) o.AdditionalProperties = null;
+
+        int n = Int(body, "n") ?? 1;
+        if (n < 1) throw new ApiException(400, $"n = {n}: it must be at least 1.", param: "n");
+        return new OpenAiChatRequest
+        {
+            Messages = messages.Select((m, i) => Message(m, i)).ToList(),
+            Stream = body["stream"]?.GetValue<bool>() ?? false,
+            IncludeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false,
+            N = n,
+            Logprobs = logprobs,
+            _options = o,
+        };
+    }
+
+    private static ChatMessage Message(JsonNode? node, int index)
+    {
+        if (node is not JsonObject m) throw new ApiException(400, $"messages[{index}] is not an object.", param: "messages");
+        var role = m["role"]?.GetValue<string>() ?? throw new ApiException(400, $"messages[{index}] has no role.", param: "messages");
+        string Text()
+        {
+            return m["content"] switch
+            {
+                null => "",
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
+                JsonValue v when v.GetValueKind() == JsonValueKind.Null => "",
+                JsonArray parts => string.Concat(parts.Select(p => p?["type"]?.GetValue<string>() == "text"
+                    ? p["text"]?.GetValue<string>() ?? ""
+                    : throw new ApiException(400, $"messages[{index}] holds a '{p?["type"]}' part; this server's models read text only.", param: "messages"))),
+                _ => throw new ApiException(400, $"messages[{index}].content must be a string or an array of text parts.", param: "messages"),
+            };
+        }
+        switch (role)
+        {
+            case "system" or "developer": return new ChatMessage(ChatRole.System, Text());
+            case "user": return new ChatMessage(ChatRole.User, Text());
+            case "assistant":
+            {
+                var contents = new List<AIContent>();
+                if (Text() is { Length: > 0 } text) contents.Add(new TextContent(text));
+                if (m["tool_calls"] is JsonArray calls)
+                    foreach (var c in calls)
+                    {
+                        var f = c?["function"] ?? throw new ApiException(400, $"messages[{index}].tool_calls holds a call without 'function'.", param: "messages");
+                        var args = f["arguments"] switch
+                        {
+                            JsonValue s when s.GetValueKind() == JsonValueKind.String => JsonNode.Parse(s.GetValue<string>()),
+                            var other => other,
+                        };
+                        var dict = (args as JsonObject)?.ToDictionary(kv => kv.Key, kv => (object?)(kv.Value is null ? null : JsonDocument.Parse(kv.Value.ToJsonString()).RootElement.Clone()))
+                            ?? new Dictionary<string, object?>();
+                        contents.Add(new FunctionCallContent(c["id"]?.GetValue<string>() ?? $"call_{Guid.NewGuid():N}"[..14], f["name"]!.GetValue<string>(), dict));
+                    }
+                return new ChatMessage(ChatRole.Assistant, contents);
+            }
+            case "tool":
+                return new ChatMessage(ChatRole.Tool, [new FunctionResultContent(
+                    m["tool_call_id"]?.GetValue<string>() ?? throw new ApiException(400, $"messages[{index}] (tool) has no tool_call_id.", param: "messages"), Text())]);
+            default:
+                throw new ApiException(400, $"messages[{index}] has role '{role}'; use system, developer, user, assistant or tool.", param: "messages");
+        }
+    }
+
+    internal static float? Float(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
+        ? v.GetValueKind() == JsonValueKind.Number ? (float)v.GetValue<double>() : throw new ApiException(400, $"'{key}' must be a number.", param: key)
+        : null;
+
+    internal static int? Int(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
+        ? v.TryGetValue<int>(out var i) ? i : throw new ApiException(400, $"'{key}' must be an integer.", param: key)
+        : null;
+
+    internal static long? Long(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
+        ? v.TryGetValue<long>(out var i) ? i : throw new ApiException(400, $"'{key}' must be an integer.", param: key)
+        : null;
+
+    private static string Str(JsonNode? node, string key) => node is JsonValue v && v.GetValueKind() == JsonValueKind.String
+        ? v.GetValue<string>()
+        : throw new ApiException(400, $"'{key}' must be a string or an array of strings.", param: key);
+}
+
+/// <summary>A <c>/v1/completions</c> body: prompts (text or token ids, one or a batch) and the engine's sampling parameters.</summary>
+internal static class OpenAiCompletionRequest
+{
+    public readonly record struct Prompt(int[] Ids);
+
+    public static List<Prompt> Prompts(JsonObject body, Func<string, int[]> encode)
+    {
+        JsonNode? p = body["prompt"];
+        int[] Ids(JsonArray a) => a.Select(x => x is JsonValue v && v.TryGetValue<int>(out var id) ? id
+            : throw new ApiException(400, "'prompt' token ids must be integers.", param: "prompt")).ToArray();
+        return p switch
+        {
+            JsonValue v when v.GetValueKind() == JsonValueKind.String => [new Prompt(encode(v.GetValue<string>()))],
+            JsonArray { Count: > 0 } a when a[0] is JsonValue first && first.GetValueKind() == JsonValueKind.Number => [new Prompt(Ids(a))],
+            JsonArray { Count: > 0 } a => a.Select(x => x switch
+            {
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => new Prompt(encode(v.GetValue<string>())),
+                JsonArray ids => new Prompt(Ids(ids)),
+                _ => throw new ApiException(400, "'prompt' must be a string, an array of strings, token ids, or arrays of token ids.", param: "prompt"),
+            }).ToList(),
+            _ => throw new ApiException(400, "'prompt' is required: a string, an array of strings, token ids, or arrays of token ids.", param: "prompt"),
+        };
+    }
+
+    public static SamplingParams Sampling(JsonObject body)
+    {
+        foreach (var unsupported in new[] { "echo", "suffix", "best_of" })
+            if (body[unsupported] is JsonValue v && v.GetValueKind() is not (JsonValueKind.Null or JsonValueKind.False))
+                throw new ApiException(400, $"'{unsupported}' is not supported.", param: unsupported);
+        var stop = body["stop"] switch
+        {
+            null => [],
+            JsonArray a => a.Select(s => s!.GetValue<string>()).ToArray(),
+            JsonNode s => new[] { s.GetValue<string>() },
+        };
+        return new SamplingParams
+        {
+            N = OpenAiChatRequest.Int(body, "n") ?? 1,
+            // OpenAI's completions defaults (temperature 1, 16 tokens), unless the request says otherwise.
+            Temperature = OpenAiChatRequest.Float(body, "temperature") ?? 1f,
+            TopP = OpenAiChatRequest.Float(body, "top_p") ?? 1f,
+            TopK = OpenAiChatRequest.Int(body, "top_k") ?? 0,
+            MinP = OpenAiChatRequest.Float(body, "min_p") ?? 0f,
+            RepetitionPenalty = OpenAiChatRequest.Float(body, "repetition_penalty") ?? 1f,
+            PresencePenalty = OpenAiChatRequest.Float(body, "presence_penalty") ?? 0f,
+            FrequencyPenalty = OpenAiChatRequest.Float(body, "frequency_penalty") ?? 0f,
+            MaxTokens = OpenAiChatRequest.Int(body, "max_tokens") ?? 16,
+            MinTokens = OpenAiChatRequest.Int(body, "min_tokens") ?? 0,
+            IgnoreEos = body["ignore_eos"]?.GetValue<bool>() ?? false,
+            Seed = OpenAiChatRequest.Long(body, "seed"),
+            Stop = stop,
+            Logprobs = OpenAiChatRequest.Int(body, "logprobs"),
+        };
+    }
+}

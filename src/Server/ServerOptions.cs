@@ -1,0 +1,97 @@
+using System.Globalization;
+using LocalVllm.Engine;
+
+namespace LocalVllm.Server;
+
+/// <summary>
+/// The server's command line, named as <c>vllm serve</c> names its flags: <c>--model</c> (required), <c>--host</c>,
+/// <c>--port</c>, <c>--api-key</c>, <c>--served-model-name</c> and the engine's options.
+/// </summary>
+public sealed class ServerOptions
+{
+    public string Model { get; set; } = "";
+    public string? ServedModelName { get; set; }
+    /// <summary>The address to listen on; 127.0.0.1 unless told otherwise.</summary>
+    public string Host { get; set; } = "127.0.0.1";
+    /// <summary>The port; 0 picks a free one (tests).</summary>
+    public int Port { get; set; } = 8000;
+    /// <summary>When set, every <c>/v1</c>, <c>/tokenize</c> and <c>/detokenize</c> call needs <c>Authorization: Bearer KEY</c>.</summary>
+    public string? ApiKey { get; set; }
+    /// <summary>The largest request body accepted, in bytes.</summary>
+    public long MaxRequestBodyBytes { get; set; } = 32L << 20;
+    public EngineOptions Engine { get; set; } = new();
+
+    public const string Usage = """
+        usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
+
+          --model M                   a Hugging Face model directory or hub repository id (required)
+          --served-model-name N       the model name clients send and see (default: the directory or repo name)
+          --host H                    address to listen on (default 127.0.0.1)
+          --port P                    port (default 8000)
+          --api-key KEY               require 'Authorization: Bearer KEY'
+          --max-num-seqs N            sequences running at once (default 128)
+          --max-num-batched-tokens N  token budget per engine step (default 2048)
+          --block-size N              tokens per KV block (default 16)
+          --max-model-len N           context length cap (default: the model's)
+          --kv-cache-memory BYTES     KV cache size, e.g. 2G or 512M (default: half the free memory, at most 4 GiB)
+          --num-gpu-blocks-override N KV cache size in blocks
+          --max-waiting-requests N    waiting requests before new ones get 429 (default 4096)
+          --dtype T                   float32 | bfloat16 | float16 (default float32)
+          --device D                  cpu | cuda (default cpu)
+          --no-enable-prefix-caching  turn the prefix cache off
+        """;
+
+    /// <summary>Parses <paramref name="args"/>; throws <see cref="ArgumentException"/> naming the flag that is wrong.</summary>
+    public static ServerOptions Parse(IReadOnlyList<string> args)
+    {
+        var o = new ServerOptions();
+        for (int i = 0; i < args.Count; i++)
+        {
+            string flag = args[i];
+            string? inline = null;
+            int eq = flag.IndexOf('=');
+            if (flag.StartsWith("--", StringComparison.Ordinal) && eq > 0) { inline = flag[(eq + 1)..]; flag = flag[..eq]; }
+            string Value()
+            {
+                if (inline is not null) return inline;
+                if (i + 1 >= args.Count || args[i + 1].StartsWith("--", StringComparison.Ordinal)) throw new ArgumentException($"{flag} needs a value.");
+                return args[++i];
+            }
+            int Int() => int.TryParse(Value(), NumberStyles.Integer, CultureInfo.InvariantCulture, out var n) ? n : throw new ArgumentException($"{flag} needs an integer.");
+            switch (flag)
+            {
+                case "--model": o.Model = Value(); break;
+                case "--served-model-name": o.ServedModelName = Value(); break;
+                case "--host": o.Host = Value(); break;
+                case "--port": o.Port = Int(); break;
+                case "--api-key": o.ApiKey = Value(); break;
+                case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
+                case "--max-num-batched-tokens": o.Engine.MaxNumBatchedTokens = Int(); break;
+                case "--block-size": o.Engine.BlockSize = Int(); break;
+                case "--max-model-len": o.Engine.MaxModelLen = Int(); break;
+                case "--kv-cache-memory": o.Engine.KvCacheMemoryBytes = ParseBytes(flag, Value()); break;
+                case "--num-gpu-blocks-override": o.Engine.NumKvBlocks = Int(); break;
+                case "--max-waiting-requests": o.Engine.MaxWaitingRequests = Int(); break;
+                case "--dtype": o.Engine.DType = Value() switch { "auto" or "float" or "float32" => "float32", "bfloat16" or "bf16" => "bfloat16", "float16" or "half" => "float16", var d => d }; break;
+                case "--device": o.Engine.Device = Value(); break;
+                case "--enable-prefix-caching": o.Engine.EnablePrefixCaching = true; break;
+                case "--no-enable-prefix-caching": o.Engine.EnablePrefixCaching = false; break;
+                case "--help" or "-h": throw new ArgumentException("help");
+                default: throw new ArgumentException($"Unknown option '{args[i]}'.");
+            }
+        }
+        if (string.IsNullOrWhiteSpace(o.Model)) throw new ArgumentException("--model is required: give a Hugging Face model directory or a hub repository id (owner/name).");
+        if (o.Port is < 0 or > 65535) throw new ArgumentException($"--port {o.Port} is not a port.");
+        return o;
+    }
+
+    private static long ParseBytes(string flag, string text)
+    {
+        text = text.Trim();
+        long unit = char.ToUpperInvariant(text[^1]) switch { 'K' => 1L << 10, 'M' => 1L << 20, 'G' => 1L << 30, _ => 1 };
+        var number = unit == 1 ? text : text[..^1];
+        return double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out var v) && v > 0
+            ? (long)(v * unit)
+            : throw new ArgumentException($"{flag} needs a size in bytes, e.g. 2G or 512M.");
+    }
+}

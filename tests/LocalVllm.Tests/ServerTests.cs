@@ -1,0 +1,260 @@
+using System.ClientModel;
+using System.Net;
+using System.Net.Http.Headers;
+using System.Text;
+using System.Text.Json.Nodes;
+using LocalVllm.Server;
+using OpenAI;
+using OpenAI.Chat;
+
+namespace LocalVllm.Tests;
+
+/// <summary>One real server (Kestrel on a free 127.0.0.1 port) on the tiny Qwen3 fixture, shared by the tests of a class.</summary>
+public sealed class ServerFixture : IAsyncLifetime
+{
+    public const string ApiKey = "test-key";
+    public LocalVllmServer Server { get; private set; } = null!;
+    public HttpClient Http { get; private set; } = null!;
+
+    public async Task InitializeAsync()
+    {
+        var options = ServerOptions.Parse(["--model", Fixtures.Model("tiny-qwen3-chat"), "--port", "0", "--api-key", ApiKey, "--kv-cache-memory", "16M"]);
+        Server = LocalVllmServer.Create(options);
+        await Server.StartAsync();
+        Http = new HttpClient { BaseAddress = Server.BaseAddress };
+        Http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", ApiKey);
+    }
+
+    public async Task DisposeAsync()
+    {
+        Http.Dispose();
+        await Server.DisposeAsync();
+    }
+}
+
+/// <summary>The OpenAI-compatible server, driven over HTTP and with the official OpenAI .NET SDK.</summary>
+public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFixture>
+{
+    private static readonly JsonNode Case0 = Fixtures.Reference("tiny-qwen3-chat")["cases"]![0]!;
+
+    private async Task<(HttpStatusCode Status, JsonObject Body, HttpResponseMessage Response)> Post(string path, JsonObject body, HttpClient? http = null)
+    {
+        var response = await (http ?? fixture.Http).PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var text = await response.Content.ReadAsStringAsync();
+        return (response.StatusCode, (JsonObject)JsonNode.Parse(text)!, response);
+    }
+
+    private static JsonObject GreedyChat(int maxTokens) => new()
+    {
+        ["model"] = "tiny-qwen3-chat",
+        ["messages"] = Case0["messages"]!.DeepClone(),
+        ["temperature"] = 0, ["max_tokens"] = maxTokens, ["ignore_eos"] = true,
+        ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false },
+    };
+
+    [Fact]
+    public async Task A_chat_completion_returns_the_reference_greedy_continuation_and_usage_with_cached_tokens()
+    {
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        var (status, body, _) = await Post("v1/chat/completions", GreedyChat(greedy.Length));
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Equal("chat.completion", body["object"]!.GetValue<string>());
+        var choice = body["choices"]![0]!;
+        Assert.Equal(tokenizer.Decode(greedy), choice["message"]!["content"]!.GetValue<string>());
+        Assert.Equal("length", choice["finish_reason"]!.GetValue<string>());
+        int promptTokens = Fixtures.Ints(Case0["prompt_ids"]).Length;
+        Assert.Equal(promptTokens, body["usage"]!["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(greedy.Length, body["usage"]!["completion_tokens"]!.GetValue<int>());
+
+        var (_, again, _) = await Post("v1/chat/completions", GreedyChat(greedy.Length));
+        Assert.Equal((promptTokens - 1) / 16 * 16, again["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>());
+        Assert.Equal(choice["message"]!["content"]!.GetValue<string>(), again["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task The_OpenAI_SDK_gets_the_same_text_streamed_and_not_and_usage_in_the_stream()
+    {
+        var client = new ChatClient("tiny-qwen3-chat", new ApiKeyCredential(ServerFixture.ApiKey),
+            new OpenAIClientOptions { Endpoint = new Uri(fixture.Server.BaseAddress, "v1") });
+        List<OpenAI.Chat.ChatMessage> messages = [new SystemChatMessage("Be brief."), new UserChatMessage("Name a colour.")];
+        var options = new ChatCompletionOptions { Temperature = 0, MaxOutputTokenCount = 10 };
+        ChatCompletion whole = await client.CompleteChatAsync(messages, options);
+        Assert.Equal("tiny-qwen3-chat", whole.Model);
+        Assert.True(whole.Usage.OutputTokenCount is > 0 and <= 10);
+
+        var streamed = new StringBuilder();
+        ChatTokenUsage? usage = null;
+        ChatFinishReason? finish = null;
+        await foreach (var update in client.CompleteChatStreamingAsync(messages, options))
+        {
+            foreach (var part in update.ContentUpdate) streamed.Append(part.Text);
+            usage ??= update.Usage;
+            finish ??= update.FinishReason;
+        }
+        Assert.Equal(whole.Content.Count == 0 ? "" : whole.Content[0].Text, streamed.ToString());
+        Assert.Equal(whole.FinishReason, finish);
+        Assert.NotNull(usage);
+        Assert.Equal(whole.Usage.InputTokenCount, usage!.InputTokenCount);
+        Assert.Equal(whole.Usage.OutputTokenCount, usage.OutputTokenCount);
+    }
+
+    [Fact]
+    public async Task Completions_on_token_ids_return_the_reference_continuation_streamed_and_not()
+    {
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        var request = new JsonObject
+        {
+            ["model"] = "tiny-qwen3-chat", ["prompt"] = Case0["prompt_ids"]!.DeepClone(), ["temperature"] = 0, ["max_tokens"] = greedy.Length, ["ignore_eos"] = true,
+        };
+        var (status, body, _) = await Post("v1/completions", request);
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Equal(tokenizer.Decode(greedy), body["choices"]![0]!["text"]!.GetValue<string>());
+
+        request["stream"] = true;
+        request["stream_options"] = new JsonObject { ["include_usage"] = true };
+        using var response = await fixture.Http.PostAsync("v1/completions", new StringContent(request.ToJsonString(), Encoding.UTF8, "application/json"));
+        Assert.Equal("text/event-stream", response.Content.Headers.ContentType!.MediaType);
+        var events = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", events[^1]);
+        var chunks = events[..^1].Select(e => JsonNode.Parse(e["data: ".Length..])!).ToList();
+        Assert.Equal(tokenizer.Decode(greedy), string.Concat(chunks.SelectMany(c => c["choices"]!.AsArray()).Select(c => c!["text"]!.GetValue<string>())));
+        Assert.Equal(greedy.Length, chunks[^1]["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public async Task Models_health_tokenize_and_detokenize_answer()
+    {
+        using var health = await fixture.Http.GetAsync("health");
+        Assert.Equal(HttpStatusCode.OK, health.StatusCode);
+        var models = JsonNode.Parse(await fixture.Http.GetStringAsync("v1/models"))!;
+        Assert.Equal("tiny-qwen3-chat", models["data"]![0]!["id"]!.GetValue<string>());
+        Assert.Equal(fixture.Server.Engine.MaxModelLen, models["data"]![0]!["max_model_len"]!.GetValue<int>());
+
+        var text = Case0["prompt_text"]!.GetValue<string>();
+        var (_, tokens, _) = await Post("tokenize", new JsonObject { ["prompt"] = text, ["add_special_tokens"] = false });
+        Assert.Equal(Fixtures.Ints(Case0["prompt_ids"]), tokens["tokens"]!.AsArray().Select(t => t!.GetValue<int>()));
+        var (_, back, _) = await Post("detokenize", new JsonObject { ["tokens"] = tokens["tokens"]!.DeepClone() });
+        Assert.Equal(text, back["prompt"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task Errors_have_OpenAIs_shape_and_status()
+    {
+        using (var anonymous = new HttpClient { BaseAddress = fixture.Server.BaseAddress })
+        {
+            var (status, body, _) = await Post("v1/chat/completions", GreedyChat(4), anonymous);
+            Assert.Equal(HttpStatusCode.Unauthorized, status);
+            Assert.Equal("authentication_error", body["error"]!["type"]!.GetValue<string>());
+        }
+        var unknown = GreedyChat(4);
+        unknown["frobnicate"] = 1;
+        var (s1, b1, _) = await Post("v1/chat/completions", unknown);
+        Assert.Equal(HttpStatusCode.BadRequest, s1);
+        Assert.Equal("frobnicate", b1["error"]!["param"]!.GetValue<string>());
+
+        using var malformed = await fixture.Http.PostAsync("v1/chat/completions", new StringContent("{\"model\": ", Encoding.UTF8, "application/json"));
+        Assert.Equal(HttpStatusCode.BadRequest, malformed.StatusCode);
+        Assert.Contains("not valid JSON", JsonNode.Parse(await malformed.Content.ReadAsStringAsync())!["error"]!["message"]!.GetValue<string>());
+
+        var wrongModel = GreedyChat(4);
+        wrongModel["model"] = "gpt-5";
+        var (s2, b2, _) = await Post("v1/chat/completions", wrongModel);
+        Assert.Equal(HttpStatusCode.NotFound, s2);
+        Assert.Contains("gpt-5", b2["error"]!["message"]!.GetValue<string>());
+
+        var tooLong = new JsonObject { ["prompt"] = new JsonArray(Enumerable.Repeat(1, fixture.Server.Engine.MaxModelLen + 1).Select(i => (JsonNode?)i).ToArray()), ["max_tokens"] = 1 };
+        var (s3, b3, _) = await Post("v1/completions", tooLong);
+        Assert.Equal(HttpStatusCode.BadRequest, s3);
+        Assert.Contains(fixture.Server.Engine.MaxModelLen.ToString(System.Globalization.CultureInfo.InvariantCulture), b3["error"]!["message"]!.GetValue<string>());
+
+        var (s4, b4, _) = await Post("v1/chat/completions", GreedyChat(fixture.Server.Engine.MaxModelLen + 10));
+        Assert.Equal(HttpStatusCode.BadRequest, s4);
+        Assert.Equal("max_tokens", b4["error"]!["param"]!.GetValue<string>());
+
+        var sdk = new ChatClient("tiny-qwen3-chat", new ApiKeyCredential("wrong"), new OpenAIClientOptions { Endpoint = new Uri(fixture.Server.BaseAddress, "v1") });
+        var e = await Assert.ThrowsAsync<ClientResultException>(() => sdk.CompleteChatAsync([new UserChatMessage("hi")]));
+        Assert.Equal(401, e.Status);
+    }
+
+    [Fact]
+    public async Task A_client_that_disconnects_mid_stream_frees_its_blocks()
+    {
+        var request = GreedyChat(2000);
+        request["stream"] = true;
+        using (var message = new HttpRequestMessage(HttpMethod.Post, "v1/chat/completions") { Content = new StringContent(request.ToJsonString(), Encoding.UTF8, "application/json") })
+        using (var response = await fixture.Http.SendAsync(message, HttpCompletionOption.ResponseHeadersRead))
+        {
+            using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+            int events = 0;
+            while (events < 3 && await reader.ReadLineAsync() is { } line)
+                if (line.StartsWith("data: ", StringComparison.Ordinal)) events++;
+            Assert.Equal(3, events);
+        } // the connection goes: the server aborts the request
+
+        var engine = fixture.Server.Engine.Engine;
+        bool idle = false;
+        for (int i = 0; i < 300 && !idle; i++)
+        {
+            await engine.InvokeAsync(e => idle = !e.HasUnfinishedRequests);
+            if (!idle) await Task.Delay(100);
+        }
+        Assert.True(idle, "the disconnected request was still running 30 s later");
+        await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
+    }
+}
+
+/// <summary>A server that runs one sequence and queues one more: a third request is refused with 429 and Retry-After.</summary>
+public sealed class ServerOverloadTests
+{
+    [Fact]
+    public async Task A_full_queue_answers_429_with_retry_after()
+    {
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(
+            ["--model", Fixtures.Model("tiny-qwen3-chat"), "--port", "0", "--kv-cache-memory", "8M", "--max-num-seqs", "1", "--max-waiting-requests", "1"]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        static StringContent Body(int maxTokens, bool stream) => new(new JsonObject
+        {
+            ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = "hi" } }, ["max_tokens"] = maxTokens, ["ignore_eos"] = true, ["stream"] = stream,
+        }.ToJsonString(), Encoding.UTF8, "application/json");
+        using var cts = new CancellationTokenSource();
+        // A runs (its first event has arrived), B waits behind it (the engine says so), C finds the queue full.
+        using var a = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/chat/completions") { Content = Body(5000, true) }, HttpCompletionOption.ResponseHeadersRead, cts.Token);
+        var b = http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/chat/completions") { Content = Body(5000, true) }, HttpCompletionOption.ResponseHeadersRead, cts.Token);
+        int waiting = 0;
+        for (int i = 0; i < 300 && waiting == 0; i++)
+        {
+            await server.Engine.Engine.InvokeAsync(e => waiting = e.Scheduler.NumWaiting);
+            if (waiting == 0) await Task.Delay(100);
+        }
+        Assert.Equal(1, waiting);
+        using var response = await http.PostAsync("v1/chat/completions", Body(2, false));
+        Assert.True(response.StatusCode == HttpStatusCode.TooManyRequests, await response.Content.ReadAsStringAsync());
+        Assert.Equal("1", response.Headers.RetryAfter!.ToString());
+        var error = JsonNode.Parse(await response.Content.ReadAsStringAsync())!["error"]!;
+        Assert.Equal("server_overloaded", error["type"]!.GetValue<string>());
+        Assert.Contains("MaxWaitingRequests = 1", error["message"]!.GetValue<string>());
+        cts.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => b);
+    }
+
+    [Theory]
+    [InlineData(new string[0], "--model is required")]
+    [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
+    [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
+    [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
+    public void The_command_line_names_what_is_wrong(string[] args, string message) =>
+        Assert.Contains(message, Assert.Throws<ArgumentException>(() => ServerOptions.Parse(args)).Message);
+
+    [Fact]
+    public void The_command_line_takes_vllm_flags()
+    {
+        var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+            "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching"]);
+        Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
+        Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
+            (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));
+    }
+}
