@@ -10,8 +10,18 @@ namespace LocalVllm;
 /// </summary>
 public sealed class LocalVllmOptions
 {
-    /// <summary>A Hugging Face model directory (config.json, safetensors, tokenizer files with a chat template).</summary>
+    /// <summary>
+    /// A Hugging Face model directory (config.json, safetensors, tokenizer files with a chat template) or hub id; in
+    /// remote mode (<see cref="Endpoint"/> set), the name of the model the server serves.
+    /// </summary>
     public string Model { get; set; } = "";
+    /// <summary>
+    /// Remote mode: an OpenAI-compatible endpoint (a LocalVllm server or vLLM), e.g. <c>http://host:8000/v1</c>. When set,
+    /// no model is loaded here; the chat client sends its requests there.
+    /// </summary>
+    public Uri? Endpoint { get; set; }
+    /// <summary>The API key for <see cref="Endpoint"/>, sent as a bearer token.</summary>
+    public string? ApiKey { get; set; }
     /// <summary>The model id reported in responses and matched against <c>ChatOptions.ModelId</c>; defaults to the directory name.</summary>
     public string? ModelId { get; set; }
     /// <summary>
@@ -25,6 +35,14 @@ public sealed class LocalVllmOptions
     /// <summary>Throws an <see cref="InvalidOperationException"/> saying which option is wrong and why.</summary>
     public void Validate()
     {
+        if (Endpoint is not null)
+        {
+            if (!Endpoint.IsAbsoluteUri || Endpoint.Scheme is not ("http" or "https"))
+                throw new InvalidOperationException($"LocalVllmOptions.Endpoint '{Endpoint}' is not an absolute http(s) URI such as http://host:8000/v1.");
+            if (string.IsNullOrWhiteSpace(Model))
+                throw new InvalidOperationException("LocalVllmOptions.Model is not set: in remote mode it names the model the server at Endpoint serves.");
+            return;
+        }
         if (string.IsNullOrWhiteSpace(Model))
             throw new InvalidOperationException("LocalVllmOptions.Model is not set: give the path of a Hugging Face model directory.");
         if (!Directory.Exists(Model) && ModelResolver.IsRepoId(Model)) return; // resolved from the Hugging Face cache or hub at start

@@ -36,7 +36,7 @@ public static class ServiceCollectionExtensions
         services.AddOptions<LocalVllmOptions>();
         services.TryAddSingleton(sp => Start(sp.GetRequiredService<IOptions<LocalVllmOptions>>().Value, sp));
         services.TryAddSingleton<ILocalVllmEngine>(sp => sp.GetRequiredService<LocalVllmEngine>());
-        return services.AddChatClient(sp => new LocalVllmChatClient(sp.GetRequiredService<ILocalVllmEngine>(), sp.GetService<ILogger<LocalVllmChatClient>>()));
+        return services.AddChatClient(sp => Client(sp.GetRequiredService<IOptions<LocalVllmOptions>>().Value, sp, () => sp.GetRequiredService<ILocalVllmEngine>()));
     }
 
     /// <summary>Registers from a configuration section shaped like <see cref="LocalVllmOptions"/> (Model, ModelId, PinnedSystemPrompts, Engine:...).</summary>
@@ -59,7 +59,8 @@ public static class ServiceCollectionExtensions
         string name = OptionsName(key);
         services.AddOptions<LocalVllmOptions>(name).Configure(configure);
         services.AddKeyedSingleton(key, (sp, _) => Start(sp.GetRequiredService<IOptionsMonitor<LocalVllmOptions>>().Get(name), sp));
-        return services.AddKeyedChatClient(key, sp => new LocalVllmChatClient(sp.GetRequiredKeyedService<LocalVllmEngine>(key), sp.GetService<ILogger<LocalVllmChatClient>>()));
+        return services.AddKeyedChatClient(key, sp => Client(sp.GetRequiredService<IOptionsMonitor<LocalVllmOptions>>().Get(name), sp,
+            () => sp.GetRequiredKeyedService<LocalVllmEngine>(key)));
     }
 
     /// <summary>The options name a keyed registration reads.</summary>
@@ -70,6 +71,17 @@ public static class ServiceCollectionExtensions
         var probe = new LocalVllmOptions();
         configure(probe);
         probe.Validate();
+    }
+
+    /// <summary>In-process (the engine, loaded on first use) or remote (<see cref="LocalVllmOptions.Endpoint"/>): configuration decides.</summary>
+    private static IChatClient Client(LocalVllmOptions options, IServiceProvider services, Func<ILocalVllmEngine> engine)
+    {
+        if (options.Endpoint is not null)
+        {
+            options.Validate();
+            return new RemoteChatClient(options.Endpoint, options.Model, options.ApiKey);
+        }
+        return new LocalVllmChatClient(engine(), services.GetService<ILogger<LocalVllmChatClient>>());
     }
 
     private static LocalVllmEngine Start(LocalVllmOptions options, IServiceProvider services)

@@ -4,6 +4,9 @@ using System.Net.Http.Headers;
 using System.Text;
 using System.Text.Json.Nodes;
 using LocalVllm.Server;
+using Microsoft.Extensions.AI;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
 using OpenAI;
 using OpenAI.Chat;
 
@@ -85,7 +88,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 
         var streamed = new StringBuilder();
         ChatTokenUsage? usage = null;
-        ChatFinishReason? finish = null;
+        OpenAI.Chat.ChatFinishReason? finish = null;
         await foreach (var update in client.CompleteChatStreamingAsync(messages, options))
         {
             foreach (var part in update.ContentUpdate) streamed.Append(part.Text);
@@ -176,6 +179,40 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         var sdk = new ChatClient("tiny-qwen3-chat", new ApiKeyCredential("wrong"), new OpenAIClientOptions { Endpoint = new Uri(fixture.Server.BaseAddress, "v1") });
         var e = await Assert.ThrowsAsync<ClientResultException>(() => sdk.CompleteChatAsync([new UserChatMessage("hi")]));
         Assert.Equal(401, e.Status);
+    }
+
+    [Fact]
+    public async Task The_remote_mode_registration_talks_to_the_server_with_the_same_options_by_configuration_alone()
+    {
+        var endpoint = new Uri(fixture.Server.BaseAddress, "v1");
+        var services = new ServiceCollection();
+        services.AddLocalVllm(new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>
+        {
+            ["Endpoint"] = endpoint.ToString(), ["Model"] = "tiny-qwen3-chat", ["ApiKey"] = ServerFixture.ApiKey,
+        }).Build());
+        using var sp = services.BuildServiceProvider();
+        var client = sp.GetRequiredService<IChatClient>();
+        Assert.Equal(endpoint, client.GetService<ChatClientMetadata>()!.ProviderUri);
+
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var messages = Case0["messages"]!.AsArray()
+            .Select(m => new Microsoft.Extensions.AI.ChatMessage(new ChatRole(m!["role"]!.GetValue<string>()), m["content"]!.GetValue<string>())).ToList();
+        var options = new ChatOptions { Temperature = 0, MaxOutputTokens = greedy.Length, AdditionalProperties = new() { ["enable_thinking"] = false, ["ignore_eos"] = true } };
+        var response = await client.GetResponseAsync(messages, options);
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        Assert.Equal(tokenizer.Decode(greedy), response.Text); // the extra fields reached the server: thinking off, EOS ignored
+        int promptTokens = Fixtures.Ints(Case0["prompt_ids"]).Length;
+        Assert.Equal(promptTokens, response.Usage!.InputTokenCount);
+        Assert.Equal(greedy.Length, response.Usage.OutputTokenCount);
+
+        var streamed = new StringBuilder();
+        await foreach (var u in client.GetStreamingResponseAsync(messages, options)) streamed.Append(u.Text);
+        Assert.Equal(response.Text, streamed.ToString());
+        var again = await client.GetResponseAsync(messages, options);
+        Assert.Equal((promptTokens - 1) / 16 * 16, again.Usage!.CachedInputTokenCount);
+
+        var unknown = new ChatOptions { AdditionalProperties = new() { ["topk"] = 3 } };
+        await Assert.ThrowsAsync<NotSupportedException>(() => client.GetResponseAsync(messages, unknown));
     }
 
     [Fact]
