@@ -216,6 +216,45 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task Two_hundred_concurrent_streams_with_a_third_disconnecting_leave_no_block_behind()
+    {
+        async Task<int> One(int i)
+        {
+            var request = new JsonObject
+            {
+                ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = $"Request {i}: tell me something." } },
+                ["max_tokens"] = i % 3 == 0 ? 500 : 6, ["ignore_eos"] = true, ["stream"] = true, ["temperature"] = 0,
+            };
+            using var message = new HttpRequestMessage(HttpMethod.Post, "v1/chat/completions") { Content = new StringContent(request.ToJsonString(), Encoding.UTF8, "application/json") };
+            using var response = await fixture.Http.SendAsync(message, HttpCompletionOption.ResponseHeadersRead);
+            Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+            using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
+            int events = 0;
+            while (await reader.ReadLineAsync() is { } line)
+            {
+                if (!line.StartsWith("data: ", StringComparison.Ordinal)) continue;
+                events++;
+                if (i % 3 == 0 && events == 2) return -1; // this client goes away mid-stream
+                if (line == "data: [DONE]") return events;
+            }
+            return events;
+        }
+        var results = await Task.WhenAll(Enumerable.Range(0, 200).Select(One));
+        Assert.Equal(67, results.Count(r => r == -1));
+        Assert.All(results.Where(r => r != -1), r => Assert.True(r >= 3, $"a finished stream had {r} events")); // role, tokens, finish, [DONE]
+
+        var engine = fixture.Server.Engine.Engine;
+        bool idle = false;
+        for (int i = 0; i < 300 && !idle; i++)
+        {
+            await engine.InvokeAsync(e => idle = !e.HasUnfinishedRequests);
+            if (!idle) await Task.Delay(100);
+        }
+        Assert.True(idle, "requests of disconnected clients were still running 30 s later");
+        await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
+    }
+
+    [Fact]
     public async Task A_client_that_disconnects_mid_stream_frees_its_blocks()
     {
         var request = GreedyChat(2000);
