@@ -13,8 +13,12 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     /// Loads the model, computes and pins <paramref name="pinnedSystemPrompts"/> (each rendered with the chat template
     /// as a conversation holding only that system message), then starts the engine loop.
     /// </summary>
+    /// <remarks>
+    /// With <paramref name="requireChatTemplate"/> false a base model without a chat template loads too (the server
+    /// serves it for completions); a chat request then fails with <see cref="NotSupportedException"/>.
+    /// </remarks>
     public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null,
-        IEnumerable<string>? pinnedSystemPrompts = null)
+        IEnumerable<string>? pinnedSystemPrompts = null, bool requireChatTemplate = true)
     {
         ArgumentNullException.ThrowIfNull(options);
         var core = new LlmEngine(options, logger);
@@ -22,8 +26,8 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
         {
             if (core.Tokenizer is null)
                 throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no tokenizer files; the chat client needs one.");
-            ChatTemplate = core.ChatTemplate
-                ?? throw new InvalidOperationException($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja).");
+            _chatTemplate = core.ChatTemplate;
+            if (_chatTemplate is null && requireChatTemplate) throw NoChatTemplate(core);
             ModelId = modelId ?? (ModelResolver.IsRepoId(options.Model) && !Directory.Exists(options.Model)
                 ? options.Model.Split('@')[0]
                 : Path.GetFileName(core.Directory.Path.TrimEnd(Path.DirectorySeparatorChar)));
@@ -31,7 +35,7 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
             var heads = (pinnedSystemPrompts ?? []).Select(prompt =>
             {
                 var request = ChatRequestMapper.Map([new Microsoft.Extensions.AI.ChatMessage(Microsoft.Extensions.AI.ChatRole.System, prompt)], null, ModelId);
-                return (IReadOnlyList<int>)EncodeChatPrompt(ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext), core);
+                return (IReadOnlyList<int>)EncodeChatPrompt((_chatTemplate ?? throw NoChatTemplate(core)).Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext), core);
             }).ToList();
             PinnedSystemPromptIds = core.WarmUp(heads);
         }
@@ -49,7 +53,13 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     /// <summary>The engine behind this client.</summary>
     public AsyncLlmEngine Engine { get; }
     public string ModelId { get; }
-    public ChatTemplate ChatTemplate { get; }
+    private readonly ChatTemplate? _chatTemplate;
+
+    /// <inheritdoc />
+    public ChatTemplate ChatTemplate => _chatTemplate ?? throw NoChatTemplate(Engine.Engine);
+
+    private static NotSupportedException NoChatTemplate(LlmEngine core) =>
+        new($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja): it serves completions, not chat.");
     public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
     public int MaxModelLen => Engine.Engine.MaxModelLen;
     public RequestValidator Validator => Engine.Engine.Validator;

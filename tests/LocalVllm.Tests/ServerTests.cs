@@ -316,6 +316,25 @@ public sealed class ServerOverloadTests
         await Assert.ThrowsAnyAsync<OperationCanceledException>(() => b);
     }
 
+    [Fact]
+    public async Task A_base_model_serves_completions_with_the_reference_text_and_refuses_chat()
+    {
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M"]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        var c = Fixtures.Reference("stories260K")["cases"]![0]!; // llama2.c's own continuation of the prompt
+        var body = new JsonObject { ["prompt"] = c["text"]!.GetValue<string>(), ["temperature"] = 0, ["max_tokens"] = Fixtures.Ints(c["greedy_ids"]).Length, ["ignore_eos"] = true };
+        using var response = await http.PostAsync("v1/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var json = JsonNode.Parse(await response.Content.ReadAsStringAsync())!;
+        Assert.Equal(c["greedy_text"]!.GetValue<string>(), json["choices"]![0]!["text"]!.GetValue<string>());
+        Assert.Equal(Fixtures.Ints(c["prompt_ids"]).Length, json["usage"]!["prompt_tokens"]!.GetValue<int>());
+
+        var chat = new JsonObject { ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = "hi" } } };
+        using var refused = await http.PostAsync("v1/chat/completions", new StringContent(chat.ToJsonString(), Encoding.UTF8, "application/json"));
+        Assert.Equal(HttpStatusCode.BadRequest, refused.StatusCode);
+        Assert.Contains("no chat template", await refused.Content.ReadAsStringAsync());
+    }
+
     [Theory]
     [InlineData(new string[0], "--model is required")]
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
