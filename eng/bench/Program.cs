@@ -63,5 +63,17 @@ var outKind = new Option<string>("--output-kind") { Description = "cumulative, d
 var outputsCmd = new Command("outputs", "output processing per step over a long generation (early steps against late ones)") { outTokens, outRequests, outKind, json };
 outputsCmd.SetAction(r => OutputsBench.Run(new OutputsBench.Settings(r.GetValue(outTokens), r.GetValue(outRequests), r.GetValue(outKind)!, r.GetValue(json))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd };
+var serveSize = new Option<string>("--size") { Description = "stories (default), qwen3-0.6b or a model directory", DefaultValueFactory = _ => "stories" };
+var clients = new Option<int>("--clients") { Description = "concurrent streaming clients", DefaultValueFactory = _ => 16 };
+var promptTokens = new Option<int>("--prompt-tokens") { DefaultValueFactory = _ => 64 };
+var outputTokens = new Option<int>("--output-tokens") { DefaultValueFactory = _ => 64 };
+var serveRepeat = new Option<int>("--repeat") { Description = "rounds (in-process, then HTTP); the median is reported", DefaultValueFactory = _ => 3 };
+var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback against the same engine in-process: throughput and time to first token")
+{
+    serveSize, clients, promptTokens, outputTokens, serveRepeat, threads, json,
+};
+serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
+    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(threads), r.GetValue(json))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd };
 return root.Parse(args).Invoke();

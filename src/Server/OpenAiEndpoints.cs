@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
@@ -342,10 +343,15 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
         ctx.Response.Headers.CacheControl = "no-cache";
     }
 
+    /// <summary>One Server-Sent Event, written straight into the response pipe as UTF-8 and flushed (one write per event).</summary>
     private static async Task Event(HttpContext ctx, JsonObject data)
     {
-        await ctx.Response.WriteAsync("data: " + data.ToJsonString(Compact) + "\n\n", ctx.RequestAborted);
-        await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+        var writer = ctx.Response.BodyWriter;
+        writer.Write("data: "u8);
+        using (var json = new Utf8JsonWriter(writer, new JsonWriterOptions { Encoder = Compact.Encoder }))
+            data.WriteTo(json);
+        writer.Write("\n\n"u8);
+        await writer.FlushAsync(ctx.RequestAborted);
     }
 }
 
