@@ -26,7 +26,7 @@ internal static class ServeBench
     public static int Execute(Settings s)
     {
         TorchRuntime.Configure();
-        var model = BenchModels.Resolve(s.Size);
+        var model = WithTokenizer(BenchModels.Resolve(s.Size));
         var options = new ServerOptions { Model = model, Port = 0 };
         options.Engine.EnablePrefixCaching = false;
         options.Engine.KvCacheMemoryBytes = 1L << 30;
@@ -76,6 +76,30 @@ internal static class ServeBench
         {
             server.DisposeAsync().AsTask().GetAwaiter().GetResult();
         }
+    }
+
+    /// <summary>
+    /// The server needs a tokenizer; the random Qwen3-0.6B-shaped model has none, so it is served from a folder of links
+    /// to its files plus the real Qwen3 tokenizer of the shared fixtures (same vocabulary size), leaving the model's own
+    /// folder (which other benchmarks read without a tokenizer) as it is.
+    /// </summary>
+    private static string WithTokenizer(string dir)
+    {
+        if (File.Exists(Path.Combine(dir, "tokenizer.json")) || File.Exists(Path.Combine(dir, "tokenizer.model"))) return dir;
+        var target = dir.TrimEnd('/') + "-with-qwen3-tokenizer";
+        if (!File.Exists(Path.Combine(target, "tokenizer.json")))
+        {
+            Directory.CreateDirectory(target);
+            foreach (var f in Directory.GetFiles(dir))
+            {
+                var link = Path.Combine(target, Path.GetFileName(f));
+                if (!File.Exists(link)) File.CreateSymbolicLink(link, f);
+            }
+            var tokenizer = BenchModels.FindShared("fixtures/tiny-qwen3-chat");
+            foreach (var name in new[] { "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt" })
+                File.Copy(Path.Combine(tokenizer, name), Path.Combine(target, name), overwrite: true);
+        }
+        return target;
     }
 
     private static Run Measure(string path, int clients, Func<Task<(long Tokens, List<double> TtftMs)>> work)
