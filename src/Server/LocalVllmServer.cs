@@ -6,6 +6,7 @@ using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
+using OpenTelemetry.Metrics;
 
 namespace LocalVllm.Server;
 
@@ -44,7 +45,16 @@ public sealed class LocalVllmServer : IAsyncDisposable
         try
         {
             builder.Services.AddSingleton(engine);
+            // The engine's meter (LocalVllm), exported for Prometheus at /metrics; where vLLM has a metric for the same
+            // thing, the series carries vLLM's name.
+            builder.Services.AddOpenTelemetry().WithMetrics(m =>
+            {
+                m.AddMeter("LocalVllm"); // the engine's meter (EngineMetrics)
+                foreach (var (ours, vllm) in VllmNames) m.AddView(ours, vllm);
+                m.AddPrometheusExporter();
+            });
             var app = builder.Build();
+            app.MapPrometheusScrapingEndpoint("/metrics");
             new OpenAiEndpoints(engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);
             return new LocalVllmServer(app, engine);
         }
@@ -54,6 +64,17 @@ public sealed class LocalVllmServer : IAsyncDisposable
             throw;
         }
     }
+
+    /// <summary>Our instrument names and vLLM's metric names for the same quantity (the exporter writes ':' as '_').</summary>
+    internal static readonly (string Ours, string Vllm)[] VllmNames =
+    [
+        ("localvllm.requests_running", "vllm:num_requests_running"),
+        ("localvllm.requests_waiting", "vllm:num_requests_waiting"),
+        ("localvllm.prefill_tokens", "vllm:prompt_tokens"),
+        ("localvllm.decode_tokens", "vllm:generation_tokens"),
+        ("localvllm.time_to_first_token", "vllm:time_to_first_token_seconds"),
+        ("localvllm.prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate"),
+    ];
 
     /// <summary>Starts listening; returns once Kestrel is bound.</summary>
     public Task StartAsync(CancellationToken cancellationToken = default) => App.StartAsync(cancellationToken);

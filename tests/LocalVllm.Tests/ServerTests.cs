@@ -143,6 +143,23 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task Metrics_are_served_in_Prometheus_text_under_vllms_names()
+    {
+        var (status, _, _) = await Post("v1/completions", new JsonObject { ["prompt"] = "Hello", ["max_tokens"] = 3, ["ignore_eos"] = true });
+        Assert.Equal(HttpStatusCode.OK, status);
+        using var anonymous = new HttpClient { BaseAddress = fixture.Server.BaseAddress }; // no key needed, as in vLLM
+        using var response = await anonymous.GetAsync("metrics");
+        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        Assert.Equal("text/plain", response.Content.Headers.ContentType!.MediaType);
+        var text = await response.Content.ReadAsStringAsync();
+        foreach (var series in new[] { "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
+                     "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_prefix_cache_hit_rate", "localvllm_kv_blocks_free" })
+            Assert.Contains("\n" + series + "{", text);
+        var generated = text.Split('\n').Single(l => l.StartsWith("vllm:generation_tokens_total{", StringComparison.Ordinal));
+        Assert.True(double.Parse(generated[(generated.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) >= 2);
+    }
+
+    [Fact]
     public async Task Errors_have_OpenAIs_shape_and_status()
     {
         using (var anonymous = new HttpClient { BaseAddress = fixture.Server.BaseAddress })
