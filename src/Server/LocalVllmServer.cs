@@ -16,19 +16,46 @@ namespace LocalVllm.Server;
 /// </summary>
 public sealed class LocalVllmServer : IAsyncDisposable
 {
-    private LocalVllmServer(WebApplication app, LocalVllmEngine engine)
+    private readonly LocalVllmEngine? _engine;
+
+    private LocalVllmServer(WebApplication app, LocalVllmEngine? engine)
     {
         App = app;
-        Engine = engine;
+        _engine = engine;
     }
 
     public WebApplication App { get; }
-    public LocalVllmEngine Engine { get; }
+    /// <summary>The engine the server loaded (not there for a server made over a chat-only engine seam).</summary>
+    public LocalVllmEngine Engine => _engine ?? throw new InvalidOperationException("This server runs over a chat-only engine seam.");
 
     /// <summary>Loads the model and builds the server; <see cref="StartAsync"/> (or <c>App.RunAsync</c>) starts listening.</summary>
     public static LocalVllmServer Create(ServerOptions options, Action<ILoggingBuilder>? logging = null)
     {
         ArgumentNullException.ThrowIfNull(options);
+        var engineOptions = options.Engine.Clone();
+        engineOptions.Model = options.Model;
+        // The engine logs through the host's logging; it is created before the app so a bad model fails at once.
+        using var bootstrap = LoggerFactory.Create(b => logging?.Invoke(b));
+        var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"), requireChatTemplate: false);
+        try
+        {
+            return Build(options, engine, engine, logging);
+        }
+        catch
+        {
+            engine.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// A server whose chat completions run on <paramref name="chat"/> (the provider's engine seam; tests put scripted
+    /// model output there to drive tool calls over HTTP); completions and the tokenizer endpoints answer 501.
+    /// </summary>
+    internal static LocalVllmServer CreateOverChatEngine(ServerOptions options, ILocalVllmEngine chat) => Build(options, chat, null, null);
+
+    private static LocalVllmServer Build(ServerOptions options, ILocalVllmEngine chat, LocalVllmEngine? engine, Action<ILoggingBuilder>? logging)
+    {
         var builder = WebApplication.CreateSlimBuilder();
         if (logging is not null) logging(builder.Logging);
         builder.WebHost.ConfigureKestrel(k =>
@@ -37,32 +64,19 @@ public sealed class LocalVllmServer : IAsyncDisposable
             k.Listen(address, options.Port);
             k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
         });
-        var engineOptions = options.Engine.Clone();
-        engineOptions.Model = options.Model;
-        // The engine logs through the host's logging; it is created before the app so a bad model fails at once.
-        using var bootstrap = LoggerFactory.Create(b => logging?.Invoke(b));
-        var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"), requireChatTemplate: false);
-        try
+        builder.Services.AddSingleton(chat);
+        // The engine's meter (LocalVllm), exported for Prometheus at /metrics; where vLLM has a metric for the same
+        // thing, the series carries vLLM's name.
+        builder.Services.AddOpenTelemetry().WithMetrics(m =>
         {
-            builder.Services.AddSingleton(engine);
-            // The engine's meter (LocalVllm), exported for Prometheus at /metrics; where vLLM has a metric for the same
-            // thing, the series carries vLLM's name.
-            builder.Services.AddOpenTelemetry().WithMetrics(m =>
-            {
-                m.AddMeter("LocalVllm"); // the engine's meter (EngineMetrics)
-                foreach (var (ours, vllm) in VllmNames) m.AddView(ours, vllm);
-                m.AddPrometheusExporter();
-            });
-            var app = builder.Build();
-            app.MapPrometheusScrapingEndpoint("/metrics");
-            new OpenAiEndpoints(engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);
-            return new LocalVllmServer(app, engine);
-        }
-        catch
-        {
-            engine.Dispose();
-            throw;
-        }
+            m.AddMeter("LocalVllm"); // the engine's meter (EngineMetrics)
+            foreach (var (ours, vllm) in VllmNames) m.AddView(ours, vllm);
+            m.AddPrometheusExporter();
+        });
+        var app = builder.Build();
+        app.MapPrometheusScrapingEndpoint("/metrics");
+        new OpenAiEndpoints(chat, engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);
+        return new LocalVllmServer(app, engine);
     }
 
     /// <summary>Our instrument names and vLLM's metric names for the same quantity (the exporter writes ':' as '_').</summary>
@@ -91,7 +105,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
         finally
         {
             await App.DisposeAsync().ConfigureAwait(false);
-            Engine.Dispose();
+            _engine?.Dispose();
         }
     }
 }

@@ -24,13 +24,16 @@ internal sealed class ApiException(int status, string message, string type = "in
 /// <see cref="LocalVllmChatClient"/> in-process apps use, so templates, tool calls and reasoning behave alike),
 /// completions (straight on the engine), models, health, tokenize and detokenize. Errors use OpenAI's error JSON.
 /// </summary>
-internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions options, ILogger logger)
+internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? engine, ServerOptions options, ILogger logger)
 {
-    private readonly LocalVllmChatClient _chat = new(engine, logger);
+    private readonly LocalVllmChatClient _chat = new(chat, logger);
+
+    /// <summary>The in-process engine for what the chat seam does not cover (completions, tokenizer endpoints, logprob tokens).</summary>
+    private LocalVllmEngine Real => engine ?? throw new ApiException(501, "This server's engine serves chat completions only.", "not_implemented");
     private readonly long _started = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
     private static readonly JsonSerializerOptions Compact = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
 
-    private string ModelName => engine.ModelId;
+    private string ModelName => chat.ModelId;
 
     public void Map(WebApplication app)
     {
@@ -117,7 +120,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
             new JsonObject
             {
                 ["id"] = ModelName, ["object"] = "model", ["created"] = _started, ["owned_by"] = "localvllm", ["root"] = options.Model,
-                ["max_model_len"] = engine.MaxModelLen,
+                ["max_model_len"] = chat.MaxModelLen,
             },
         },
     }.ToJsonString(Compact), "application/json");
@@ -130,8 +133,9 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
         CheckModel(body);
         var request = OpenAiChatRequest.Parse(body);
         // vLLM refuses what cannot fit rather than shortening it; the prompt's own length is checked by the engine.
-        if (request.Options(0).MaxOutputTokens is int max && max >= engine.MaxModelLen)
-            throw new ApiException(400, $"max_tokens = {max} does not fit in this model's context of {engine.MaxModelLen} tokens (prompt included).", param: "max_tokens");
+        if (request.Options(0).MaxOutputTokens is int max && max >= chat.MaxModelLen)
+            throw new ApiException(400, $"max_tokens = {max} does not fit in this model's context of {chat.MaxModelLen} tokens (prompt included).", param: "max_tokens");
+        if (request.Logprobs && engine is null) throw new ApiException(400, "logprobs are not available from this server's engine.", param: "logprobs");
         string id = $"chatcmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         if (!request.Stream)
@@ -204,6 +208,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
     {
         var body = await ReadBody(ctx);
         CheckModel(body);
+        var engine = Real;
         var core = engine.Engine.Engine;
         var prompts = OpenAiCompletionRequest.Prompts(body, text => core.EncodePrompt(text));
         var sampling = OpenAiCompletionRequest.Sampling(body);
@@ -288,7 +293,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
     private JsonObject? CompletionLogprobs(CompletionOutput c)
     {
         if (c.Logprobs is null) return null;
-        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var tokenizer = Real.Engine.Engine.Tokenizer!;
         var tokens = new JsonArray();
         var logprobs = new JsonArray();
         var top = new JsonArray();
@@ -312,6 +317,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
         if (body["prompt"] is not JsonValue prompt || prompt.GetValueKind() != JsonValueKind.String)
             throw new ApiException(400, "'prompt' (a string) is required; 'messages' is not supported here yet.", param: "prompt");
         bool special = body["add_special_tokens"]?.GetValue<bool>() ?? true;
+        var engine = Real;
         var tokenizer = engine.Engine.Engine.Tokenizer!;
         var ids = special ? engine.Engine.Engine.EncodePrompt(prompt.GetValue<string>()) : tokenizer.Encode(prompt.GetValue<string>(), addSpecialTokens: false);
         await Json(ctx, new JsonObject { ["count"] = ids.Length, ["max_model_len"] = engine.MaxModelLen, ["tokens"] = new JsonArray(ids.Select(i => (JsonNode?)i).ToArray()) });
@@ -322,7 +328,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
         var body = await ReadBody(ctx);
         CheckModel(body);
         if (body["tokens"] is not JsonArray tokens) throw new ApiException(400, "'tokens' (an array of token ids) is required.", param: "tokens");
-        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var tokenizer = Real.Engine.Engine.Tokenizer!;
         var ids = tokens.Select(t => t is JsonValue v && v.TryGetValue<int>(out var id) && id >= 0 && id < tokenizer.Count
             ? id : throw new ApiException(400, $"'tokens' holds {t?.ToJsonString() ?? "null"}, which is not a token id of this model (0..{tokenizer.Count - 1}).", param: "tokens")).ToArray();
         await Json(ctx, new JsonObject { ["prompt"] = tokenizer.Decode(ids, skipSpecialTokens: false) });
@@ -356,7 +362,7 @@ internal sealed class OpenAiEndpoints(LocalVllmEngine engine, ServerOptions opti
 }
 
 /// <summary>One choice being assembled from the chat client's updates: text, reasoning, tool calls, logprobs, usage.</summary>
-internal sealed class ChatTurn(LocalVllmEngine engine, bool logprobs, int index)
+internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index)
 {
     private readonly StringBuilder _text = new(), _reasoning = new();
     private readonly JsonArray _toolCalls = [];
@@ -425,7 +431,7 @@ internal sealed class ChatTurn(LocalVllmEngine engine, bool logprobs, int index)
 
     private JsonObject Entry(PositionLogprobs p)
     {
-        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var tokenizer = engine!.Engine.Engine.Tokenizer!;
         JsonObject Token(int id, float logprob)
         {
             var text = tokenizer.Decode([id], skipSpecialTokens: false);

@@ -1,0 +1,83 @@
+using LocalVllm.Server;
+using Microsoft.Extensions.AI;
+
+namespace LocalVllm.Tests;
+
+/// <summary>
+/// The provider's conformance checks again, through HTTP: the server runs over the scripted engine seam (so the model
+/// calls tools when the test says so) and the remote-mode client talks to it.
+/// </summary>
+public sealed class RemoteConformanceTests
+{
+    private static async Task<(LocalVllmServer Server, IChatClient Client)> Start(ScriptedEngine engine)
+    {
+        var server = LocalVllmServer.CreateOverChatEngine(new ServerOptions { Model = "scripted", Port = 0 }, engine);
+        await server.StartAsync();
+        return (server, new RemoteChatClient(new Uri(server.BaseAddress, "v1"), engine.ModelId));
+    }
+
+    [Fact]
+    public async Task A_function_invocation_round_trip_over_HTTP_renders_the_tool_result_and_sums_the_usage()
+    {
+        var engine = new ScriptedEngine(
+            ["<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"],
+            ["It is ", "sunny", "."]);
+        var (server, remote) = await Start(engine);
+        await using var _ = server;
+        int invoked = 0;
+        var tool = AIFunctionFactory.Create((string city) => { invoked++; return $"sunny in {city}"; }, "get_weather");
+        using var client = new ChatClientBuilder(remote).UseFunctionInvocation().Build();
+        var response = await client.GetResponseAsync([new ChatMessage(ChatRole.User, "Weather in Paris?")], new ChatOptions { Tools = [tool] });
+
+        Assert.Equal(1, invoked);
+        Assert.Equal("It is sunny.", response.Text);
+        Assert.Equal(2, engine.Prompts.Count);
+        // Microsoft.Extensions.AI.OpenAI sends a function's result JSON-serialized (a string arrives quoted); the
+        // server renders the tool message as the client sent it.
+        Assert.Contains("<tool_response>\n\"sunny in Paris\"\n</tool_response>", engine.Prompts[1]);
+        Assert.Contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>", engine.Prompts[1]);
+        var tokenizer = new ScriptedEngine();
+        long input = engine.Prompts.Sum(p => (long)tokenizer.EncodeChatPrompt(p).Length);
+        Assert.Equal(input, response.Usage!.InputTokenCount);
+        Assert.Equal(1 + 3, response.Usage.OutputTokenCount);
+        Assert.Equal(2 * 16, response.Usage.CachedInputTokenCount);
+    }
+
+    [Fact]
+    public async Task A_stream_over_HTTP_has_one_usage_whose_totals_add_up_and_equals_the_non_streamed_response()
+    {
+        var engine = new ScriptedEngine(["Par", "is", "."], ["Par", "is", "."]);
+        var (server, client) = await Start(engine);
+        await using var _ = server;
+        ChatMessage[] question = [new(ChatRole.User, "Capital of France?")];
+        var updates = new List<ChatResponseUpdate>();
+        await foreach (var u in client.GetStreamingResponseAsync(question)) updates.Add(u);
+        var usage = Assert.Single(updates.SelectMany(u => u.Contents).OfType<UsageContent>()).Details;
+        Assert.Equal(3, usage.OutputTokenCount);
+        Assert.Equal(usage.InputTokenCount + usage.OutputTokenCount, usage.TotalTokenCount);
+        var streamed = updates.ToChatResponse();
+        var whole = await client.GetResponseAsync(question);
+        Assert.Equal("Paris.", whole.Text);
+        Assert.Equal(whole.Text, streamed.Text);
+        Assert.Equal(whole.FinishReason, streamed.FinishReason);
+        Assert.Equal((whole.Usage!.InputTokenCount, whole.Usage.OutputTokenCount, whole.Usage.CachedInputTokenCount),
+            (streamed.Usage!.InputTokenCount, streamed.Usage.OutputTokenCount, streamed.Usage.CachedInputTokenCount));
+    }
+
+    [Fact]
+    public async Task Reasoning_comes_back_as_reasoning_content_over_HTTP()
+    {
+        var engine = new ScriptedEngine(["<think>", "\n", "Let", " me", " think", ".", "\n", "</think>", "\n\n", "Paris", "."]);
+        var (server, _) = await Start(engine);
+        await using var __ = server;
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        var body = new System.Text.Json.Nodes.JsonObject
+        {
+            ["messages"] = new System.Text.Json.Nodes.JsonArray { new System.Text.Json.Nodes.JsonObject { ["role"] = "user", ["content"] = "Capital of France?" } },
+        };
+        using var response = await http.PostAsync("v1/chat/completions", new StringContent(body.ToJsonString(), System.Text.Encoding.UTF8, "application/json"));
+        var message = System.Text.Json.Nodes.JsonNode.Parse(await response.Content.ReadAsStringAsync())!["choices"]![0]!["message"]!;
+        Assert.Equal("Paris.", message["content"]!.GetValue<string>());
+        Assert.Equal("Let me think.", message["reasoning_content"]!.GetValue<string>());
+    }
+}
