@@ -5,6 +5,7 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using OpenTelemetry.Metrics;
 
@@ -65,6 +66,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
             k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
         });
         builder.Services.AddSingleton(chat);
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = options.ShutdownTimeout);
         // The engine's meter (LocalVllm), exported for Prometheus at /metrics; where vLLM has a metric for the same
         // thing, the series carries vLLM's name.
         builder.Services.AddOpenTelemetry().WithMetrics(m =>

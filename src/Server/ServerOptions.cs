@@ -19,6 +19,11 @@ public sealed class ServerOptions
     public string? ApiKey { get; set; }
     /// <summary>The largest request body accepted, in bytes.</summary>
     public long MaxRequestBodyBytes { get; set; } = 32L << 20;
+    /// <summary>
+    /// On shutdown (SIGTERM, Ctrl+C) the server stops accepting at once, lets in-flight requests finish for this long,
+    /// then aborts the rest (their KV blocks are freed) and exits.
+    /// </summary>
+    public TimeSpan ShutdownTimeout { get; set; } = TimeSpan.FromSeconds(30);
     public EngineOptions Engine { get; set; } = new();
 
     public const string Usage = """
@@ -39,6 +44,7 @@ public sealed class ServerOptions
           --dtype T                   float32 | bfloat16 | float16 (default float32)
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
+          --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
     /// <summary>Parses <paramref name="args"/>; throws <see cref="ArgumentException"/> naming the flag that is wrong.</summary>
@@ -76,6 +82,7 @@ public sealed class ServerOptions
                 case "--device": o.Engine.Device = Value(); break;
                 case "--enable-prefix-caching": o.Engine.EnablePrefixCaching = true; break;
                 case "--no-enable-prefix-caching": o.Engine.EnablePrefixCaching = false; break;
+                case "--shutdown-timeout": o.ShutdownTimeout = TimeSpan.FromSeconds(Int()); break;
                 case "--help" or "-h": throw new ArgumentException("help");
                 default: throw new ArgumentException($"Unknown option '{args[i]}'.");
             }

@@ -352,6 +352,48 @@ public sealed class ServerOverloadTests
         Assert.Contains("no chat template", await refused.Content.ReadAsStringAsync());
     }
 
+    [Fact]
+    public async Task Shutdown_stops_accepting_and_aborts_a_stream_still_running_after_the_grace_period()
+    {
+        var server = LocalVllmServer.Create(ServerOptions.Parse(
+            ["--model", Fixtures.Model("tiny-qwen3-chat"), "--port", "0", "--kv-cache-memory", "16M", "--shutdown-timeout", "2"]));
+        try
+        {
+            await server.StartAsync();
+            using var http = new HttpClient { BaseAddress = server.BaseAddress };
+            static HttpRequestMessage Stream(int maxTokens) => new(HttpMethod.Post, "v1/chat/completions")
+            {
+                Content = new StringContent(new JsonObject
+                {
+                    ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = "hi" } }, ["max_tokens"] = maxTokens, ["ignore_eos"] = true, ["stream"] = true,
+                }.ToJsonString(), Encoding.UTF8, "application/json"),
+            };
+            using var longOne = await http.SendAsync(Stream(2000), HttpCompletionOption.ResponseHeadersRead);
+            var reader = new StreamReader(await longOne.Content.ReadAsStreamAsync());
+            Assert.StartsWith("data: ", await reader.ReadLineAsync());
+
+            var stopping = server.App.StopAsync();
+            // The long stream is cut when the grace period ends: reading reaches its end (or the connection breaks).
+            bool done = false;
+            var readToEnd = Task.Run(async () =>
+            {
+                try { while (await reader.ReadLineAsync() is { } line) done |= line == "data: [DONE]"; } catch (IOException) { } catch (HttpRequestException) { }
+            });
+            await Task.WhenAll(stopping, readToEnd).WaitAsync(TimeSpan.FromSeconds(60));
+            Assert.False(done, "the 2,000-token stream finished before the grace period ended; the test did not reach the abort");
+            await Assert.ThrowsAnyAsync<HttpRequestException>(() => http.GetAsync("health"));
+            await server.Engine.Engine.InvokeAsync(e =>
+            {
+                Assert.False(e.HasUnfinishedRequests);
+                e.Blocks.CheckInvariants(expectAllFree: true);
+            });
+        }
+        finally
+        {
+            await server.DisposeAsync();
+        }
+    }
+
     [Theory]
     [InlineData(new string[0], "--model is required")]
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
