@@ -40,3 +40,16 @@ dotnet add package LocalVllm --version "$version"
 dotnet add package Microsoft.Extensions.DependencyInjection --version 10.0.15
 dotnet build -c Release -v q
 dotnet run -c Release --no-build -- "$model"
+
+# The server as a .NET tool: install it from the same feed and start it with one command, as `vllm serve`.
+dotnet tool install LocalVllm.Server --version "$version" --add-source "$work/feed" --tool-path "$work/tools"
+port=$(( 20000 + RANDOM % 20000 ))
+"$work/tools/localvllm-serve" --model "$model" --port "$port" --kv-cache-memory 16M > "$work/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
+curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H "Content-Type: application/json" \
+  -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8, "ignore_eos": true}' | tee "$work/reply.json"
+echo
+grep -q '"completion_tokens":8' "$work/reply.json"
+kill "$server"
