@@ -89,6 +89,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
         ("localvllm.prefill_tokens", "vllm:prompt_tokens"),
         ("localvllm.decode_tokens", "vllm:generation_tokens"),
         ("localvllm.time_to_first_token", "vllm:time_to_first_token_seconds"),
+        ("localvllm.time_per_output_token", "vllm:time_per_output_token_seconds"),
         ("localvllm.prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate"),
     ];
 

@@ -153,7 +153,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal("text/plain", response.Content.Headers.ContentType!.MediaType);
         var text = await response.Content.ReadAsStringAsync();
         foreach (var series in new[] { "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
-                     "vllm:time_to_first_token_seconds_bucket", "vllm:gpu_prefix_cache_hit_rate", "localvllm_kv_blocks_free" })
+                     "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket", "vllm:gpu_prefix_cache_hit_rate", "localvllm_kv_blocks_free" })
             Assert.Contains("\n" + series + "{", text);
         var generated = text.Split('\n').Single(l => l.StartsWith("vllm:generation_tokens_total{", StringComparison.Ordinal));
         Assert.True(double.Parse(generated[(generated.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) >= 2);

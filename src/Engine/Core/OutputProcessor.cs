@@ -90,12 +90,14 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             var seq = batch[i].Sequence;
             if (result.PromptLogprobs[i] is { } chunk) chunk.Values.CopyTo(seq.PromptLogprobs!, chunk.FirstPosition);
             if (result.Sampled[i] is not { } token) continue;
-            seq.LastTokenTicks = now;
             if (seq.FirstTokenTicks is null)
             {
                 seq.FirstTokenTicks = now;
                 EngineMetrics.TimeToFirstToken.Record(Stopwatch.GetElapsedTime(seq.ArrivalTicks, now).TotalSeconds);
             }
+            else if (seq.LastTokenTicks is long previous)
+                EngineMetrics.TimePerOutputToken.Record(Stopwatch.GetElapsedTime(previous, now).TotalSeconds);
+            seq.LastTokenTicks = now;
             if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
             try
             {

@@ -11,6 +11,7 @@ internal static class EngineMetrics
     public static readonly Counter<long> DecodeTokens = Meter.CreateCounter<long>("localvllm.decode_tokens", "{token}", "Tokens decoded.");
     public static readonly Counter<long> FinishedRequests = Meter.CreateCounter<long>("localvllm.requests_finished", "{request}", "Requests finished.");
     public static readonly Histogram<double> TimeToFirstToken = Meter.CreateHistogram<double>("localvllm.time_to_first_token", "s", "Arrival to first generated token.");
+    public static readonly Histogram<double> TimePerOutputToken = Meter.CreateHistogram<double>("localvllm.time_per_output_token", "s", "Time between two generated tokens of a sequence.");
 
     private static readonly List<WeakReference<LlmEngine>> _engines = [];
     private static volatile EngineStats[] _last = [];
