@@ -152,34 +152,67 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             return;
         }
 
-        if (request.N != 1) throw new ApiException(400, "Streaming with n > 1 is not supported yet; use n = 1 or stream = false.", param: "n");
-        var stream = _chat.GetStreamingResponseAsync(request.Messages, request.Options(0), ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted);
-        await using var _ = stream;
-        // The first update comes before any byte is sent: an overloaded engine or a bad request still gets its status.
-        bool any = await stream.MoveNextAsync();
-        StartEventStream(ctx);
-        var turn = new ChatTurn(engine, request.Logprobs, 0);
-        JsonObject Chunk(JsonObject delta, string? finish = null, JsonObject? logprobs = null) => new()
+        // One stream per completion; the first update of each comes before any byte is sent, so an overloaded engine or
+        // a bad request still gets its status.
+        var streams = Enumerable.Range(0, request.N)
+            .Select(i => _chat.GetStreamingResponseAsync(request.Messages, request.Options(i), ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
+            .ToList();
+        List<Task>? pumps = null;
+        try
         {
-            ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName,
-            ["choices"] = new JsonArray { new JsonObject { ["index"] = 0, ["delta"] = delta, ["logprobs"] = logprobs, ["finish_reason"] = finish } },
-        };
-        await Event(ctx, Chunk(new JsonObject { ["role"] = "assistant", ["content"] = "" }));
-        while (any)
-        {
-            var u = stream.Current;
-            foreach (var delta in turn.Add(u))
-                await Event(ctx, Chunk(delta.Delta, null, delta.Logprobs));
-            any = await stream.MoveNextAsync();
-        }
-        await Event(ctx, Chunk(new JsonObject(), turn.FinishReason));
-        if (request.IncludeUsage)
-            await Event(ctx, new JsonObject
+            var firsts = new bool[streams.Count];
+            for (int i = 0; i < streams.Count; i++) firsts[i] = await streams[i].MoveNextAsync();
+            StartEventStream(ctx);
+            var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
+            JsonObject Chunk(int index, JsonObject delta, string? finish = null, JsonObject? logprobs = null) => new()
             {
-                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
-                ["usage"] = Usage([turn.Usage]),
-            });
-        await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName,
+                ["choices"] = new JsonArray { new JsonObject { ["index"] = index, ["delta"] = delta, ["logprobs"] = logprobs, ["finish_reason"] = finish } },
+            };
+            for (int i = 0; i < streams.Count; i++) await Event(ctx, Chunk(i, new JsonObject { ["role"] = "assistant", ["content"] = "" }));
+
+            // The completions stream side by side: each one's updates are written as they come, tagged with its index.
+            var merged = System.Threading.Channels.Channel.CreateUnbounded<(int Index, ChatResponseUpdate? Update)>();
+            pumps = streams.Select(async (stream, i) =>
+            {
+                try
+                {
+                    for (bool any = firsts[i]; any; any = await stream.MoveNextAsync()) await merged.Writer.WriteAsync((i, stream.Current));
+                    await merged.Writer.WriteAsync((i, null)); // this completion is done
+                }
+                catch (Exception e)
+                {
+                    merged.Writer.TryComplete(e);
+                }
+            }).ToList();
+            int open = streams.Count;
+            while (open > 0)
+            {
+                var (index, update) = await merged.Reader.ReadAsync(ctx.RequestAborted);
+                if (update is null)
+                {
+                    open--;
+                    await Event(ctx, Chunk(index, new JsonObject(), turns[index].FinishReason));
+                    continue;
+                }
+                foreach (var delta in turns[index].Add(update))
+                    await Event(ctx, Chunk(index, delta.Delta, null, delta.Logprobs));
+            }
+            await Task.WhenAll(pumps);
+            if (request.IncludeUsage)
+                await Event(ctx, new JsonObject
+                {
+                    ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+                    ["usage"] = Usage(turns.Select(t => t.Usage).ToList()),
+                });
+            await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+        }
+        finally
+        {
+            // A stream is disposed only once its pump has stopped reading it (a request that went away cancels them).
+            if (pumps is not null) await Task.WhenAll(pumps.Select(p => p.ContinueWith(_ => { }, TaskScheduler.Default)));
+            foreach (var stream in streams) await stream.DisposeAsync();
+        }
     }
 
     private async Task<ChatTurn> RunTurn(OpenAiChatRequest request, int index, CancellationToken cancellationToken)

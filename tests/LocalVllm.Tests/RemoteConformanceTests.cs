@@ -65,6 +65,36 @@ public sealed class RemoteConformanceTests
     }
 
     [Fact]
+    public async Task A_stream_with_n_3_carries_each_completion_under_its_index()
+    {
+        var engine = new ScriptedEngine(["A", "a"], ["B", "b", "b"], ["C"]);
+        var (server, _) = await Start(engine);
+        await using var __ = server;
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        var body = new System.Text.Json.Nodes.JsonObject
+        {
+            ["messages"] = new System.Text.Json.Nodes.JsonArray { new System.Text.Json.Nodes.JsonObject { ["role"] = "user", ["content"] = "Go" } },
+            ["n"] = 3, ["stream"] = true, ["stream_options"] = new System.Text.Json.Nodes.JsonObject { ["include_usage"] = true },
+        };
+        using var response = await http.PostAsync("v1/chat/completions", new StringContent(body.ToJsonString(), System.Text.Encoding.UTF8, "application/json"));
+        var events = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", events[^1]);
+        var chunks = events[..^1].Select(e => System.Text.Json.Nodes.JsonNode.Parse(e["data: ".Length..])!).ToList();
+        var texts = new string[3];
+        var finishes = new List<int>();
+        foreach (var choice in chunks.SelectMany(c => c["choices"]!.AsArray()))
+        {
+            int index = choice!["index"]!.GetValue<int>();
+            texts[index] += choice["delta"]!["content"]?.GetValue<string>() ?? "";
+            if (choice["finish_reason"] is { } f && f.GetValue<string>() is not null) finishes.Add(index);
+        }
+        // The scripted engine hands out its scripts in the order the three requests reached it.
+        Assert.Equal(["Aa", "Bbb", "C"], texts.Order());
+        Assert.Equal([0, 1, 2], finishes.Order());
+        Assert.Equal(2 + 3 + 1, chunks[^1]["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
     public async Task Reasoning_comes_back_as_reasoning_content_over_HTTP()
     {
         var engine = new ScriptedEngine(["<think>", "\n", "Let", " me", " think", ".", "\n", "</think>", "\n\n", "Paris", "."]);
