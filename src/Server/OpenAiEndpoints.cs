@@ -192,11 +192,12 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                 if (update is null)
                 {
                     open--;
-                    await Event(ctx, Chunk(index, new JsonObject(), turns[index].FinishReason));
-                    continue;
+                    Write(ctx, Chunk(index, new JsonObject(), turns[index].FinishReason));
                 }
-                foreach (var delta in turns[index].Add(update))
-                    await Event(ctx, Chunk(index, delta.Delta, null, delta.Logprobs));
+                else
+                    foreach (var delta in turns[index].Add(update))
+                        Write(ctx, Chunk(index, delta.Delta, null, delta.Logprobs));
+                if (!merged.Reader.TryPeek(out _)) await Flush(ctx);
             }
             await Task.WhenAll(pumps);
             if (request.IncludeUsage)
@@ -300,13 +301,15 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             {
                 generated += c.TokenIds.Count;
                 if (c.Text.Length == 0 && c.FinishReason is null) continue;
-                await Event(ctx, new JsonObject
+                Write(ctx, new JsonObject
                 {
                     ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName,
                     ["choices"] = new JsonArray { new JsonObject { ["index"] = c.Index, ["text"] = c.Text, ["logprobs"] = CompletionLogprobs(c), ["finish_reason"] = c.FinishReason, ["stop_reason"] = StopReason(c.StopReason) } },
                 });
             }
-            any = await run.MoveNextAsync();
+            var next = run.MoveNextAsync();
+            if (!next.IsCompleted) await Flush(ctx);
+            any = await next;
         }
         if (includeUsage && last is not null)
             await Event(ctx, new JsonObject
@@ -382,16 +385,27 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         ctx.Response.Headers.CacheControl = "no-cache";
     }
 
-    /// <summary>One Server-Sent Event, written straight into the response pipe as UTF-8 and flushed (one write per event).</summary>
+    /// <summary>One Server-Sent Event, written straight into the response pipe as UTF-8 and flushed.</summary>
     private static async Task Event(HttpContext ctx, JsonObject data)
+    {
+        Write(ctx, data);
+        await ctx.Response.BodyWriter.FlushAsync(ctx.RequestAborted);
+    }
+
+    /// <summary>
+    /// One Server-Sent Event into the response pipe, not yet flushed: while the next output is already there (the
+    /// engine ran ahead of the connection), events go out together in one write instead of one send each.
+    /// </summary>
+    private static void Write(HttpContext ctx, JsonObject data)
     {
         var writer = ctx.Response.BodyWriter;
         writer.Write("data: "u8);
         using (var json = new Utf8JsonWriter(writer, new JsonWriterOptions { Encoder = Compact.Encoder }))
             data.WriteTo(json);
         writer.Write("\n\n"u8);
-        await writer.FlushAsync(ctx.RequestAborted);
     }
+
+    private static async Task Flush(HttpContext ctx) => await ctx.Response.BodyWriter.FlushAsync(ctx.RequestAborted);
 }
 
 /// <summary>One choice being assembled from the chat client's updates: text, reasoning, tool calls, logprobs, usage.</summary>
