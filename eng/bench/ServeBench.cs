@@ -143,18 +143,20 @@ internal static class ServeBench
             request.Content.Headers.ContentType = new MediaTypeHeaderValue("application/json");
             using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
             response.EnsureSuccessStatusCode();
-            using var reader = new StreamReader(await response.Content.ReadAsStreamAsync());
-            long n = 0;
-            bool first = true;
-            while (await reader.ReadLineAsync() is { } line)
-            {
-                if (!line.StartsWith("data: {", StringComparison.Ordinal)) continue;
-                if (first) { ttft[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds; first = false; }
-                // Only the usage chunk is parsed: the client shares these two cores with the server, and what is
-                // measured is the server's cost, not a JSON parse per token on the client.
-                if (!line.Contains("\"usage\"", StringComparison.Ordinal)) continue;
-                n = JsonNode.Parse(line.AsSpan(6).ToString())!["usage"]!["completion_tokens"]!.GetValue<long>();
-            }
+            // The client does as little as a client can (it shares these two cores with the server): the first bytes
+            // time the first token, the rest is drained in bulk and only the final usage chunk is parsed.
+            using var stream = await response.Content.ReadAsStreamAsync();
+            var buffer = new byte[64 * 1024];
+            int read = await stream.ReadAsync(buffer);
+            ttft[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            using var rest = new MemoryStream();
+            rest.Write(buffer, 0, read);
+            await stream.CopyToAsync(rest);
+            var text = Encoding.UTF8.GetString(rest.GetBuffer(), 0, (int)rest.Length);
+            int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
+            int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
+            int lineEnd = text.IndexOf('\n', usage);
+            long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
             return n;
         }));
         return (counts.Sum(), ttft.ToList());
