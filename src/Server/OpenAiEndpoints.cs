@@ -291,6 +291,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         await using var _ = run;
         bool any = await run.MoveNextAsync();
         StartEventStream(ctx);
+        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
         RequestOutput? last = null;
         long generated = 0;
         while (any)
@@ -301,11 +302,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             {
                 generated += c.TokenIds.Count;
                 if (c.Text.Length == 0 && c.FinishReason is null) continue;
-                Write(ctx, new JsonObject
-                {
-                    ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName,
-                    ["choices"] = new JsonArray { new JsonObject { ["index"] = c.Index, ["text"] = c.Text, ["logprobs"] = CompletionLogprobs(c), ["finish_reason"] = c.FinishReason, ["stop_reason"] = StopReason(c.StopReason) } },
-                });
+                chunks.Write(c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
             }
             var next = run.MoveNextAsync();
             if (!next.IsCompleted) await Flush(ctx);
@@ -508,6 +505,43 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
             ["logprobs"] = logprobs ? new JsonObject { ["content"] = _logprobs.DeepClone() } : null,
             ["finish_reason"] = FinishReason,
         };
+    }
+}
+
+/// <summary>
+/// Writes <c>text_completion</c> stream chunks straight into the response pipe with one reused
+/// <see cref="Utf8JsonWriter"/> and the request's constant fields encoded once: the per-token path builds no JSON tree.
+/// </summary>
+internal sealed class CompletionChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
+{
+    private static readonly System.Text.Encodings.Web.JavaScriptEncoder Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
+    private readonly JsonEncodedText _id = JsonEncodedText.Encode(id, Encoder);
+    private readonly JsonEncodedText _model = JsonEncodedText.Encode(model, Encoder);
+    private readonly Utf8JsonWriter _json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
+
+    public void Write(int index, string text, JsonObject? logprobs, string? finishReason, JsonNode? stopReason)
+    {
+        pipe.Write("data: "u8);
+        _json.Reset(pipe);
+        _json.WriteStartObject();
+        _json.WriteString("id"u8, _id);
+        _json.WriteString("object"u8, "text_completion"u8);
+        _json.WriteNumber("created"u8, created);
+        _json.WriteString("model"u8, _model);
+        _json.WriteStartArray("choices"u8);
+        _json.WriteStartObject();
+        _json.WriteNumber("index"u8, index);
+        _json.WriteString("text"u8, text);
+        _json.WritePropertyName("logprobs"u8);
+        if (logprobs is null) _json.WriteNullValue(); else logprobs.WriteTo(_json);
+        if (finishReason is null) _json.WriteNull("finish_reason"u8); else _json.WriteString("finish_reason"u8, finishReason);
+        _json.WritePropertyName("stop_reason"u8);
+        if (stopReason is null) _json.WriteNullValue(); else stopReason.WriteTo(_json);
+        _json.WriteEndObject();
+        _json.WriteEndArray();
+        _json.WriteEndObject();
+        _json.Flush();
+        pipe.Write("\n\n"u8);
     }
 }
 
