@@ -86,6 +86,19 @@ public sealed partial class LocalVllmChatClient : IChatClient
         }
     }
 
+    /// <summary>
+    /// The prompt a call with <paramref name="messages"/> and <paramref name="options"/> sends to the model: the chat
+    /// template's render, with the generation prompt appended when <paramref name="addGenerationPrompt"/> is true, and
+    /// its token ids. Options are checked as a call checks them.
+    /// </summary>
+    public (string Text, int[] TokenIds) RenderPrompt(IEnumerable<ChatMessage> messages, ChatOptions? options = null, bool addGenerationPrompt = true)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
+        var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt, request.ExtraContext);
+        return (text, _engine.EncodeChatPrompt(text));
+    }
+
     /// <summary>How much of the rendered prompt the debug log line shows.</summary>
     internal const int PromptHeadChars = 300;
 

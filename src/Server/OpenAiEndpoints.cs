@@ -347,8 +347,20 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
     {
         var body = await ReadBody(ctx);
         CheckModel(body);
+        if (body["messages"] is JsonArray)
+        {
+            // The chat form: the messages rendered with the model's chat template, as a chat completion would send them.
+            bool generation = body["add_generation_prompt"]?.GetValue<bool>() ?? true;
+            var chatBody = new JsonObject();
+            foreach (var key in new[] { "messages", "tools", "chat_template_kwargs" })
+                if (body[key] is { } value) chatBody[key] = value.DeepClone();
+            var chatRequest = OpenAiChatRequest.Parse(chatBody);
+            var (_, chatIds) = _chat.RenderPrompt(chatRequest.Messages, chatRequest.Options(0), generation);
+            await Json(ctx, new JsonObject { ["count"] = chatIds.Length, ["max_model_len"] = chat.MaxModelLen, ["tokens"] = new JsonArray(chatIds.Select(i => (JsonNode?)i).ToArray()) });
+            return;
+        }
         if (body["prompt"] is not JsonValue prompt || prompt.GetValueKind() != JsonValueKind.String)
-            throw new ApiException(400, "'prompt' (a string) is required; 'messages' is not supported here yet.", param: "prompt");
+            throw new ApiException(400, "'prompt' (a string) or 'messages' (a chat) is required.", param: "prompt");
         bool special = body["add_special_tokens"]?.GetValue<bool>() ?? true;
         var engine = Real;
         var tokenizer = engine.Engine.Engine.Tokenizer!;

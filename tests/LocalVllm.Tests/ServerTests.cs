@@ -140,6 +140,13 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal(Fixtures.Ints(Case0["prompt_ids"]), tokens["tokens"]!.AsArray().Select(t => t!.GetValue<int>()));
         var (_, back, _) = await Post("detokenize", new JsonObject { ["tokens"] = tokens["tokens"]!.DeepClone() });
         Assert.Equal(text, back["prompt"]!.GetValue<string>());
+
+        // The chat form renders the messages with the template: the fixture's prompt ids (made by transformers).
+        var (_, chat, _) = await Post("tokenize", new JsonObject
+        {
+            ["messages"] = Case0["messages"]!.DeepClone(), ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false },
+        });
+        Assert.Equal(Fixtures.Ints(Case0["prompt_ids"]), chat["tokens"]!.AsArray().Select(t => t!.GetValue<int>()));
     }
 
     [Fact]
