@@ -17,9 +17,12 @@ public sealed class AsyncLlmEngine : IDisposable
     private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, DateTimeOffset? Deadline, Channel<RequestOutput> Output) : Command;
     private sealed record AbortCommand(string Id) : Command;
     private sealed record CallCommand(Action<LlmEngine> Action, TaskCompletionSource Done) : Command;
+    private sealed record IdleCommand(TaskCompletionSource Done) : Command;
 
     private readonly Channel<Command> _commands = Channel.CreateUnbounded<Command>(new UnboundedChannelOptions { SingleReader = true });
     private readonly Dictionary<string, Channel<RequestOutput>> _streams = [];
+    /// <summary>Callers of <see cref="WhenIdleAsync"/> waiting for the engine to have nothing unfinished (loop thread only).</summary>
+    private readonly List<TaskCompletionSource> _idleWaiters = [];
     private readonly Thread _thread;
     private readonly CancellationTokenSource _stop = new();
     private long _nextId;
@@ -126,6 +129,18 @@ public sealed class AsyncLlmEngine : IDisposable
         if (!_disposed) _commands.Writer.TryWrite(new AbortCommand(requestId));
     }
 
+    /// <summary>
+    /// Completes once the engine has no unfinished request (at once when it has none): after aborts and cancellations
+    /// have been applied, what a caller waits for before checking that every block is free, or before draining.
+    /// </summary>
+    public Task WhenIdleAsync()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (!_commands.Writer.TryWrite(new IdleCommand(done))) throw Disposed();
+        return done.Task;
+    }
+
     /// <summary>Runs <paramref name="action"/> on the engine thread between steps (for stats, tests and tools).</summary>
     public Task InvokeAsync(Action<LlmEngine> action)
     {
@@ -171,6 +186,11 @@ public sealed class AsyncLlmEngine : IDisposable
         {
             try
             {
+                if (!Engine.HasUnfinishedRequests && _idleWaiters.Count > 0)
+                {
+                    foreach (var waiter in _idleWaiters) waiter.TrySetResult();
+                    _idleWaiters.Clear();
+                }
                 if (!Engine.HasUnfinishedRequests)
                 {
                     // Idle: block until a command arrives.
@@ -198,6 +218,8 @@ public sealed class AsyncLlmEngine : IDisposable
         foreach (var (id, channel) in _streams)
             channel.Writer.TryComplete(new ObjectDisposedException(nameof(AsyncLlmEngine), $"The engine was disposed while request '{id}' was running."));
         _streams.Clear();
+        foreach (var waiter in _idleWaiters) waiter.TrySetException(Disposed());
+        _idleWaiters.Clear();
         // Dispose completed the command channel before it stopped the loop, so nothing more can arrive: every command
         // still queued is answered, none is left waiting.
         while (reader.TryRead(out var command))
@@ -209,6 +231,9 @@ public sealed class AsyncLlmEngine : IDisposable
                     break;
                 case CallCommand call:
                     call.Done.TrySetException(Disposed());
+                    break;
+                case IdleCommand idle:
+                    idle.Done.TrySetException(Disposed());
                     break;
             }
     }
@@ -237,6 +262,9 @@ public sealed class AsyncLlmEngine : IDisposable
             case CallCommand call:
                 try { call.Action(Engine); call.Done.TrySetResult(); }
                 catch (Exception e) { call.Done.TrySetException(e); }
+                break;
+            case IdleCommand idle:
+                _idleWaiters.Add(idle.Done); // answered at the top of the loop, once nothing is unfinished
                 break;
         }
     }

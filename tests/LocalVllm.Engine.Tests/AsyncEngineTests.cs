@@ -36,6 +36,24 @@ public sealed class AsyncEngineTests
     }
 
     [Fact]
+    public async Task WhenIdle_completes_once_an_abandoned_stream_has_been_aborted_and_at_once_when_idle()
+    {
+        using var engine = new AsyncLlmEngine(EngineHarness.Options("tiny-llama"));
+        await engine.WhenIdleAsync(); // nothing submitted: idle already
+        using var cts = new CancellationTokenSource();
+        var stream = engine.GenerateAsync(Prompts[0], EngineHarness.Greedy(400), cancellationToken: cts.Token).GetAsyncEnumerator(cts.Token);
+        Assert.True(await stream.MoveNextAsync()); // the request is running
+        var idle = engine.WhenIdleAsync();
+        Assert.False(idle.IsCompleted); // 400 tokens are far from done
+        cts.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => { while (await stream.MoveNextAsync()) { } });
+        await stream.DisposeAsync();
+        await idle;
+        await engine.InvokeAsync(e => Assert.False(e.HasUnfinishedRequests));
+        await AssertNoLeaksAsync(engine);
+    }
+
+    [Fact]
     public async Task Cancelling_a_stream_aborts_the_request_and_frees_its_blocks()
     {
         using var engine = new AsyncLlmEngine(EngineHarness.Options("tiny-llama"));

@@ -27,6 +27,10 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
     }
 
     public List<string> Prompts { get; } = [];
+    /// <summary>When set, a stream stays open after its last chunk (no finish) until it is cancelled.</summary>
+    public bool HoldOpen { get; init; }
+    /// <summary>Completed when a held-open stream was cancelled (the request was aborted).</summary>
+    public TaskCompletionSource Cancelled { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
     public List<SamplingParams> Samplings { get; } = [];
     public string ModelId => "scripted-qwen3";
     public ChatTemplate ChatTemplate { get; }
@@ -56,7 +60,7 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
         {
             cancellationToken.ThrowIfCancellationRequested();
             await Task.Yield();
-            bool last = i == chunks.Length - 1;
+            bool last = i == chunks.Length - 1 && !HoldOpen;
             // One chunk per output, as the engine's delta outputs carry it.
             yield return new RequestOutput
             {
@@ -66,6 +70,12 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
                 Finished = last,
                 NumCachedTokens = 16,
             };
+        }
+        if (HoldOpen)
+        {
+            using var registration = cancellationToken.Register(() => Cancelled.TrySetResult());
+            await Cancelled.Task; // ends only when the request is cancelled
+            cancellationToken.ThrowIfCancellationRequested();
         }
     }
 }
