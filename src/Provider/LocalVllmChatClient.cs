@@ -70,9 +70,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
         string responseId = $"chatcmpl-{Guid.NewGuid():N}";
         try
         {
-            var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
-            var prompt = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: true, request.ExtraContext);
-            var ids = _engine.EncodeChatPrompt(prompt);
+            var (prompt, ids) = RenderPrompt(messages, options);
             if (_logger.IsEnabled(LogLevel.Debug))
                 ClientLog.Rendered(_logger, responseId, ids.Length, prompt.Length, prompt.Length <= PromptHeadChars ? prompt : prompt[..PromptHeadChars] + "...");
             var sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen);
@@ -147,7 +145,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
             }
             // A token belongs to the reasoning when it is read inside <think>...</think> or opens or closes it.
             bool wasReasoning = parser.InReasoning;
-            var pieces = parser.Feed(delta.Text).ToList();
+            var pieces = parser.Feed(delta.Text);
             if (wasReasoning || parser.InReasoning) reasoningTokens += delta.TokenIds.Count;
             foreach (var content in Contents(pieces)) yield return Update(content, output);
         }
@@ -252,9 +250,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
     /// </summary>
     public Task<string> WarmUpAsync(IEnumerable<ChatMessage> head, ChatOptions? options = null, CancellationToken cancellationToken = default)
     {
-        var request = ChatRequestMapper.Map(head, options, _engine.ModelId);
-        var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext);
-        return _engine.PinAsync(_engine.EncodeChatPrompt(text), cancellationToken);
+        return _engine.PinAsync(RenderPrompt(head, options, addGenerationPrompt: false).TokenIds, cancellationToken);
     }
 
     /// <summary>Releases a head pinned by <see cref="WarmUpAsync"/>; its blocks stay cached until evicted.</summary>

@@ -27,13 +27,13 @@ internal sealed class ModelOutputParser
     /// <summary>Whether the text read so far ends inside a <c>&lt;think&gt;</c> block.</summary>
     public bool InReasoning => _state == State.Reasoning;
 
-    public IEnumerable<OutputPiece> Feed(string delta)
+    public List<OutputPiece> Feed(string delta)
     {
         _buffer.Append(delta);
         return Drain(final: false);
     }
 
-    public IEnumerable<OutputPiece> Finish() => Drain(final: true);
+    public List<OutputPiece> Finish() => Drain(final: true);
 
     private List<OutputPiece> Drain(bool final)
     {

@@ -1,6 +1,5 @@
 using System.ClientModel;
 using System.Runtime.CompilerServices;
-using System.Text.Json;
 using Microsoft.Extensions.AI;
 using OpenAI;
 using OpenAI.Chat;
@@ -76,8 +75,7 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 {
                     case bool b: raw.Patch.Set(utf8, b); break;
                     case int i: raw.Patch.Set(utf8, i); break;
-                    case float f: raw.Patch.Set(utf8, f); break;
-                    default: raw.Patch.Set(utf8, JsonSerializer.Serialize(value)); break;
+                    default: raw.Patch.Set(utf8, (float)value); break; // the remaining keys are floats
                 }
             }
 #pragma warning restore SCME0001

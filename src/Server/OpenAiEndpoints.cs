@@ -72,7 +72,8 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         {
             case ApiException api: return api;
             case EngineOverloadedException: return new ApiException(429, e.Message, "server_overloaded");
-            case JsonException or BadHttpRequestException: return new ApiException(400, $"The request body is not valid JSON: {e.Message}");
+            case BadHttpRequestException bad: return new ApiException(bad.StatusCode, bad.Message); // e.g. 413 for a body over the limit
+            case JsonException: return new ApiException(400, $"The request body is not valid JSON: {e.Message}");
             case ArgumentException or NotSupportedException or FormatException or TemplateException or TemplateRaisedException: return new ApiException(400, e.Message);
             default:
                 logger.LogError(e, "Request failed");
@@ -220,7 +221,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
     {
         var turn = new ChatTurn(engine, request.Logprobs, index);
         await foreach (var u in _chat.GetStreamingResponseAsync(request.Messages, request.Options(index), cancellationToken).ConfigureAwait(false))
-            turn.Add(u).Consume();
+            turn.Add(u);
         return turn;
     }
 
@@ -430,8 +431,8 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
 
     public readonly record struct DeltaEvent(JsonObject Delta, JsonObject? Logprobs);
 
-    /// <summary>Takes one update; returns the stream deltas it makes (enumerate them, or call Consume()).</summary>
-    public IEnumerable<DeltaEvent> Add(ChatResponseUpdate u)
+    /// <summary>Takes one update; returns the stream deltas it makes (a non-streamed response ignores them).</summary>
+    public List<DeltaEvent> Add(ChatResponseUpdate u)
     {
         var events = new List<DeltaEvent>();
         JsonObject? lp = null;
@@ -557,7 +558,3 @@ internal sealed class CompletionChunkWriter(System.IO.Pipelines.PipeWriter pipe,
     }
 }
 
-internal static class EnumerableExtensions
-{
-    public static void Consume<T>(this IEnumerable<T> items) { foreach (var _ in items) { } }
-}

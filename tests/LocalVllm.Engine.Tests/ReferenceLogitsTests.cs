@@ -8,23 +8,28 @@ public sealed class ReferenceLogitsTests
 {
     public static TheoryData<string> IdModels => new(Fixtures.IdModels);
 
+    /// <summary>Each reference logits row of <paramref name="model"/>'s cases with the engine's row for the same position.</summary>
+    private static IEnumerable<(string Where, float[] Mine, float[] Expected)> ReferenceRows(Llm llm, string model)
+    {
+        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        {
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, Fixtures.Ints(c!["prompt_ids"]));
+            var reference = c["logits"]!.AsArray();
+            bool all = c["logits_positions"]!.GetValue<string>() == "all";
+            for (int r = 0; r < reference.Count; r++)
+                yield return ($"{model}/{c["name"]} row {r}", all ? rows[r] : rows[^1], Fixtures.Floats(reference[r]));
+        }
+    }
+
     [Theory]
     [MemberData(nameof(IdModels))]
     public void Logits_match_the_reference_within_1e4(string model)
     {
         using var llm = new Llm(EngineHarness.Options(model));
-        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        foreach (var (where, mine, expected) in ReferenceRows(llm, model))
         {
-            var ids = Fixtures.Ints(c!["prompt_ids"]);
-            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
-            var reference = c["logits"]!.AsArray();
-            bool all = c["logits_positions"]!.GetValue<string>() == "all";
-            for (int r = 0; r < reference.Count; r++)
-            {
-                var mine = all ? rows[r] : rows[^1];
-                Assert.True(EngineHarness.MaxAbsDiff(mine, Fixtures.Floats(reference[r])) <= 1e-4f,
-                    $"{model}/{c["name"]} row {r}: max abs diff {EngineHarness.MaxAbsDiff(mine, Fixtures.Floats(reference[r]))}");
-            }
+            float diff = EngineHarness.MaxAbsDiff(mine, expected);
+            Assert.True(diff <= 1e-4f, $"{where}: max abs diff {diff}");
         }
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
@@ -62,24 +67,15 @@ public sealed class ReferenceLogitsTests
         using var llm = new Llm(EngineHarness.Options(model, o => o.DType = "bfloat16"));
         Assert.Equal(TorchSharp.torch.ScalarType.BFloat16, llm.Engine.Model.DType);
         int clear = 0;
-        foreach (var c in Fixtures.Reference(model)["cases"]!.AsArray())
+        foreach (var (where, mine, expected) in ReferenceRows(llm, model))
         {
-            var ids = Fixtures.Ints(c!["prompt_ids"]);
-            var rows = EngineHarness.AllPositionLogits(llm.Engine, ids);
-            var reference = c["logits"]!.AsArray();
-            bool all = c["logits_positions"]!.GetValue<string>() == "all";
-            for (int r = 0; r < reference.Count; r++)
+            float diff = EngineHarness.MaxAbsDiff(mine, expected);
+            Assert.True(diff <= bound, $"{where}: max abs diff {diff} in bfloat16");
+            var sorted = expected.OrderDescending().ToArray();
+            if (sorted[0] - sorted[1] > 2 * bound)
             {
-                var mine = all ? rows[r] : rows[^1];
-                var expected = Fixtures.Floats(reference[r]);
-                float diff = EngineHarness.MaxAbsDiff(mine, expected);
-                Assert.True(diff <= bound, $"{model}/{c["name"]} row {r}: max abs diff {diff} in bfloat16");
-                var sorted = expected.OrderDescending().ToArray();
-                if (sorted[0] - sorted[1] > 2 * bound)
-                {
-                    clear++;
-                    Assert.Equal(Array.IndexOf(expected, sorted[0]), Array.IndexOf(mine, mine.Max()));
-                }
+                clear++;
+                Assert.Equal(Array.IndexOf(expected, sorted[0]), Array.IndexOf(mine, mine.Max()));
             }
         }
         Assert.True(clear > 0, $"{model}: no position with a clear argmax; the argmax check compared nothing");

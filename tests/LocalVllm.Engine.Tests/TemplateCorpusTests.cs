@@ -11,7 +11,10 @@ namespace LocalVllm.Engine.Tests;
 /// </summary>
 public sealed class TemplateCorpusTests
 {
-    private static JsonObject Corpus => (JsonObject)JsonNode.Parse(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "TemplateCases", "jinja2-renders.json")))!;
+    // Read once per run, not once per case.
+    private static readonly Lazy<JsonObject> CorpusFile = new(() =>
+        (JsonObject)JsonNode.Parse(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "TemplateCases", "jinja2-renders.json")))!);
+    private static JsonObject Corpus => CorpusFile.Value;
 
     public static TheoryData<string> CaseNames => new(Corpus["cases"]!.AsArray().Select(c => c!["name"]!.GetValue<string>()));
 
@@ -59,10 +62,11 @@ public sealed class TemplateCorpusTests
         Assert.Equal(c["expected"]!.GetValue<string>(), new JinjaTemplate(c["template"]!.GetValue<string>()).Render(context, now));
     }
 
-    private static JsonObject? ExternalCorpus =>
+    private static readonly Lazy<JsonObject?> ExternalCorpusFile = new(() =>
         Environment.GetEnvironmentVariable("LOCALVLLM_TEMPLATE_CORPUS") is { Length: > 0 } path
             ? (JsonObject)JsonNode.Parse(File.ReadAllText(path))!
-            : null;
+            : null);
+    private static JsonObject? ExternalCorpus => ExternalCorpusFile.Value;
 
     public static TheoryData<string> ExternalCaseNames =>
         ExternalCorpus is { } corpus ? new(corpus["cases"]!.AsArray().Select(c => c!["name"]!.GetValue<string>())) : new("(no external corpus)");
