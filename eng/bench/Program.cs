@@ -75,5 +75,11 @@ var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback 
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
     r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(threads), r.GetValue(json))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd };
+var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
+var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };
+var mbVerbose = new Option<bool>("--verbose") { Description = "print every compile, validation and invalidation error" };
+var maskbenchCmd = new Command("maskbench", "MaskBench (JSONSchemaBench) over shared/fixtures/maskbench with the Qwen3 tokenizer, one thread") { mbFilter, mbLimit, json, mbVerbose };
+maskbenchCmd.SetAction(r => MaskBench.Run(new MaskBench.Settings(r.GetValue(mbFilter), r.GetValue(mbLimit), r.GetValue(json), r.GetValue(mbVerbose))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd };
 return root.Parse(args).Invoke();

@@ -114,6 +114,18 @@ public sealed class RequestValidator
         foreach (var s in p.Stop)
             if (string.IsNullOrEmpty(s)) throw new ArgumentException("Stop strings (Stop, ChatOptions.StopSequences, stop) must not be empty.", nameof(p.Stop));
         if (!Enum.IsDefined(p.OutputKind)) throw new ArgumentOutOfRangeException(nameof(p.OutputKind), p.OutputKind, "OutputKind must be Cumulative, Delta or FinalOnly.");
+        if (p.StructuredOutputs is { } constraint)
+        {
+            if (!Enum.IsDefined(constraint.Whitespace)) throw new ArgumentOutOfRangeException(nameof(p.StructuredOutputs), constraint.Whitespace, "StructuredOutputs.Whitespace must be Compact or Flexible.");
+            try
+            {
+                Structured.ConstraintCompiler.Compile(constraint);
+            }
+            catch (Structured.GrammarException e)
+            {
+                throw new ArgumentException($"StructuredOutputs (structured_outputs / response_format): {e.Message}", nameof(p.StructuredOutputs), e);
+            }
+        }
     }
 
     /// <summary>

@@ -46,6 +46,11 @@ public sealed record SamplingParams
     /// true ends the request with finish reason "stop". An exception thrown here fails this request only.
     /// </summary>
     public Func<string, bool>? StopCondition { get; init; }
+    /// <summary>
+    /// A constraint on the output (JSON Schema, any JSON object, regex, choice or grammar): tokens that cannot continue
+    /// a match are masked before sampling, and EOS is allowed only where the match is complete. Null: unconstrained.
+    /// </summary>
+    public StructuredOutputs? StructuredOutputs { get; init; }
     /// <summary>Leave special tokens out of the returned text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

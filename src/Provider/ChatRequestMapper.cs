@@ -33,8 +33,6 @@ internal static class ChatRequestMapper
             foreach (var key in extraProperties.Keys)
                 if (!AdditionalPropertyNames.Contains(key, StringComparer.Ordinal))
                     throw new NotSupportedException($"ChatOptions.AdditionalProperties[\"{key}\"] is not supported; the keys LocalVllm reads are {string.Join(", ", AdditionalPropertyNames)}.");
-        if (options?.ResponseFormat is ChatResponseFormatJson)
-            throw new NotSupportedException("ChatOptions.ResponseFormat JSON is not supported yet (no constrained decoding); use ChatResponseFormat.Text.");
 
         var json = new JsonArray();
         if (options?.Instructions is { Length: > 0 } instructions)
@@ -92,8 +90,8 @@ internal static class ChatRequestMapper
         JsonArray? tools = null;
         if (options?.Tools is { Count: > 0 } && options.ToolMode is not NoneChatToolMode)
         {
-            if (options.ToolMode is RequiredChatToolMode)
-                throw new NotSupportedException("ChatOptions.ToolMode RequireAny/RequireSpecific is not supported yet (no constrained decoding); use Auto or None.");
+            if (options.ToolMode is RequiredChatToolMode { RequiredFunctionName: { } required } && !options.Tools.Any(t => t.Name == required))
+                throw new ArgumentException($"ChatOptions.ToolMode requires the tool '{required}', which is not among ChatOptions.Tools ({string.Join(", ", options.Tools.Select(t => t.Name))}).", nameof(options));
             tools = [];
             foreach (var tool in options.Tools)
             {
@@ -161,6 +159,40 @@ internal static class ChatRequestMapper
             OutputKind = RequestOutputKind.Delta,
         };
     }
+
+    /// <summary>
+    /// The constraint a call asks for, or null: <see cref="ChatOptions.ResponseFormat"/> JSON (any object) or a JSON
+    /// schema; <see cref="ChatToolMode.RequireAny"/> (one or more <c>&lt;tool_call&gt;</c> blocks, each a call of one of
+    /// the tools with arguments valid under its parameter schema) or <c>RequireSpecific</c> (calls of that tool). When
+    /// the rendered prompt leaves a <c>&lt;think&gt;</c> section open (a thinking model with thinking on), the constraint
+    /// starts after <c>&lt;/think&gt;</c>.
+    /// </summary>
+    public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
+    {
+        StructuredOutputs? c = null;
+        if (o?.Tools is { Count: > 0 } tools && o.ToolMode is RequiredChatToolMode required)
+        {
+            var chosen = tools.OfType<AIFunctionDeclaration>().Where(t => required.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
+            var grammar = new System.Text.StringBuilder();
+            grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : "root ::= call (\"\\n\" call)*");
+            grammar.Append("call ::= \"<tool_call>\\n\" (").Append(string.Join(" | ", chosen.Select((_, i) => $"tool{i}"))).AppendLine(") \"\\n</tool_call>\"");
+            for (int i = 0; i < chosen.Count; i++)
+            {
+                var head = "{\"name\": " + JsonSerializer.Serialize(chosen[i].Name) + ", \"arguments\": ";
+                grammar.AppendLine($"tool{i} ::= {GbnfLiteral(head)} %json{chosen[i].JsonSchema.GetRawText()} \"}}\"");
+            }
+            c = StructuredOutputs.ForGrammar(grammar.ToString());
+        }
+        else if (o?.ResponseFormat is ChatResponseFormatJson json)
+            c = json.Schema is { } schema ? StructuredOutputs.ForJsonSchema(schema.GetRawText()) : StructuredOutputs.ForJsonObject();
+        if (c is null) return null;
+        bool thinkingOpen = templateSource.Contains("</think>", StringComparison.Ordinal)
+            && !renderedPrompt.TrimEnd().EndsWith("</think>", StringComparison.Ordinal);
+        return thinkingOpen ? c with { ReasoningEnd = "</think>" } : c;
+    }
+
+    private static string GbnfLiteral(string s) =>
+        "\"" + s.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("\"", "\\\"", StringComparison.Ordinal).Replace("\n", "\\n", StringComparison.Ordinal) + "\"";
 
     /// <summary>
     /// An engine knob from <see cref="ChatOptions.AdditionalProperties"/>, given as a value of the right type, a string

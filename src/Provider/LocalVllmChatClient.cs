@@ -73,7 +73,10 @@ public sealed partial class LocalVllmChatClient : IChatClient
             var (prompt, ids) = RenderPrompt(messages, options);
             if (_logger.IsEnabled(LogLevel.Debug))
                 ClientLog.Rendered(_logger, responseId, ids.Length, prompt.Length, prompt.Length <= PromptHeadChars ? prompt : prompt[..PromptHeadChars] + "...");
-            var sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen);
+            var sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen) with
+            {
+                StructuredOutputs = ChatRequestMapper.Constraint(options, prompt, _engine.ChatTemplate.Source),
+            };
             _engine.Validator.Validate(ids, sampling);
             return new PreparedRequest(responseId, ids, sampling, options);
         }

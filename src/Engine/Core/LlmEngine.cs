@@ -52,10 +52,17 @@ public sealed class LlmEngine : IDisposable
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
         Tokenizer = hasTokenizer ? ModelTokenizer.Load(Directory) : null;
         ChatTemplate = Text.Templating.ChatTemplate.Load(Directory);
-        _outputs = new OutputProcessor(Scheduler, Tokenizer, new HashSet<int>(Directory.EosTokenIds), MaxModelLen, Counters, _logger);
+        if (Tokenizer is { } tok) _vocabulary = new Lazy<Structured.TokenVocabulary>(() => new Structured.TokenVocabulary(tok, Math.Max(c.VocabSize, tok.Count)));
+        _outputs = new OutputProcessor(Scheduler, Tokenizer, new HashSet<int>(Directory.EosTokenIds), MaxModelLen, Counters, _logger,
+            _vocabulary is null ? null : () => _vocabulary.Value);
         EngineMetrics.Register(this);
         WarmUp(options.PinnedPrefixes.Select(p => (IReadOnlyList<int>)EncodePrompt(p)).Concat(options.PinnedPrefixTokenIds));
     }
+
+    private readonly Lazy<Structured.TokenVocabulary>? _vocabulary;
+
+    /// <summary>The vocabulary as bytes for structured outputs (built on first use), or null without a tokenizer.</summary>
+    public Structured.TokenVocabulary? Vocabulary => _vocabulary?.Value;
 
     public EngineOptions Options { get; }
     public ModelDirectory Directory { get; }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using LocalVllm.Engine.Diagnostics;
 using LocalVllm.Engine.Execution;
+using LocalVllm.Engine.Structured;
 using LocalVllm.Engine.Text.Tokenization;
 using Microsoft.Extensions.Logging;
 
@@ -14,7 +15,8 @@ namespace LocalVllm.Engine.Core;
 /// its start: it touches only the new tokens and text. Finishing a sequence goes through the scheduler, which frees
 /// its blocks. Owned by the engine thread.
 /// </summary>
-internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger)
+internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger,
+    Func<TokenVocabulary>? vocabulary = null)
 {
     private readonly Dictionary<string, Request> _requests = [];
 
@@ -28,6 +30,15 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
     {
         var ids = promptTokenIds.ToArray();
         long now = Stopwatch.GetTimestamp();
+        CompiledGrammar? grammar = null;
+        TokenVocabulary? vocab = null;
+        int[] endTokens = [];
+        if (sampling.StructuredOutputs is { } constraint)
+        {
+            vocab = vocabulary?.Invoke() ?? throw new ArgumentException("StructuredOutputs needs the model's tokenizer, and this model directory has none.", nameof(sampling));
+            grammar = ConstraintCompiler.Compile(constraint);
+            endTokens = [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()];
+        }
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
@@ -35,6 +46,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
             if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop);
+            if (grammar is not null) s.Constraint = new SequenceConstraint(new GrammarMatcher(grammar, vocab!), endTokens, sampling.StructuredOutputs!.ReasoningEnd);
         }
         _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs, deadline);
         foreach (var s in seqs) scheduler.Add(s);
@@ -118,6 +130,13 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
     {
         var p = seq.Sampling;
         int generated = seq.NumOutputTokens;
+        if (seq.Constraint is { } constraint)
+        {
+            if (constraint.Dead)
+                throw new InvalidOperationException($"the structured-output constraint allows no token after {generated - 1} output tokens (no token of the vocabulary can continue the match)");
+            if (!constraint.Accept(token))
+                throw new InvalidOperationException($"token {token} at output position {generated - 1} is not allowed by the structured-output constraint");
+        }
         if (seq.Detokenizer is { } detok)
         {
             detok.Add(token);
@@ -129,6 +148,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             if (!p.IgnoreEos && eos.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
             if (p.StopTokenIds.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
         }
+        if (seq.Constraint is { Active: true } c && c.Matcher.IsTerminated) { scheduler.Finish(seq, FinishReasons.Stop); return; }
         if (generated >= p.MaxTokens || seq.NumTokens >= maxModelLen) scheduler.Finish(seq, FinishReasons.Length);
     }
 

@@ -60,6 +60,8 @@ public sealed class Sequence
     internal List<PositionLogprobs>? OutputLogprobs { get; set; }
     internal PositionLogprobs?[]? PromptLogprobs { get; set; }
     internal long ArrivalTicks { get; }
+    /// <summary>The structured-output constraint's state, when the request has one.</summary>
+    internal Structured.SequenceConstraint? Constraint { get; set; }
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }

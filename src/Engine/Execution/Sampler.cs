@@ -26,7 +26,7 @@ public sealed class Sampler
         if (rows == 0) return result;
 
         Tensor? logprobs = seqs.Any(s => s.Sampling.Logprobs is not null) ? logits.log_softmax(-1) : null;
-        var processed = ApplyPenalties(logits, seqs);
+        var processed = ApplyPenalties(ApplyConstraints(logits, seqs), seqs);
 
         var greedyTokens = CpuArgMax.ArgMax(processed);
         var randomRows = Enumerable.Range(0, rows).Where(i => !seqs[i].Sampling.IsGreedy).ToArray();
@@ -90,6 +90,47 @@ public sealed class Sampler
         var p2 = masked.softmax(-1);
         masked = masked.masked_fill(p2 < p2.narrow(1, 0, 1) * minP, float.NegativeInfinity);
         return masked.softmax(-1);
+    }
+
+    /// <summary>
+    /// Structured outputs: for each row whose sequence has an active constraint, every token the matcher does not allow
+    /// becomes -inf (on a copy), before penalties and every sampling step, so greedy and seeded draws see only allowed
+    /// tokens. End tokens (EOS, stop tokens) are allowed where the match is complete and MinTokens is met. A row with no
+    /// allowed token at all is left as it is and its constraint marked dead (the request then fails with that reason).
+    /// </summary>
+    internal static Tensor ApplyConstraints(Tensor logits, IReadOnlyList<Sequence> seqs)
+    {
+        List<int>? rows = null;
+        for (int i = 0; i < seqs.Count; i++)
+            if (seqs[i].Constraint is { Active: true }) (rows ??= []).Add(i);
+        if (rows is null) return logits;
+        int vocab = (int)logits.shape[1];
+        var words = new ulong[Math.Max((vocab + 63) / 64, seqs[rows[0]].Constraint!.Matcher.Vocabulary.Words)];
+        var disallow = new bool[rows.Count * vocab];
+        var kept = new List<long>(rows.Count);
+        foreach (int i in rows)
+        {
+            var c = seqs[i].Constraint!;
+            c.Matcher.FillMask(words);
+            if (c.Matcher.IsAccepting && seqs[i].NumOutputTokens >= seqs[i].Sampling.MinTokens)
+                foreach (int t in c.EndTokens)
+                    if (t < vocab) words[t >> 6] |= 1UL << t;
+            bool any = false;
+            foreach (ulong w in words)
+                if (w != 0) { any = true; break; }
+            if (!any) { c.Dead = true; continue; }
+            int baseIndex = kept.Count * vocab;
+            for (int t = 0; t < vocab; t++) disallow[baseIndex + t] = (words[t >> 6] & (1UL << t)) == 0;
+            kept.Add(i);
+        }
+        if (kept.Count == 0) return logits;
+        var masked = logits.clone();
+        using var idx = tensor(kept.ToArray(), device: logits.device);
+        using var mask = tensor(disallow.AsSpan(0, kept.Count * vocab).ToArray(), device: logits.device).reshape(kept.Count, vocab);
+        using var rowsOf = masked.index_select(0, idx);
+        using var filled = rowsOf.masked_fill(mask, float.NegativeInfinity);
+        masked.index_copy_(0, idx, filled);
+        return masked;
     }
 
     /// <summary>Repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.</summary>

@@ -17,10 +17,14 @@ public sealed class ChatTemplate
     /// <summary>Creates a template from source; <paramref name="specialTokens"/> are bos_token, eos_token and friends.</summary>
     public ChatTemplate(string source, IReadOnlyDictionary<string, string>? specialTokens = null, string? toolUseSource = null)
     {
+        Source = source;
         _default = new JinjaTemplate(source);
         _toolUse = toolUseSource is null ? null : new JinjaTemplate(toolUseSource);
         _specialTokens = (specialTokens ?? new Dictionary<string, string>()).ToDictionary(kv => kv.Key, kv => (object?)kv.Value);
     }
+
+    /// <summary>The template's Jinja source.</summary>
+    public string Source { get; }
 
     /// <summary>Loads the template of <paramref name="dir"/>, or returns null when the model has none.</summary>
     public static ChatTemplate? Load(ModelDirectory dir) => Load(dir.Path);

@@ -1,0 +1,57 @@
+using System.Text;
+
+namespace LocalVllm.Engine.Structured;
+
+/// <summary>
+/// A sequence's structured-output state: its <see cref="GrammarMatcher"/>, the tokens that may end it (EOS and stop
+/// tokens, allowed only where the match is complete and MinTokens is met), and, when the constraint starts after a
+/// reasoning section, whether that section has ended yet. Owned by the engine thread; kept across preemption (the
+/// output tokens, and so the match, do not change when a sequence's KV is recomputed) and dropped with the sequence.
+/// </summary>
+internal sealed class SequenceConstraint
+{
+    private readonly byte[]? _reasoningEnd;
+    private readonly List<byte> _tail = [];
+
+    public SequenceConstraint(GrammarMatcher matcher, int[] endTokens, string? reasoningEnd)
+    {
+        Matcher = matcher;
+        EndTokens = endTokens;
+        _reasoningEnd = reasoningEnd is null ? null : Encoding.UTF8.GetBytes(reasoningEnd);
+        Active = _reasoningEnd is null;
+    }
+
+    public GrammarMatcher Matcher { get; }
+    /// <summary>Tokens that end the sequence (EOS unless ignored, stop tokens).</summary>
+    public int[] EndTokens { get; }
+    /// <summary>Whether the constraint applies now (false while a reasoning section is still open).</summary>
+    public bool Active { get; private set; }
+    /// <summary>Set by the sampler when the constraint allowed no token at all: the request fails with a clear message.</summary>
+    public bool Dead { get; set; }
+    /// <summary>Tokens whose bytes were forced (jump-forward) rather than sampled; not used yet.</summary>
+    public int ForcedTokens { get; set; }
+
+    /// <summary>
+    /// Takes a generated token: advances the matcher (or, while reasoning, watches for its end and feeds the matcher the
+    /// bytes after it). Returns false if the constraint refuses the token.
+    /// </summary>
+    public bool Accept(int token)
+    {
+        var bytes = Matcher.Vocabulary.TokenBytes(token);
+        if (EndTokens.Contains(token)) return !Active || Matcher.IsAccepting;
+        if (Active) return Matcher.TryAdvance(bytes);
+        _tail.AddRange(bytes);
+        var marker = _reasoningEnd!;
+        var span = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_tail);
+        int at = span.IndexOf(marker);
+        if (at < 0)
+        {
+            if (_tail.Count > marker.Length) _tail.RemoveRange(0, _tail.Count - marker.Length);
+            return true;
+        }
+        Active = true;
+        var rest = span[(at + marker.Length)..].ToArray();
+        _tail.Clear();
+        return rest.Length == 0 || Matcher.TryAdvance(rest);
+    }
+}

@@ -1,0 +1,179 @@
+using System.Numerics;
+using LocalVllm.Engine.Text.Tokenization;
+
+namespace LocalVllm.Engine.Structured;
+
+/// <summary>
+/// The vocabulary as bytes, for constrained decoding: every token's bytes (byte-level BPE and SentencePiece byte
+/// fallback alike, as <see cref="ModelTokenizer.TokenBytes"/> gives them) in a trie flattened in depth-first order, so
+/// a walk that rejects a byte skips the whole subtree with one jump. Special tokens are not in it (a grammar never
+/// produces them; EOS is allowed separately where the grammar accepts).
+/// <para>
+/// It also caches, per automaton state, the tokens that a rule accepts without leaving it (the bulk of every mask:
+/// inside a string almost every token is such a token) and the few trie nodes where a token may continue past the
+/// rule's end; see <see cref="GrammarMatcher.FillMask"/>. The cache is keyed by the shared automata, so it serves every
+/// request and schema that uses the same rule.
+/// </para>
+/// </summary>
+public sealed class TokenVocabulary
+{
+    private readonly byte[][] _tokenBytes;
+    private readonly int[] _nodeEnd;
+    private readonly byte[] _nodeByte;
+    private readonly int[] _nodeDepth;
+    private readonly int[] _nodeToken;
+    private readonly int[] _sameBytesNext;
+    private readonly ulong[] _allTokens;
+    private readonly Dictionary<(int Dfa, int State), StateMask> _cache = [];
+    private readonly Lock _lock = new();
+
+    /// <summary>The vocabulary of <paramref name="tokenizer"/> over <paramref name="vocabSize"/> logits (at least its token count).</summary>
+    public TokenVocabulary(ModelTokenizer tokenizer, int vocabSize)
+        : this(Enumerable.Range(0, tokenizer.Count).Select(id => tokenizer.IsSpecial(id) ? null : tokenizer.TokenBytes(id).ToArray()).ToArray(), vocabSize)
+    {
+    }
+
+    /// <summary>A vocabulary from each token's bytes (null or empty: never produced by a grammar).</summary>
+    public TokenVocabulary(byte[]?[] tokenBytes, int vocabSize)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(vocabSize, tokenBytes.Length);
+        VocabSize = vocabSize;
+        _tokenBytes = tokenBytes.Select(b => b ?? []).ToArray();
+        Words = (vocabSize + 63) / 64;
+        _allTokens = new ulong[Words];
+        _sameBytesNext = Enumerable.Repeat(-1, tokenBytes.Length).ToArray();
+
+        var ids = Enumerable.Range(0, tokenBytes.Length).Where(i => _tokenBytes[i].Length > 0).ToArray();
+        Array.Sort(ids, (a, b) => _tokenBytes[a].AsSpan().SequenceCompareTo(_tokenBytes[b]));
+        var end = new List<int> { 0 };
+        var bytes = new List<byte> { 0 };
+        var depth = new List<int> { 0 };
+        var token = new List<int> { -1 };
+        var path = new List<int> { 0 }; // node index at each depth
+        byte[] prev = [];
+        foreach (int id in ids)
+        {
+            var b = _tokenBytes[id];
+            int common = 0;
+            while (common < prev.Length && common < b.Length && prev[common] == b[common]) common++;
+            while (path.Count - 1 > common)
+            {
+                end[path[^1]] = end.Count;
+                path.RemoveAt(path.Count - 1);
+            }
+            for (int d = common; d < b.Length; d++)
+            {
+                end.Add(0);
+                bytes.Add(b[d]);
+                depth.Add(d + 1);
+                token.Add(-1);
+                path.Add(end.Count - 1);
+            }
+            int node = path[^1];
+            if (token[node] < 0) token[node] = id;
+            else
+            {
+                int t = token[node];
+                while (_sameBytesNext[t] >= 0) t = _sameBytesNext[t];
+                _sameBytesNext[t] = id;
+            }
+            _allTokens[id >> 6] |= 1UL << id;
+            prev = b;
+        }
+        while (path.Count > 0)
+        {
+            end[path[^1]] = end.Count;
+            path.RemoveAt(path.Count - 1);
+        }
+        _nodeEnd = end.ToArray();
+        _nodeByte = bytes.ToArray();
+        _nodeDepth = depth.ToArray();
+        _nodeToken = token.ToArray();
+        MaxDepth = _nodeDepth.Max();
+    }
+
+    /// <summary>Logit rows are this wide; masks have a bit per id below it.</summary>
+    public int VocabSize { get; }
+    /// <summary>64-bit words in a mask.</summary>
+    public int Words { get; }
+    internal int MaxDepth { get; }
+    /// <summary>Nodes of the flattened trie (root included).</summary>
+    public int TrieNodes => _nodeEnd.Length;
+
+    /// <summary>A token's bytes (empty for special tokens).</summary>
+    public ReadOnlySpan<byte> TokenBytes(int id) => (uint)id < (uint)_tokenBytes.Length ? _tokenBytes[id] : [];
+
+    internal ReadOnlySpan<int> NodeEnd => _nodeEnd;
+    internal ReadOnlySpan<byte> NodeByte => _nodeByte;
+    internal ReadOnlySpan<int> NodeToken => _nodeToken;
+    internal ReadOnlySpan<int> SameBytesNext => _sameBytesNext;
+    internal ReadOnlySpan<ulong> AllTokens => _allTokens;
+
+    /// <summary>Cached entries (automaton states whose masks are known).</summary>
+    public int CachedStates
+    {
+        get { lock (_lock) return _cache.Count; }
+    }
+
+    internal void SetToken(Span<ulong> mask, int node)
+    {
+        for (int t = _nodeToken[node]; t >= 0; t = _sameBytesNext[t]) mask[t >> 6] |= 1UL << t;
+    }
+
+    /// <summary>What <paramref name="dfa"/> accepts from <paramref name="state"/> without leaving the rule, computed once.</summary>
+    internal StateMask Inside(RuleDfa dfa, int state)
+    {
+        lock (_lock)
+            if (_cache.TryGetValue((dfa.Id, state), out var hit)) return hit;
+        var computed = ComputeInside(dfa, state);
+        lock (_lock) _cache[(dfa.Id, state)] = computed;
+        return computed;
+    }
+
+    private StateMask ComputeInside(RuleDfa dfa, int state)
+    {
+        var mask = new ulong[Words];
+        var boundaries = new List<(int, int)>();
+        var stack = new int[MaxDepth + 1];
+        stack[0] = state;
+        var next = dfa.Next;
+        var classOf = dfa.ClassOf;
+        int classes = dfa.ClassCount;
+        int n = _nodeEnd.Length;
+        int i = 1;
+        while (i < n)
+        {
+            int d = _nodeDepth[i];
+            int s = next[stack[d - 1] * classes + classOf[_nodeByte[i]]];
+            if (s < 0) { i = _nodeEnd[i]; continue; }
+            stack[d] = s;
+            SetToken(mask, i);
+            if (_nodeEnd[i] > i + 1 && dfa.HasExits(s)) boundaries.Add((i, s));
+            i++;
+        }
+        int allowed = 0, all = 0;
+        for (int w = 0; w < Words; w++)
+        {
+            allowed += BitOperations.PopCount(mask[w]);
+            all += BitOperations.PopCount(_allTokens[w]);
+        }
+        bool complement = allowed * 2 > all;
+        var ids = new List<int>(complement ? all - allowed : allowed);
+        for (int w = 0; w < Words; w++)
+        {
+            ulong bits = complement ? _allTokens[w] & ~mask[w] : mask[w];
+            while (bits != 0)
+            {
+                ids.Add(w * 64 + BitOperations.TrailingZeroCount(bits));
+                bits &= bits - 1;
+            }
+        }
+        return new StateMask(ids.ToArray(), complement, boundaries.ToArray());
+    }
+}
+
+/// <summary>
+/// The tokens one automaton state accepts inside its rule (<see cref="Ids"/>, or all trie tokens but them when
+/// <see cref="Complement"/>), and the trie nodes (with the state reached there) past which a token may leave the rule.
+/// </summary>
+internal sealed record StateMask(int[] Ids, bool Complement, (int Node, int State)[] Boundaries);
