@@ -43,6 +43,14 @@ public sealed record StructuredOutputs
     public JsonWhitespace Whitespace { get; init; } = JsonWhitespace.Compact;
 
     /// <summary>
+    /// True (the default, for generation): an object whose schema does not mention <c>additionalProperties</c> gets
+    /// only the properties it lists, as XGrammar's strict mode and OpenAI's strict schemas do; otherwise a model could
+    /// invent keys forever. False: JSON Schema's own semantics (unlisted properties allowed), as a validator and
+    /// MaskBench read a schema. An explicit <c>additionalProperties</c> is always honoured.
+    /// </summary>
+    public bool StrictJson { get; init; } = true;
+
+    /// <summary>
     /// A text that ends a reasoning section (Qwen3's <c>&lt;/think&gt;</c>): when set, the output is free until this
     /// text has been generated, and the constraint applies after it (whitespace may separate them), as vLLM's reasoning
     /// parsers do. Null: the constraint applies from the first token.
@@ -68,7 +76,7 @@ public sealed record StructuredOutputs
 
     /// <summary>The cache key: the kind, its text and the options.</summary>
     internal string CacheKey =>
-        $"{Whitespace}|{ReasoningEnd}|" + (Json is not null ? "json:" + Json
+        $"{Whitespace}|{StrictJson}|{ReasoningEnd}|" + (Json is not null ? "json:" + Json
             : JsonObject ? "object"
             : Regex is not null ? "regex:" + Regex
             : Choice is not null ? "choice:" + string.Join("\u0000", Choice)

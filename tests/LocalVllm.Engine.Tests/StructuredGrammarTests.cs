@@ -173,7 +173,7 @@ public class StructuredGrammarTests
     {
         var validator = JsonSchema.FromText(schema);
         bool expected = validator.Evaluate(System.Text.Json.JsonDocument.Parse(instance).RootElement, new EvaluationOptions { RequireFormatValidation = true }).IsValid;
-        Assert.Equal(expected, Accepts(StructuredOutputs.ForJsonSchema(schema, JsonWhitespace.Flexible), instance));
+        Assert.Equal(expected, Accepts(StructuredOutputs.ForJsonSchema(schema, JsonWhitespace.Flexible) with { StrictJson = false }, instance));
     }
 
     [Fact]
@@ -183,6 +183,29 @@ public class StructuredGrammarTests
         Assert.True(Accepts(StructuredOutputs.ForJsonSchema(schema), """{"a":[1,2]}"""));
         Assert.False(Accepts(StructuredOutputs.ForJsonSchema(schema), """{"a": [1,2]}"""));
         Assert.True(Accepts(StructuredOutputs.ForJsonSchema(schema, JsonWhitespace.Flexible), "{\n  \"a\" :\t[ 1 ,2 ]\r\n}"));
+    }
+
+    [Fact]
+    public void Json_object_mode_takes_any_object_and_nothing_else()
+    {
+        var c = StructuredOutputs.ForJsonObject();
+        Assert.True(Accepts(c, """{"a":[1,{"b":null,"c":-2.5e3}],"d":"\u00e9\n"}"""));
+        Assert.True(Accepts(c, "{}"));
+        Assert.False(Accepts(c, "[1]"));
+        Assert.False(Accepts(c, "\"x\""));
+        Assert.False(Accepts(c, "{\"a\":01}"));
+    }
+
+    [Fact]
+    public void Strict_json_generates_only_listed_properties_unless_the_schema_allows_more()
+    {
+        const string open = """{"type": "object", "properties": {"a": {"type": "integer"}}}""";
+        const string explicitlyOpen = """{"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "string"}}""";
+        Assert.False(Accepts(StructuredOutputs.ForJsonSchema(open), """{"a":1,"b":2}"""));
+        Assert.True(Accepts(StructuredOutputs.ForJsonSchema(open) with { StrictJson = false }, """{"a":1,"b":2}"""));
+        Assert.True(Accepts(StructuredOutputs.ForJsonSchema(explicitlyOpen), """{"a":1,"b":"x"}"""));
+        Assert.False(Accepts(StructuredOutputs.ForJsonSchema(explicitlyOpen), """{"a":1,"b":2}"""));
+        Assert.False(Accepts(StructuredOutputs.ForJsonSchema(explicitlyOpen), """{"a":1,"a":"x"}"""));
     }
 
     [Fact]
@@ -335,7 +358,7 @@ public class StructuredGrammarTests
             CompiledGrammar grammar;
             try
             {
-                grammar = ConstraintCompiler.Compile(StructuredOutputs.ForJsonSchema(doc["schema"]!.ToJsonString(), JsonWhitespace.Flexible));
+                grammar = ConstraintCompiler.Compile(StructuredOutputs.ForJsonSchema(doc["schema"]!.ToJsonString(), JsonWhitespace.Flexible) with { StrictJson = false });
             }
             catch (GrammarException)
             {

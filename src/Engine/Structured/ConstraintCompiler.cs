@@ -38,7 +38,7 @@ public static class ConstraintCompiler
         switch (kind)
         {
             case "json":
-                g = JsonSchemaGrammar.Build(c.Json!, compact);
+                g = JsonSchemaGrammar.Build(c.Json!, compact, c.StrictJson);
                 break;
             case "json_object":
                 g = JsonSchemaGrammar.AnyJson(objectOnly: true, compact);
@@ -53,7 +53,7 @@ public static class ConstraintCompiler
                 g.Add("choice", Rx.Alt(c.Choice.Select(Rx.Literal).ToArray()));
                 break;
             default:
-                g = GbnfGrammar.Parse(c.Grammar!, compact);
+                g = GbnfGrammar.Parse(c.Grammar!, compact, c.StrictJson);
                 break;
         }
         if (c.ReasoningEnd is not null)

@@ -23,17 +23,19 @@ internal sealed class GbnfGrammar
     private readonly Dictionary<string, int> _rules = [];
     private readonly HashSet<string> _defined = [];
     private readonly bool _compactJson;
+    private readonly bool _strictJson;
     private int _i;
 
-    private GbnfGrammar(string text, bool compactJson)
+    private GbnfGrammar(string text, bool compactJson, bool strictJson)
     {
+        _strictJson = strictJson;
         _t = text;
         _compactJson = compactJson;
     }
 
-    public static Grammar Parse(string text, bool compactJson)
+    public static Grammar Parse(string text, bool compactJson, bool strictJson)
     {
-        var p = new GbnfGrammar(text, compactJson);
+        var p = new GbnfGrammar(text, compactJson, strictJson);
         p.ParseAll();
         return p._g;
     }
@@ -228,7 +230,7 @@ internal sealed class GbnfGrammar
             var schemaBytes = Encoding.UTF8.GetBytes(_t[start..]).AsSpan(0, (int)reader.BytesConsumed);
             var schema = Encoding.UTF8.GetString(schemaBytes);
             _i = start + schema.Length;
-            return Rx.Ref(JsonSchemaGrammar.AddSchema(_g, schema, _compactJson));
+            return Rx.Ref(JsonSchemaGrammar.AddSchema(_g, schema, _compactJson, _strictJson));
         }
         var name = Name();
         if (name is null) throw Error($"unexpected '{c}'");

@@ -65,28 +65,34 @@ internal sealed class JsonSchemaGrammar
     private readonly JsonNode _root;
     private readonly Grammar _g;
     private readonly bool _compact;
+    private readonly bool _strict;
     private readonly Dictionary<JsonNode, int> _rules = new(ReferenceEqualityComparer.Instance);
     private readonly Dictionary<string, int> _leafRules = [];
     private readonly Dictionary<string, int> _rulesByText = [];
     private int _anyValue = -1;
 
-    private JsonSchemaGrammar(Grammar g, JsonNode root, bool compact)
+    private JsonSchemaGrammar(Grammar g, JsonNode root, bool compact, bool strict = false)
     {
+        _strict = strict;
         _g = g;
         _root = root;
         _compact = compact;
     }
 
-    /// <summary>The grammar of <paramref name="schema"/>'s instances; <paramref name="compact"/>: no whitespace at all.</summary>
-    public static Grammar Build(string schema, bool compact)
+    /// <summary>
+    /// The grammar of <paramref name="schema"/>'s instances; <paramref name="compact"/>: no whitespace at all;
+    /// <paramref name="strict"/>: an object whose schema does not mention additionalProperties gets only its listed
+    /// properties (as XGrammar's strict mode and OpenAI's strict schemas do).
+    /// </summary>
+    public static Grammar Build(string schema, bool compact, bool strict)
     {
         var g = new Grammar();
-        g.Start = AddSchema(g, schema, compact);
+        g.Start = AddSchema(g, schema, compact, strict);
         return g;
     }
 
     /// <summary>Adds the rules of <paramref name="schema"/> to <paramref name="g"/>; returns the rule of its instances.</summary>
-    public static int AddSchema(Grammar g, string schema, bool compact)
+    public static int AddSchema(Grammar g, string schema, bool compact, bool strict)
     {
         JsonNode? root;
         try
@@ -98,7 +104,7 @@ internal sealed class JsonSchemaGrammar
             throw new GrammarException($"the JSON schema is not valid JSON: {e.Message}");
         }
         if (root is null) throw new GrammarException("the JSON schema is null; use true for any value");
-        var c = new JsonSchemaGrammar(g, root, compact);
+        var c = new JsonSchemaGrammar(g, root, compact, strict);
         int start = g.Declare("schema");
         g.Define(start, c.ValueRx(root, "#"));
         return start;
@@ -603,6 +609,7 @@ internal sealed class JsonSchemaGrammar
         var required = (o["required"] as JsonArray)?.Select(n => n!.GetValue<string>()).ToHashSet() ?? [];
         var ap = o["additionalProperties"];
         bool apAllowed = ap is not JsonValue av || av.GetValueKind() != JsonValueKind.False;
+        bool unlisted = apAllowed && !(ap is null && _strict);
 
         var props = new List<(string Name, Rx Value, bool Required)>();
         foreach (var (name, schema) in properties)
@@ -623,7 +630,7 @@ internal sealed class JsonSchemaGrammar
         }
 
         Rx? extra = null;
-        if (apAllowed)
+        if (unlisted)
         {
             var apValue = ap is null ? Rx.Ref(AnyValue()) : RefTo(ap, $"{path}/additionalProperties");
             if (!apValue.IsNothing) extra = Rx.Seq(Rx.Ref(Leaf("key", ExtraKey(properties.Select(kv => kv.Key).Concat(required)))), Colon, apValue);
