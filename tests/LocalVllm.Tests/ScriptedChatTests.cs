@@ -51,14 +51,16 @@ public sealed class ScriptedChatTests
     }
 
     [Fact]
-    public async Task Unsupported_options_say_so()
+    public async Task Constraints_that_cannot_be_honoured_say_so_before_the_engine_sees_them()
     {
-        var client = new LocalVllmChatClient(new ScriptedEngine(["x"], ["x"]));
-        var json = await Assert.ThrowsAsync<NotSupportedException>(() => client.GetResponseAsync(Hello, new ChatOptions { ResponseFormat = ChatResponseFormat.Json }));
-        Assert.Contains("JSON", json.Message);
+        var engine = new ScriptedEngine(["x"], ["x"]);
+        var client = new LocalVllmChatClient(engine);
+        var schema = JsonDocument.Parse("""{"type": "object", "not": {"required": ["a"]}}""").RootElement;
+        var json = await Assert.ThrowsAsync<ArgumentException>(() => client.GetResponseAsync(Hello, new ChatOptions { ResponseFormat = ChatResponseFormat.ForJsonSchema(schema) }));
+        Assert.Contains("'not'", json.Message);
         var tool = AIFunctionFactory.Create((string city) => "sunny", "get_weather");
-        var req = await Assert.ThrowsAsync<NotSupportedException>(() => client.GetResponseAsync(Hello, new ChatOptions { Tools = [tool], ToolMode = ChatToolMode.RequireAny }));
-        Assert.Contains("ToolMode", req.Message);
+        var req = await Assert.ThrowsAsync<ArgumentException>(() => client.GetResponseAsync(Hello, new ChatOptions { Tools = [tool], ToolMode = ChatToolMode.RequireSpecific("get_time") }));
+        Assert.Contains("'get_time'", req.Message);
         await Assert.ThrowsAsync<ArgumentException>(() => client.GetResponseAsync([]));
     }
 
