@@ -82,8 +82,8 @@ public sealed record StructuredOutputs
             : Choice is not null ? "choice:" + string.Join("\u0000", Choice)
             : "grammar:" + Grammar);
 
-    /// <summary>Which constraint is set; throws when none or several are.</summary>
-    internal string Kind
+    /// <summary>Which constraint is set (json, json_object, regex, choice or grammar); an <see cref="ArgumentException"/> when none or several are.</summary>
+    public string Kind
     {
         get
         {

@@ -16,7 +16,7 @@ internal sealed record MappedRequest(JsonArray Messages, JsonArray? Tools, Dicti
 internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
-    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs"];
+    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs"];
 
     public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
     {
@@ -170,7 +170,15 @@ internal static class ChatRequestMapper
     public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
     {
         StructuredOutputs? c = null;
-        if (o?.Tools is { Count: > 0 } tools && o.ToolMode is RequiredChatToolMode required)
+        if (o?.AdditionalProperties?.TryGetValue("structured_outputs", out var so) == true && so is not null)
+            c = so switch
+            {
+                StructuredOutputs given => given,
+                JsonElement e => StructuredOutputsJson.Parse(JsonNode.Parse(e.GetRawText())),
+                JsonNode n => StructuredOutputsJson.Parse(n),
+                _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {so.GetType().Name}.", nameof(o)),
+            };
+        else if (o?.Tools is { Count: > 0 } tools && o.ToolMode is RequiredChatToolMode required)
         {
             var chosen = tools.OfType<AIFunctionDeclaration>().Where(t => required.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
             var grammar = new System.Text.StringBuilder();
@@ -184,7 +192,7 @@ internal static class ChatRequestMapper
             c = StructuredOutputs.ForGrammar(grammar.ToString());
         }
         else if (o?.ResponseFormat is ChatResponseFormatJson json)
-            c = json.Schema is { } schema ? StructuredOutputs.ForJsonSchema(schema.GetRawText()) : StructuredOutputs.ForJsonObject();
+            c = json.Schema is { ValueKind: JsonValueKind.Object or JsonValueKind.True or JsonValueKind.False } schema ? StructuredOutputs.ForJsonSchema(schema.GetRawText()) : StructuredOutputs.ForJsonObject();
         if (c is null) return null;
         bool thinkingOpen = templateSource.Contains("</think>", StringComparison.Ordinal)
             && !renderedPrompt.TrimEnd().EndsWith("</think>", StringComparison.Ordinal);

@@ -31,7 +31,8 @@ internal sealed class OpenAiChatRequest
     [
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user",
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs",
+        .. StructuredOutputsJson.GuidedFields,
     ];
 
     public static OpenAiChatRequest Parse(JsonObject body)
@@ -96,6 +97,7 @@ internal sealed class OpenAiChatRequest
         if (body["response_format"] is JsonObject format && format["type"]?.GetValue<string>() is { } type && type != "text")
             o.ResponseFormat = type == "json_object" ? ChatResponseFormat.Json : ChatResponseFormat.ForJsonSchema(
                 (format["json_schema"]?["schema"] is JsonNode s ? JsonDocument.Parse(s.ToJsonString()).RootElement.Clone() : default));
+        if (Constraint(body) is { } constraint) o.AdditionalProperties["structured_outputs"] = constraint;
         if (o.AdditionalProperties.Count == 0) o.AdditionalProperties = null;
 
         int n = Int(body, "n") ?? 1;
@@ -109,6 +111,19 @@ internal sealed class OpenAiChatRequest
             Logprobs = logprobs,
             _options = o,
         };
+    }
+
+    /// <summary>vLLM's <c>structured_outputs</c> or the older <c>guided_*</c> fields, as a constraint (400 when malformed).</summary>
+    public static StructuredOutputs? Constraint(JsonObject body)
+    {
+        try
+        {
+            return body["structured_outputs"] is { } so ? StructuredOutputsJson.Parse(so) : StructuredOutputsJson.FromGuidedFields(body);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ApiException(400, e.Message, param: "structured_outputs");
+        }
     }
 
     private static ChatMessage Message(JsonNode? node, int index)
@@ -228,6 +243,7 @@ internal static class OpenAiCompletionRequest
             Seed = OpenAiChatRequest.Long(body, "seed"),
             Stop = stop,
             Logprobs = OpenAiChatRequest.Int(body, "logprobs"),
+            StructuredOutputs = OpenAiChatRequest.Constraint(body),
         };
     }
 }

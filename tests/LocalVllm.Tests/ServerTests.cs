@@ -293,6 +293,81 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         await engine.WhenIdleAsync();
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
+
+    private const string ForecastSchema = """{"type": "object", "properties": {"sky": {"enum": ["clear", "rain"]}, "temp": {"type": "integer", "minimum": -30, "maximum": 45}, "windy": {"type": "boolean"}}, "required": ["sky", "temp"], "additionalProperties": false}""";
+
+    private static JsonObject SampledChat(string content) => new()
+    {
+        ["model"] = "tiny-qwen3-chat",
+        ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = content }),
+        ["temperature"] = 1, ["seed"] = 4, ["max_tokens"] = 200,
+        ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false },
+    };
+
+    private static void AssertValid(string schema, string json) =>
+        Assert.True(Json.Schema.JsonSchema.FromText(schema).Evaluate(System.Text.Json.JsonDocument.Parse(json).RootElement).IsValid, $"{json} is not valid under {schema}");
+
+    [Fact]
+    public async Task Response_format_json_schema_gives_content_the_schema_accepts()
+    {
+        var body = SampledChat("Forecast?");
+        body["response_format"] = new JsonObject { ["type"] = "json_schema", ["json_schema"] = new JsonObject { ["name"] = "forecast", ["schema"] = JsonNode.Parse(ForecastSchema) } };
+        var (status, json, _) = await Post("v1/chat/completions", body);
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Equal("stop", json["choices"]![0]!["finish_reason"]!.GetValue<string>());
+        AssertValid(ForecastSchema, json["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task Tool_choice_required_and_named_give_tool_calls_with_valid_arguments()
+    {
+        const string parameters = """{"type": "object", "properties": {"on": {"type": "boolean"}, "level": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["on", "level"]}""";
+        var tools = new JsonArray(
+            new JsonObject { ["type"] = "function", ["function"] = new JsonObject { ["name"] = "set_light", ["parameters"] = JsonNode.Parse(parameters) } },
+            new JsonObject { ["type"] = "function", ["function"] = new JsonObject { ["name"] = "noop", ["parameters"] = JsonNode.Parse("""{"type": "object", "properties": {}}""") } });
+        foreach (JsonNode choice in new JsonNode[] { "required", new JsonObject { ["type"] = "function", ["function"] = new JsonObject { ["name"] = "set_light" } } })
+        {
+            var body = SampledChat("Lights!");
+            body["tools"] = tools.DeepClone();
+            body["tool_choice"] = choice.DeepClone();
+            var (status, json, _) = await Post("v1/chat/completions", body);
+            Assert.Equal(HttpStatusCode.OK, status);
+            Assert.Equal("tool_calls", json["choices"]![0]!["finish_reason"]!.GetValue<string>());
+            var calls = json["choices"]![0]!["message"]!["tool_calls"]!.AsArray();
+            Assert.NotEmpty(calls);
+            foreach (var call in calls)
+            {
+                var name = call!["function"]!["name"]!.GetValue<string>();
+                if (choice is JsonObject) Assert.Equal("set_light", name);
+                AssertValid(name == "set_light" ? parameters : """{"type": "object", "properties": {}}""", call["function"]!["arguments"]!.GetValue<string>());
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Completions_take_vllm_structured_outputs_and_the_older_guided_fields()
+    {
+        var body = new JsonObject { ["model"] = "tiny-qwen3-chat", ["prompt"] = "The answer:", ["max_tokens"] = 30, ["seed"] = 1, ["structured_outputs"] = new JsonObject { ["regex"] = "(yes|no), [0-9]{2}" } };
+        var (status, json, _) = await Post("v1/completions", body);
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Matches("^(yes|no), [0-9]{2}$", json["choices"]![0]!["text"]!.GetValue<string>());
+        body.Remove("structured_outputs");
+        body["guided_choice"] = new JsonArray("red", "green", "blue");
+        (status, json, _) = await Post("v1/completions", body);
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Contains(json["choices"]![0]!["text"]!.GetValue<string>(), new[] { "red", "green", "blue" });
+
+        body.Remove("guided_choice");
+        body["structured_outputs"] = new JsonObject { ["json"] = JsonNode.Parse("""{"type": "object", "not": {}}""") };
+        (status, json, _) = await Post("v1/completions", body);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("'not'", json["error"]!["message"]!.GetValue<string>());
+        body["structured_outputs"] = new JsonObject { ["regex"] = "a", ["choice"] = new JsonArray("a") };
+        (status, json, _) = await Post("v1/completions", body);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("exactly one", json["error"]!["message"]!.GetValue<string>());
+    }
+
 }
 
 /// <summary>A server that runs one sequence and queues one more: a third request is refused with 429 and Retry-After.</summary>
