@@ -47,6 +47,35 @@ string[] roles = ["the planner, who turns requests into steps", "the researcher,
 string[] questions = ["Do we need to order flour?", "How many loaves did we sell on Friday?", "Who opens on Monday?", "Is the oven available on Monday morning?"];
 var options = new ChatOptions { Temperature = 0, MaxOutputTokens = 24 };
 
+// Real tools for every agent. Parameters are enums and bounded numbers, so a call is short and always well formed.
+int invocations = 0;
+AIFunction[] tools =
+[
+    AIFunctionFactory.Create((Ingredient item) => { Interlocked.Increment(ref invocations); return $"{item}: {(int)item * 7 + 12} kg"; }, "get_inventory", "Current stock of an ingredient, in kilograms."),
+    AIFunctionFactory.Create((DayOfWeek day) => { Interlocked.Increment(ref invocations); return $"{(int)day * 13 + 90} loaves on {day}"; }, "get_sales", "The number of loaves sold on a given day."),
+    AIFunctionFactory.Create((Staff staff) => { Interlocked.Increment(ref invocations); return $"{staff}: Monday and Thursday, 5 am"; }, "get_schedule", "The shifts of a member of staff this week."),
+    AIFunctionFactory.Create((Ingredient item, [System.ComponentModel.DataAnnotations.Range(1, 100)] int kilograms) => { Interlocked.Increment(ref invocations); return $"ordered {kilograms} kg of {item}"; }, "place_order", "Orders an ingredient from the supplier."),
+];
+// The function-invocation middleware runs the calls the model makes and sends the results back. The first turn of
+// each agent requires a tool call: the engine constrains decoding to a <tool_call> whose arguments match a tool's
+// parameter schema, so even the random demo model makes calls that parse and run.
+var agentChat = new ChatClientBuilder(chat).UseFunctionInvocation().Build();
+var toolTurn = new ChatOptions { Temperature = 0.7f, Seed = 1, MaxOutputTokens = 160, Tools = [.. tools], ToolMode = ChatToolMode.RequireAny, AllowMultipleToolCalls = false };
+int toolCalls = 0, parsed = 0;
+var toolTurns = Enumerable.Range(0, roles.Length).Select(async r =>
+{
+    var response = await agentChat.GetResponseAsync(
+        [new(ChatRole.System, SharedHead + $"\nYou are {roles[r]}."), new(ChatRole.User, questions[r])], toolTurn);
+    foreach (var call in response.Messages.SelectMany(m => m.Contents).OfType<Microsoft.Extensions.AI.FunctionCallContent>())
+    {
+        Interlocked.Increment(ref toolCalls);
+        if (call.Exception is null) Interlocked.Increment(ref parsed);
+        Console.WriteLine($"agent {r + 1} called {call.Name}({string.Join(", ", call.Arguments?.Select(a => $"{a.Key}: {a.Value}") ?? [])})");
+    }
+});
+await Task.WhenAll(toolTurns);
+Console.WriteLine($"Tool turn: {toolCalls} tool calls made, {parsed} parsed, {invocations} ran and came back as results.\n");
+
 var rows = new List<(string Call, double TtftMs, long Prompt, long Cached)>();
 async Task Ask(string label, IList<ChatMessage> messages)
 {
@@ -84,3 +113,7 @@ foreach (var (call, ttft, prompt, cached) in rows)
     Console.WriteLine($"{(call.Length > 62 ? call[..59] + "..." : call),-62} {ttft,8:F0} {prompt,7} {cached,7}");
 var stats = engine.Stats;
 Console.WriteLine($"\nPrefix cache: {stats.PrefixCacheHitTokens} of {stats.PromptTokens} prompt tokens served from cache (hit rate {stats.PrefixCacheHitRate:P0}); {stats.PrefillTokens} prefill tokens computed.");
+
+internal enum Ingredient { Flour, Sugar, Butter, Yeast }
+
+internal enum Staff { Ana, Ben, Chloe }
