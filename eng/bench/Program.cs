@@ -81,5 +81,11 @@ var mbVerbose = new Option<bool>("--verbose") { Description = "print every compi
 var maskbenchCmd = new Command("maskbench", "MaskBench (JSONSchemaBench) over shared/fixtures/maskbench with the Qwen3 tokenizer, one thread") { mbFilter, mbLimit, json, mbVerbose };
 maskbenchCmd.SetAction(r => MaskBench.Run(new MaskBench.Settings(r.GetValue(mbFilter), r.GetValue(mbLimit), r.GetValue(json), r.GetValue(mbVerbose))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd };
+var soWorkload = new Option<string>("--workload") { Description = "a shared/bench/workloads name", DefaultValueFactory = _ => "qwen3-b16" };
+var soThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
+var soRepeat = new Option<int>("--repeat") { Description = "runs of each, alternating; the median is reported", DefaultValueFactory = _ => 3 };
+var structuredCmd = new Command("structured", "a workload with every request under a JSON Schema against the same run unconstrained") { soWorkload, soThreads, soRepeat };
+structuredCmd.SetAction(r => StructuredBench.Run(new StructuredBench.Settings(r.GetValue(soWorkload)!, r.GetValue(soThreads), r.GetValue(soRepeat))));
+
+var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd, structuredCmd };
 return root.Parse(args).Invoke();

@@ -83,7 +83,7 @@ internal static class ServeBench
     /// to its files plus the real Qwen3 tokenizer of the shared fixtures (same vocabulary size), leaving the model's own
     /// folder (which other benchmarks read without a tokenizer) as it is.
     /// </summary>
-    private static string WithTokenizer(string dir)
+    internal static string WithTokenizer(string dir)
     {
         if (File.Exists(Path.Combine(dir, "tokenizer.json")) || File.Exists(Path.Combine(dir, "tokenizer.model"))) return dir;
         var target = dir.TrimEnd('/') + "-with-qwen3-tokenizer";
