@@ -165,7 +165,24 @@ public class StructuredGrammarTests
         { """{"type": "string", "format": "ipv4"}""", "\"192.168.0.256\"" },
         { """{"type": "string", "format": "date-time"}""", "\"2024-05-01T12:30:00Z\"" },
         { """{"type": "string", "format": "date-time"}""", "\"2024-05-01 25:30:00Z\"" },
+        { PatternSchema, """{"name": "a", "x-1": 2}""" },
+        { PatternSchema, """{"x-a": 3, "name": "b"}""" },
+        { PatternSchema, """{"x-1": "s"}""" },
+        { PatternSchema, """{"y": 1}""" },
+        { """{"properties": {"x-a": {"type": "integer"}}, "patternProperties": {"^x-": {"minimum": 5}}}""", """{"x-a": 3}""" },
+        { """{"properties": {"x-a": {"type": "integer"}}, "patternProperties": {"^x-": {"minimum": 5}}}""", """{"x-a": 7}""" },
+        { """{"properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a", "b"]}""", """{"b": "x", "a": 1}""" },
+        { """{"properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a", "b"]}""", """{"b": "x", "c": 1}""" },
+        { """{"type": "object", "minProperties": 1}""", "{}" },
+        { """{"type": "object", "minProperties": 1}""", """{"a": 1}""" },
+        { """{"type": "integer", "multipleOf": 7, "minimum": 0}""", "21" },
+        { """{"type": "integer", "multipleOf": 7, "minimum": 0}""", "22" },
+        { """{"type": "integer", "multipleOf": 7, "minimum": 0}""", "-7" },
+        { """{"type": "number", "multipleOf": 5}""", "10.0" },
+        { """{"type": "number", "multipleOf": 5}""", "12" },
     };
+
+    private const string PatternSchema = """{"type": "object", "patternProperties": {"^x-": {"type": "integer"}}, "properties": {"name": {"type": "string"}}, "additionalProperties": false}""";
 
     [Theory]
     [MemberData(nameof(SchemaInstances))]

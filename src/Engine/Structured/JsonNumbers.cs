@@ -79,6 +79,17 @@ internal static class JsonNumbers
         return Rx.Alt(parts.ToArray());
     }
 
+    /// <summary>Integers (optionally negative, no leading zeros) divisible by <paramref name="k"/>: the remainder is the state.</summary>
+    public static Rx MultipleOf(int k)
+    {
+        // Nodes: 0 start, 1 after the sign, 2 "0", 3 + r: a nonzero-led number with remainder r so far.
+        var edges = new List<(int, Rx, int)> { (0, Minus, 1), (0, Rx.Empty, 1), (1, Rx.Byte((byte)'0'), 2) };
+        for (int d = 1; d <= 9; d++) edges.Add((1, Rx.Byte((byte)('0' + d)), 3 + d % k));
+        for (int r = 0; r < k; r++)
+            for (int d = 0; d <= 9; d++) edges.Add((3 + r, Rx.Byte((byte)('0' + d)), 3 + (10 * r + d) % k));
+        return new GraphRx(3 + k, edges.ToArray(), [2, 3]);
+    }
+
     /// <summary>Decimal naturals (no leading zeros) in [lo, hi] (hi null: unbounded), lo &gt;= 0.</summary>
     public static Rx Digits(BigInteger lo, BigInteger? hi)
     {

@@ -28,13 +28,13 @@ internal sealed class JsonSchemaGrammar
     [
         "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "additionalItems",
         "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
-        "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref",
+        "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref", "patternProperties", "minProperties", "maxProperties", "multipleOf",
     ];
 
     private static readonly HashSet<string> Unsupported =
     [
-        "not", "patternProperties", "multipleOf", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas",
-        "propertyNames", "minProperties", "maxProperties", "unevaluatedProperties", "unevaluatedItems", "contains",
+        "not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas",
+        "propertyNames", "unevaluatedProperties", "unevaluatedItems", "contains",
         "minContains", "maxContains", "$dynamicRef", "$recursiveRef", "$dynamicAnchor", "$recursiveAnchor",
     ];
 
@@ -287,6 +287,9 @@ internal sealed class JsonSchemaGrammar
             if (m is not JsonObject my) return m;
             y = my;
         }
+        static bool Closed(JsonObject s) => s["additionalProperties"] is { } a && !(a is JsonValue v && v.GetValueKind() == JsonValueKind.True);
+        if ((x.ContainsKey("patternProperties") && Closed(y)) || (y.ContainsKey("patternProperties") && Closed(x)))
+            throw new GrammarException($"{path}: allOf combines patternProperties with another part's additionalProperties, which the JSON Schema compiler does not support");
         var result = (JsonObject)x.DeepClone();
         foreach (var (key, value) in y)
         {
@@ -553,7 +556,13 @@ internal sealed class JsonSchemaGrammar
         Bound("maximum", false, false);
         Bound("exclusiveMinimum", true, true);
         Bound("exclusiveMaximum", false, true);
-        return JsonNumbers.Bounded(lo, loEx, hi, hiEx, integer);
+        if (o["multipleOf"] is not { } m) return JsonNumbers.Bounded(lo, loEx, hi, hiEx, integer);
+        // An integer multipleOf: integers divisible by it (a remainder automaton over the digits), within the
+        // bounds; a number may add a zero fraction (2.0 is a multiple of 2).
+        if (!IsNumber(m) || !IsIntegral(m) || Number(m) < 1 || Number(m) > 10_000)
+            throw new GrammarException($"{path}: 'multipleOf' {m.ToJsonString()} is not supported by the JSON Schema compiler (only integers from 1 to 10000)");
+        var ints = RuleDfa.Intersect(RuleDfa.Compile(JsonNumbers.Bounded(lo, loEx, hi, hiEx, integer: true)), RuleDfa.Compile(JsonNumbers.MultipleOf((int)Number(m))));
+        return integer ? new DfaRx(ints) : Rx.Seq(new DfaRx(ints), Rx.Optional(Rx.Seq(Rx.Byte((byte)'.'), Rx.Plus(Rx.Byte((byte)'0')))));
     }
 
     // ---- arrays ---------------------------------------------------------------------------------------------------------
@@ -603,18 +612,33 @@ internal sealed class JsonSchemaGrammar
 
     // ---- objects --------------------------------------------------------------------------------------------------------
 
+    /// <summary>Above this many required properties, properties keep the schema's order even under validator semantics.</summary>
+    private const int MaxRequiredForAnyOrder = 4;
+
     private Rx ObjectRx(JsonObject o, string path)
     {
         var properties = o["properties"] as JsonObject ?? [];
         var required = (o["required"] as JsonArray)?.Select(n => n!.GetValue<string>()).ToHashSet() ?? [];
         var ap = o["additionalProperties"];
+        var patternProps = o["patternProperties"] as JsonObject ?? [];
         bool apAllowed = ap is not JsonValue av || av.GetValueKind() != JsonValueKind.False;
         bool unlisted = apAllowed && !(ap is null && _strict);
+        int minProperties = IntKeyword(o, "minProperties", path) ?? 0;
+        if (minProperties > 1) throw new GrammarException($"{path}: 'minProperties' above 1 is not supported by the JSON Schema compiler");
+        if (o.ContainsKey("maxProperties")) throw new GrammarException($"{path}: the keyword 'maxProperties' is not supported by the JSON Schema compiler");
+
+        // patternProperties: each pattern's keys (that are no listed name and match no other pattern) with its schema.
+        var patterns = patternProps.Select(kv => (Key: kv.Key, Dfa: RuleDfa.Compile(RegexSyntax.Parse(kv.Key, set => set.JsonChar(), search: true)), Schema: kv.Value)).ToList();
+        var names = properties.Select(kv => kv.Key).Concat(required).Distinct().ToList();
 
         var props = new List<(string Name, Rx Value, bool Required)>();
         foreach (var (name, schema) in properties)
         {
-            var value = RefTo(schema, $"{path}/properties/{name}");
+            // A listed name that also matches a pattern must satisfy both schemas.
+            JsonNode node = schema ?? throw new GrammarException($"{path}/properties/{name}: null");
+            foreach (var pt in patterns.Where(pt => Matches(pt.Dfa, name)))
+                node = Both(node.DeepClone(), pt.Schema!.DeepClone());
+            var value = ReferenceEquals(node, schema) ? RefTo(schema, $"{path}/properties/{name}") : RefTo(node, $"{path}/properties/{name}");
             bool req = required.Contains(name);
             if (value.IsNothing)
             {
@@ -625,18 +649,45 @@ internal sealed class JsonSchemaGrammar
         }
         foreach (var name in required.Where(n => !properties.ContainsKey(n)))
         {
-            if (!apAllowed) return Rx.Nothing;
-            props.Add((name, ap is null ? Rx.Ref(AnyValue()) : RefTo(ap, $"{path}/additionalProperties"), true));
+            var matching = patterns.Where(pt => Matches(pt.Dfa, name)).ToList();
+            Rx value;
+            if (matching.Count > 0) value = RefTo(matching.Skip(1).Aggregate(matching[0].Schema!.DeepClone(), (acc, pt) => Both(acc, pt.Schema!.DeepClone())), $"{path}/patternProperties");
+            else if (!apAllowed) return Rx.Nothing;
+            else value = ap is null ? Rx.Ref(AnyValue()) : RefTo(ap, $"{path}/additionalProperties");
+            props.Add((name, value, true));
         }
 
-        Rx? extra = null;
+        var extras = new List<Rx>();
+        var namesRx = names.Select(n => Rx.Literal(PythonJsonString(n)[1..^1])).ToList();
+        for (int i = 0; i < patterns.Count; i++)
+        {
+            var value = RefTo(patterns[i].Schema, $"{path}/patternProperties");
+            if (value.IsNothing) continue;
+            var excluded = namesRx.Concat(patterns.Where((_, j) => j != i).Select(pt => (Rx)new DfaRx(pt.Dfa))).ToArray();
+            var keys = excluded.Length == 0 ? patterns[i].Dfa : RuleDfa.Difference(patterns[i].Dfa, RuleDfa.Compile(Rx.Alt(excluded)));
+            extras.Add(Rx.Seq(Rx.Ref(Leaf("key", Rx.Seq(Rx.Byte((byte)'"'), new DfaRx(keys), Rx.Byte((byte)'"')))), Colon, value));
+        }
         if (unlisted)
         {
             var apValue = ap is null ? Rx.Ref(AnyValue()) : RefTo(ap, $"{path}/additionalProperties");
-            if (!apValue.IsNothing) extra = Rx.Seq(Rx.Ref(Leaf("key", ExtraKey(properties.Select(kv => kv.Key).Concat(required)))), Colon, apValue);
+            var excluded = namesRx.Concat(patterns.Select(pt => (Rx)new DfaRx(pt.Dfa))).ToArray();
+            if (!apValue.IsNothing) extras.Add(Rx.Seq(Rx.Ref(Leaf("key", ExtraKey(excluded))), Colon, apValue));
         }
+        Rx? extra = extras.Count == 0 ? null : Rx.Alt(extras.ToArray());
 
-        // Graph: F_i (nothing written yet, next candidate i) = node i; R_i (something written) = node n+1+i.
+        var requiredProps = props.Where(p => p.Required).ToList();
+        GraphRx body = !_strict && requiredProps.Count <= MaxRequiredForAnyOrder && props.Count > 1
+            ? AnyOrder(props, extra, minProperties)
+            : SchemaOrder(props, extra, minProperties);
+        return Rx.Seq(Rx.Byte((byte)'{'), Ws, body, Ws, Rx.Byte((byte)'}'));
+    }
+
+    private Rx Member(string name, Rx value) => Rx.Seq(Rx.Literal(PythonJsonString(name)), Colon, value);
+
+    /// <summary>Properties in the schema's order, each at most once, required ones present; extras anywhere.</summary>
+    private GraphRx SchemaOrder(List<(string Name, Rx Value, bool Required)> props, Rx? extra, int minProperties)
+    {
+        // F_i (nothing written yet, next candidate i) = node i; R_i (something written) = node n+1+i.
         int n = props.Count;
         int F(int i) => i;
         int R(int i) => n + 1 + i;
@@ -644,7 +695,7 @@ internal sealed class JsonSchemaGrammar
         for (int i = 0; i < n; i++)
         {
             var (name, value, req) = props[i];
-            var member = Rx.Seq(Rx.Literal(PythonJsonString(name)), Colon, value);
+            var member = Member(name, value);
             edges.Add((F(i), member, R(i + 1)));
             edges.Add((R(i), Rx.Seq(Comma, member), R(i + 1)));
             if (!req)
@@ -659,18 +710,54 @@ internal sealed class JsonSchemaGrammar
                 edges.Add((F(i), extra, R(i)));
                 edges.Add((R(i), Rx.Seq(Comma, extra), R(i)));
             }
-        var body = new GraphRx(2 * (n + 1), edges.ToArray(), [F(n), R(n)]);
-        return Rx.Seq(Rx.Byte((byte)'{'), Ws, body, Ws, Rx.Byte((byte)'}'));
+        return new GraphRx(2 * (n + 1), edges.ToArray(), minProperties > 0 ? [R(n)] : [F(n), R(n)]);
     }
 
     /// <summary>
-    /// A key that is none of <paramref name="names"/>. Keys are written in the canonical encoding (escapes only where
-    /// JSON needs them, as json.dumps writes them), so a name cannot hide behind another spelling of itself.
+    /// Properties in any order (JSON Schema's semantics: a validator does not read order), tracking only which
+    /// required ones have been written (so at most 2^4 states of progress); extras anywhere.
     /// </summary>
-    private static Rx ExtraKey(IEnumerable<string> names)
+    private GraphRx AnyOrder(List<(string Name, Rx Value, bool Required)> props, Rx? extra, int minProperties)
+    {
+        var reqIndex = props.Where(p => p.Required).Select((p, i) => (p.Name, i)).ToDictionary(x => x.Name, x => x.i);
+        int masks = 1 << reqIndex.Count;
+        int Node(int mask, bool first) => mask * 2 + (first ? 0 : 1);
+        var edges = new List<(int, Rx, int)>();
+        for (int mask = 0; mask < masks; mask++)
+            foreach (bool first in new[] { true, false })
+            {
+                foreach (var (name, value, req) in props)
+                {
+                    int next = req ? mask | (1 << reqIndex[name]) : mask;
+                    var member = Member(name, value);
+                    edges.Add((Node(mask, first), first ? member : Rx.Seq(Comma, member), Node(next, false)));
+                }
+                if (extra is not null) edges.Add((Node(mask, first), first ? extra : Rx.Seq(Comma, extra), Node(mask, false)));
+            }
+        // Node 0 is the start: mask 0, nothing written.
+        int full = masks - 1;
+        return new GraphRx(masks * 2, edges.ToArray(), minProperties > 0 ? [Node(full, false)] : [Node(full, true), Node(full, false)]);
+    }
+
+    /// <summary>Whether the JSON-string content of <paramref name="name"/> is in <paramref name="dfa"/>'s language.</summary>
+    private static bool Matches(RuleDfa dfa, string name)
+    {
+        int state = 0;
+        foreach (byte b in Encoding.UTF8.GetBytes(PythonJsonString(name)[1..^1]))
+        {
+            state = dfa.Step(state, b);
+            if (state < 0) return false;
+        }
+        return dfa.Accept[state];
+    }
+
+    /// <summary>
+    /// A key that is none of the <paramref name="excluded"/> key contents. Keys are written in the canonical encoding
+    /// (escapes only where JSON needs them, as json.dumps writes them), so a name cannot hide behind another spelling.
+    /// </summary>
+    private static Rx ExtraKey(Rx[] excluded)
     {
         var any = Rx.Star(CharSet.Any.JsonChar());
-        var excluded = names.Distinct().Select(n => Rx.Literal(PythonJsonString(n)[1..^1])).ToArray();
         Rx content = excluded.Length == 0 ? any : new DfaRx(RuleDfa.Difference(RuleDfa.Compile(any), RuleDfa.Compile(Rx.Alt(excluded))));
         return Rx.Seq(Rx.Byte((byte)'"'), content, Rx.Byte((byte)'"'));
     }
