@@ -18,7 +18,7 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class MaskBench
 {
-    public sealed record Settings(string? Filter, int Limit, string? Json, bool Verbose);
+    public sealed record Settings(string? Filter, int Limit, string? Json, bool Verbose, bool CompileOnly = false);
 
     public static int Run(Settings s)
     {
@@ -49,15 +49,18 @@ internal static class MaskBench
                 start = new GrammarMatcher(grammar, vocab);
                 start.FillMask(mask);
                 ttfm.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+                if (s.Verbose && ttfm[^1] > 100_000) Console.WriteLine($"  slow compile {Path.GetFileName(file)}: {ttfm[^1] / 1000:F0} ms, {grammar.StateCount} states");
             }
             catch (ArgumentException e)
             {
                 compileErrors++;
+                if (s.Verbose && Stopwatch.GetElapsedTime(t0).TotalMilliseconds > 100) Console.WriteLine($"  slow compile error {Path.GetFileName(file)}: {Stopwatch.GetElapsedTime(t0).TotalMilliseconds:F0} ms");
                 var reason = Reason(e.Message);
                 compileReasons[reason] = compileReasons.GetValueOrDefault(reason) + 1;
                 if (s.Verbose) Console.WriteLine($"  compile error {Path.GetFileName(file)}: {e.Message}");
                 continue;
             }
+            if (s.CompileOnly) continue;
             bool filePasses = true;
             foreach (var test in (doc["tests"] as JsonArray) ?? [])
             {

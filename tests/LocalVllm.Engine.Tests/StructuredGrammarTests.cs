@@ -392,10 +392,8 @@ public class StructuredGrammarTests
             }
         }
         Assert.Equal(1427, files);
-        Assert.True(compiled > files * 7 / 10, $"only {compiled} of {files} schemas compiled");
+        Assert.True(compiled > files * 8 / 10, $"only {compiled} of {files} schemas compiled");
         Assert.True(invalidationErrors == 0, $"invalid instances let through: {string.Join(", ", letThrough)}");
-        // Valid instances refused: their keys come in another order than the schema's properties (the compiler keeps
-        // that order) or they use what is not compiled; docs/benchmarks.md lists them. A guard against regressions:
-        Assert.True(validationErrors <= 17, $"{validationErrors} valid instances refused (17 when this test was written)");
+        Assert.True(validationErrors <= files / 200, $"{validationErrors} valid instances refused");
     }
 }

@@ -34,19 +34,29 @@ internal sealed class RegexSyntax
         var p = new RegexSyntax(pattern, encode);
         try
         {
-            var alts = new List<Rx>();
+            // Alternatives grouped by their anchors, so that a search for "a|b|c" is one ".*(a|b|c).*" (an automaton
+            // the size of the words) rather than a union of ".*a.*" terms (which tracks every word after a match).
+            var groups = new List<Rx>[4];
+            for (int g = 0; g < 4; g++) groups[g] = [];
             while (true)
             {
                 bool startAnchor = p.Eat('^');
                 var (body, endAnchor) = p.ParseSequence(topLevel: true);
-                var anyChars = Rx.Star(encode(CharSet.Any));
-                if (search && !startAnchor) body = Rx.Seq(anyChars, body);
-                if (search && !endAnchor) body = Rx.Seq(body, anyChars);
-                alts.Add(body);
+                groups[(startAnchor || !search ? 1 : 0) + (endAnchor || !search ? 2 : 0)].Add(body);
                 if (!p.Eat('|')) break;
             }
             if (p._i < pattern.Length) throw p.Error($"unexpected '{pattern[p._i]}'");
-            return Rx.Alt(alts.ToArray());
+            var anyChars = Rx.Star(encode(CharSet.Any));
+            var parts = new List<Rx>();
+            for (int g = 0; g < 4; g++)
+            {
+                if (groups[g].Count == 0) continue;
+                var body = Rx.Alt(groups[g].ToArray());
+                if ((g & 1) == 0) body = Rx.Seq(anyChars, body);
+                if ((g & 2) == 0) body = Rx.Seq(body, anyChars);
+                parts.Add(body);
+            }
+            return Rx.Alt(parts.ToArray());
         }
         catch (GrammarException) { throw; }
         catch (Exception e) when (e is FormatException or OverflowException or ArgumentException)

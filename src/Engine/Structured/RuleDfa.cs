@@ -67,10 +67,32 @@ internal sealed class RuleDfa
 
     private static RuleDfa Build(Rx rx)
     {
+        // Refuse at once what would only fail after building a million states.
+        if (Size(rx, new Dictionary<Rx, long>(ReferenceEqualityComparer.Instance)) > MaxNfaStates)
+            throw new GrammarException($"the grammar is too large (more than {MaxNfaStates:N0} automaton states in one rule: a very long bounded repetition or length limit?)");
         var nfa = new Nfa();
         int start = nfa.NewState();
         int end = nfa.Add(rx, start);
         return Determinise(nfa, start, end, rx.Key);
+    }
+
+    /// <summary>An upper bound of the NFA states <paramref name="rx"/> needs (saturating).</summary>
+    private static long Size(Rx rx, Dictionary<Rx, long> memo)
+    {
+        if (memo.TryGetValue(rx, out long known)) return known;
+        long size = rx switch
+        {
+            BytesRx or RefRx => 1,
+            SeqRx q => q.Items.Sum(i => Size(i, memo)),
+            AltRx a => a.Items.Sum(i => Size(i, memo)) * 1 + 2L * a.Items.Length + 1,
+            RepeatRx r => Math.Min(long.MaxValue / 4, (Size(r.Item, memo) + 1) * (r.Max < 0 ? r.Min + 1L : r.Max)) + 2,
+            DfaRx d => d.Dfa.StateCount + 1,
+            GraphRx g => g.Nodes + 1 + g.Edges.Sum(e => Size(e.Label, memo)),
+            _ => 1,
+        };
+        size = Math.Min(size, long.MaxValue / 4);
+        memo[rx] = size;
+        return size;
     }
 
     private static RuleDfa Determinise(Nfa nfa, int start, int final, string key)
@@ -91,6 +113,33 @@ internal sealed class RuleDfa
         int classCount = cls + 1;
         if (classCount > 255) throw new InvalidOperationException("byte classes overflow");
 
+        // A DFA state is the set of "important" NFA states reached (those with byte or reference edges, or the final
+        // one): pass-through states change nothing, so leaving them out makes sets smaller and merges equal states.
+        int n = nfa.Eps.Count;
+        var important = new bool[n];
+        for (int q = 0; q < n; q++) important[q] = nfa.ByteEdges[q].Count > 0 || nfa.RefEdges[q].Count > 0 || q == final;
+        var mark = new int[n];
+        int generation = 0;
+        var stack = new Stack<int>();
+        var found = new List<int>();
+        int[] Closure(IEnumerable<int> seeds)
+        {
+            generation++;
+            found.Clear();
+            foreach (int q in seeds)
+                if (mark[q] != generation) { mark[q] = generation; stack.Push(q); }
+            while (stack.Count > 0)
+            {
+                int q = stack.Pop();
+                if (important[q]) found.Add(q);
+                foreach (int t in nfa.Eps[q])
+                    if (mark[t] != generation) { mark[t] = generation; stack.Push(t); }
+            }
+            var arr = found.ToArray();
+            Array.Sort(arr);
+            return arr;
+        }
+
         var ids = new Dictionary<int[], int>(IntArrayComparer.Instance);
         var sets = new List<int[]>();
         var next = new List<int>();
@@ -106,19 +155,25 @@ internal sealed class RuleDfa
             sets.Add(set);
             return id;
         }
-        Intern(nfa.Closure([start]));
-        var targets = new List<int>();
+        Intern(Closure([start]));
+        var buckets = new List<int>[classCount];
+        for (int c = 0; c < classCount; c++) buckets[c] = [];
+        var sameTargets = new Dictionary<int[], int>(IntArrayComparer.Instance);
         for (int s = 0; s < sets.Count; s++)
         {
             var set = sets[s];
+            foreach (var b in buckets) b.Clear();
+            foreach (int q in set)
+                foreach (var (lo, hi, to) in nfa.ByteEdges[q])
+                    for (int c = classOf[lo]; c <= classOf[hi]; c++) buckets[c].Add(to);
+            sameTargets.Clear();
             for (int c = 0; c < classCount; c++)
             {
-                byte rep = reps[c];
-                targets.Clear();
-                foreach (int q in set)
-                    foreach (var (lo, hi, to) in nfa.ByteEdges[q])
-                        if (rep >= lo && rep <= hi) targets.Add(to);
-                next.Add(targets.Count == 0 ? -1 : Intern(nfa.Closure(targets)));
+                if (buckets[c].Count == 0) { next.Add(-1); continue; }
+                var targets = buckets[c].ToArray();
+                Array.Sort(targets);
+                if (!sameTargets.TryGetValue(targets, out int t)) sameTargets[targets] = t = Intern(Closure(targets));
+                next.Add(t);
             }
             accept.Add(Array.BinarySearch(set, final) >= 0);
             Dictionary<int, List<int>>? byRule = null;
@@ -129,7 +184,7 @@ internal sealed class RuleDfa
                     if (!byRule.TryGetValue(rule, out var l)) byRule[rule] = l = [];
                     l.Add(to);
                 }
-            refs.Add(byRule is null ? NoRefs : byRule.OrderBy(kv => kv.Key).Select(kv => (kv.Key, Intern(nfa.Closure(kv.Value)))).ToArray());
+            refs.Add(byRule is null ? NoRefs : byRule.OrderBy(kv => kv.Key).Select(kv => (kv.Key, Intern(Closure(kv.Value)))).ToArray());
         }
         return new RuleDfa(key, classOf, classCount, next.ToArray(), accept.ToArray(), refs.ToArray());
     }
@@ -340,23 +395,6 @@ internal sealed class RuleDfa
                 default:
                     throw new InvalidOperationException($"unknown expression {rx.GetType().Name}");
             }
-        }
-
-        public int[] Closure(IEnumerable<int> states)
-        {
-            var seen = new HashSet<int>();
-            var stack = new Stack<int>();
-            foreach (int s in states)
-                if (seen.Add(s)) stack.Push(s);
-            while (stack.Count > 0)
-            {
-                int s = stack.Pop();
-                foreach (int t in Eps[s])
-                    if (seen.Add(t)) stack.Push(t);
-            }
-            var arr = seen.ToArray();
-            Array.Sort(arr);
-            return arr;
         }
     }
 
