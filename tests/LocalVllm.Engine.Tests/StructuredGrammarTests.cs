@@ -180,6 +180,9 @@ public class StructuredGrammarTests
         { """{"type": "integer", "multipleOf": 7, "minimum": 0}""", "-7" },
         { """{"type": "number", "multipleOf": 5}""", "10.0" },
         { """{"type": "number", "multipleOf": 5}""", "12" },
+        { """{"enum": [2.0, 0.5, "a"]}""", "2" },
+        { """{"enum": [2.0, 0.5, "a"]}""", "0.50" },
+        { """{"enum": [2.0, 0.5, "a"]}""", "3" },
     };
 
     private const string PatternSchema = """{"type": "object", "patternProperties": {"^x-": {"type": "integer"}}, "properties": {"name": {"type": "string"}}, "additionalProperties": false}""";

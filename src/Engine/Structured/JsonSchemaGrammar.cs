@@ -425,7 +425,7 @@ internal sealed class JsonSchemaGrammar
         null or JsonValueKind.Null => Rx.Literal("null"),
         JsonValueKind.True => Rx.Literal("true"),
         JsonValueKind.False => Rx.Literal("false"),
-        JsonValueKind.Number => Rx.Literal(v.ToJsonString()),
+        JsonValueKind.Number => NumberLiteral(v.ToJsonString()),
         JsonValueKind.String => Rx.Literal(PythonJsonString(v.GetValue<string>())),
         JsonValueKind.Array => ((JsonArray)v).Count == 0
             ? Rx.Seq(Rx.Byte((byte)'['), Ws, Rx.Byte((byte)']'))
@@ -434,6 +434,22 @@ internal sealed class JsonSchemaGrammar
             ? Rx.Seq(Rx.Byte((byte)'{'), Ws, Rx.Byte((byte)'}'))
             : Rx.Seq(Rx.Byte((byte)'{'), Ws, Rx.Seq(((JsonObject)v).Select((kv, i) => Rx.Seq(i == 0 ? Rx.Empty : Comma, Rx.Literal(PythonJsonString(kv.Key)), Colon, Literal(kv.Value, path))).ToArray()), Ws, Rx.Byte((byte)'}')),
     };
+
+    /// <summary>
+    /// A number of an enum or const: equal values in the forms a writer produces (2 as <c>2</c> or <c>2.0</c>; other
+    /// values as written and as Python's <c>repr</c> writes them, with trailing zeros).
+    /// </summary>
+    private static Rx NumberLiteral(string raw)
+    {
+        if (decimal.TryParse(raw, NumberStyles.Float, CultureInfo.InvariantCulture, out var d) && d == decimal.Truncate(d))
+        {
+            var digits = decimal.Truncate(d).ToString(CultureInfo.InvariantCulture);
+            if (digits == "0" && raw.StartsWith('-')) digits = "-0";
+            return Rx.Seq(Rx.Literal(digits), Rx.Optional(Rx.Seq(Rx.Byte((byte)'.'), Rx.Plus(Rx.Byte((byte)'0')))));
+        }
+        var repr = PythonJson.Number(raw);
+        return Rx.Alt(Rx.Literal(raw), repr.Contains('e') ? Rx.Literal(repr) : Rx.Seq(Rx.Literal(repr), Rx.Star(Rx.Byte((byte)'0'))));
+    }
 
     /// <summary>A string as Python's <c>json.dumps(ensure_ascii=False)</c> writes it.</summary>
     public static string PythonJsonString(string s)
