@@ -165,7 +165,8 @@ internal static class ChatRequestMapper
     /// schema; <see cref="ChatToolMode.RequireAny"/> (one or more <c>&lt;tool_call&gt;</c> blocks, each a call of one of
     /// the tools with arguments valid under its parameter schema) or <c>RequireSpecific</c> (calls of that tool). When
     /// the rendered prompt leaves a <c>&lt;think&gt;</c> section open (a thinking model with thinking on), the constraint
-    /// starts after <c>&lt;/think&gt;</c>.
+    /// starts after <c>&lt;/think&gt;</c>. With tools in <c>Auto</c> mode (and no JSON response format), text is free
+    /// but a <c>&lt;tool_call&gt;</c> the model opens is held to the tools' schemas (strict tools).
     /// </summary>
     public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
     {
@@ -178,11 +179,18 @@ internal static class ChatRequestMapper
                 JsonNode n => StructuredOutputsJson.Parse(n),
                 _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {so.GetType().Name}.", nameof(o)),
             };
-        else if (o?.Tools is { Count: > 0 } tools && o.ToolMode is RequiredChatToolMode required)
+        else if (o?.Tools is { Count: > 0 } tools && o.ToolMode is not NoneChatToolMode
+            && (o.ToolMode is RequiredChatToolMode || o.ResponseFormat is not ChatResponseFormatJson))
         {
-            var chosen = tools.OfType<AIFunctionDeclaration>().Where(t => required.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
+            var required = o.ToolMode as RequiredChatToolMode;
+            var chosen = tools.OfType<AIFunctionDeclaration>().Where(t => required?.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
             var grammar = new System.Text.StringBuilder();
-            grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : "root ::= call (\"\\n\" call)*");
+            if (required is null)
+                // Auto (strict tools): free text, but once the model opens <tool_call> the call is held to the tools' schemas.
+                grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= text (call text)?" : "root ::= text (call text)*")
+                    .AppendLine("text ::= %text_without(\"<tool_call>\")");
+            else
+                grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : "root ::= call (\"\\n\" call)*");
             grammar.Append("call ::= \"<tool_call>\\n\" (").Append(string.Join(" | ", chosen.Select((_, i) => $"tool{i}"))).AppendLine(") \"\\n</tool_call>\"");
             for (int i = 0; i < chosen.Count; i++)
             {

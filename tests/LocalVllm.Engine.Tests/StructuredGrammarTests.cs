@@ -319,6 +319,18 @@ public class StructuredGrammarTests
         Assert.False(Accepts(grammar, "1+"));
     }
 
+    [Fact]
+    public void Grammar_extensions_and_deep_right_recursion()
+    {
+        var until = StructuredOutputs.ForGrammar("root ::= %text_without(\"END\") \"END\"");
+        Assert.True(Accepts(until, "abc ENd EN END"));
+        Assert.False(Accepts(until, "abENDcEND"));
+        // Right recursion is a tail call: 5,000 levels need no stack (a thread's stack is capped at 2,000 frames).
+        var list = StructuredOutputs.ForGrammar("root ::= [0-9] (\",\" root)?");
+        Assert.True(Accepts(list, string.Join(",", Enumerable.Repeat("7", 5000))));
+        Assert.False(Accepts(list, "1,,2"));
+    }
+
     public static TheoryData<string, string> BadConstraints => new()
     {
         { "json", "{\"type\": " },

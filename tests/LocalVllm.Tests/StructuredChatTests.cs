@@ -94,6 +94,37 @@ public sealed class StructuredChatTests
     }
 
     [Fact]
+    public async Task Auto_tool_mode_holds_any_call_the_model_opens_to_the_tools_schemas()
+    {
+        using var engine = NewEngine();
+        IChatClient client = new LocalVllmChatClient(engine);
+        var tools = Tools(_ => { });
+        var options = Sampled(9);
+        options.Tools = [.. tools];
+        options.MaxOutputTokens = 60;
+        var constraint = ChatRequestMapper.Constraint(options, "", engine.ChatTemplate.Source)!;
+        Assert.Contains("%text_without(\"<tool_call>\")", constraint.Grammar);
+        // The text before a call is free; once "<tool_call>" is written, only a valid call of an offered tool may follow.
+        var constrained = StructuredOutputs.ForGrammar(constraint.Grammar!);
+        var vocab = engine.Engine.Engine.Vocabulary!;
+        var matcher = new LocalVllm.Engine.Structured.GrammarMatcher(LocalVllm.Engine.Structured.ConstraintCompiler.Compile(constrained), vocab);
+        Assert.True(matcher.TryAdvance(System.Text.Encoding.UTF8.GetBytes("Sure. <tool_call>\n{\"name\": \"toggle_warning\", \"arguments\": {\"on\":true}}\n</tool_call>")));
+        Assert.True(matcher.IsAccepting);
+        Assert.False(matcher.Clone().TryAdvance(System.Text.Encoding.UTF8.GetBytes("<tool_call>\n{\"name\": \"nope\"")));
+        for (int seed = 1; seed <= 3; seed++)
+        {
+            options.Seed = seed;
+            var response = await client.GetResponseAsync("Do something.", options);
+            foreach (var call in response.Messages.SelectMany(m => m.Contents).OfType<FunctionCallContent>())
+            {
+                var tool = Assert.Single(tools, t => t.Name == call.Name);
+                Assert.Null(call.Exception);
+                AssertValid(tool.JsonSchema, JsonSerializer.Serialize(call.Arguments));
+            }
+        }
+    }
+
+    [Fact]
     public async Task RequireSpecific_calls_that_tool_and_the_invocation_middleware_runs_it()
     {
         using var engine = NewEngine();

@@ -12,7 +12,8 @@ namespace LocalVllm.Engine.Structured;
 /// item   ::= %json{"type": "integer"} # extension: a value of this JSON Schema
 /// </code>
 /// Literals take escapes (<c>\n \t \r \\ \" \xHH \uHHHH</c>), classes take ranges and <c>^</c>, <c>.</c> is any
-/// character, quantifiers are <c>* + ? {m} {m,} {m,n}</c>, and <c>#</c> starts a comment. A rule's definition runs
+/// character, quantifiers are <c>* + ? {m} {m,} {m,n}</c>, and <c>#</c> starts a comment. Extensions:
+/// <c>%json{...}</c> (a value of that JSON Schema) and <c>%text_without("...")</c> (any text not containing the string). A rule's definition runs
 /// until the next <c>name ::=</c>. Unknown rule names, a missing root and syntax errors are
 /// <see cref="GrammarException"/>s with the position.
 /// </summary>
@@ -211,6 +212,28 @@ internal sealed class GbnfGrammar
             if (_i >= _t.Length || _t[_i] != ')') throw Error("expected ')'");
             _i++;
             return inner;
+        }
+        if (c == '%' && _t.AsSpan(_i).StartsWith("%text_without("))
+        {
+            // Extension: any text that does not contain the given string (e.g. free text before a tool call).
+            _i += "%text_without(".Length;
+            SkipSpace(false);
+            if (_i >= _t.Length || _t[_i] != '"') throw Error("expected a string literal in %text_without(...)");
+            _i++;
+            var marker = new StringBuilder();
+            while (true)
+            {
+                if (_i >= _t.Length) throw Error("unterminated string");
+                if (_t[_i] == '"') { _i++; break; }
+                marker.Append(char.ConvertFromUtf32(CharOrEscape()));
+            }
+            SkipSpace(false);
+            if (_i >= _t.Length || _t[_i] != ')') throw Error("expected ')' after %text_without(\"...\"");
+            _i++;
+            if (marker.Length == 0) throw Error("%text_without needs a non-empty string");
+            var anyText = Rx.Star(CharSet.Any.Utf8());
+            var containing = Rx.Seq(anyText, Rx.Literal(marker.ToString()), anyText);
+            return new DfaRx(RuleDfa.Difference(RuleDfa.Compile(anyText), RuleDfa.Compile(containing)));
         }
         if (c == '%' && _t.AsSpan(_i).StartsWith("%json"))
         {

@@ -196,7 +196,10 @@ public sealed class GrammarMatcher
             foreach (var (rule, target) in t.Dfa.Refs[t.State])
             {
                 if (!g.Productive[rule] || (t.Stack?.Depth ?? 0) >= MaxStackDepth) continue;
-                AddClosed(new Thread(g.Rules[rule], 0, new Frame(t.Dfa, target, t.Stack)));
+                // A tail call (the caller would only return after it) pushes nothing: right recursion stays flat.
+                var d = t.Dfa;
+                bool tail = d.Accept[target] && !d.HasBytes[target] && d.Refs[target].Length == 0;
+                AddClosed(new Thread(g.Rules[rule], 0, tail ? t.Stack : new Frame(t.Dfa, target, t.Stack)));
             }
             if (t.Dfa.Accept[t.State])
             {

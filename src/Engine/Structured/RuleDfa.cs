@@ -17,6 +17,8 @@ internal sealed class RuleDfa
     private const int MaxNfaStates = 1_000_000;
     private static readonly ConcurrentDictionary<string, RuleDfa> Cache = new();
     private static readonly (int Rule, int Target)[] NoRefs = [];
+    /// <summary>Automata kept for sharing between grammars; past this the cache starts over.</summary>
+    private const int MaxCached = 20_000;
 
     private RuleDfa(string key, byte[] classOf, int classCount, int[] next, bool[] accept, (int Rule, int Target)[][] refs)
     {
@@ -62,6 +64,7 @@ internal sealed class RuleDfa
         if (rx is DfaRx d) return d.Dfa;
         if (Cache.TryGetValue(rx.Key, out var hit)) return hit;
         var built = Build(rx);
+        if (Cache.Count > MaxCached) Cache.Clear(); // bounded: grammars already compiled keep their automata
         return Cache.GetOrAdd(rx.Key, built);
     }
 

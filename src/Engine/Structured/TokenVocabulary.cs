@@ -25,6 +25,11 @@ public sealed class TokenVocabulary
     private readonly int[] _sameBytesNext;
     private readonly ulong[] _allTokens;
     private readonly Dictionary<(int Dfa, int State), StateMask> _cache = [];
+    /// <summary>Token ids held by the cache; past <see cref="MaxCachedIds"/> it starts over, so a long run stays bounded.</summary>
+    private long _cachedIds;
+
+    /// <summary>The most token ids the mask cache holds (about 4 bytes each) before it is cleared.</summary>
+    public const long MaxCachedIds = 64L << 20;
     private readonly Lock _lock = new();
 
     /// <summary>The vocabulary of <paramref name="tokenizer"/> over <paramref name="vocabSize"/> logits (at least its token count).</summary>
@@ -126,7 +131,15 @@ public sealed class TokenVocabulary
         lock (_lock)
             if (_cache.TryGetValue((dfa.Id, state), out var hit)) return hit;
         var computed = ComputeInside(dfa, state);
-        lock (_lock) _cache[(dfa.Id, state)] = computed;
+        lock (_lock)
+        {
+            if (_cachedIds + computed.Ids.Length > MaxCachedIds)
+            {
+                _cache.Clear();
+                _cachedIds = 0;
+            }
+            if (_cache.TryAdd((dfa.Id, state), computed)) _cachedIds += computed.Ids.Length + computed.Boundaries.Length * 2;
+        }
         return computed;
     }
 
