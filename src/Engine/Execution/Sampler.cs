@@ -106,7 +106,9 @@ public sealed class Sampler
         if (rows is null) return logits;
         int vocab = (int)logits.shape[1];
         var words = new ulong[Math.Max((vocab + 63) / 64, seqs[rows[0]].Constraint!.Matcher.Vocabulary.Words)];
-        var disallow = new bool[rows.Count * vocab];
+        // An additive bias (0 or -inf) rather than masked_fill with a scalar: no native Scalar object whose lifetime
+        // the step depends on.
+        var bias = new float[rows.Count * vocab];
         var kept = new List<long>(rows.Count);
         foreach (int i in rows)
         {
@@ -120,15 +122,17 @@ public sealed class Sampler
                 if (w != 0) { any = true; break; }
             if (!any) { c.Dead = true; continue; }
             int baseIndex = kept.Count * vocab;
-            for (int t = 0; t < vocab; t++) disallow[baseIndex + t] = (words[t >> 6] & (1UL << t)) == 0;
+            for (int t = 0; t < vocab; t++)
+                if ((words[t >> 6] & (1UL << t)) == 0) bias[baseIndex + t] = float.NegativeInfinity;
             kept.Add(i);
         }
         if (kept.Count == 0) return logits;
         var masked = logits.clone();
         using var idx = tensor(kept.ToArray(), device: logits.device);
-        using var mask = tensor(disallow.AsSpan(0, kept.Count * vocab).ToArray(), device: logits.device).reshape(kept.Count, vocab);
+        using var flat = tensor(bias.AsSpan(0, kept.Count * vocab).ToArray(), device: logits.device);
+        using var biasRows = flat.reshape(kept.Count, vocab).to_type(logits.dtype);
         using var rowsOf = masked.index_select(0, idx);
-        using var filled = rowsOf.masked_fill(mask, float.NegativeInfinity);
+        using var filled = rowsOf.add(biasRows);
         masked.index_copy_(0, idx, filled);
         return masked;
     }
