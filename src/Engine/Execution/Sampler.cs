@@ -17,6 +17,12 @@ public readonly record struct SampledToken(int TokenId, PositionLogprobs? Logpro
 /// </summary>
 public sealed class Sampler
 {
+    // Scalars are passed to libtorch by handle; a temporary one (an implicit conversion) can be finalized by the GC
+    // while the native call still reads it, which libtorch reports as a corrupt scalar ("toFloat"). Constants live
+    // here for the process; per-call scalars are held by a using until the call returns.
+    private static readonly Scalar NegativeInfinity = float.NegativeInfinity.ToScalar();
+    private static readonly Scalar Zero = 0.ToScalar();
+
     /// <summary>Samples one token per row of <paramref name="logits"/> ([rows, vocab] float32) for <paramref name="seqs"/>.</summary>
     public SampledToken[] Sample(Tensor logits, IReadOnlyList<Sequence> seqs)
     {
@@ -62,7 +68,8 @@ public sealed class Sampler
         var cum = probs.cumsum(-1);
         var total = cum.narrow(1, cum.shape[1] - 1, 1);
         var u = tensor(uniforms.Select(x => (float)x).ToArray(), device: logits.device).unsqueeze(1) * total;
-        var pos = searchsorted(cum, u, right: true).clamp_max(cum.shape[1] - 1);
+        using var last = (cum.shape[1] - 1).ToScalar();
+        var pos = searchsorted(cum, u, right: true).clamp_max(last);
         var ids = order.gather(1, pos).squeeze(1).data<long>().ToArray();
         return ids.Select(x => (int)x).ToArray();
     }
@@ -79,16 +86,16 @@ public sealed class Sampler
         var positions = arange(vocab, device: logits.device).unsqueeze(0); // [1, vocab]
 
         var topK = tensor(ps.Select(p => p.TopK > 0 ? (long)Math.Min(p.TopK, vocab) : vocab).ToArray(), device: logits.device).unsqueeze(1);
-        var masked = vals.masked_fill(positions >= topK, float.NegativeInfinity);
+        var masked = vals.masked_fill(positions >= topK, NegativeInfinity);
 
         var topP = tensor(ps.Select(p => p.TopP).ToArray(), device: logits.device).unsqueeze(1);
         var p1 = masked.softmax(-1);
         var before = p1.cumsum(-1) - p1; // mass of strictly more likely tokens
-        masked = masked.masked_fill((before > topP).logical_and(positions > 0), float.NegativeInfinity);
+        masked = masked.masked_fill((before > topP).logical_and(positions > Zero), NegativeInfinity);
 
         var minP = tensor(ps.Select(p => p.MinP).ToArray(), device: logits.device).unsqueeze(1);
         var p2 = masked.softmax(-1);
-        masked = masked.masked_fill(p2 < p2.narrow(1, 0, 1) * minP, float.NegativeInfinity);
+        masked = masked.masked_fill(p2 < p2.narrow(1, 0, 1) * minP, NegativeInfinity);
         return masked.softmax(-1);
     }
 
@@ -106,10 +113,9 @@ public sealed class Sampler
         if (rows is null) return logits;
         int vocab = (int)logits.shape[1];
         var words = new ulong[Math.Max((vocab + 63) / 64, seqs[rows[0]].Constraint!.Matcher.Vocabulary.Words)];
-        // An additive bias (0 or -inf) rather than masked_fill with a scalar: no native Scalar object whose lifetime
-        // the step depends on.
-        var bias = new float[rows.Count * vocab];
-        var kept = new List<long>(rows.Count);
+        Tensor? masked = null;
+        // One reused bias row (0 or -inf, added in place): no per-step large arrays for the GC to chase.
+        var bias = t_bias is { Length: var n } && n == vocab ? t_bias : t_bias = new float[vocab];
         foreach (int i in rows)
         {
             var c = seqs[i].Constraint!;
@@ -121,21 +127,17 @@ public sealed class Sampler
             foreach (ulong w in words)
                 if (w != 0) { any = true; break; }
             if (!any) { c.Dead = true; continue; }
-            int baseIndex = kept.Count * vocab;
-            for (int t = 0; t < vocab; t++)
-                if ((words[t >> 6] & (1UL << t)) == 0) bias[baseIndex + t] = float.NegativeInfinity;
-            kept.Add(i);
+            for (int t = 0; t < vocab; t++) bias[t] = (words[t >> 6] & (1UL << t)) == 0 ? float.NegativeInfinity : 0f;
+            masked ??= logits.clone();
+            using var biasRow = tensor(bias, device: logits.device);
+            using var typed = biasRow.to_type(logits.dtype);
+            using var row = masked[i];
+            row.add_(typed);
         }
-        if (kept.Count == 0) return logits;
-        var masked = logits.clone();
-        using var idx = tensor(kept.ToArray(), device: logits.device);
-        using var flat = tensor(bias.AsSpan(0, kept.Count * vocab).ToArray(), device: logits.device);
-        using var biasRows = flat.reshape(kept.Count, vocab).to_type(logits.dtype);
-        using var rowsOf = masked.index_select(0, idx);
-        using var filled = rowsOf.add(biasRows);
-        masked.index_copy_(0, idx, filled);
-        return masked;
+        return masked ?? logits;
     }
+
+    [ThreadStatic] private static float[]? t_bias;
 
     /// <summary>Repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.</summary>
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
@@ -152,7 +154,8 @@ public sealed class Sampler
             {
                 using var seen = tensor(seqs[i].Tokens.Distinct().Select(t => (long)t).ToArray(), device: logits.device);
                 using var v = row.index_select(0, seen);
-                using var penalized = where(v > 0, v / p.RepetitionPenalty, v * p.RepetitionPenalty);
+                using var penalty = p.RepetitionPenalty.ToScalar();
+                using var penalized = where(v > Zero, v / penalty, v * penalty);
                 row.index_copy_(0, seen, penalized);
             }
             if ((pres || freq) && seqs[i].NumOutputTokens > 0)
@@ -173,7 +176,8 @@ public sealed class Sampler
     {
         using var scope = NewDisposeScope();
         float chosen = row[token].item<float>();
-        int rank = (int)(row > chosen).sum().item<long>() + 1;
+        using var chosenScalar = chosen.ToScalar();
+        int rank = (int)(row > chosenScalar).sum().item<long>() + 1;
         var top = new List<TokenLogprob>(k);
         if (k > 0)
         {
