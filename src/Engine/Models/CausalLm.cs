@@ -245,8 +245,11 @@ public sealed class CausalLm : IDisposable
     {
         using var scope = NewDisposeScope();
         var xf = x.dtype == ScalarType.Float32 ? x : x.to(ScalarType.Float32);
-        var variance = xf.pow(2).mean([-1], keepdim: true);
-        var normed = xf * (variance + eps).rsqrt();
+        // Scalars held until the calls return (a temporary one can be finalized while libtorch reads it).
+        using var two = TorchSharp.ScalarExtensionMethods.ToScalar(2);
+        using var epsilon = TorchSharp.ScalarExtensionMethods.ToScalar(eps);
+        var variance = xf.pow(two).mean([-1], keepdim: true);
+        var normed = xf * (variance + epsilon).rsqrt();
         return (weight * (x.dtype == ScalarType.Float32 ? normed : normed.to(x.dtype))).MoveToOuterDisposeScope();
     }
 
