@@ -205,6 +205,25 @@ public class StructuredGrammarTests
         Assert.True(Accepts(StructuredOutputs.ForJsonSchema(schema, JsonWhitespace.Flexible), "{\n  \"a\" :\t[ 1 ,2 ]\r\n}"));
     }
 
+    [Theory]
+    [InlineData("1.0", "1.0")]
+    [InlineData("1e-05", "1e-05")]
+    [InlineData("0.0001", "0.0001")]
+    [InlineData("123456789012345678.0", "1.2345678901234568e+17")]
+    [InlineData("1e16", "1e+16")]
+    [InlineData("1.5e300", "1.5e+300")]
+    [InlineData("1E5", "100000.0")]
+    [InlineData("-2.5e-7", "-2.5e-07")]
+    [InlineData("3.14159", "3.14159")]
+    [InlineData("12345678901234567.0", "1.2345678901234568e+16")]
+    [InlineData("-0", "0")]
+    [InlineData("42", "42")]
+    public void Numbers_print_as_python_prints_them_after_json_loads(string raw, string python)
+    {
+        // Expected values: Python 3's repr(float(raw)) / int(raw), as MaskBench's serialisation writes them.
+        Assert.Equal(python, PythonJson.Number(raw));
+    }
+
     [Fact]
     public void Json_object_mode_takes_any_object_and_nothing_else()
     {

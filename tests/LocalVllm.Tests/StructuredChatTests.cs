@@ -84,12 +84,18 @@ public sealed class StructuredChatTests
             Assert.NotEmpty(calls);
             Assert.Empty(response.Text.Trim());
             Assert.Equal(ChatFinishReason.ToolCalls, response.FinishReason);
-            foreach (var call in calls)
-            {
-                var tool = Assert.Single(tools, t => t.Name == call.Name);
-                Assert.Null(call.Exception);
-                AssertValid(tool.JsonSchema, JsonSerializer.Serialize(call.Arguments));
-            }
+            AssertCallsValid(calls, tools);
+        }
+    }
+
+    /// <summary>Every call names an offered tool, parsed, and has arguments its parameter schema accepts.</summary>
+    private static void AssertCallsValid(IEnumerable<FunctionCallContent> calls, AIFunction[] tools)
+    {
+        foreach (var call in calls)
+        {
+            var tool = Assert.Single(tools, t => t.Name == call.Name);
+            Assert.Null(call.Exception);
+            AssertValid(tool.JsonSchema, JsonSerializer.Serialize(call.Arguments));
         }
     }
 
@@ -115,12 +121,7 @@ public sealed class StructuredChatTests
         {
             options.Seed = seed;
             var response = await client.GetResponseAsync("Do something.", options);
-            foreach (var call in response.Messages.SelectMany(m => m.Contents).OfType<FunctionCallContent>())
-            {
-                var tool = Assert.Single(tools, t => t.Name == call.Name);
-                Assert.Null(call.Exception);
-                AssertValid(tool.JsonSchema, JsonSerializer.Serialize(call.Arguments));
-            }
+            AssertCallsValid(response.Messages.SelectMany(m => m.Contents).OfType<FunctionCallContent>(), tools);
         }
     }
 

@@ -112,7 +112,8 @@ public sealed class Sampler
             if (seqs[i].Constraint is { Active: true }) (rows ??= []).Add(i);
         if (rows is null) return logits;
         int vocab = (int)logits.shape[1];
-        var words = new ulong[Math.Max((vocab + 63) / 64, seqs[rows[0]].Constraint!.Matcher.Vocabulary.Words)];
+        int wordCount = Math.Max((vocab + 63) / 64, seqs[rows[0]].Constraint!.Matcher.Vocabulary.Words);
+        var words = t_words is { Length: var held } && held == wordCount ? t_words : t_words = new ulong[wordCount];
         Tensor? masked = null;
         // One reused bias row (0 or -inf, added in place): no per-step large arrays for the GC to chase.
         var bias = t_bias is { Length: var n } && n == vocab ? t_bias : t_bias = new float[vocab];
@@ -138,6 +139,7 @@ public sealed class Sampler
     }
 
     [ThreadStatic] private static float[]? t_bias;
+    [ThreadStatic] private static ulong[]? t_words;
 
     /// <summary>Repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.</summary>
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)

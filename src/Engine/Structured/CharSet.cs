@@ -27,7 +27,6 @@ internal sealed class CharSet
     public static CharSet Single(int cp) => Of((cp, cp));
 
     public bool IsEmpty => _ranges.Length == 0;
-    public bool Contains(int cp) => _ranges.Any(r => cp >= r.Lo && cp <= r.Hi);
 
     public CharSet Union(CharSet other) => Normalise([.. _ranges, .. other._ranges]);
 

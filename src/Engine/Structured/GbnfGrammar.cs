@@ -240,7 +240,8 @@ internal sealed class GbnfGrammar
             _i += 5;
             SkipSpace(false);
             int start = _i;
-            var reader = new Utf8JsonReader(Encoding.UTF8.GetBytes(_t[start..]));
+            var rest = Encoding.UTF8.GetBytes(_t[start..]);
+            var reader = new Utf8JsonReader(rest);
             try
             {
                 if (!reader.Read()) throw Error("expected a JSON schema after %json");
@@ -250,8 +251,7 @@ internal sealed class GbnfGrammar
             {
                 throw Error($"the schema after %json is not valid JSON ({e.Message})");
             }
-            var schemaBytes = Encoding.UTF8.GetBytes(_t[start..]).AsSpan(0, (int)reader.BytesConsumed);
-            var schema = Encoding.UTF8.GetString(schemaBytes);
+            var schema = Encoding.UTF8.GetString(rest, 0, (int)reader.BytesConsumed);
             _i = start + schema.Length;
             return Rx.Ref(JsonSchemaGrammar.AddSchema(_g, schema, _compactJson, _strictJson));
         }

@@ -74,7 +74,6 @@ internal static class JsonNumbers
         if (last is not { } l || first <= l)
             parts.Add(Rx.Seq(Digits(first, last), anyFrac));
         if (aEx && (b is not { } b2 || a < b2)) parts.Add(Rx.Seq(Digits(a, a), nonZeroFrac)); // just above a
-        if (!aEx && first > a) { }
         if (b is { } b3 && !bEx) parts.Add(Rx.Seq(Digits(b3, b3), zeroFrac)); // exactly b
         return Rx.Alt(parts.ToArray());
     }

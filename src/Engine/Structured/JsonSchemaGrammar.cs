@@ -454,25 +454,9 @@ internal sealed class JsonSchemaGrammar
     /// <summary>A string as Python's <c>json.dumps(ensure_ascii=False)</c> writes it.</summary>
     public static string PythonJsonString(string s)
     {
-        var sb = new StringBuilder(s.Length + 2).Append('"');
-        foreach (char ch in s)
-        {
-            switch (ch)
-            {
-                case '"': sb.Append("\\\""); break;
-                case '\\': sb.Append("\\\\"); break;
-                case '\n': sb.Append("\\n"); break;
-                case '\r': sb.Append("\\r"); break;
-                case '\t': sb.Append("\\t"); break;
-                case '\b': sb.Append("\\b"); break;
-                case '\f': sb.Append("\\f"); break;
-                default:
-                    if (ch < 0x20) sb.Append(CultureInfo.InvariantCulture, $"\\u{(int)ch:x4}");
-                    else sb.Append(ch);
-                    break;
-            }
-        }
-        return sb.Append('"').ToString();
+        var sb = new StringBuilder(s.Length + 2);
+        Text.Templating.JinjaValues.WriteJsonString(sb, s, ensureAscii: false);
+        return sb.ToString();
     }
 
     private int AnyValue()
@@ -481,8 +465,7 @@ internal sealed class JsonSchemaGrammar
         _anyValue = _g.Declare("any");
         int str = Leaf("string", AnyStringRx());
         int num = Leaf("number", JsonNumbers.AnyNumber);
-        var member = Rx.Seq(Rx.Ref(str), Colon, Rx.Ref(_anyValue));
-        var obj = Rx.Seq(Rx.Byte((byte)'{'), Ws, Rx.Optional(Rx.Seq(member, Rx.Star(Rx.Seq(Comma, member)))), Ws, Rx.Byte((byte)'}'));
+        var obj = AnyObjectRx(); // refers back to this rule, declared above
         var arr = Rx.Seq(Rx.Byte((byte)'['), Ws, Rx.Optional(Rx.Seq(Rx.Ref(_anyValue), Rx.Star(Rx.Seq(Comma, Rx.Ref(_anyValue))))), Ws, Rx.Byte((byte)']'));
         _g.Define(_anyValue, Rx.Alt(Rx.Literal("null"), Rx.Literal("true"), Rx.Literal("false"), Rx.Ref(num), Rx.Ref(str), obj, arr));
         return _anyValue;
@@ -654,7 +637,7 @@ internal sealed class JsonSchemaGrammar
             JsonNode node = schema ?? throw new GrammarException($"{path}/properties/{name}: null");
             foreach (var pt in patterns.Where(pt => Matches(pt.Dfa, name)))
                 node = Both(node.DeepClone(), pt.Schema!.DeepClone());
-            var value = ReferenceEquals(node, schema) ? RefTo(schema, $"{path}/properties/{name}") : RefTo(node, $"{path}/properties/{name}");
+            var value = RefTo(node, $"{path}/properties/{name}");
             bool req = required.Contains(name);
             if (value.IsNothing)
             {

@@ -70,24 +70,18 @@ internal static class PythonJson
         double d = double.Parse(raw, CultureInfo.InvariantCulture);
         if (double.IsInfinity(d)) return d > 0 ? "Infinity" : "-Infinity";
         if (d == 0) return raw.StartsWith('-') ? "-0.0" : "0.0";
-        // Shortest round-trip digits and decimal exponent, then Python's layout: fixed for 1e-4 <= |d| < 1e16 (Python repr).
-        string r = Math.Abs(d).ToString("E16", CultureInfo.InvariantCulture);
+        // Shortest round-trip digits and the exponent of the first significant one, then Python's layout.
         string shortest = Math.Abs(d).ToString("R", CultureInfo.InvariantCulture);
-        // digits and exponent from the shortest form
-        string digits;
-        int exp;
         int e = shortest.IndexOfAny(['E', 'e']);
         string mant = e >= 0 ? shortest[..e] : shortest;
         int exp10 = e >= 0 ? int.Parse(shortest[(e + 1)..], CultureInfo.InvariantCulture) : 0;
         int dot = mant.IndexOf('.');
         string intPart = dot >= 0 ? mant[..dot] : mant;
-        string fracPart = dot >= 0 ? mant[(dot + 1)..] : "";
-        digits = (intPart + fracPart).TrimStart('0');
-        int lead = (intPart + fracPart).Length - (intPart + fracPart).TrimStart('0').Length;
-        exp = intPart.Length - 1 - lead + exp10; // exponent of the first significant digit
-        digits = digits.TrimEnd('0');
+        string all = intPart + (dot >= 0 ? mant[(dot + 1)..] : "");
+        string significant = all.TrimStart('0');
+        int exp = intPart.Length - 1 - (all.Length - significant.Length) + exp10;
+        string digits = significant.TrimEnd('0');
         if (digits.Length == 0) digits = "0";
-        _ = r;
         string sign = d < 0 ? "-" : "";
         if (exp >= -4 && exp < 16)
         {

@@ -267,27 +267,6 @@ internal sealed class RuleDfa
         return new RuleDfa(Key, ClassOf, ClassCount, next, Accept, Refs);
     }
 
-    /// <summary>Whether the automaton accepts some string (references count as matchable).</summary>
-    public bool AcceptsSomething()
-    {
-        var seen = new bool[StateCount];
-        var stack = new Stack<int>([0]);
-        seen[0] = true;
-        while (stack.Count > 0)
-        {
-            int s = stack.Pop();
-            if (Accept[s]) return true;
-            for (int c = 0; c < ClassCount; c++)
-            {
-                int t = Next[s * ClassCount + c];
-                if (t >= 0 && !seen[t]) { seen[t] = true; stack.Push(t); }
-            }
-            foreach (var (_, t) in Refs[s])
-                if (!seen[t]) { seen[t] = true; stack.Push(t); }
-        }
-        return false;
-    }
-
     /// <summary>A Thompson automaton with epsilon, byte-range and rule-reference edges.</summary>
     private sealed class Nfa
     {

@@ -28,8 +28,6 @@ internal sealed class SequenceConstraint
     public bool Active { get; private set; }
     /// <summary>Set by the sampler when the constraint allowed no token at all: the request fails with a clear message.</summary>
     public bool Dead { get; set; }
-    /// <summary>Tokens whose bytes were forced (jump-forward) rather than sampled; not used yet.</summary>
-    public int ForcedTokens { get; set; }
 
     /// <summary>
     /// Takes a generated token: advances the matcher (or, while reasoning, watches for its end and feeds the matcher the

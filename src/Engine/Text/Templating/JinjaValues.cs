@@ -370,7 +370,8 @@ internal static class JinjaValues
         sb.Append('\n').Append(' ', k * depth);
     }
 
-    private static void WriteJsonString(StringBuilder sb, string s, bool ensureAscii)
+    /// <summary>A string as Python's json.dumps writes it (the one writer: tojson and the JSON Schema compiler use it).</summary>
+    internal static void WriteJsonString(StringBuilder sb, string s, bool ensureAscii)
     {
         sb.Append('"');
         foreach (var c in s)
