@@ -14,6 +14,15 @@ public sealed class EngineOptions
     public string Device { get; set; } = "cpu";
     /// <summary>Compute dtype: "float32" (default), "bfloat16" or "float16".</summary>
     public string DType { get; set; } = "float32";
+    /// <summary>
+    /// How the matrices (projections, embedding, LM head) are kept in memory when the engine computes in float32 on
+    /// the CPU: "auto" (default) keeps a bfloat16 checkpoint's matrices in bfloat16 (half the memory and half the bytes
+    /// streamed per decoded token; the kernels widen them exactly and accumulate in float32, so results equal the
+    /// float32 path's up to the order of additions) and expands anything else to float32; "float32" expands everything;
+    /// "bfloat16" rounds float32/float16 checkpoints to bfloat16 too. Other dtypes and devices keep the weights in the
+    /// compute dtype, whatever this says.
+    /// </summary>
+    public string WeightDType { get; set; } = "auto";
     /// <summary>Tokens per KV block.</summary>
     public int BlockSize { get; set; } = 16;
     /// <summary>
@@ -87,5 +96,7 @@ public sealed class EngineOptions
             throw new ArgumentException($"Unknown device '{Device}'; use 'cpu' or 'cuda'.", nameof(Device));
         if (DType is not ("float32" or "bfloat16" or "float16"))
             throw new ArgumentException($"Unknown dtype '{DType}'; use 'float32', 'bfloat16' or 'float16'.", nameof(DType));
+        if (WeightDType is not ("auto" or "float32" or "bfloat16"))
+            throw new ArgumentException($"Unknown weight dtype '{WeightDType}'; use 'auto', 'float32' or 'bfloat16'.", nameof(WeightDType));
     }
 }

@@ -47,6 +47,83 @@ public sealed class SmallBatchLinearTests
         Assert.True((expected - actual).abs().max().item<float>() < 1e-4f);
     }
 
+    /// <summary>
+    /// bfloat16 weights (as a bf16 checkpoint is kept in memory) against libtorch's float32 linear over the same values
+    /// widened: widening is exact, so only the order of the additions differs. Row counts cover the dot kernel with
+    /// one, two and three rows, every broadcast layout, and the widened-tile libtorch path above the kernels' rows
+    /// (several 256-feature tiles and a partial one).
+    /// </summary>
+    [Theory]
+    [InlineData(1, 64, 160, false)]
+    [InlineData(1, 1000, 37, true)] // k not a multiple of 16: the scalar tail
+    [InlineData(2, 1024, 96, false)]
+    [InlineData(2, 40, 9, true)]
+    [InlineData(3, 1024, 333, true)]
+    [InlineData(4, 36, 17, true)]
+    [InlineData(5, 256, 64, false)]
+    [InlineData(10, 36, 17, true)]
+    [InlineData(17, 128, 19, false)]
+    [InlineData(33, 64, 32, false)]
+    [InlineData(64, 1024, 97, true)]
+    [InlineData(600, 64, 24, true)]
+    [InlineData(520, 64, 600, true)]
+    public void Bf16_weights_equal_torch_linear_over_the_widened_weights(int rows, int inFeatures, int outFeatures, bool withBias)
+    {
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(5);
+        var x = randn([rows, inFeatures], generator: g);
+        var w = (randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures)).to(ScalarType.BFloat16);
+        var b = withBias ? randn([outFeatures], generator: g) : null;
+        var expected = F.linear(x, w.to(ScalarType.Float32), b);
+        var actual = SmallBatchLinear.Apply(x, w, b);
+        Assert.Equal(ScalarType.Float32, actual.dtype);
+        Assert.Equal(expected.shape, actual.shape);
+        Assert.True((expected - actual).abs().max().item<float>() < 1e-4f);
+    }
+
+    [SkippableTheory]
+    [InlineData("Dot", 1, 64, 24)]
+    [InlineData("Dot", 2, 1024, 100)]
+    [InlineData("Dot", 7, 48, 100)]
+    [InlineData("Dot", 64, 128, 8)]
+    [InlineData("Broadcast", 1, 64, 24)]
+    [InlineData("Broadcast", 6, 1024, 100)]
+    [InlineData("Broadcast", 11, 64, 24)]
+    [InlineData("Broadcast", 29, 256, 64)]
+    [InlineData("Broadcast", 64, 128, 13)]
+    public void Each_kernel_with_bf16_weights_equals_torch_linear(string kernelName, int rows, int inFeatures, int outFeatures)
+    {
+        var kernel = Enum.Parse<SmallBatchLinear.Kernel>(kernelName);
+        Skip.If(kernel == SmallBatchLinear.Kernel.Broadcast && !SmallBatchLinear.BroadcastSupported, "the broadcast kernel needs AVX-512");
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(13);
+        var x = randn([rows, inFeatures], generator: g);
+        var w = (randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures)).to(ScalarType.BFloat16);
+        var expected = F.linear(x, w.to(ScalarType.Float32));
+        var actual = SmallBatchLinear.Apply(x, w, null, kernel);
+        Assert.True((expected - actual).abs().max().item<float>() < 1e-4f, $"{kernel} kernel, {rows} rows");
+    }
+
+    /// <summary>The bit-level conversions agree with libtorch's: widening, and rounding to nearest even.</summary>
+    [Fact]
+    public unsafe void Bf16_conversions_agree_with_libtorch()
+    {
+        using var scope = NewDisposeScope();
+        var values = cat([randn([4096]) * 1000, tensor(new[] { 0f, -0f, 1f, float.Epsilon, float.MaxValue, float.PositiveInfinity, float.NegativeInfinity, 1.00390625f, 1.01171875f })]);
+        var rounded = values.to(ScalarType.BFloat16);
+        var widened = rounded.to(ScalarType.Float32);
+        ushort* bits = Simd.Bf16Pointer(rounded);
+        var mine = new float[values.shape[0]];
+        fixed (float* m = mine) Bf16.Widen(bits, m, mine.Length);
+        var theirs = widened.data<float>().ToArray();
+        var source = values.data<float>().ToArray();
+        for (int i = 0; i < mine.Length; i++)
+        {
+            Assert.Equal(theirs[i], mine[i]);
+            Assert.Equal(bits[i], Bf16.FromSingle(source[i]));
+        }
+    }
+
     /// <summary>Each kernel on its own, whatever row count the automatic choice would give it.</summary>
     [SkippableTheory]
     [InlineData("Dot", 1, 64, 24)]

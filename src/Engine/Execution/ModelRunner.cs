@@ -36,7 +36,8 @@ public sealed class ModelRunner : IDisposable
         // device-agnostic TorchSharp backend.
         Attention = options.AttentionBackend
             ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 && options.CpuKernels ? new CpuPagedAttention() : new TorchPagedAttention());
-        Model = CausalLm.Load(directory, dtype, device, Attention, options.CpuKernels);
+        Model = CausalLm.Load(directory, dtype, device, Attention, options.CpuKernels,
+            CausalLm.MatrixStorage(directory, options.WeightDType, dtype, device, options.CpuKernels));
         try
         {
             var c = Model.Config;

@@ -61,6 +61,9 @@ public sealed class WeightLoader : IDisposable
     /// <summary>Whether the checkpoint holds <paramref name="key"/>.</summary>
     public bool Contains(string key) => _byName.ContainsKey(key);
 
+    /// <summary>The safetensors dtype <paramref name="key"/> is stored in ("F32", "BF16", ...), or null when absent.</summary>
+    public string? StoredDType(string key) => _byName.TryGetValue(key, out var file) ? file.Entries[key].DType : null;
+
     /// <summary>Reads <paramref name="key"/> converted to <paramref name="dtype"/> on <paramref name="device"/>.</summary>
     public Tensor Read(string key, ScalarType dtype, Device device) => _byName[key].Read(key, dtype, device);
 

@@ -40,10 +40,13 @@ public sealed class CausalLm : IDisposable
     private readonly RotaryEmbedding _rope;
     private readonly IAttentionBackend _attention;
     private readonly bool _cpuKernels;
+    private readonly bool _tiedHead; // _lmHead is a view of _embed
 
     private CausalLm(ModelConfig config, Layer[] layers, Tensor embed, Tensor norm, Tensor lmHead, RotaryEmbedding rope,
-        IAttentionBackend attention, ScalarType dtype, Device device, bool cpuKernels)
+        IAttentionBackend attention, ScalarType dtype, Device device, bool cpuKernels, ScalarType matrixDtype, bool tiedHead)
     {
+        MatrixDType = matrixDtype;
+        _tiedHead = tiedHead;
         _cpuKernels = cpuKernels;
         Config = config;
         _layers = layers;
@@ -63,6 +66,21 @@ public sealed class CausalLm : IDisposable
     public ModelConfig Config { get; }
     /// <summary>The compute dtype.</summary>
     public ScalarType DType { get; }
+    /// <summary>The dtype the projections, embedding and LM head are kept in (bfloat16 with float32 compute: see <see cref="EngineOptions.WeightDType"/>).</summary>
+    public ScalarType MatrixDType { get; }
+    /// <summary>Bytes the parameters occupy (a tied LM head counted once).</summary>
+    public long WeightBytes
+    {
+        get
+        {
+            static long Bytes(Tensor? t) => t is null ? 0 : t.NumberOfElements * t.ElementSize;
+            long total = Bytes(_embed) + Bytes(_norm) + (_tiedHead ? 0 : Bytes(_lmHead));
+            foreach (var l in _layers)
+                total += Bytes(l.InputNorm) + Bytes(l.QkvWeight) + Bytes(l.QkvBias) + Bytes(l.QNorm) + Bytes(l.KNorm)
+                    + Bytes(l.OWeight) + Bytes(l.PostNorm) + Bytes(l.GateUpWeight) + Bytes(l.DownWeight);
+            return total;
+        }
+    }
     /// <summary>The device the weights live on.</summary>
     public Device Device { get; }
 
@@ -105,21 +123,41 @@ public sealed class CausalLm : IDisposable
 
     /// <summary>Loads the model in <paramref name="dir"/> onto <paramref name="device"/> in <paramref name="dtype"/>.</summary>
     public static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention = null) =>
-        Load(dir, dtype, device, attention, cpuKernels: true);
+        Load(dir, dtype, device, attention, cpuKernels: true, MatrixStorage(dir, "auto", dtype, device, cpuKernels: true));
 
-    /// <summary>As <see cref="Load(ModelDirectory, ScalarType, Device, IAttentionBackend?)"/>; <paramref name="cpuKernels"/>: false keeps every op in libtorch.</summary>
-    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels)
+    /// <summary>
+    /// The dtype the matrices are kept in (<see cref="EngineOptions.WeightDType"/>): bfloat16 only where the C# CPU
+    /// kernels compute in float32 and either the option asks for it or ("auto") the checkpoint's matrices are bfloat16.
+    /// </summary>
+    internal static ScalarType MatrixStorage(ModelDirectory dir, string weightDType, ScalarType dtype, Device device, bool cpuKernels)
+    {
+        if (!cpuKernels || dtype != ScalarType.Float32 || device.type != TorchSharp.DeviceType.CPU || weightDType == "float32") return dtype;
+        if (weightDType == "bfloat16") return ScalarType.BFloat16;
+        using var weights = new WeightLoader(dir.WeightFiles);
+        return weights.StoredDType("model.embed_tokens.weight") == "BF16" ? ScalarType.BFloat16 : dtype;
+    }
+
+    /// <summary>
+    /// As <see cref="Load(ModelDirectory, ScalarType, Device, IAttentionBackend?)"/>; <paramref name="cpuKernels"/>: false
+    /// keeps every op in libtorch; <paramref name="matrixDtype"/> is the storage of the projections, the embedding and
+    /// the LM head (norms and biases stay in <paramref name="dtype"/>).
+    /// </summary>
+    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels, ScalarType matrixDtype)
     {
         var c = dir.Config;
+        if (matrixDtype != dtype && (matrixDtype != ScalarType.BFloat16 || dtype != ScalarType.Float32 || !cpuKernels || device.type != TorchSharp.DeviceType.CPU))
+            throw new ArgumentException($"Matrices stored as {matrixDtype} need float32 compute with the CPU kernels, not {dtype} on {device}.");
         using var weights = new WeightLoader(dir.WeightFiles);
         var expected = ExpectedTensors(c);
         var optional = c.TieWordEmbeddings ? new HashSet<string> { "lm_head.weight" } : new HashSet<string>();
         weights.Validate(expected, optional, key => key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal));
 
         Tensor Read(string key) => weights.Read(key, dtype, device);
-        Tensor ReadCat(params string[] keys)
+        Tensor ReadMatrix(string key) => weights.Read(key, matrixDtype, device);
+        Tensor ReadCat(params string[] keys) => Concat(keys.Select(Read).ToArray());
+        Tensor ReadMatrices(params string[] keys) => Concat(keys.Select(ReadMatrix).ToArray());
+        static Tensor Concat(Tensor[] parts)
         {
-            var parts = keys.Select(Read).ToArray();
             var joined = cat(parts, 0);
             foreach (var p in parts) p.Dispose();
             return joined;
@@ -132,25 +170,26 @@ public sealed class CausalLm : IDisposable
             layers[i] = new Layer
             {
                 InputNorm = Read(p + "input_layernorm.weight"),
-                QkvWeight = ReadCat(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
+                QkvWeight = ReadMatrices(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"),
                 QkvBias = c.AttentionBias ? ReadCat(p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias") : null,
                 QNorm = c.QkNorm ? Read(p + "self_attn.q_norm.weight") : null,
                 KNorm = c.QkNorm ? Read(p + "self_attn.k_norm.weight") : null,
-                OWeight = Read(p + "self_attn.o_proj.weight"),
+                OWeight = ReadMatrix(p + "self_attn.o_proj.weight"),
                 PostNorm = Read(p + "post_attention_layernorm.weight"),
-                GateUpWeight = ReadCat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                DownWeight = Read(p + "mlp.down_proj.weight"),
+                GateUpWeight = ReadMatrices(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                DownWeight = ReadMatrix(p + "mlp.down_proj.weight"),
             };
         }
         foreach (var layer in layers)
             foreach (var t in new[] { layer.QkvWeight, layer.OWeight, layer.GateUpWeight, layer.DownWeight })
                 HugePages.Advise(t);
-        var embed = Read("model.embed_tokens.weight");
+        var embed = ReadMatrix("model.embed_tokens.weight");
         HugePages.Advise(embed);
-        var lmHead = weights.Contains("lm_head.weight") && !c.TieWordEmbeddings ? Read("lm_head.weight") : embed.alias();
+        bool tied = !weights.Contains("lm_head.weight") || c.TieWordEmbeddings;
+        var lmHead = tied ? embed.alias() : ReadMatrix("lm_head.weight");
         HugePages.Advise(lmHead);
         return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
-            attention ?? new TorchPagedAttention(), dtype, device, cpuKernels);
+            attention ?? new TorchPagedAttention(), dtype, device, cpuKernels, matrixDtype, tied);
     }
 
     /// <summary>
@@ -168,6 +207,7 @@ public sealed class CausalLm : IDisposable
         var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition); // float32 [tokens, headDim]
 
         var residual = _embed.index_select(0, inputIds); // [tokens, hidden]
+        if (residual.dtype != DType) residual = residual.to(DType); // bfloat16 rows widened (exact)
         Tensor? pending = null; // the previous layer's MLP output, added to the residual by the next norm
         bool fused = _cpuKernels && CpuLayerOps.Supports(residual);
         // The libtorch path broadcasts cos/sin over heads in the model's dtype, once per step.

@@ -52,4 +52,7 @@ internal static unsafe class Simd
 
     /// <summary>The data of a contiguous float32 CPU tensor (valid while the tensor lives).</summary>
     public static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
+
+    /// <summary>The data of a contiguous bfloat16 CPU tensor, as raw 16-bit patterns (valid while the tensor lives).</summary>
+    public static ushort* Bf16Pointer(Tensor t) => (ushort*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
 }

@@ -65,15 +65,19 @@ internal static unsafe class SmallBatchLinear
     {
         if (kernel == Kernel.Broadcast && !BroadcastSupported)
             throw new PlatformNotSupportedException("The broadcast kernel needs AVX-512.");
-        if ((kernel == Kernel.Auto && x.shape[0] > MaxRows) || x.dtype != ScalarType.Float32 || weight.dtype != ScalarType.Float32
+        bool bf16 = weight.dtype == ScalarType.BFloat16;
+        if (x.dtype != ScalarType.Float32 || !(bf16 || weight.dtype == ScalarType.Float32)
             || x.device_type != TorchSharp.DeviceType.CPU || !weight.is_contiguous())
             return F.linear(x, weight, bias);
+        if (kernel == Kernel.Auto && x.shape[0] > MaxRows)
+            return bf16 ? LinearByWidenedTiles(x, weight, bias) : F.linear(x, weight, bias);
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
         var y = empty([m, n], ScalarType.Float32);
-        float* xp = Simd.Pointer(xc), wp = Simd.Pointer(weight), yp = Simd.Pointer(y);
+        float* xp = Simd.Pointer(xc), yp = Simd.Pointer(y);
+        var w = bf16 ? new WeightRows(null, Simd.Bf16Pointer(weight), k) : new WeightRows(Simd.Pointer(weight), null, k);
         if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= DotRowsMax || !BroadcastSupported)))
-            Dot(xp, wp, yp, m, k, n);
+            Dot(xp, w, yp, m, k, n);
         else
         {
             // Long prefill chunks go through in panels of rows whose packed copy stays in cache while every weight
@@ -81,11 +85,62 @@ internal static unsafe class SmallBatchLinear
             for (int r0 = 0; r0 < m; r0 += PanelRows)
             {
                 int rows = Math.Min(PanelRows, m - r0);
-                Broadcast(xp + (long)r0 * k, wp, yp + (long)r0 * n, rows, k, n);
+                Broadcast(xp + (long)r0 * k, w, yp + (long)r0 * n, rows, k, n);
             }
         }
         if (bias is not null) y.add_(bias);
         return y;
+    }
+
+    /// <summary>Output features per libtorch product when a bfloat16 weight meets more rows than the kernels take.</summary>
+    private const int WidenedTileRows = 256;
+
+    /// <summary>
+    /// A bfloat16 weight against more rows than <see cref="MaxRows"/> (long prefill chunks; any batch above 32 rows
+    /// without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
+    /// tile of the weight widened to float32 just before its product (exact), so the whole matrix is never converted.
+    /// </summary>
+    private static Tensor LinearByWidenedTiles(Tensor x, Tensor weight, Tensor? bias)
+    {
+        long n = weight.shape[0];
+        var y = empty([x.shape[0], n], ScalarType.Float32);
+        for (long r0 = 0; r0 < n; r0 += WidenedTileRows)
+        {
+            long rows = Math.Min(WidenedTileRows, n - r0);
+            using var tile = weight.narrow(0, r0, rows).to(ScalarType.Float32);
+            using var part = F.linear(x, tile);
+            using var target = y.narrow(1, r0, rows);
+            target.copy_(part);
+        }
+        if (bias is not null) y.add_(bias);
+        return y;
+    }
+
+    /// <summary>
+    /// The rows of a weight matrix [n, k] in float32 or bfloat16. Kernels that reuse a tile of rows many times (the
+    /// broadcast kernels) widen a bfloat16 tile into a float32 scratch first and then run exactly the float32 code;
+    /// the memory-bound dot kernels read bfloat16 directly (half the bytes per weight).
+    /// </summary>
+    private readonly struct WeightRows(float* f32, ushort* bf16, long k)
+    {
+        public bool IsBf16 => bf16 != null;
+
+        /// <summary>Row <paramref name="row"/> as float32: in place, or widened into <paramref name="scratch"/> with the next rows up to <paramref name="count"/>.</summary>
+        public float* Tile(int row, int count, float* scratch)
+        {
+            if (f32 != null) return f32 + row * k;
+            Bf16.Widen(bf16 + row * k, scratch, count * k);
+            return scratch;
+        }
+
+        /// <summary>Where row <paramref name="row"/> starts in memory (for prefetching).</summary>
+        public float* Address(int row) => f32 != null ? f32 + row * k : (float*)(bf16 + row * k);
+
+        public float* F32 => f32;
+        public ushort* Bf16Rows => bf16;
+
+        /// <summary>Row <paramref name="row"/> dotted with <paramref name="x"/>.</summary>
+        public float Dot(int row, float* x) => f32 != null ? Simd.Dot(f32 + row * k, x, (int)k) : Bf16.Dot(bf16 + row * k, x, (int)k);
     }
 
     private static void ParallelOver(int n, int align, Action<int, int> body)
@@ -98,8 +153,11 @@ internal static unsafe class SmallBatchLinear
 
     // ---- dot kernel -------------------------------------------------------------------------------------------
 
-    private static void Dot(float* x, float* w, float* y, int m, int k, int n) =>
-        ParallelOver(n, 3, (from, to) => DotRange(x, w, y, m, k, n, from, to));
+    private static void Dot(float* x, WeightRows w, float* y, int m, int k, int n)
+    {
+        if (w.IsBf16) ParallelOver(n, 3, (from, to) => DotRangeBf16(x, w.Bf16Rows, y, m, k, n, from, to));
+        else ParallelOver(n, 3, (from, to) => DotRange(x, w.F32, y, m, k, n, from, to));
+    }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void DotRange(float* x, float* w, float* y, int m, int k, int n, int from, int to)
@@ -155,13 +213,71 @@ internal static unsafe class SmallBatchLinear
         y[2 * n] = Vector256.Sum(a20); y[2 * n + 1] = Vector256.Sum(a21); y[2 * n + 2] = Vector256.Sum(a22);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotRangeBf16(float* x, ushort* w, float* y, int m, int k, int n, int from, int to)
+    {
+        int row = from;
+        if (k % 16 == 0 && m >= 3)
+        {
+            for (; row + 3 <= to; row += 3)
+            {
+                ushort* w0 = w + (long)row * k, w1 = w0 + k, w2 = w1 + k;
+                int r = 0;
+                for (; r + 3 <= m; r += 3)
+                {
+                    float* x0 = x + (long)r * k;
+                    Tile3x3Bf16(w0, w1, w2, x0, x0 + k, x0 + 2 * k, k, y + (long)r * n + row, n);
+                }
+                for (; r < m; r++)
+                {
+                    float* xr = x + (long)r * k;
+                    y[(long)r * n + row] = Bf16.Dot(w0, xr, k);
+                    y[(long)r * n + row + 1] = Bf16.Dot(w1, xr, k);
+                    y[(long)r * n + row + 2] = Bf16.Dot(w2, xr, k);
+                }
+            }
+        }
+        else if (m == 2)
+        {
+            // Two input rows (two decoding streams): each weight row is read once for both.
+            for (; row < to; row++)
+                Bf16.Dot2(w + (long)row * k, x, x + k, k, y + row, y + n + row);
+        }
+        for (; row < to; row++)
+        {
+            ushort* wr = w + (long)row * k;
+            for (int r = 0; r < m; r++) y[(long)r * n + row] = Bf16.Dot(wr, x + (long)r * k, k);
+        }
+    }
+
+    /// <summary><see cref="Tile3x3"/> with bfloat16 weight rows, widened sixteen at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void Tile3x3Bf16(ushort* w0, ushort* w1, ushort* w2, float* x0, float* x1, float* x2, int k, float* y, int n)
+    {
+        Vector256<float> a00 = default, a01 = default, a02 = default, a10 = default, a11 = default, a12 = default,
+            a20 = default, a21 = default, a22 = default;
+        for (int i = 0; i + 16 <= k; i += 16)
+        {
+            var (v0, p0) = Bf16.Load16(w0 + i); var (v1, p1) = Bf16.Load16(w1 + i); var (v2, p2) = Bf16.Load16(w2 + i);
+            var u = Vector256.Load(x0 + i); var t = Vector256.Load(x0 + i + 8);
+            a00 = Simd.Fma(p0, t, Simd.Fma(v0, u, a00)); a01 = Simd.Fma(p1, t, Simd.Fma(v1, u, a01)); a02 = Simd.Fma(p2, t, Simd.Fma(v2, u, a02));
+            u = Vector256.Load(x1 + i); t = Vector256.Load(x1 + i + 8);
+            a10 = Simd.Fma(p0, t, Simd.Fma(v0, u, a10)); a11 = Simd.Fma(p1, t, Simd.Fma(v1, u, a11)); a12 = Simd.Fma(p2, t, Simd.Fma(v2, u, a12));
+            u = Vector256.Load(x2 + i); t = Vector256.Load(x2 + i + 8);
+            a20 = Simd.Fma(p0, t, Simd.Fma(v0, u, a20)); a21 = Simd.Fma(p1, t, Simd.Fma(v1, u, a21)); a22 = Simd.Fma(p2, t, Simd.Fma(v2, u, a22));
+        }
+        y[0] = Vector256.Sum(a00); y[1] = Vector256.Sum(a01); y[2] = Vector256.Sum(a02);
+        y[n] = Vector256.Sum(a10); y[n + 1] = Vector256.Sum(a11); y[n + 2] = Vector256.Sum(a12);
+        y[2 * n] = Vector256.Sum(a20); y[2 * n + 1] = Vector256.Sum(a21); y[2 * n + 2] = Vector256.Sum(a22);
+    }
+
     // ---- broadcast kernel (AVX-512) ---------------------------------------------------------------------------
 
     /// <summary>
     /// Packs x into blocks of 32 rows ([k][32], the last block 16 wide when at most 16 rows are left), zero-padded,
     /// then computes eight weight rows at a time against every block.
     /// </summary>
-    private static void Broadcast(float* x, float* w, float* y, int m, int k, int n)
+    private static void Broadcast(float* x, WeightRows w, float* y, int m, int k, int n)
     {
         // Up to 8 rows, one 16-lane block holds several consecutive k of each row (lane r * g + q = x[r, g * i + q]),
         // so that the lanes are not mostly padding: the weight is then broadcast g elements at a time.
@@ -212,30 +328,39 @@ internal static unsafe class SmallBatchLinear
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void GroupedRange(float* packed, float* w, float* y, int m, int k, int n, int group, int blocks, float* x, int from, int to)
+    private static void GroupedRange(float* packed, WeightRows w, float* y, int m, int k, int n, int group, int blocks, float* x, int from, int to)
     {
         float* tile = stackalloc float[TileRows * 48];
-        int row = from, width = 16 * blocks;
-        for (; row + TileRows <= to; row += TileRows)
+        float* scratch = w.IsBf16 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
+        try
         {
-            // The next tile of this range (the last one prefetches itself: lines already on their way).
-            float* next = w + (long)(row + 2 * TileRows <= to ? row + TileRows : row) * k;
-            if (blocks == 3) TileQuadTriples(w + (long)row * k, k, packed, tile, next);
-            else if (blocks == 2) TileQuadPairs(w + (long)row * k, k, packed, tile, next);
-            else if (group == 4) TileGroups4(w + (long)row * k, k, packed, tile, next);
-            else TileGroups2(w + (long)row * k, k, packed, tile);
-            for (int j = 0; j < TileRows; j++)
-                for (int r = 0; r < m; r++)
-                {
-                    // Row r sits in block r / 4 at lanes (r % 4) * 4.. (quads), else at lanes r * group.. (pairs).
-                    int lane = group == 4 ? (r / 4) * 16 + (r % 4) * 4 : r * group;
-                    float sum = 0;
-                    for (int q = 0; q < group; q++) sum += tile[j * width + lane + q];
-                    y[(long)r * n + row + j] = sum;
-                }
+            int row = from, width = 16 * blocks;
+            for (; row + TileRows <= to; row += TileRows)
+            {
+                float* wr = w.Tile(row, TileRows, scratch);
+                // The next tile of this range (the last one prefetches itself: lines already on their way).
+                float* next = w.Address(row + 2 * TileRows <= to ? row + TileRows : row);
+                if (blocks == 3) TileQuadTriples(wr, k, packed, tile, next);
+                else if (blocks == 2) TileQuadPairs(wr, k, packed, tile, next);
+                else if (group == 4) TileGroups4(wr, k, packed, tile, next);
+                else TileGroups2(wr, k, packed, tile);
+                for (int j = 0; j < TileRows; j++)
+                    for (int r = 0; r < m; r++)
+                    {
+                        // Row r sits in block r / 4 at lanes (r % 4) * 4.. (quads), else at lanes r * group.. (pairs).
+                        int lane = group == 4 ? (r / 4) * 16 + (r % 4) * 4 : r * group;
+                        float sum = 0;
+                        for (int q = 0; q < group; q++) sum += tile[j * width + lane + q];
+                        y[(long)r * n + row + j] = sum;
+                    }
+            }
+            for (; row < to; row++)
+                for (int r = 0; r < m; r++) y[(long)r * n + row] = w.Dot(row, x + (long)r * k);
         }
-        for (; row < to; row++)
-            for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(w + (long)row * k, x + (long)r * k, k);
+        finally
+        {
+            if (scratch != null) NativeMemory.AlignedFree(scratch);
+        }
     }
 
     /// <summary>Eight weight rows against up to 4 rows packed four k at a time: w[j, 4i..4i+3] broadcast as a 128-bit group.</summary>
@@ -412,35 +537,43 @@ internal static unsafe class SmallBatchLinear
     }
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void BroadcastRange(float* xt, float* w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
+    private static void BroadcastRange(float* xt, WeightRows w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
     {
         float* tile = stackalloc float[TileRows * 32];
-        int row = from;
-        for (; row + TileRows <= to; row += TileRows)
+        float* scratch = w.IsBf16 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
+        try
         {
-            float* wr = w + (long)row * k;
-            // The first block's pass prefetches the next tile; later passes (and the range's last tile) prefetch the
-            // current one, whose lines are already in cache.
-            float* next = row + 2 * TileRows <= to ? wr + (long)TileRows * k : wr;
-            for (int b = 0; b < full; b++)
+            int row = from;
+            for (; row + TileRows <= to; row += TileRows)
             {
-                Tile8x32(wr, k, xt + (long)b * 32 * k, tile, b == 0 ? next : wr);
-                Scatter(tile, 32, 32, y + (long)b * 32 * n + row, n);
+                float* wr = w.Tile(row, TileRows, scratch);
+                // The first block's pass prefetches the next tile; later passes (and the range's last tile) prefetch the
+                // current one, whose lines are already in cache.
+                float* next = row + 2 * TileRows <= to ? w.Address(row + TileRows) : wr;
+                for (int b = 0; b < full; b++)
+                {
+                    Tile8x32(wr, k, xt + (long)b * 32 * k, tile, b == 0 ? next : wr);
+                    Scatter(tile, 32, 32, y + (long)b * 32 * n + row, n);
+                }
+                if (lastWidth == 32)
+                {
+                    Tile8x32(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
+                    Scatter(tile, 32, m - full * 32, y + (long)full * 32 * n + row, n);
+                }
+                else if (lastWidth == 16)
+                {
+                    Tile8x16(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
+                    Scatter(tile, 16, m - full * 32, y + (long)full * 32 * n + row, n);
+                }
             }
-            if (lastWidth == 32)
-            {
-                Tile8x32(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
-                Scatter(tile, 32, m - full * 32, y + (long)full * 32 * n + row, n);
-            }
-            else if (lastWidth == 16)
-            {
-                Tile8x16(wr, k, xt + (long)full * 32 * k, tile, full == 0 ? next : wr);
-                Scatter(tile, 16, m - full * 32, y + (long)full * 32 * n + row, n);
-            }
+            // Fewer than eight weight rows left (only when n is not a multiple of 8).
+            for (; row < to; row++)
+                for (int r = 0; r < m; r++) y[(long)r * n + row] = w.Dot(row, x + (long)r * k);
         }
-        // Fewer than eight weight rows left (only when n is not a multiple of 8).
-        for (; row < to; row++)
-            for (int r = 0; r < m; r++) y[(long)r * n + row] = Simd.Dot(w + (long)row * k, x + (long)r * k, k);
+        finally
+        {
+            if (scratch != null) NativeMemory.AlignedFree(scratch);
+        }
     }
 
     /// <summary>tile[j * width + r] -> y[r * n + j] for the first <paramref name="rows"/> rows of each weight row's block.</summary>

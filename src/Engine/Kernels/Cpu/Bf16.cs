@@ -1,0 +1,150 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+
+namespace LocalVllm.Engine.Kernels.Cpu;
+
+/// <summary>
+/// bfloat16 weights read by the float32 kernels. A bfloat16 is the upper half of a float32, so widening is a 16-bit
+/// shift and exact: a product over widened weights equals the float32 product over the same values, up to the order
+/// of the additions. Everything accumulates in float32. The vector paths use the cross-platform
+/// <see cref="Vector256"/> API (AVX2 when the CPU has it, a software fallback otherwise); the single-row dot product
+/// widens sixteen at a time into 512-bit registers where the runtime accelerates them.
+/// </summary>
+internal static unsafe class Bf16
+{
+    /// <summary>Sixteen bfloat16 at <paramref name="p"/> as two float32 vectors (elements 0-7, 8-15).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static (Vector256<float> Low, Vector256<float> High) Load16(ushort* p)
+    {
+        var (lo, hi) = Vector256.Widen(Vector256.Load(p));
+        return (Vector256.ShiftLeft(lo, 16).AsSingle(), Vector256.ShiftLeft(hi, 16).AsSingle());
+    }
+
+    /// <summary>Sixteen bfloat16 at <paramref name="p"/> as one 512-bit float32 vector (AVX-512 only).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Load16Wide(ushort* p) =>
+        Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(p)), 16).AsSingle();
+
+    /// <summary>One bfloat16 as a float32.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float ToSingle(ushort b) => BitConverter.Int32BitsToSingle(b << 16);
+
+    /// <summary>A float32 rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as libtorch converts.</summary>
+    public static ushort FromSingle(float f)
+    {
+        uint bits = BitConverter.SingleToUInt32Bits(f);
+        if (float.IsNaN(f)) return (ushort)((bits >> 16) | 0x40);
+        return (ushort)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+
+    /// <summary>dst[i] = src[i] widened, for <paramref name="n"/> elements.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Widen(ushort* src, float* dst, long n)
+    {
+        long i = 0;
+        if (Vector512.IsHardwareAccelerated && Avx512F.IsSupported)
+            for (; i + 16 <= n; i += 16) Load16Wide(src + i).Store(dst + i);
+        for (; i + 16 <= n; i += 16)
+        {
+            var (lo, hi) = Load16(src + i);
+            lo.Store(dst + i);
+            hi.Store(dst + i + 8);
+        }
+        for (; i < n; i++) dst[i] = ToSingle(src[i]);
+    }
+
+    /// <summary>The dot product of bfloat16 <paramref name="w"/> and float32 <paramref name="x"/> of length <paramref name="n"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static float Dot(ushort* w, float* x, int n)
+    {
+        int i = 0;
+        float sum;
+        if (Vector512.IsHardwareAccelerated && Avx512F.IsSupported)
+        {
+            Vector512<float> s0 = default, s1 = default, s2 = default, s3 = default;
+            for (; i + 64 <= n; i += 64)
+            {
+                s0 = Avx512F.FusedMultiplyAdd(Load16Wide(w + i), Vector512.Load(x + i), s0);
+                s1 = Avx512F.FusedMultiplyAdd(Load16Wide(w + i + 16), Vector512.Load(x + i + 16), s1);
+                s2 = Avx512F.FusedMultiplyAdd(Load16Wide(w + i + 32), Vector512.Load(x + i + 32), s2);
+                s3 = Avx512F.FusedMultiplyAdd(Load16Wide(w + i + 48), Vector512.Load(x + i + 48), s3);
+            }
+            for (; i + 16 <= n; i += 16) s0 = Avx512F.FusedMultiplyAdd(Load16Wide(w + i), Vector512.Load(x + i), s0);
+            sum = Vector512.Sum((s0 + s1) + (s2 + s3));
+        }
+        else
+        {
+            Vector256<float> s0 = default, s1 = default, s2 = default, s3 = default;
+            for (; i + 32 <= n; i += 32)
+            {
+                var (a, b) = Load16(w + i);
+                var (c, d) = Load16(w + i + 16);
+                s0 = Simd.Fma(a, Vector256.Load(x + i), s0);
+                s1 = Simd.Fma(b, Vector256.Load(x + i + 8), s1);
+                s2 = Simd.Fma(c, Vector256.Load(x + i + 16), s2);
+                s3 = Simd.Fma(d, Vector256.Load(x + i + 24), s3);
+            }
+            for (; i + 16 <= n; i += 16)
+            {
+                var (a, b) = Load16(w + i);
+                s0 = Simd.Fma(a, Vector256.Load(x + i), s0);
+                s1 = Simd.Fma(b, Vector256.Load(x + i + 8), s1);
+            }
+            sum = Vector256.Sum((s0 + s1) + (s2 + s3));
+        }
+        for (; i < n; i++) sum += ToSingle(w[i]) * x[i];
+        return sum;
+    }
+
+    /// <summary>w . x0 into <paramref name="y0"/> and w . x1 into <paramref name="y1"/>, reading <paramref name="w"/> once.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Dot2(ushort* w, float* x0, float* x1, int n, float* y0, float* y1)
+    {
+        int i = 0;
+        float sum0, sum1;
+        if (Vector512.IsHardwareAccelerated && Avx512F.IsSupported)
+        {
+            Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
+            for (; i + 32 <= n; i += 32)
+            {
+                var v = Load16Wide(w + i);
+                var u = Load16Wide(w + i + 16);
+                a0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
+                b0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
+                a1 = Avx512F.FusedMultiplyAdd(u, Vector512.Load(x0 + i + 16), a1);
+                b1 = Avx512F.FusedMultiplyAdd(u, Vector512.Load(x1 + i + 16), b1);
+            }
+            for (; i + 16 <= n; i += 16)
+            {
+                var v = Load16Wide(w + i);
+                a0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
+                b0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
+            }
+            sum0 = Vector512.Sum(a0 + a1);
+            sum1 = Vector512.Sum(b0 + b1);
+        }
+        else
+        {
+            Vector256<float> a0 = default, a1 = default, b0 = default, b1 = default;
+            for (; i + 16 <= n; i += 16)
+            {
+                var (v, u) = Load16(w + i);
+                a0 = Simd.Fma(v, Vector256.Load(x0 + i), a0);
+                b0 = Simd.Fma(v, Vector256.Load(x1 + i), b0);
+                a1 = Simd.Fma(u, Vector256.Load(x0 + i + 8), a1);
+                b1 = Simd.Fma(u, Vector256.Load(x1 + i + 8), b1);
+            }
+            sum0 = Vector256.Sum(a0 + a1);
+            sum1 = Vector256.Sum(b0 + b1);
+        }
+        for (; i < n; i++)
+        {
+            float v = ToSingle(w[i]);
+            sum0 += v * x0[i];
+            sum1 += v * x1[i];
+        }
+        *y0 = sum0;
+        *y1 = sum1;
+    }
+}
