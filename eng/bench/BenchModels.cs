@@ -44,18 +44,51 @@ internal static class BenchModels
         return dir;
     }
 
-    /// <summary>An F32 GGUF of <paramref name="modelDir"/> for llama.cpp, written once into the bench cache.</summary>
-    public static string GgufFor(string modelDir)
+    /// <summary>A GGUF of <paramref name="modelDir"/> in <paramref name="type"/> for llama.cpp, written once into the bench cache.</summary>
+    public static string GgufFor(string modelDir, GgufType type = GgufType.F32)
     {
         var name = new DirectoryInfo(modelDir).Name;
-        var path = Path.Combine(CacheDir(), name + ".f32.gguf");
+        var path = Path.Combine(CacheDir(), $"{name}.{type.ToString().ToLowerInvariant()}.gguf");
         if (!File.Exists(path) || File.GetLastWriteTimeUtc(path) < File.GetLastWriteTimeUtc(Path.Combine(modelDir, "config.json")))
         {
             Directory.CreateDirectory(CacheDir());
             Console.Error.WriteLine($"Writing {path} for llama.cpp (once)...");
-            GgufWriter.Write(modelDir, path);
+            GgufWriter.Write(modelDir, path, type);
         }
         return path;
+    }
+
+    /// <summary>
+    /// <paramref name="modelDir"/> with every tensor rounded to bfloat16 (as a Hugging Face checkpoint ships it), written
+    /// once into the bench cache beside the other files of the model.
+    /// </summary>
+    public static string Bf16Copy(string modelDir)
+    {
+        var source = new DirectoryInfo(modelDir);
+        var dir = Path.Combine(CacheDir(), source.Name + "-bf16");
+        var weights = Path.Combine(dir, "model.safetensors");
+        if (File.Exists(weights) && File.GetLastWriteTimeUtc(weights) >= File.GetLastWriteTimeUtc(Path.Combine(modelDir, "config.json")))
+            return dir;
+        Console.Error.WriteLine($"Writing {dir}: the model rounded to bfloat16 (once)...");
+        Directory.CreateDirectory(dir);
+        foreach (var f in source.GetFiles().Where(f => f.Extension != ".safetensors" && f.Name != "model.safetensors.index.json"))
+            f.CopyTo(Path.Combine(dir, f.Name), overwrite: true);
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+        config["torch_dtype"] = "bfloat16";
+        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJsonString());
+        var md = LocalVllm.Engine.Loading.ModelDirectory.Open(modelDir);
+        using var loader = new LocalVllm.Engine.Loading.WeightLoader(md.WeightFiles);
+        var tensors = loader.Keys.ToDictionary(k => k, k => loader.Read(k, TorchSharp.torch.ScalarType.BFloat16, TorchSharp.torch.CPU));
+        try
+        {
+            SafetensorsWriter.Write(weights + ".tmp", tensors);
+            File.Move(weights + ".tmp", weights, overwrite: true);
+        }
+        finally
+        {
+            foreach (var t in tensors.Values) t.Dispose();
+        }
+        return dir;
     }
 
     public static string FindShared(string relative)

@@ -16,7 +16,21 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class CompareBench
 {
-    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown, bool OursOnly = false, bool Profile = false, int Repeat = 1);
+    public sealed record Settings(string[] Workloads, int Threads, string? Json, string? Markdown, bool OursOnly = false, bool Profile = false, int Repeat = 1,
+        string Weights = "f32");
+
+    /// <summary>
+    /// The weight formats compared: ours (what the engine is given) against llama.cpp's matching types. bf16: the model
+    /// rounded to bfloat16 as a checkpoint ships it, kept in bf16 by our engine, against llama.cpp's F16 and BF16 GGUFs
+    /// of the same values (the faster is reported); int8: our int8 quantization at load against llama.cpp's Q8_0.
+    /// </summary>
+    private static (Func<string, string> Model, GgufType[] Peers, Action<EngineOptions> Configure) Format(string weights) => weights switch
+    {
+        "f32" => (m => m, [GgufType.F32], _ => { }),
+        "bf16" => (BenchModels.Bf16Copy, [GgufType.F16, GgufType.BF16], _ => { }),
+        "int8" => (m => m, [GgufType.Q8_0], o => o.Quantization = "int8"),
+        _ => throw new ArgumentException($"Unknown --weights '{weights}': use f32, bf16 or int8."),
+    };
 
     public static int Run(Settings s)
     {
@@ -30,58 +44,81 @@ internal static class CompareBench
         {
             var w = Workload.Load(name);
             string size = name.StartsWith("stories", StringComparison.Ordinal) ? "stories" : "qwen3-0.6b";
-            var model = BenchModels.Resolve(size);
-            var gguf = BenchModels.GgufFor(model);
+            var format = Format(s.Weights);
+            var model = format.Model(BenchModels.Resolve(size));
             var cfg = ModelConfig.Load(Path.Combine(model, "config.json"));
             double flopsPerToken = 2.0 * ParameterCount(cfg);
 
             // llama.cpp first: its OpenMP runtime starts with the default wait policy before our engine sets
             // OMP_WAIT_POLICY=PASSIVE for libtorch's (a separate copy), so each engine runs with its own defaults.
             uint maxSeqLen = (uint)w.Prompts.Zip(w.OutLens).Max(p => p.First.Length + p.Second);
-            using var peer = s.OursOnly ? null : new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
-            var probe = w.Prompts[0].Take(16).ToArray();
-            var theirs = peer?.Greedy(probe, 8);
-            // No prefix caching: every run starts from an empty cache, as llama.cpp's fresh context does (and repeats of the
-            // same prompts must not be served from the cache).
-            using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false });
-
-            // Same weights, same greedy ids on a short prompt, before anything is timed.
-            var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
-            if (theirs is not null && !ours.SequenceEqual(theirs))
-                throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: ours [{string.Join(",", ours)}], llama.cpp [{string.Join(",", theirs)}].");
-            if (theirs is not null) Console.WriteLine($"{name}: greedy ids agree on a 16-token probe ({string.Join(",", ours)})");
-
-            // Repeats alternate the engines, so that a slow phase of this shared machine hits both; the run with the
-            // median wall time of each engine is reported.
-            var ourRuns = new List<EngineRun>();
-            var peerRuns = new List<EngineRun>();
-            for (int rep = 0; rep < s.Repeat; rep++)
+            var peers = s.OursOnly ? [] : format.Peers
+                .Select(t => (Type: t, Peer: new LlamaCppPeer(BenchModels.GgufFor(model, t), s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length))))
+                .ToList();
+            try
             {
-                ForwardProfile.Reset();
-                ForwardProfile.Enabled = s.Profile;
-                ourRuns.Add(RunOurs(llm, w));
-                if (s.Profile) Console.WriteLine($"  ours, forward split: {ForwardProfile.Summary()}");
-                ForwardProfile.Enabled = false;
-                if (peer is null) continue;
-                peer.Run(w, out var one);
-                peerRuns.Add(one);
-                if (s.Repeat > 1)
-                    Console.WriteLine($"  run {rep + 1}: ours {ourRuns[^1].WallSeconds:F2} s, llama.cpp {one.WallSeconds:F2} s");
+                var probe = w.Prompts[0].Take(16).ToArray();
+                var theirs = peers.Select(p => p.Peer.Greedy(probe, 8)).ToList();
+                // No prefix caching: every run starts from an empty cache, as llama.cpp's fresh context does (and repeats of the
+                // same prompts must not be served from the cache).
+                var options = new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false };
+                format.Configure(options);
+                using var llm = new Llm(options);
+                Console.WriteLine($"{name}: weights {s.Weights} (ours: matrices in {llm.Engine.Model.MatrixDType}, {llm.Engine.Model.WeightBytes / 1e6:F0} MB)");
+
+                // Same weights, same greedy ids on a short prompt, before anything is timed. Quantized formats differ
+                // from each other legitimately where two logits are close: reported, not fatal (quality is measured
+                // against float32 by the quality bench).
+                var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
+                for (int i = 0; i < peers.Count; i++)
+                {
+                    string what = $"{name}: ours [{string.Join(",", ours)}], llama.cpp {peers[i].Type} [{string.Join(",", theirs[i])}]";
+                    if (ours.SequenceEqual(theirs[i])) Console.WriteLine($"{name}: greedy ids agree with llama.cpp {peers[i].Type} on a 16-token probe ({string.Join(",", ours)})");
+                    else if (s.Weights == "int8") Console.WriteLine($"greedy ids differ (quantized): {what}");
+                    else throw new InvalidOperationException($"The engines disagree on greedy ids: {what}.");
+                }
+
+                // Repeats alternate the engines, so that a slow phase of this shared machine hits both; the run with the
+                // median wall time of each engine is reported.
+                var ourRuns = new List<EngineRun>();
+                var peerRuns = peers.Select(_ => new List<EngineRun>()).ToList();
+                for (int rep = 0; rep < s.Repeat; rep++)
+                {
+                    ForwardProfile.Reset();
+                    ForwardProfile.Enabled = s.Profile;
+                    ourRuns.Add(RunOurs(llm, w));
+                    if (s.Profile) Console.WriteLine($"  ours, forward split: {ForwardProfile.Summary()}");
+                    ForwardProfile.Enabled = false;
+                    for (int i = 0; i < peers.Count; i++)
+                    {
+                        peers[i].Peer.Run(w, out var one);
+                        peerRuns[i].Add(one with { Engine = $"llama.cpp {peers[i].Type}" });
+                    }
+                    Console.WriteLine($"  run {rep + 1}: ours {ourRuns[^1].WallSeconds:F2} s" +
+                        string.Concat(peers.Select((p, i) => $", llama.cpp {p.Type} {peerRuns[i][^1].WallSeconds:F2} s")));
+                }
+                var ourRun = Median(ourRuns);
+                if (peers.Count == 0)
+                {
+                    Console.WriteLine($"  ours: prefill {ourRun.PrefillTokensPerSecond:F1} tok/s, decode {ourRun.DecodeTokensPerSecond:F1} tok/s, wall {ourRun.TotalTokensPerSecond:F1} tok/s ({ourRun.WallSeconds:F1} s)");
+                    continue;
+                }
+                var medians = peerRuns.Select(Median).ToList();
+                foreach (var m in medians.Where(_ => medians.Count > 1))
+                    Console.WriteLine($"  {m.Engine}: prefill {m.PrefillTokensPerSecond:F1} tok/s, decode {m.DecodeTokensPerSecond:F1} tok/s, wall {m.WallSeconds:F1} s");
+                var peerRun = medians.MinBy(r => r.WallSeconds)!;
+                rows.Add((ourRun, peerRun, flopsPerToken));
+                Print(ourRun, peerRun, ceiling, flopsPerToken);
             }
-            var ourRun = Median(ourRuns);
-            if (peer is null)
+            finally
             {
-                Console.WriteLine($"  ours: prefill {ourRun.PrefillTokensPerSecond:F1} tok/s, decode {ourRun.DecodeTokensPerSecond:F1} tok/s, wall {ourRun.TotalTokensPerSecond:F1} tok/s ({ourRun.WallSeconds:F1} s)");
-                continue;
+                foreach (var p in peers) p.Peer.Dispose();
             }
-            var peerRun = Median(peerRuns);
-            rows.Add((ourRun, peerRun, flopsPerToken));
-            Print(ourRun, peerRun, ceiling, flopsPerToken);
         }
         if (s.Json is not null)
             File.WriteAllText(s.Json, JsonSerializer.Serialize(new
             {
-                date = DateTime.UtcNow, machine = $"{Environment.ProcessorCount} cores, {s.Threads} threads", gemmCeilingGflops = ceiling, repeat = s.Repeat,
+                date = DateTime.UtcNow, machine = $"{Environment.ProcessorCount} cores, {s.Threads} threads", gemmCeilingGflops = ceiling, repeat = s.Repeat, weights = s.Weights,
                 runs = rows.Select(r => new { ours = r.Ours, llamaCpp = r.Peer, flopsPerToken = r.FlopsPerToken }),
             }, new JsonSerializerOptions { WriteIndented = true }));
         return 0;

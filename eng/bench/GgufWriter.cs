@@ -5,16 +5,22 @@ using static TorchSharp.torch;
 
 namespace LocalVllm.Bench;
 
+/// <summary>The GGUF tensor types the writer produces (ggml's type ids).</summary>
+internal enum GgufType : uint { F32 = 0, F16 = 1, Q8_0 = 8, BF16 = 30 }
+
 /// <summary>
-/// Writes a Hugging Face Qwen3 (or Llama) checkpoint as an F32 GGUF (v3) file for llama.cpp: the architecture keys, a
+/// Writes a Hugging Face Qwen3 (or Llama) checkpoint as a GGUF (v3) file for llama.cpp: the architecture keys, a
 /// stand-in byte-free vocabulary of the model's size (ids are what both engines consume; no text is tokenized), and
 /// the tensors under llama.cpp's names. Qwen models use rotate-half RoPE in both layouts, so q/k need no permutation.
+/// Matrices are written in the requested type (F32, F16, BF16, or Q8_0: blocks of 32 weights, an f16 scale
+/// <c>d = max|x| / 127</c> and 32 int8 <c>round(x / d)</c>, as ggml's reference quantizer does); 1-D tensors (norms)
+/// stay F32, as llama.cpp's converter keeps them.
 /// </summary>
 internal static class GgufWriter
 {
     private const uint Alignment = 32;
 
-    public static void Write(string hfDir, string ggufPath)
+    public static void Write(string hfDir, string ggufPath, GgufType type = GgufType.F32)
     {
         var dir = ModelDirectory.Open(hfDir);
         var c = dir.Config;
@@ -55,7 +61,7 @@ internal static class GgufWriter
             Str("general.architecture", arch);
             Str("general.name", "localvllm-bench-qwen3");
             U32("general.alignment", Alignment);
-            U32("general.file_type", 0);
+            U32("general.file_type", type switch { GgufType.F32 => 0u, GgufType.F16 => 1u, GgufType.Q8_0 => 7u, _ => 32u });
             U32(arch + ".block_count", (uint)c.NumHiddenLayers);
             U32(arch + ".context_length", (uint)c.MaxPositionEmbeddings);
             U32(arch + ".embedding_length", (uint)c.HiddenSize);
@@ -103,21 +109,23 @@ internal static class GgufWriter
             var shapes = names.Select(n => Load(n.Gguf, n.Hf)).ToList();
             try
             {
+                GgufType TypeOf(Tensor t) => t.dim() < 2 || (type == GgufType.Q8_0 && t.shape[^1] % 32 != 0) ? GgufType.F32 : type;
                 for (int i = 0; i < names.Count; i++)
                 {
                     GgufString(w, names[i].Gguf);
                     var shape = shapes[i].shape;
                     w.Write((uint)shape.Length);
                     foreach (var d in shape.Reverse()) w.Write((ulong)d); // ggml lists the fastest-moving dimension first
-                    w.Write(0u); // GGML_TYPE_F32
+                    var t = TypeOf(shapes[i]);
+                    w.Write((uint)t);
                     w.Write(offset);
-                    offset += Align((ulong)shapes[i].NumberOfElements * 4);
+                    offset += Align((ulong)ByteSize(shapes[i].NumberOfElements, t));
                 }
                 Pad(w);
                 foreach (var t in shapes)
                 {
                     using var contiguous = t.contiguous();
-                    w.Write(contiguous.bytes);
+                    WriteData(w, contiguous, TypeOf(t));
                     Pad(w);
                 }
             }
@@ -127,6 +135,55 @@ internal static class GgufWriter
             }
         }
         File.Move(tmp, ggufPath, overwrite: true);
+    }
+
+    private static long ByteSize(long elements, GgufType t) => t switch
+    {
+        GgufType.F32 => elements * 4,
+        GgufType.F16 or GgufType.BF16 => elements * 2,
+        GgufType.Q8_0 => elements / 32 * 34,
+        _ => throw new NotSupportedException(t.ToString()),
+    };
+
+    private static void WriteData(BinaryWriter w, Tensor t, GgufType type)
+    {
+        switch (type)
+        {
+            case GgufType.F32:
+                w.Write(t.bytes);
+                break;
+            case GgufType.F16:
+            case GgufType.BF16:
+            {
+                using var converted = t.to(type == GgufType.F16 ? ScalarType.Float16 : ScalarType.BFloat16);
+                w.Write(converted.bytes);
+                break;
+            }
+            case GgufType.Q8_0:
+            {
+                var values = t.data<float>().ToArray();
+                var block = new byte[34];
+                for (long b = 0; b < values.Length; b += 32)
+                {
+                    var (scale, quants) = Q8Block(values.AsSpan((int)b, 32));
+                    BitConverter.TryWriteBytes(block.AsSpan(0, 2), scale);
+                    for (int j = 0; j < 32; j++) block[2 + j] = (byte)quants[j];
+                    w.Write(block);
+                }
+                break;
+            }
+        }
+    }
+
+    /// <summary>One Q8_0 block as ggml's reference quantizer makes it: the scale rounded to f16, values by the f32 scale.</summary>
+    public static (Half Scale, sbyte[] Quants) Q8Block(ReadOnlySpan<float> x)
+    {
+        float amax = 0;
+        foreach (var v in x) amax = Math.Max(amax, Math.Abs(v));
+        float d = amax / 127f, id = d != 0 ? 1f / d : 0f;
+        var q = new sbyte[x.Length];
+        for (int j = 0; j < x.Length; j++) q[j] = (sbyte)MathF.Round(x[j] * id, MidpointRounding.AwayFromZero);
+        return ((Half)d, q);
     }
 
     private static ulong Align(ulong n) => (n + Alignment - 1) / Alignment * Alignment;

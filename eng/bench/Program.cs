@@ -45,12 +45,13 @@ var compareThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2
 var oursOnly = new Option<bool>("--ours-only") { Description = "run only our engine (no llama.cpp, no agreement check): for profiling" };
 var profile = new Option<bool>("--profile") { Description = "print our forward pass split into linear layers, attention, LM head and other ops" };
 var repeat = new Option<int>("--repeat") { Description = "runs per engine and workload, alternating; the median run is reported", DefaultValueFactory = _ => 1 };
+var weightFormat = new Option<string>("--weights") { Description = "f32 (default), bf16 (ours in bf16 against llama.cpp F16 and BF16) or int8 (ours int8 against Q8_0)", DefaultValueFactory = _ => "f32" };
 var compareCmd = new Command("compare", "LocalVllm against llama.cpp (LLamaSharp) on the shared workload files, same weights, same threads")
 {
-    workloads, compareThreads, json, oursOnly, profile, repeat,
+    workloads, compareThreads, json, oursOnly, profile, repeat, weightFormat,
 };
 compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(workloads)!.Split(','), r.GetValue(compareThreads), r.GetValue(json), null,
-    r.GetValue(oursOnly), r.GetValue(profile), r.GetValue(repeat))));
+    r.GetValue(oursOnly), r.GetValue(profile), r.GetValue(repeat), r.GetValue(weightFormat)!)));
 
 var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
 var microPart = new Option<string>("--part") { Description = "all, linear (small: 1-16 rows, mid: 16-256, prefill: 512-8,192), attention, sampler, stream or peak", DefaultValueFactory = _ => "all" };

@@ -23,6 +23,13 @@ public sealed class EngineOptions
     /// compute dtype, whatever this says.
     /// </summary>
     public string WeightDType { get; set; } = "auto";
+    /// <summary>
+    /// Weight quantization at load, as vLLM's <c>--quantization</c>: null (none) or "int8": the matrices (projections,
+    /// embedding, LM head) of a float32/bfloat16/float16 checkpoint quantized symmetrically with one scale per group
+    /// of 32 weights (llama.cpp's Q8_0 layout); activations stay float32. Needs float32 compute on the CPU with the C#
+    /// kernels.
+    /// </summary>
+    public string? Quantization { get; set; }
     /// <summary>Tokens per KV block.</summary>
     public int BlockSize { get; set; } = 16;
     /// <summary>
@@ -96,6 +103,10 @@ public sealed class EngineOptions
             throw new ArgumentException($"Unknown device '{Device}'; use 'cpu' or 'cuda'.", nameof(Device));
         if (DType is not ("float32" or "bfloat16" or "float16"))
             throw new ArgumentException($"Unknown dtype '{DType}'; use 'float32', 'bfloat16' or 'float16'.", nameof(DType));
+        if (Quantization is not (null or "int8"))
+            throw new ArgumentException($"Unknown quantization '{Quantization}'; use \"int8\" or none.", nameof(Quantization));
+        if (Quantization is not null && (DType != "float32" || Device != "cpu" || !CpuKernels))
+            throw new ArgumentException($"Quantization '{Quantization}' runs on the CPU kernels in float32; it cannot be combined with dtype '{DType}' on device '{Device}'.", nameof(Quantization));
         if (WeightDType is not ("auto" or "float32" or "bfloat16"))
             throw new ArgumentException($"Unknown weight dtype '{WeightDType}'; use 'auto', 'float32' or 'bfloat16'.", nameof(WeightDType));
     }

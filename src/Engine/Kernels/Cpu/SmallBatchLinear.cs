@@ -92,6 +92,13 @@ internal static unsafe class SmallBatchLinear
         return y;
     }
 
+    /// <summary>
+    /// How far ahead (in weight rows) the single-row bf16 dot kernel prefetches: each thread walks its rows in order,
+    /// and without the hint every row began with cold misses (qwen3-single decode: 30-33 tok/s with 0-3 rows ahead or
+    /// 8, up to 43 with 4 in the same quiet period; docs/benchmarks.md).
+    /// </summary>
+    private const int PrefetchRowsAhead = 4;
+
     /// <summary>Output features per libtorch product when a bfloat16 weight meets more rows than the kernels take.</summary>
     private const int WidenedTileRows = 256;
 
@@ -155,7 +162,31 @@ internal static unsafe class SmallBatchLinear
 
     private static void Dot(float* x, WeightRows w, float* y, int m, int k, int n)
     {
-        if (w.IsBf16) ParallelOver(n, 3, (from, to) => DotRangeBf16(x, w.Bf16Rows, y, m, k, n, from, to));
+        if (w.IsBf16 && m <= 2 && k % Bf16.PairBlock == 0)
+        {
+            // One or two decoding streams: the input rearranged once into the paired layout (see Bf16).
+            float* xp = (float*)NativeMemory.AlignedAlloc((nuint)((long)m * k * sizeof(float)), 64);
+            try
+            {
+                for (int r = 0; r < m; r++) Bf16.Deinterleave(x + (long)r * k, xp + (long)r * k, k);
+                ushort* wb = w.Bf16Rows;
+                if (m == 1)
+                    ParallelOver(n, 4, (from, to) =>
+                    {
+                        for (int row = from; row < to; row++) y[row] = Bf16.DotPaired(wb + (long)row * k, xp, k, wb + (long)Math.Min(row + PrefetchRowsAhead, to - 1) * k);
+                    });
+                else
+                    ParallelOver(n, 4, (from, to) =>
+                    {
+                        for (int row = from; row < to; row++) Bf16.Dot2Paired(wb + (long)row * k, xp, xp + k, k, y + row, y + n + row);
+                    });
+            }
+            finally
+            {
+                NativeMemory.AlignedFree(xp);
+            }
+        }
+        else if (w.IsBf16) ParallelOver(n, 3, (from, to) => DotRangeBf16(x, w.Bf16Rows, y, m, k, n, from, to));
         else ParallelOver(n, 3, (from, to) => DotRange(x, w.F32, y, m, k, n, from, to));
     }
 
