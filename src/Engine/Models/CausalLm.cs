@@ -18,31 +18,34 @@ public sealed class CausalLm : IDisposable
     private sealed class Layer : IDisposable
     {
         public required Tensor InputNorm;
-        public required Tensor QkvWeight; // [(heads + 2 * kvHeads) * headDim, hidden]
+        public required WeightMatrix QkvWeight; // [(heads + 2 * kvHeads) * headDim, hidden]
         public Tensor? QkvBias;
         public Tensor? QNorm, KNorm; // [headDim]
-        public required Tensor OWeight; // [hidden, heads * headDim]
+        public required WeightMatrix OWeight; // [hidden, heads * headDim]
         public required Tensor PostNorm;
-        public required Tensor GateUpWeight; // [2 * intermediate, hidden]
-        public required Tensor DownWeight; // [hidden, intermediate]
+        public required WeightMatrix GateUpWeight; // [2 * intermediate, hidden]
+        public required WeightMatrix DownWeight; // [hidden, intermediate]
+
+        public IEnumerable<WeightMatrix> Matrices => [QkvWeight, OWeight, GateUpWeight, DownWeight];
 
         public void Dispose()
         {
-            foreach (var t in new[] { InputNorm, QkvWeight, QkvBias, QNorm, KNorm, OWeight, PostNorm, GateUpWeight, DownWeight })
+            foreach (var t in new[] { InputNorm, QkvBias, QNorm, KNorm, PostNorm })
                 t?.Dispose();
+            foreach (var m in Matrices) m.Dispose();
         }
     }
 
     private readonly Layer[] _layers;
-    private readonly Tensor _embed; // [vocab, hidden]
+    private readonly WeightMatrix _embed; // [vocab, hidden]
     private readonly Tensor _norm; // [hidden]
-    private readonly Tensor _lmHead; // [vocab, hidden]; the embedding itself when tied
+    private readonly WeightMatrix _lmHead; // [vocab, hidden]; the embedding itself when tied
     private readonly RotaryEmbedding _rope;
     private readonly IAttentionBackend _attention;
     private readonly bool _cpuKernels;
     private readonly bool _tiedHead; // _lmHead is a view of _embed
 
-    private CausalLm(ModelConfig config, Layer[] layers, Tensor embed, Tensor norm, Tensor lmHead, RotaryEmbedding rope,
+    private CausalLm(ModelConfig config, Layer[] layers, WeightMatrix embed, Tensor norm, WeightMatrix lmHead, RotaryEmbedding rope,
         IAttentionBackend attention, ScalarType dtype, Device device, bool cpuKernels, ScalarType matrixDtype, bool tiedHead)
     {
         MatrixDType = matrixDtype;
@@ -66,7 +69,11 @@ public sealed class CausalLm : IDisposable
     public ModelConfig Config { get; }
     /// <summary>The compute dtype.</summary>
     public ScalarType DType { get; }
-    /// <summary>The dtype the projections, embedding and LM head are kept in (bfloat16 with float32 compute: see <see cref="EngineOptions.WeightDType"/>).</summary>
+    /// <summary>
+    /// The dtype the projections, embedding and LM head are kept in: bfloat16 with float32 compute (see
+    /// <see cref="EngineOptions.WeightDType"/>), Int8 when quantized (<see cref="EngineOptions.Quantization"/>; a
+    /// matrix whose rows are not whole groups of 32 then stays in the compute dtype).
+    /// </summary>
     public ScalarType MatrixDType { get; }
     /// <summary>Bytes the parameters occupy (a tied LM head counted once).</summary>
     public long WeightBytes
@@ -74,10 +81,9 @@ public sealed class CausalLm : IDisposable
         get
         {
             static long Bytes(Tensor? t) => t is null ? 0 : t.NumberOfElements * t.ElementSize;
-            long total = Bytes(_embed) + Bytes(_norm) + (_tiedHead ? 0 : Bytes(_lmHead));
+            long total = _embed.Bytes + Bytes(_norm) + (_tiedHead ? 0 : _lmHead.Bytes);
             foreach (var l in _layers)
-                total += Bytes(l.InputNorm) + Bytes(l.QkvWeight) + Bytes(l.QkvBias) + Bytes(l.QNorm) + Bytes(l.KNorm)
-                    + Bytes(l.OWeight) + Bytes(l.PostNorm) + Bytes(l.GateUpWeight) + Bytes(l.DownWeight);
+                total += Bytes(l.InputNorm) + Bytes(l.QkvBias) + Bytes(l.QNorm) + Bytes(l.KNorm) + Bytes(l.PostNorm) + l.Matrices.Sum(m => m.Bytes);
             return total;
         }
     }
@@ -142,8 +148,11 @@ public sealed class CausalLm : IDisposable
     /// keeps every op in libtorch; <paramref name="matrixDtype"/> is the storage of the projections, the embedding and
     /// the LM head (norms and biases stay in <paramref name="dtype"/>).
     /// </summary>
-    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels, ScalarType matrixDtype)
+    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels, ScalarType matrixDtype,
+        bool quantizeInt8 = false)
     {
+        if (quantizeInt8 && (dtype != ScalarType.Float32 || !cpuKernels || device.type != TorchSharp.DeviceType.CPU))
+            throw new ArgumentException($"int8 weights need float32 compute with the CPU kernels, not {dtype} on {device}.");
         var c = dir.Config;
         if (matrixDtype != dtype && (matrixDtype != ScalarType.BFloat16 || dtype != ScalarType.Float32 || !cpuKernels || device.type != TorchSharp.DeviceType.CPU))
             throw new ArgumentException($"Matrices stored as {matrixDtype} need float32 compute with the CPU kernels, not {dtype} on {device}.");
@@ -153,9 +162,10 @@ public sealed class CausalLm : IDisposable
         weights.Validate(expected, optional, key => key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal));
 
         Tensor Read(string key) => weights.Read(key, dtype, device);
-        Tensor ReadMatrix(string key) => weights.Read(key, matrixDtype, device);
+        WeightMatrix Stored(Tensor t) => quantizeInt8 ? WeightMatrix.QuantizedOrPlain(t) : WeightMatrix.Plain(t);
+        WeightMatrix ReadMatrix(string key) => Stored(weights.Read(key, matrixDtype, device));
         Tensor ReadCat(params string[] keys) => Concat(keys.Select(Read).ToArray());
-        Tensor ReadMatrices(params string[] keys) => Concat(keys.Select(ReadMatrix).ToArray());
+        WeightMatrix ReadMatrices(params string[] keys) => Stored(Concat(keys.Select(k => weights.Read(k, matrixDtype, device)).ToArray()));
         static Tensor Concat(Tensor[] parts)
         {
             var joined = cat(parts, 0);
@@ -181,15 +191,15 @@ public sealed class CausalLm : IDisposable
             };
         }
         foreach (var layer in layers)
-            foreach (var t in new[] { layer.QkvWeight, layer.OWeight, layer.GateUpWeight, layer.DownWeight })
-                HugePages.Advise(t);
+            foreach (var m in layer.Matrices)
+                m.AdviseHugePages();
         var embed = ReadMatrix("model.embed_tokens.weight");
-        HugePages.Advise(embed);
+        embed.AdviseHugePages();
         bool tied = !weights.Contains("lm_head.weight") || c.TieWordEmbeddings;
-        var lmHead = tied ? embed.alias() : ReadMatrix("lm_head.weight");
-        HugePages.Advise(lmHead);
+        var lmHead = tied ? embed.Alias() : ReadMatrix("lm_head.weight");
+        lmHead.AdviseHugePages();
         return new CausalLm(c, layers, embed, Read("model.norm.weight"), lmHead, new RotaryEmbedding(c, device),
-            attention ?? new TorchPagedAttention(), dtype, device, cpuKernels, matrixDtype, tied);
+            attention ?? new TorchPagedAttention(), dtype, device, cpuKernels, quantizeInt8 ? ScalarType.Int8 : matrixDtype, tied);
     }
 
     /// <summary>
@@ -206,8 +216,7 @@ public sealed class CausalLm : IDisposable
         long t = ForwardProfile.Now();
         var (cosRows, sinRows) = _rope.CosSin(positions, maxPosition); // float32 [tokens, headDim]
 
-        var residual = _embed.index_select(0, inputIds); // [tokens, hidden]
-        if (residual.dtype != DType) residual = residual.to(DType); // bfloat16 rows widened (exact)
+        var residual = _embed.Rows(inputIds, DType); // [tokens, hidden]
         Tensor? pending = null; // the previous layer's MLP output, added to the residual by the next norm
         bool fused = _cpuKernels && CpuLayerOps.Supports(residual);
         // The libtorch path broadcasts cos/sin over heads in the model's dtype, once per step.
@@ -277,8 +286,7 @@ public sealed class CausalLm : IDisposable
         return logits.MoveToOuterDisposeScope();
     }
 
-    private Tensor Linear(Tensor x, Tensor weight, Tensor? bias) =>
-        _cpuKernels ? SmallBatchLinear.Apply(x, weight, bias) : F.linear(x, weight, bias);
+    private Tensor Linear(Tensor x, WeightMatrix weight, Tensor? bias) => weight.Linear(x, bias, _cpuKernels);
 
     /// <summary>RMSNorm as transformers computes it: normalise in float32, cast back, then scale.</summary>
     internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)

@@ -61,21 +61,26 @@ internal static unsafe class SmallBatchLinear
     /// <summary>Whether this CPU runs the broadcast kernel.</summary>
     public static bool BroadcastSupported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
 
-    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias, Kernel kernel = Kernel.Auto)
+    /// <summary>y = x W^T + b; for an int8 <paramref name="weight"/>, <paramref name="scales"/> are its float32 scales [n, k / 32] (<see cref="Q8"/>).</summary>
+    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias, Kernel kernel = Kernel.Auto, Tensor? scales = null)
     {
         if (kernel == Kernel.Broadcast && !BroadcastSupported)
             throw new PlatformNotSupportedException("The broadcast kernel needs AVX-512.");
-        bool bf16 = weight.dtype == ScalarType.BFloat16;
-        if (x.dtype != ScalarType.Float32 || !(bf16 || weight.dtype == ScalarType.Float32)
+        bool bf16 = weight.dtype == ScalarType.BFloat16, q8 = weight.dtype == ScalarType.Int8;
+        if (q8 && (scales is null || x.dtype != ScalarType.Float32 || x.device_type != TorchSharp.DeviceType.CPU))
+            throw new ArgumentException("An int8 weight needs its scales and float32 CPU input.", nameof(scales));
+        if (x.dtype != ScalarType.Float32 || !(bf16 || q8 || weight.dtype == ScalarType.Float32)
             || x.device_type != TorchSharp.DeviceType.CPU || !weight.is_contiguous())
             return F.linear(x, weight, bias);
         if (kernel == Kernel.Auto && x.shape[0] > MaxRows)
-            return bf16 ? LinearByWidenedTiles(x, weight, bias) : F.linear(x, weight, bias);
+            return bf16 || q8 ? LinearByWidenedTiles(x, weight, scales, bias) : F.linear(x, weight, bias);
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
         var y = empty([m, n], ScalarType.Float32);
         float* xp = Simd.Pointer(xc), yp = Simd.Pointer(y);
-        var w = bf16 ? new WeightRows(null, Simd.Bf16Pointer(weight), k) : new WeightRows(Simd.Pointer(weight), null, k);
+        var w = q8 ? new WeightRows(null, null, (sbyte*)Simd.Pointer(weight), Simd.Pointer(scales!), k)
+            : bf16 ? new WeightRows(null, Simd.Bf16Pointer(weight), null, null, k)
+            : new WeightRows(Simd.Pointer(weight), null, null, null, k);
         if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= DotRowsMax || !BroadcastSupported)))
             Dot(xp, w, yp, m, k, n);
         else
@@ -107,15 +112,19 @@ internal static unsafe class SmallBatchLinear
     /// without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
     /// tile of the weight widened to float32 just before its product (exact), so the whole matrix is never converted.
     /// </summary>
-    private static Tensor LinearByWidenedTiles(Tensor x, Tensor weight, Tensor? bias)
+    private static Tensor LinearByWidenedTiles(Tensor x, Tensor weight, Tensor? scales, Tensor? bias)
     {
-        long n = weight.shape[0];
+        long n = weight.shape[0], k = weight.shape[1];
         var y = empty([x.shape[0], n], ScalarType.Float32);
+        using var xc = x.contiguous();
         for (long r0 = 0; r0 < n; r0 += WidenedTileRows)
         {
             long rows = Math.Min(WidenedTileRows, n - r0);
-            using var tile = weight.narrow(0, r0, rows).to(ScalarType.Float32);
-            using var part = F.linear(x, tile);
+            using var slice = weight.narrow(0, r0, rows);
+            using var tile = scales is null ? slice.to(ScalarType.Float32) : empty([rows, k], ScalarType.Float32);
+            if (scales is not null)
+                Q8.Dequantize((sbyte*)Simd.Pointer(weight) + r0 * k, Simd.Pointer(scales) + r0 * k / Q8.Group, Simd.Pointer(tile), rows * k);
+            using var part = F.linear(xc, tile);
             using var target = y.narrow(1, r0, rows);
             target.copy_(part);
         }
@@ -124,30 +133,37 @@ internal static unsafe class SmallBatchLinear
     }
 
     /// <summary>
-    /// The rows of a weight matrix [n, k] in float32 or bfloat16. Kernels that reuse a tile of rows many times (the
-    /// broadcast kernels) widen a bfloat16 tile into a float32 scratch first and then run exactly the float32 code;
-    /// the memory-bound dot kernels read bfloat16 directly (half the bytes per weight).
+    /// The rows of a weight matrix [n, k] in float32, bfloat16 or int8 with scales (<see cref="Q8"/>). Kernels that
+    /// reuse a tile of rows many times (the broadcast kernels) widen or dequantize it into a float32 scratch first and
+    /// then run exactly the float32 code; the memory-bound dot kernels read the stored format directly.
     /// </summary>
-    private readonly struct WeightRows(float* f32, ushort* bf16, long k)
+    private readonly struct WeightRows(float* f32, ushort* bf16, sbyte* q8, float* scales, long k)
     {
         public bool IsBf16 => bf16 != null;
+        public bool IsQ8 => q8 != null;
 
-        /// <summary>Row <paramref name="row"/> as float32: in place, or widened into <paramref name="scratch"/> with the next rows up to <paramref name="count"/>.</summary>
+        /// <summary>Row <paramref name="row"/> as float32: in place, or converted into <paramref name="scratch"/> with the next rows up to <paramref name="count"/>.</summary>
         public float* Tile(int row, int count, float* scratch)
         {
             if (f32 != null) return f32 + row * k;
-            Bf16.Widen(bf16 + row * k, scratch, count * k);
+            if (bf16 != null) Bf16.Widen(bf16 + row * k, scratch, count * k);
+            else Q8.Dequantize(q8 + row * k, scales + row * k / Q8.Group, scratch, count * k);
             return scratch;
         }
 
         /// <summary>Where row <paramref name="row"/> starts in memory (for prefetching).</summary>
-        public float* Address(int row) => f32 != null ? f32 + row * k : (float*)(bf16 + row * k);
+        public float* Address(int row) => f32 != null ? f32 + row * k : bf16 != null ? (float*)(bf16 + row * k) : (float*)(q8 + row * k);
 
         public float* F32 => f32;
         public ushort* Bf16Rows => bf16;
+        public sbyte* Q8Rows => q8;
+        public float* Q8Scales => scales;
 
         /// <summary>Row <paramref name="row"/> dotted with <paramref name="x"/>.</summary>
-        public float Dot(int row, float* x) => f32 != null ? Simd.Dot(f32 + row * k, x, (int)k) : Bf16.Dot(bf16 + row * k, x, (int)k);
+        public float Dot(int row, float* x) =>
+            f32 != null ? Simd.Dot(f32 + row * k, x, (int)k)
+            : bf16 != null ? Bf16.Dot(bf16 + row * k, x, (int)k)
+            : Q8.Dot(q8 + row * k, scales + row * k / Q8.Group, x, (int)k, q8 + row * k);
     }
 
     private static void ParallelOver(int n, int align, Action<int, int> body)
@@ -187,6 +203,24 @@ internal static unsafe class SmallBatchLinear
             }
         }
         else if (w.IsBf16) ParallelOver(n, 3, (from, to) => DotRangeBf16(x, w.Bf16Rows, y, m, k, n, from, to));
+        else if (w.IsQ8)
+        {
+            sbyte* q = w.Q8Rows;
+            float* sc = w.Q8Scales;
+            int groups = k / Q8.Group;
+            ParallelOver(n, 4, (from, to) =>
+            {
+                for (int row = from; row < to; row++)
+                {
+                    sbyte* qr = q + (long)row * k, ahead = q + (long)Math.Min(row + PrefetchRowsAhead, to - 1) * k;
+                    float* sr = sc + (long)row * groups;
+                    int r = 0;
+                    for (; r + 2 <= m; r += 2)
+                        Q8.Dot2(qr, sr, x + (long)r * k, x + (long)(r + 1) * k, k, y + (long)r * n + row, y + (long)(r + 1) * n + row, ahead);
+                    for (; r < m; r++) y[(long)r * n + row] = Q8.Dot(qr, sr, x + (long)r * k, k, ahead);
+                }
+            });
+        }
         else ParallelOver(n, 3, (from, to) => DotRange(x, w.F32, y, m, k, n, from, to));
     }
 
@@ -362,7 +396,7 @@ internal static unsafe class SmallBatchLinear
     private static void GroupedRange(float* packed, WeightRows w, float* y, int m, int k, int n, int group, int blocks, float* x, int from, int to)
     {
         float* tile = stackalloc float[TileRows * 48];
-        float* scratch = w.IsBf16 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
+        float* scratch = w.IsBf16 || w.IsQ8 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
         try
         {
             int row = from, width = 16 * blocks;
@@ -571,7 +605,7 @@ internal static unsafe class SmallBatchLinear
     private static void BroadcastRange(float* xt, WeightRows w, float* y, int m, int k, int n, int full, int lastWidth, float* x, int from, int to)
     {
         float* tile = stackalloc float[TileRows * 32];
-        float* scratch = w.IsBf16 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
+        float* scratch = w.IsBf16 || w.IsQ8 ? (float*)NativeMemory.AlignedAlloc((nuint)((long)TileRows * k * sizeof(float)), 64) : null;
         try
         {
             int row = from;
