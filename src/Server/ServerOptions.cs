@@ -42,6 +42,9 @@ public sealed class ServerOptions
           --num-gpu-blocks-override N KV cache size in blocks
           --max-waiting-requests N    waiting requests before new ones get 429 (default 4096)
           --dtype T                   float32 | bfloat16 | float16 (default float32)
+          --weight-dtype T            auto | float32 | bfloat16: how float32 compute on the CPU keeps the matrices
+                                      (default auto: a bf16 checkpoint stays bf16)
+          --quantization Q            int8: quantize the matrices at load (groups of 32, as llama.cpp's Q8_0)
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
@@ -80,6 +83,8 @@ public sealed class ServerOptions
                 case "--max-waiting-requests": o.Engine.MaxWaitingRequests = Int(); break;
                 case "--dtype": o.Engine.DType = Value() switch { "auto" or "float" or "float32" => "float32", "bfloat16" or "bf16" => "bfloat16", "float16" or "half" => "float16", var d => d }; break;
                 case "--device": o.Engine.Device = Value(); break;
+                case "--weight-dtype": o.Engine.WeightDType = Value() switch { "bf16" => "bfloat16", "float" or "fp32" => "float32", var d => d }; break;
+                case "--quantization" or "-q": o.Engine.Quantization = Value(); break;
                 case "--enable-prefix-caching": o.Engine.EnablePrefixCaching = true; break;
                 case "--no-enable-prefix-caching": o.Engine.EnablePrefixCaching = false; break;
                 case "--shutdown-timeout": o.ShutdownTimeout = TimeSpan.FromSeconds(Int()); break;

@@ -87,6 +87,28 @@ public sealed class Int8KernelTests
         Assert.True(((Dequantized(values, scales) - w).abs() - step * (0.5f + 127f / 2048)).max().item<float>() <= 1e-6f);
     }
 
+    /// <summary>
+    /// No rows (a step whose prefill chunk needs no logits reaches the LM head with none): an empty result in every
+    /// storage format, and nothing written anywhere (this once wrote past an empty output).
+    /// </summary>
+    [Theory]
+    [InlineData("float32")]
+    [InlineData("bfloat16")]
+    [InlineData("int8")]
+    public void Zero_rows_give_an_empty_result_in_every_format(string format)
+    {
+        using var scope = NewDisposeScope();
+        var x = zeros([0, 64]);
+        var w = randn([40000, 64]);
+        var y = format switch
+        {
+            "int8" => Q8.Quantize(w) is var (q, s) ? SmallBatchLinear.Apply(x, q, null, scales: s) : null!,
+            "bfloat16" => SmallBatchLinear.Apply(x, w.to(ScalarType.BFloat16), null),
+            _ => SmallBatchLinear.Apply(x, w, null),
+        };
+        Assert.Equal([0L, 40000L], y.shape);
+    }
+
     [SkippableTheory]
     [InlineData("Dot", 1, 64, 24)]
     [InlineData("Dot", 7, 96, 100)]

@@ -58,6 +58,7 @@ public sealed class SmallBatchLinearTests
     [InlineData(1, 1000, 37, true)] // k not a multiple of 16: the scalar tail
     [InlineData(2, 1024, 96, false)]
     [InlineData(2, 40, 9, true)]
+    [InlineData(2, 32, 151936, false)] // tiny-qwen3-chat's LM head: 16-wide paired blocks without AVX-512
     [InlineData(3, 1024, 333, true)]
     [InlineData(4, 36, 17, true)]
     [InlineData(5, 256, 64, false)]

@@ -77,6 +77,7 @@ internal static unsafe class SmallBatchLinear
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
         var y = empty([m, n], ScalarType.Float32);
+        if (m == 0) return y; // a step whose chunk needs no logits: nothing to compute (and no rows to write)
         float* xp = Simd.Pointer(xc), yp = Simd.Pointer(y);
         var w = q8 ? new WeightRows(null, null, (sbyte*)Simd.Pointer(weight), Simd.Pointer(scales!), k)
             : bf16 ? new WeightRows(null, Simd.Bf16Pointer(weight), null, null, k)
@@ -178,7 +179,7 @@ internal static unsafe class SmallBatchLinear
 
     private static void Dot(float* x, WeightRows w, float* y, int m, int k, int n)
     {
-        if (w.IsBf16 && m <= 2 && k % Bf16.PairBlock == 0)
+        if (w.IsBf16 && (m is 1 or 2) && k % Bf16.PairBlock == 0)
         {
             // One or two decoding streams: the input rearranged once into the paired layout (see Bf16).
             float* xp = (float*)NativeMemory.AlignedAlloc((nuint)((long)m * k * sizeof(float)), 64);
