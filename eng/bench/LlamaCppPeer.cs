@@ -91,6 +91,24 @@ internal sealed class LlamaCppPeer : IDisposable
         return outputs.Select(o => o.ToArray()).ToArray();
     }
 
+    /// <summary>The logits at every position of <paramref name="ids"/> (one sequence, fresh context).</summary>
+    public float[][] AllLogits(int[] ids)
+    {
+        using var ctx = new LLamaContext(_weights, _params, null);
+        var rows = new float[ids.Length][];
+        var batch = new LLamaBatch();
+        for (int start = 0; start < ids.Length; start += 512)
+        {
+            batch.Clear();
+            int count = Math.Min(512, ids.Length - start);
+            var index = new int[count];
+            for (int i = 0; i < count; i++) index[i] = batch.Add(ids[start + i], start + i, (LLamaSeqId)0, true);
+            Check(ctx.Decode(batch));
+            for (int i = 0; i < count; i++) rows[start + i] = ctx.NativeHandle.GetLogitsIth(index[i]).ToArray();
+        }
+        return rows;
+    }
+
     private static void Check(DecodeResult r)
     {
         if (r != DecodeResult.Ok) throw new InvalidOperationException($"llama.cpp decode failed: {r}");

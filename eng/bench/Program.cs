@@ -89,5 +89,19 @@ var soRepeat = new Option<int>("--repeat") { Description = "runs of each, altern
 var structuredCmd = new Command("structured", "a workload with every request under a JSON Schema against the same run unconstrained") { soWorkload, soThreads, soRepeat };
 structuredCmd.SetAction(r => StructuredBench.Run(new StructuredBench.Settings(r.GetValue(soWorkload)!, r.GetValue(soThreads), r.GetValue(soRepeat))));
 
-var root = new RootCommand("LocalVllm benchmarks") { throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd, structuredCmd };
+var qSize = new Option<string>("--size") { Description = "stories (the fixture's texts) or qwen3-0.6b (a long token sequence)", DefaultValueFactory = _ => "stories" };
+var qTokens = new Option<int>("--tokens") { Description = "tokens of the Qwen3-shaped model's sequence", DefaultValueFactory = _ => 1024 };
+var qThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
+var qualityCmd = new Command("quality", "mean KL divergence and top-1 agreement of bf16/int8 (ours) and F32/Q8_0 (llama.cpp) against our float32") { qSize, qTokens, qThreads, json };
+qualityCmd.SetAction(r => QualityBench.Run(new QualityBench.Settings(r.GetValue(qSize)!, r.GetValue(qTokens), r.GetValue(qThreads), r.GetValue(json))));
+
+var memSize = new Option<string>("--size") { Description = "qwen3-0.6b or stories", DefaultValueFactory = _ => "qwen3-0.6b" };
+var memoryCmd = new Command("memory", "resident memory of a loaded model in each format, ours and llama.cpp's, each in a fresh process") { memSize, json };
+memoryCmd.SetAction(r => MemoryBench.Run(r.GetValue(memSize)!, r.GetValue(json)));
+var childArgs = new Argument<string[]>("args") { Arity = ArgumentArity.OneOrMore };
+var memoryChild = new Command("memory-child", "(internal) one load for the memory bench") { childArgs };
+memoryChild.Hidden = true;
+memoryChild.SetAction(r => MemoryBench.Child(r.GetValue(childArgs)!));
+
+var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd, structuredCmd, qualityCmd };
 return root.Parse(args).Invoke();

@@ -175,6 +175,28 @@ public sealed unsafe class SafetensorsFile : IDisposable
         using (raw) return raw.to(dtype, device);
     }
 
+    /// <summary>
+    /// Reads <paramref name="name"/> into <paramref name="target"/> (a contiguous CPU tensor or row slice of one, of
+    /// the entry's shape): the stored bytes copied as they are when the dtypes match, else converted by libtorch.
+    /// </summary>
+    public void ReadInto(string name, Tensor target)
+    {
+        var e = Entries[name];
+        if (StoredType(e.DType, name, Path) == target.dtype && e.End - e.Begin <= int.MaxValue && target.is_contiguous())
+        {
+            new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, (int)(e.End - e.Begin)).CopyTo(target.bytes);
+            return;
+        }
+        using var t = Read(name, target.dtype, CPU);
+        target.copy_(t);
+    }
+
+    /// <summary>
+    /// The stored bytes of <paramref name="name"/> in the mapped file (valid while this file is open), for converting
+    /// straight from the mapping without a temporary tensor (int8 quantization at load).
+    /// </summary>
+    internal byte* Data(string name) => _base + _dataStart + Entries[name].Begin;
+
     /// <summary>Bytes per element of a safetensors dtype, or null when the format does not define it.</summary>
     private static int? ElementSize(string dtype) => dtype switch
     {

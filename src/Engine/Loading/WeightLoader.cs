@@ -61,6 +61,39 @@ public sealed class WeightLoader : IDisposable
     /// <summary>Whether the checkpoint holds <paramref name="key"/>.</summary>
     public bool Contains(string key) => _byName.ContainsKey(key);
 
+    /// <summary>
+    /// The tensors <paramref name="keys"/> stacked by rows into one new tensor, each read straight into its rows (no
+    /// per-part tensors and no concatenation: with glibc's heap trimming off, those temporaries stayed resident).
+    /// </summary>
+    public Tensor ReadStacked(IReadOnlyList<string> keys, IReadOnlyDictionary<string, long[]> shapes, ScalarType dtype, Device device)
+    {
+        long[] first = shapes[keys[0]];
+        long rows = keys.Sum(k => shapes[k][0]);
+        if (device.type != TorchSharp.DeviceType.CPU)
+        {
+            var parts = keys.Select(k => Read(k, dtype, device)).ToArray();
+            try { return cat(parts, 0); }
+            finally { foreach (var p in parts) p.Dispose(); }
+        }
+        var stacked = empty([rows, .. first[1..]], dtype);
+        long row = 0;
+        foreach (var key in keys)
+        {
+            long n = shapes[key][0];
+            using var slice = stacked.narrow(0, row, n);
+            _byName[key].ReadInto(key, slice);
+            row += n;
+        }
+        return stacked;
+    }
+
+    /// <summary>The stored bytes and safetensors dtype of <paramref name="key"/> (valid while this loader is open).</summary>
+    internal unsafe (IntPtr Data, string DType) Raw(string key)
+    {
+        var file = _byName[key];
+        return ((IntPtr)file.Data(key), file.Entries[key].DType);
+    }
+
     /// <summary>The safetensors dtype <paramref name="key"/> is stored in ("F32", "BF16", ...), or null when absent.</summary>
     public string? StoredDType(string key) => _byName.TryGetValue(key, out var file) ? file.Entries[key].DType : null;
 

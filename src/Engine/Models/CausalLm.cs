@@ -162,10 +162,14 @@ public sealed class CausalLm : IDisposable
         weights.Validate(expected, optional, key => key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal));
 
         Tensor Read(string key) => weights.Read(key, dtype, device);
-        WeightMatrix Stored(Tensor t) => quantizeInt8 ? WeightMatrix.QuantizedOrPlain(t) : WeightMatrix.Plain(t);
-        WeightMatrix ReadMatrix(string key) => Stored(weights.Read(key, matrixDtype, device));
         Tensor ReadCat(params string[] keys) => Concat(keys.Select(Read).ToArray());
-        WeightMatrix ReadMatrices(params string[] keys) => Stored(Concat(keys.Select(k => weights.Read(k, matrixDtype, device)).ToArray()));
+        WeightMatrix ReadMatrices(params string[] keys)
+        {
+            WeightMatrix Plain() => WeightMatrix.Plain(keys.Length == 1 ? weights.Read(keys[0], matrixDtype, device)
+                : weights.ReadStacked(keys, expected, matrixDtype, device));
+            return quantizeInt8 ? WeightMatrix.ReadQuantized(weights, keys, keys.Select(k => expected[k]).ToArray(), Plain) : Plain();
+        }
+        WeightMatrix ReadMatrix(string key) => ReadMatrices(key);
         static Tensor Concat(Tensor[] parts)
         {
             var joined = cat(parts, 0);

@@ -33,17 +33,26 @@ internal sealed class WeightMatrix : IDisposable
     public static WeightMatrix Plain(Tensor values) => new(values, null);
 
     /// <summary>
-    /// <paramref name="source"/> (owned and disposed) quantized to int8 when its rows are whole groups of 32; otherwise
-    /// kept as it is (llama.cpp likewise leaves such tensors unquantized).
+    /// The checkpoint tensors <paramref name="keys"/> (each [rows_i, k]) stacked by rows and quantized to int8 straight
+    /// from the loader's mapping, or, when k is not whole groups of 32, read and concatenated as
+    /// <paramref name="fallback"/> does.
     /// </summary>
-    public static WeightMatrix QuantizedOrPlain(Tensor source)
+    public static unsafe WeightMatrix ReadQuantized(Loading.WeightLoader weights, IReadOnlyList<string> keys, long[][] shapes, Func<WeightMatrix> fallback)
     {
-        if (!Q8.Fits(source.shape[1])) return Plain(source);
-        using (source)
+        long k = shapes[0][1], n = shapes.Sum(s => s[0]);
+        if (!Q8.Fits(k)) return fallback();
+        var q = empty([n, k], ScalarType.Int8);
+        var s = empty([n, k / Q8.Group], ScalarType.Float32);
+        sbyte* qp = (sbyte*)Simd.Pointer(q);
+        float* sp = Simd.Pointer(s);
+        long row = 0;
+        for (int i = 0; i < keys.Count; i++)
         {
-            var (q, s) = Q8.Quantize(source);
-            return new WeightMatrix(q, s);
+            var (data, dtype) = weights.Raw(keys[i]);
+            Q8.QuantizeRaw((byte*)data, dtype, shapes[i][0], k, qp + row * k, sp + row * k / Q8.Group);
+            row += shapes[i][0];
         }
+        return new WeightMatrix(q, s);
     }
 
     /// <summary>x W^T + b, through the C# CPU kernels when <paramref name="cpuKernels"/> (which int8 requires).</summary>

@@ -22,31 +22,52 @@ internal static unsafe class Q8
     /// <summary>Whether a matrix whose rows are <paramref name="k"/> long can be quantized (whole groups only).</summary>
     public static bool Fits(long k) => k % Group == 0;
 
-    /// <summary>Quantizes <paramref name="w"/> [n, k] (float32, bfloat16 or float16; k a multiple of 32).</summary>
+    /// <summary>Quantizes <paramref name="w"/> [n, k] (float32, bfloat16 or float16; k a multiple of 32) through <see cref="QuantizeRaw"/>.</summary>
     public static (Tensor Values, Tensor Scales) Quantize(Tensor w)
     {
         long n = w.shape[0], k = w.shape[1];
         if (!Fits(k)) throw new ArgumentException($"Rows of {k} weights are not whole groups of {Group}.", nameof(w));
+        using var source = w.contiguous();
+        string dtype = source.dtype switch
+        {
+            ScalarType.Float32 => "F32",
+            ScalarType.BFloat16 => "BF16",
+            ScalarType.Float16 => "F16",
+            var t => throw new NotSupportedException($"Cannot quantize a {t} tensor."),
+        };
         var q = empty([n, k], ScalarType.Int8);
         var s = empty([n, k / Group], ScalarType.Float32);
-        sbyte* qp = (sbyte*)Simd.Pointer(q);
-        float* sp = Simd.Pointer(s);
-        const long tileRows = 256;
-        for (long r0 = 0; r0 < n; r0 += tileRows)
-        {
-            long rows = Math.Min(tileRows, n - r0);
-            using var part = w.narrow(0, r0, rows);
-            using var tile = part.to(ScalarType.Float32).contiguous();
-            float* tp = Simd.Pointer(tile);
-            long groups = rows * k / Group;
-            CpuWorkers.Shared.For((int)Math.Min(groups, 64), c =>
-            {
-                long from = groups * c / Math.Min(groups, 64), to = groups * (c + 1) / Math.Min(groups, 64);
-                for (long g = from; g < to; g++)
-                    QuantizeGroup(tp + g * Group, qp + r0 * k + g * Group, sp + r0 * k / Group + g);
-            });
-        }
+        QuantizeRaw((byte*)Simd.Pointer(source), dtype, n, k, (sbyte*)Simd.Pointer(q), Simd.Pointer(s));
         return (q, s);
+    }
+
+    /// <summary>
+    /// Quantizes <paramref name="rows"/> rows of <paramref name="k"/> weights stored at <paramref name="source"/> as a
+    /// safetensors dtype (F32, BF16 or F16) into <paramref name="q"/> and <paramref name="scales"/>, a group at a time:
+    /// no float32 copy of the matrix is ever made (quantizing a float32 checkpoint through temporaries left gigabytes
+    /// of freed heap resident).
+    /// </summary>
+    public static void QuantizeRaw(byte* source, string dtype, long rows, long k, sbyte* q, float* scales)
+    {
+        if (!Fits(k)) throw new ArgumentException($"Rows of {k} weights are not whole groups of {Group}.", nameof(k));
+        if (dtype is not ("F32" or "BF16" or "F16")) throw new NotSupportedException($"Cannot quantize weights stored as {dtype}.");
+        long groups = rows * k / Group;
+        int chunks = (int)Math.Min(groups, 64);
+        CpuWorkers.Shared.For(chunks, c =>
+        {
+            float* x = stackalloc float[Group];
+            for (long g = groups * c / chunks, end = groups * (c + 1) / chunks; g < end; g++)
+            {
+                long first = g * Group;
+                switch (dtype)
+                {
+                    case "F32": new ReadOnlySpan<float>((float*)source + first, Group).CopyTo(new Span<float>(x, Group)); break;
+                    case "BF16": Bf16.Widen((ushort*)source + first, x, Group); break;
+                    default: for (int j = 0; j < Group; j++) x[j] = (float)((Half*)source)[first + j]; break;
+                }
+                QuantizeGroup(x, q + first, scales + g);
+            }
+        });
     }
 
     /// <summary>One group of 32 as Q8_0 defines it.</summary>
