@@ -21,35 +21,75 @@ internal static class StructuredBench
          "priority": {"enum": ["low", "high"]}}, "required": ["title", "tags", "priority"], "additionalProperties": false}
         """;
 
+    // A finite record with long fixed keys, enums and booleans (as extraction and tool-call arguments look): the model
+    // completes it, and most of its bytes are forced: what jump-forward saves is measured on this one.
+    private const string RecordSchema = """
+        {"type": "object", "properties": {
+            "temperature_celsius": {"type": "integer", "minimum": -50, "maximum": 50},
+            "weather_condition": {"enum": ["sunny", "partly_cloudy", "overcast", "raining", "snowing"]},
+            "wind_direction": {"enum": ["north", "east", "south", "west"]},
+            "is_severe_weather_warning_active": {"type": "boolean"}},
+         "required": ["temperature_celsius", "weather_condition", "wind_direction", "is_severe_weather_warning_active"],
+         "additionalProperties": false}
+        """;
+
     public static int Run(Settings s)
     {
         TorchRuntime.Configure();
         torch.set_num_threads(s.Threads);
         var w = Workload.Load(s.Workload);
         var model = ServeBench.WithTokenizer(BenchModels.Resolve("qwen3-0.6b"));
-        using var llm = new Llm(new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false });
+        EngineOptions Options(bool jump) => new()
+        {
+            Model = model, KvCacheMemoryBytes = 2L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false, EnableJumpForward = jump,
+        };
+        // Two engines on the same weights: jump-forward on (the default) and off, to measure what it saves.
+        using var llm = new Llm(Options(jump: true));
+        using var noJump = new Llm(Options(jump: false));
         var constraint = StructuredOutputs.ForJsonSchema(Schema);
+        var record = StructuredOutputs.ForJsonSchema(RecordSchema);
         // Warm-up: compile the schema, fill the mask cache's common states, let the JIT settle.
-        llm.Generate([w.Prompts[0]], new SamplingParams { Temperature = 0, MaxTokens = 32, IgnoreEos = true, StructuredOutputs = constraint });
-        llm.Generate([w.Prompts[0]], new SamplingParams { Temperature = 0, MaxTokens = 32, IgnoreEos = true });
-        var plain = new List<(double Wall, long Tokens)>();
-        var constrained = new List<(double Wall, long Tokens)>();
+        foreach (var e in new[] { llm, noJump })
+        {
+            e.Generate([w.Prompts[0]], new SamplingParams { Temperature = 0, MaxTokens = 32, IgnoreEos = true, StructuredOutputs = constraint });
+            e.Generate([w.Prompts[0]], new SamplingParams { Temperature = 0, MaxTokens = 32, IgnoreEos = true, StructuredOutputs = record });
+            e.Generate([w.Prompts[0]], new SamplingParams { Temperature = 0, MaxTokens = 32, IgnoreEos = true });
+        }
+        var plain = new List<Measure>();
+        var constrained = new List<Measure>();
+        var jumped = new List<Measure>();
+        var unjumped = new List<Measure>();
         for (int rep = 0; rep < s.Repeat; rep++)
         {
             plain.Add(RunOnce(llm, w, null));
             constrained.Add(RunOnce(llm, w, constraint));
-            Console.WriteLine($"  run {rep + 1}: unconstrained {plain[^1].Tokens} output tokens in {plain[^1].Wall:F2} s, constrained {constrained[^1].Tokens} in {constrained[^1].Wall:F2} s");
+            jumped.Add(RunOnce(llm, w, record));
+            unjumped.Add(RunOnce(noJump, w, record));
+            Console.WriteLine($"  run {rep + 1}: unconstrained {plain[^1]}; constrained {constrained[^1]}; record with jump-forward {jumped[^1]}, without {unjumped[^1]}");
         }
-        var p = plain.OrderBy(r => r.Wall).ElementAt(plain.Count / 2);
-        var c = constrained.OrderBy(r => r.Wall).ElementAt(constrained.Count / 2);
-        double pRate = (w.PromptTokens + p.Tokens) / p.Wall, cRate = (w.PromptTokens + c.Tokens) / c.Wall;
-        Console.WriteLine($"{w.Name}: unconstrained {pRate:F1} tok/s ({p.Tokens} output tokens), JSON Schema {cRate:F1} tok/s ({c.Tokens} output tokens): {100 * cRate / pRate:F1}%");
+        var p = Median(plain);
+        var c = Median(constrained);
+        var j = Median(jumped);
+        var u = Median(unjumped);
+        double Rate(Measure r) => (w.PromptTokens + r.Tokens) / r.Wall;
+        Console.WriteLine($"{w.Name}: unconstrained {Rate(p):F1} tok/s ({p.Tokens} output tokens), JSON Schema {Rate(c):F1} tok/s ({c.Tokens} output tokens): {100 * Rate(c) / Rate(p):F1}%");
+        Console.WriteLine($"{w.Name}, open schema: jump-forward appended {c.Jumped} of {c.Tokens} output tokens");
+        Console.WriteLine($"{w.Name}, record schema: jump-forward appended {j.Jumped} of {j.Tokens} output tokens; {j.Steps} steps against {u.Steps} without it " +
+            $"({u.Tokens} output tokens); wall {j.Wall:F2} s against {u.Wall:F2} s ({u.Wall / j.Wall:F2}x)");
         return 0;
     }
 
-    private static (double Wall, long Tokens) RunOnce(Llm llm, Workload w, StructuredOutputs? constraint)
+    private sealed record Measure(double Wall, long Tokens, long Steps, long Jumped)
+    {
+        public override string ToString() => $"{Tokens} output tokens in {Wall:F2} s, {Steps} steps, {Jumped} jumped";
+    }
+
+    private static Measure Median(List<Measure> runs) => runs.OrderBy(r => r.Wall).ElementAt(runs.Count / 2);
+
+    private static Measure RunOnce(Llm llm, Workload w, StructuredOutputs? constraint)
     {
         var engine = llm.Engine;
+        long steps = engine.Counters.Steps, jumped = engine.Counters.JumpForwardTokens;
         var sw = Stopwatch.StartNew();
         for (int i = 0; i < w.Prompts.Length; i++)
             engine.AddRequest(w.Prompts[i], new SamplingParams { Temperature = 0, MaxTokens = w.OutLens[i], IgnoreEos = true, StructuredOutputs = constraint });
@@ -57,6 +97,6 @@ internal static class StructuredBench
         while (engine.HasUnfinishedRequests)
             foreach (var o in engine.Step())
                 if (o.Finished) tokens += o.Outputs[0].TokenIds.Count;
-        return (sw.Elapsed.TotalSeconds, tokens);
+        return new Measure(sw.Elapsed.TotalSeconds, tokens, engine.Counters.Steps - steps, engine.Counters.JumpForwardTokens - jumped);
     }
 }

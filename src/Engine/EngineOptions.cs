@@ -30,6 +30,13 @@ public sealed class EngineOptions
     /// kernels.
     /// </summary>
     public string? Quantization { get; set; }
+    /// <summary>
+    /// Structured-output jump-forward: where the constraint allows exactly one continuation (the rest of a key name,
+    /// <c>": "</c>, closing brackets), append the tokenizer's canonical tokens for it without sampling a step each
+    /// (SGLang's technique). On by default; off, every token is sampled under the mask. Not applied to requests that
+    /// ask for log-probabilities.
+    /// </summary>
+    public bool EnableJumpForward { get; set; } = true;
     /// <summary>Tokens per KV block.</summary>
     public int BlockSize { get; set; } = 16;
     /// <summary>

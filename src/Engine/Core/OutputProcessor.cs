@@ -16,7 +16,7 @@ namespace LocalVllm.Engine.Core;
 /// its blocks. Owned by the engine thread.
 /// </summary>
 internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger,
-    Func<TokenVocabulary>? vocabulary = null)
+    Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true)
 {
     private readonly Dictionary<string, Request> _requests = [];
 
@@ -114,6 +114,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             try
             {
                 CheckStop(seq, token.TokenId);
+                JumpForward(seq, token.TokenId);
                 touched.Add(seq);
             }
             catch (Exception e)
@@ -124,6 +125,27 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         }
         outputs.AddRange(Collect(touched));
         return outputs;
+    }
+
+    /// <summary>
+    /// Appends the tokens a structured-output constraint forces after <paramref name="token"/> (see
+    /// <see cref="SequenceConstraint.ForcedTokens"/>) without sampling them: the next step computes their K/V as one
+    /// chunk and samples after them, so a key name or a run of closing brackets costs one position instead of one step
+    /// per token. Each goes through the same checks as a sampled token (constraint, stop strings, MaxTokens). Not when
+    /// log-probabilities are asked for (forced tokens have no distribution to report).
+    /// </summary>
+    private void JumpForward(Sequence seq, int token)
+    {
+        if (!jumpForward || tokenizer is null || seq.Status == SequenceStatus.Finished || seq.Sampling.Logprobs is not null
+            || seq.Constraint is not { Active: true } constraint)
+            return;
+        foreach (int forced in constraint.ForcedTokens(token, text => tokenizer.Encode(text, addSpecialTokens: false)))
+        {
+            seq.Append(forced);
+            counters.JumpForwardTokens++;
+            CheckStop(seq, forced);
+            if (seq.Status == SequenceStatus.Finished) return;
+        }
     }
 
     private void CheckStop(Sequence seq, int token)

@@ -35,4 +35,6 @@ public sealed class EngineCounters
     public long PrefillTokens { get; internal set; }
     public long DecodeTokens { get; internal set; }
     public long FinishedRequests { get; internal set; }
+    /// <summary>Output tokens appended by structured-output jump-forward instead of being sampled a step each.</summary>
+    public long JumpForwardTokens { get; internal set; }
 }

@@ -106,6 +106,36 @@ public sealed class GrammarMatcher
         }
     }
 
+    /// <summary>
+    /// The bytes the grammar forces from here, up to <paramref name="max"/>: as long as exactly one byte may come next
+    /// and the match is not complete (where it is, ending is the other choice). The matcher does not move.
+    /// </summary>
+    public byte[] ForcedBytes(int max)
+    {
+        var forced = new List<byte>();
+        var threads = _threads;
+        bool accepted = IsAccepting;
+        while (forced.Count < max && !accepted && threads.Count > 0)
+        {
+            // The threads are closed over calls and returns, so the bytes that may come next are those some thread's
+            // automaton steps on: probe those first (array lookups), and step the matcher only by a lone one.
+            int only = -1;
+            for (int b = 0; b < 256 && only != -2; b++)
+                foreach (var t in threads)
+                    if (t.Dfa.Step(t.State, (byte)b) >= 0)
+                    {
+                        only = only == -1 ? b : -2;
+                        break;
+                    }
+            if (only < 0) break;
+            var next = Step(threads, (byte)only);
+            forced.Add((byte)only);
+            threads = next.Threads;
+            accepted = next.Accepted;
+        }
+        return forced.ToArray();
+    }
+
     /// <summary>Reused by <see cref="FillMask"/> on each thread: no 19 KB array per sequence and step.</summary>
     [ThreadStatic] private static ulong[]? t_scratch;
 

@@ -29,6 +29,47 @@ internal sealed class SequenceConstraint
     /// <summary>Set by the sampler when the constraint allowed no token at all: the request fails with a clear message.</summary>
     public bool Dead { get; set; }
 
+    /// <summary>Forced bytes looked at per jump: a key name, its quotes and colon, a closing run of brackets.</summary>
+    private const int MaxForcedBytes = 128;
+
+    /// <summary>
+    /// Jump-forward: the tokens that may be appended after <paramref name="lastToken"/> (just accepted) without
+    /// sampling, because the grammar allows exactly one continuation for their bytes. Only the tokenizer's canonical
+    /// tokens are taken: the last token's text and the forced bytes are encoded together, the encoding must keep
+    /// <paramref name="lastToken"/> as its first token (else the boundary itself would not be canonical), and its
+    /// final token is left out (it might merge with what the model writes next). Empty when nothing is forced, the
+    /// bytes are not whole UTF-8 text, or the encoding does not line up.
+    /// </summary>
+    public int[] ForcedTokens(int lastToken, Func<string, int[]> encode)
+    {
+        if (!Active || EndTokens.Contains(lastToken)) return [];
+        var forced = Matcher.ForcedBytes(MaxForcedBytes);
+        if (forced.Length == 0) return [];
+        var last = Matcher.Vocabulary.TokenBytes(lastToken);
+        var strict = new UTF8Encoding(false, throwOnInvalidBytes: true);
+        string text;
+        try
+        {
+            text = strict.GetString([.. last, .. forced]);
+        }
+        catch (DecoderFallbackException)
+        {
+            return [];
+        }
+        var ids = encode(text);
+        if (ids.Length < 3 || ids[0] != lastToken) return [];
+        var tokens = ids[1..^1];
+        // The tokens must spell a prefix of the forced bytes (an encoder that normalises text would not).
+        int at = 0;
+        foreach (int t in tokens)
+        {
+            var b = Matcher.Vocabulary.TokenBytes(t);
+            if (b.IsEmpty || at + b.Length > forced.Length || !b.SequenceEqual(forced.AsSpan(at, b.Length))) return [];
+            at += b.Length;
+        }
+        return tokens;
+    }
+
     /// <summary>
     /// Takes a generated token: advances the matcher (or, while reasoning, watches for its end and feeds the matcher the
     /// bytes after it). Returns false if the constraint refuses the token.
