@@ -52,13 +52,17 @@ internal static class CompareBench
             // llama.cpp first: its OpenMP runtime starts with the default wait policy before our engine sets
             // OMP_WAIT_POLICY=PASSIVE for libtorch's (a separate copy), so each engine runs with its own defaults.
             uint maxSeqLen = (uint)w.Prompts.Zip(w.OutLens).Max(p => p.First.Length + p.Second);
-            var peers = s.OursOnly ? [] : format.Peers
-                .Select(t => (Type: t, Peer: new LlamaCppPeer(BenchModels.GgufFor(model, t), s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length))))
-                .ToList();
-            try
+            // Each llama.cpp peer is loaded only while it runs (and unloaded after), so that two formats' weights and a
+            // 64-sequence context never sit in memory beside our engine at once.
+            var peers = s.OursOnly ? [] : format.Peers.Select(t => (Type: t, Gguf: BenchModels.GgufFor(model, t))).ToList();
+            T WithPeer<T>(string gguf, Func<LlamaCppPeer, T> use)
             {
+                using var peer = new LlamaCppPeer(gguf, s.Threads, maxSeqLen, (uint)Math.Max(1, w.Prompts.Length));
+                return use(peer);
+            }
+            { // this workload's engine lives in this block
                 var probe = w.Prompts[0].Take(16).ToArray();
-                var theirs = peers.Select(p => p.Peer.Greedy(probe, 8)).ToList();
+                var theirs = peers.Select(p => WithPeer(p.Gguf, peer => peer.Greedy(probe, 8))).ToList();
                 // No prefix caching: every run starts from an empty cache, as llama.cpp's fresh context does (and repeats of the
                 // same prompts must not be served from the cache).
                 var options = new EngineOptions { Model = model, KvCacheMemoryBytes = 6L << 30, NumThreads = s.Threads, MaxNumSeqs = 256, EnablePrefixCaching = false };
@@ -96,7 +100,7 @@ internal static class CompareBench
                     ForwardProfile.Enabled = false;
                     for (int i = 0; i < peers.Count; i++)
                     {
-                        peers[i].Peer.Run(w, out var one);
+                        var one = WithPeer(peers[i].Gguf, peer => { peer.Run(w, out var figures); return figures; });
                         peerRuns[i].Add(one with { Engine = $"llama.cpp {peers[i].Type}" });
                     }
                     Console.WriteLine($"  run {rep + 1}: ours {ourRuns[^1].WallSeconds:F2} s" +
@@ -114,10 +118,6 @@ internal static class CompareBench
                 var peerRun = medians.MinBy(r => r.WallSeconds)!;
                 rows.Add((ourRun, peerRun, flopsPerToken));
                 Print(ourRun, peerRun, ceiling, flopsPerToken);
-            }
-            finally
-            {
-                foreach (var p in peers) p.Peer.Dispose();
             }
         }
         if (s.Json is not null)

@@ -165,12 +165,9 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             for (int i = 0; i < streams.Count; i++) firsts[i] = await streams[i].MoveNextAsync();
             StartEventStream(ctx);
             var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
-            JsonObject Chunk(int index, JsonObject delta, string? finish = null, JsonObject? logprobs = null) => new()
-            {
-                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName,
-                ["choices"] = new JsonArray { new JsonObject { ["index"] = index, ["delta"] = delta, ["logprobs"] = logprobs, ["finish_reason"] = finish } },
-            };
-            for (int i = 0; i < streams.Count; i++) await Event(ctx, Chunk(i, new JsonObject { ["role"] = "assistant", ["content"] = "" }));
+            var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+            for (int i = 0; i < streams.Count; i++) chunks.WriteRole(i);
+            await Flush(ctx);
 
             // The completions stream side by side: each one's updates are written as they come, tagged with its index.
             var merged = System.Threading.Channels.Channel.CreateUnbounded<(int Index, ChatResponseUpdate? Update)>();
@@ -193,11 +190,11 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                 if (update is null)
                 {
                     open--;
-                    Write(ctx, Chunk(index, new JsonObject(), turns[index].FinishReason));
+                    chunks.Write(index, default, turns[index].FinishReason);
                 }
                 else
                     foreach (var delta in turns[index].Add(update))
-                        Write(ctx, Chunk(index, delta.Delta, null, delta.Logprobs));
+                        chunks.Write(index, delta, null);
                 if (!merged.Reader.TryPeek(out _)) await Flush(ctx);
             }
             await Task.WhenAll(pumps);
@@ -429,7 +426,8 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
     public UsageDetails? Usage { get; private set; }
     public string FinishReason { get; private set; } = "stop";
 
-    public readonly record struct DeltaEvent(JsonObject Delta, JsonObject? Logprobs);
+    /// <summary>One stream delta: a text field (<c>content</c> or <c>reasoning_content</c>) or tool calls, with the logprobs that came with it (all absent: an empty delta).</summary>
+    public readonly record struct DeltaEvent(string? Field, string? Text, JsonArray? ToolCalls, JsonObject? Logprobs);
 
     /// <summary>Takes one update; returns the stream deltas it makes (a non-streamed response ignores them).</summary>
     public List<DeltaEvent> Add(ChatResponseUpdate u)
@@ -453,12 +451,12 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
             {
                 case TextContent t:
                     _text.Append(t.Text);
-                    events.Add(new(new JsonObject { ["content"] = t.Text }, lp));
+                    events.Add(new("content", t.Text, null, lp));
                     lp = null;
                     break;
                 case TextReasoningContent r:
                     _reasoning.Append(r.Text);
-                    events.Add(new(new JsonObject { ["reasoning_content"] = r.Text }, lp));
+                    events.Add(new("reasoning_content", r.Text, null, lp));
                     lp = null;
                     break;
                 case FunctionCallContent call:
@@ -471,7 +469,7 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
                     var streamed = (JsonObject)json.DeepClone();
                     streamed["index"] = _toolCalls.Count;
                     _toolCalls.Add(json);
-                    events.Add(new(new JsonObject { ["tool_calls"] = new JsonArray { streamed } }, lp));
+                    events.Add(new(null, null, [streamed], lp));
                     lp = null;
                     break;
                 }
@@ -480,7 +478,7 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
                     break;
             }
         }
-        if (lp is not null) events.Add(new(new JsonObject(), lp));
+        if (lp is not null) events.Add(new(null, null, null, lp));
         if (u.FinishReason is { } finish)
             FinishReason = finish == ChatFinishReason.Length ? "length" : finish == ChatFinishReason.ToolCalls ? "tool_calls" : "stop";
         return events;
@@ -518,6 +516,54 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
             ["logprobs"] = logprobs ? new JsonObject { ["content"] = _logprobs.DeepClone() } : null,
             ["finish_reason"] = FinishReason,
         };
+    }
+}
+
+/// <summary>
+/// Writes <c>chat.completion.chunk</c> stream events straight into the response pipe with one reused
+/// <see cref="Utf8JsonWriter"/> and the request's constant fields encoded once: a token's delta builds no JSON tree
+/// (only tool calls and logprobs, which are trees already, are written from their nodes).
+/// </summary>
+internal sealed class ChatChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
+{
+    private static readonly System.Text.Encodings.Web.JavaScriptEncoder Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
+    private readonly JsonEncodedText _id = JsonEncodedText.Encode(id, Encoder);
+    private readonly JsonEncodedText _model = JsonEncodedText.Encode(model, Encoder);
+    private readonly Utf8JsonWriter _json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
+
+    /// <summary>The first event of completion <paramref name="index"/>: the assistant role with empty content.</summary>
+    public void WriteRole(int index) => Write(index, new ChatTurn.DeltaEvent("content", "", null, null), null, role: true);
+
+    /// <summary>One event: <paramref name="delta"/> of completion <paramref name="index"/>, and its finish reason when it is the last.</summary>
+    public void Write(int index, ChatTurn.DeltaEvent delta, string? finishReason, bool role = false)
+    {
+        pipe.Write("data: "u8);
+        _json.Reset(pipe);
+        _json.WriteStartObject();
+        _json.WriteString("id"u8, _id);
+        _json.WriteString("object"u8, "chat.completion.chunk"u8);
+        _json.WriteNumber("created"u8, created);
+        _json.WriteString("model"u8, _model);
+        _json.WriteStartArray("choices"u8);
+        _json.WriteStartObject();
+        _json.WriteNumber("index"u8, index);
+        _json.WriteStartObject("delta"u8);
+        if (role) _json.WriteString("role"u8, "assistant"u8);
+        if (delta.Field is not null) _json.WriteString(delta.Field, delta.Text);
+        if (delta.ToolCalls is not null)
+        {
+            _json.WritePropertyName("tool_calls"u8);
+            delta.ToolCalls.WriteTo(_json);
+        }
+        _json.WriteEndObject();
+        _json.WritePropertyName("logprobs"u8);
+        if (delta.Logprobs is null) _json.WriteNullValue(); else delta.Logprobs.WriteTo(_json);
+        if (finishReason is null) _json.WriteNull("finish_reason"u8); else _json.WriteString("finish_reason"u8, finishReason);
+        _json.WriteEndObject();
+        _json.WriteEndArray();
+        _json.WriteEndObject();
+        _json.Flush();
+        pipe.Write("\n\n"u8);
     }
 }
 

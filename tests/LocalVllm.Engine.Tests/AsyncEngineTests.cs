@@ -48,7 +48,8 @@ public sealed class AsyncEngineTests
         cts.Cancel();
         await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => { while (await stream.MoveNextAsync()) { } });
         await stream.DisposeAsync();
-        await idle;
+        // A hang guard, not a timing: a regression shows as a failure naming the wait instead of a stuck test run.
+        await idle.WaitAsync(TimeSpan.FromMinutes(2));
         await engine.InvokeAsync(e => Assert.False(e.HasUnfinishedRequests));
         await AssertNoLeaksAsync(engine);
     }

@@ -38,6 +38,12 @@ public sealed class ServerFixture : IAsyncLifetime
 /// <summary>The OpenAI-compatible server, driven over HTTP and with the official OpenAI .NET SDK.</summary>
 public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFixture>
 {
+    /// <summary>
+    /// How long a wait on an engine event may take before the test fails naming it: a hang guard (a regression shows as
+    /// a failure, not a stuck run), far above what the waits need; not a timing assertion.
+    /// </summary>
+    internal static readonly TimeSpan HangGuard = TimeSpan.FromMinutes(2);
+
     private static readonly JsonNode Case0 = Fixtures.Reference("tiny-qwen3-chat")["cases"]![0]!;
 
     private async Task<(HttpStatusCode Status, JsonObject Body, HttpResponseMessage Response)> Post(string path, JsonObject body, HttpClient? http = null)
@@ -269,7 +275,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 
         // Idle means every disconnected client's request has been aborted (the engine has nothing unfinished).
         var engine = fixture.Server.Engine.Engine;
-        await engine.WhenIdleAsync();
+        await engine.WhenIdleAsync().WaitAsync(HangGuard);
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
 
@@ -290,7 +296,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 
         // The 2,000-token request ends only by the abort the disconnect causes; idle means it has happened.
         var engine = fixture.Server.Engine.Engine;
-        await engine.WhenIdleAsync();
+        await engine.WhenIdleAsync().WaitAsync(HangGuard);
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
 
@@ -446,7 +452,7 @@ public sealed class ServerOverloadTests
             Assert.StartsWith("data: ", await reader.ReadLineAsync());
 
             await server.App.StopAsync();
-            await engine.Cancelled.Task; // the open request was aborted when the grace period ended
+            await engine.Cancelled.Task.WaitAsync(ServerTests.HangGuard); // the open request was aborted when the grace period ended
             bool done = false;
             try { while (await reader.ReadLineAsync() is { } line) done |= line == "data: [DONE]"; } catch (IOException) { } catch (HttpRequestException) { }
             Assert.False(done);
