@@ -49,6 +49,23 @@ public sealed class Int8KernelTests
         Assert.Equal(expectedQ.Select(v => v * expectedScale).ToArray(), back);
     }
 
+    /// <summary>
+    /// Quantizing reads float32, bfloat16 and float16 checkpoints alike: a 16-bit matrix quantizes exactly as its
+    /// float32 widening does (the conversion inside the quantizer is exact).
+    /// </summary>
+    [Theory]
+    [InlineData(ScalarType.BFloat16)]
+    [InlineData(ScalarType.Float16)]
+    public void Sixteen_bit_sources_quantize_as_their_float32_values(ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var w = (randn([96, 128], generator: new TorchSharp.torch.Generator(23)) * 3).to(dtype);
+        var (q16, s16) = Q8.Quantize(w);
+        var (q32, s32) = Q8.Quantize(w.to(ScalarType.Float32));
+        Assert.True(q16.equal(q32).all().item<bool>());
+        Assert.True(s16.equal(s32).all().item<bool>());
+    }
+
     /// <summary>The dequantized matrix as libtorch computes it from the stored parts (independent of Q8.Dequantize).</summary>
     private static Tensor Dequantized(Tensor values, Tensor scales) =>
         values.to(ScalarType.Float32) * scales.repeat_interleave(Q8.Group, dim: 1);

@@ -105,9 +105,9 @@ public sealed class SmallBatchLinearTests
         Assert.True((expected - actual).abs().max().item<float>() < 1e-4f, $"{kernel} kernel, {rows} rows");
     }
 
-    /// <summary>The bit-level conversions agree with libtorch's: widening, and rounding to nearest even.</summary>
+    /// <summary>Widening agrees with libtorch's bfloat16 -> float32 conversion, special values included.</summary>
     [Fact]
-    public unsafe void Bf16_conversions_agree_with_libtorch()
+    public unsafe void Bf16_widening_agrees_with_libtorch()
     {
         using var scope = NewDisposeScope();
         var values = cat([randn([4096]) * 1000, tensor(new[] { 0f, -0f, 1f, float.Epsilon, float.MaxValue, float.PositiveInfinity, float.NegativeInfinity, 1.00390625f, 1.01171875f })]);
@@ -117,12 +117,7 @@ public sealed class SmallBatchLinearTests
         var mine = new float[values.shape[0]];
         fixed (float* m = mine) Bf16.Widen(bits, m, mine.Length);
         var theirs = widened.data<float>().ToArray();
-        var source = values.data<float>().ToArray();
-        for (int i = 0; i < mine.Length; i++)
-        {
-            Assert.Equal(theirs[i], mine[i]);
-            Assert.Equal(bits[i], Bf16.FromSingle(source[i]));
-        }
+        for (int i = 0; i < mine.Length; i++) Assert.Equal(theirs[i], mine[i]);
     }
 
     /// <summary>Each kernel on its own, whatever row count the automatic choice would give it.</summary>

@@ -30,14 +30,6 @@ internal static unsafe class Bf16
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float ToSingle(ushort b) => BitConverter.Int32BitsToSingle(b << 16);
 
-    /// <summary>A float32 rounded to the nearest bfloat16 (ties to even; NaN stays NaN), as libtorch converts.</summary>
-    public static ushort FromSingle(float f)
-    {
-        uint bits = BitConverter.SingleToUInt32Bits(f);
-        if (float.IsNaN(f)) return (ushort)((bits >> 16) | 0x40);
-        return (ushort)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
-
     /// <summary>dst[i] = src[i] widened, for <paramref name="n"/> elements.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Widen(ushort* src, float* dst, long n)
