@@ -30,6 +30,8 @@ internal sealed class RuleDfa
         Refs = refs;
         StateCount = accept.Length;
         HasBytes = new bool[StateCount];
+        Exits = new bool[StateCount];
+        for (int s = 0; s < StateCount; s++) Exits[s] = accept[s] || refs[s].Length > 0;
         for (int s = 0; s < StateCount; s++)
             for (int c = 0; c < classCount; c++)
                 if (next[s * classCount + c] >= 0) { HasBytes[s] = true; break; }
@@ -49,11 +51,13 @@ internal sealed class RuleDfa
     public bool[] Accept { get; }
     public (int Rule, int Target)[][] Refs { get; }
     public bool[] HasBytes { get; }
+    /// <summary>[state]: <see cref="HasExits"/>, precomputed for the vocabulary walk.</summary>
+    public bool[] Exits { get; }
 
     public int Step(int state, byte b) => Next[state * ClassCount + ClassOf[b]];
 
     /// <summary>Whether a match may leave this rule here: return to the caller or enter another rule.</summary>
-    public bool HasExits(int state) => Accept[state] || Refs[state].Length > 0;
+    public bool HasExits(int state) => Exits[state];
 
     /// <summary>Whether this automaton has no rule references (a plain byte language).</summary>
     public bool IsPure => Refs.All(r => r.Length == 0);

@@ -23,6 +23,11 @@ public sealed class TokenVocabulary
     private readonly int[] _nodeDepth;
     private readonly int[] _nodeToken;
     private readonly int[] _sameBytesNext;
+    // [node]: more than one token has this node's bytes (then _sameBytesNext chains them). The walk reads this
+    // sequentially instead of a random _sameBytesNext entry per token.
+    private readonly bool[] _nodeMulti;
+    // [node]: depth | byte << 16 | (has children) << 24, packed so the walk reads one array for all three.
+    private readonly int[] _nodeInfo;
     private readonly ulong[] _allTokens;
     private readonly Dictionary<(int Dfa, int State), StateMask> _cache = [];
     /// <summary>Token ids held by the cache; past <see cref="MaxCachedIds"/> it starts over, so a long run stays bounded.</summary>
@@ -55,6 +60,7 @@ public sealed class TokenVocabulary
         var depth = new List<int> { 0 };
         var token = new List<int> { -1 };
         var path = new List<int> { 0 }; // node index at each depth
+        var multi = new List<int>();
         byte[] prev = [];
         foreach (int id in ids)
         {
@@ -78,6 +84,7 @@ public sealed class TokenVocabulary
             if (token[node] < 0) token[node] = id;
             else
             {
+                multi.Add(node);
                 int t = token[node];
                 while (_sameBytesNext[t] >= 0) t = _sameBytesNext[t];
                 _sameBytesNext[t] = id;
@@ -94,7 +101,13 @@ public sealed class TokenVocabulary
         _nodeByte = bytes.ToArray();
         _nodeDepth = depth.ToArray();
         _nodeToken = token.ToArray();
+        _nodeMulti = new bool[_nodeEnd.Length];
+        foreach (int node in multi) _nodeMulti[node] = true;
         MaxDepth = _nodeDepth.Max();
+        if (MaxDepth > ushort.MaxValue) throw new ArgumentException($"A token of {MaxDepth} bytes is longer than the vocabulary trie supports.", nameof(tokenBytes));
+        _nodeInfo = new int[_nodeEnd.Length];
+        for (int i = 0; i < _nodeInfo.Length; i++)
+            _nodeInfo[i] = _nodeDepth[i] | _nodeByte[i] << 16 | (_nodeEnd[i] > i + 1 ? 1 << 24 : 0);
     }
 
     /// <summary>Logit rows are this wide; masks have a bit per id below it.</summary>
@@ -122,7 +135,11 @@ public sealed class TokenVocabulary
 
     internal void SetToken(Span<ulong> mask, int node)
     {
-        for (int t = _nodeToken[node]; t >= 0; t = _sameBytesNext[t]) mask[t >> 6] |= 1UL << t;
+        int t = _nodeToken[node];
+        if (t < 0) return;
+        mask[t >> 6] |= 1UL << t;
+        if (_nodeMulti[node])
+            for (t = _sameBytesNext[t]; t >= 0; t = _sameBytesNext[t]) mask[t >> 6] |= 1UL << t;
     }
 
     /// <summary>What <paramref name="dfa"/> accepts from <paramref name="state"/> without leaving the rule, computed once.</summary>
@@ -149,19 +166,31 @@ public sealed class TokenVocabulary
         var boundaries = new List<(int, int)>();
         var stack = new int[MaxDepth + 1];
         stack[0] = state;
+        // Every array in locals (the JIT then keeps their lengths and bases in registers across the loop).
         var next = dfa.Next;
         var classOf = dfa.ClassOf;
+        var exits = dfa.Exits;
+        var nodeInfo = _nodeInfo;
+        var nodeEnd = _nodeEnd;
+        var nodeToken = _nodeToken;
+        var nodeMulti = _nodeMulti;
         int classes = dfa.ClassCount;
-        int n = _nodeEnd.Length;
+        int n = nodeEnd.Length;
         int i = 1;
         while (i < n)
         {
-            int d = _nodeDepth[i];
-            int s = next[stack[d - 1] * classes + classOf[_nodeByte[i]]];
-            if (s < 0) { i = _nodeEnd[i]; continue; }
+            int info = nodeInfo[i];
+            int d = info & 0xFFFF;
+            int s = next[stack[d - 1] * classes + classOf[(info >> 16) & 0xFF]];
+            if (s < 0) { i = nodeEnd[i]; continue; }
             stack[d] = s;
-            SetToken(mask, i);
-            if (_nodeEnd[i] > i + 1 && dfa.HasExits(s)) boundaries.Add((i, s));
+            int t = nodeToken[i];
+            if (t >= 0)
+            {
+                mask[t >> 6] |= 1UL << t;
+                if (nodeMulti[i]) SetToken(mask, i);
+            }
+            if ((info & 1 << 24) != 0 && exits[s]) boundaries.Add((i, s));
             i++;
         }
         int allowed = 0, all = 0;
