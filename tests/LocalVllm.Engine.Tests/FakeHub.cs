@@ -13,8 +13,8 @@ namespace LocalVllm.Engine.Tests;
 internal sealed class FakeHub : IDisposable
 {
     public const string Commit = "0123456789abcdef0123456789abcdef01234567";
-    private readonly HttpListener _api = new();
-    private readonly HttpListener _cdn = new();
+    private readonly HttpListener _api;
+    private readonly HttpListener _cdn;
     private readonly Dictionary<string, byte[]> _files;
     private readonly HashSet<string> _dropped = [];
     private readonly CancellationTokenSource _stop = new();
@@ -27,12 +27,8 @@ internal sealed class FakeHub : IDisposable
         _files = Directory.GetFiles(fixtureDir).Where(f => !f.EndsWith("reference.json", StringComparison.Ordinal))
             .ToDictionary(f => Path.GetFileName(f), File.ReadAllBytes);
         _files["README.md"] = "# not needed by the engine"u8.ToArray();
-        ApiPort = FreePort();
-        CdnPort = FreePort();
-        _api.Prefixes.Add($"http://127.0.0.1:{ApiPort}/");
-        _cdn.Prefixes.Add($"http://127.0.0.1:{CdnPort}/");
-        _api.Start();
-        _cdn.Start();
+        (_api, ApiPort) = Listen();
+        (_cdn, CdnPort) = Listen();
         _ = Serve(_api, HandleApi);
         _ = Serve(_cdn, HandleCdn);
     }
@@ -54,6 +50,29 @@ internal sealed class FakeHub : IDisposable
     public int CdnPort { get; }
     public string Endpoint => $"http://127.0.0.1:{ApiPort}";
     public List<(string Host, string Method, string Path, bool Authorized, string? Range)> Requests { get; } = [];
+
+    /// <summary>
+    /// A started listener on a free loopback port. The port is free when asked, but another test running at the same
+    /// time can take it before the listener starts (seen: "conflicts with an existing registration"): then another.
+    /// </summary>
+    private static (HttpListener Listener, int Port) Listen()
+    {
+        for (int attempt = 1; ; attempt++)
+        {
+            int port = FreePort();
+            var listener = new HttpListener();
+            listener.Prefixes.Add($"http://127.0.0.1:{port}/");
+            try
+            {
+                listener.Start();
+                return (listener, port);
+            }
+            catch (HttpListenerException) when (attempt < 20)
+            {
+                listener.Close();
+            }
+        }
+    }
 
     private static int FreePort()
     {
