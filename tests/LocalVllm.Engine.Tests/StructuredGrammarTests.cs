@@ -100,12 +100,21 @@ public class StructuredGrammarTests
         return [.. ids];
     }
 
-    [Fact]
-    public void Mask_over_the_byte_level_Qwen3_vocabulary_matches_advancing_each_token()
+    /// <summary>
+    /// Inside strings the walk takes subtrees of plain bytes whole where the automaton steps uniformly (an unbounded
+    /// string, and a bounded one while the subtree is no deeper than what is left); these cases check it against
+    /// advancing by each token, at every position: free strings, a maxLength string down to its last characters, and
+    /// a pattern (not uniform: walked node by node).
+    /// </summary>
+    [Theory]
+    [InlineData("""{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}""", """{"name": "Ada Lovelace", "age": 3""")]
+    [InlineData("""{"type": "object", "properties": {"code": {"type": "string", "maxLength": 6}}, "required": ["code"]}""", """{"code": "ab cd" """)]
+    [InlineData("""{"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+-[0-9]{2,}$"}}}""", """{"id": "abc-12" """)]
+    public void Mask_over_the_byte_level_Qwen3_vocabulary_matches_advancing_each_token(string schema, string text)
     {
         var vocab = Qwen3Vocab.Value;
-        var m = Matcher(StructuredOutputs.ForJsonSchema(PersonSchema, JsonWhitespace.Flexible), vocab);
-        var ids = Qwen3.Value.Encode("""{"name": "Ada", "age": 3""", addSpecialTokens: false);
+        var m = Matcher(StructuredOutputs.ForJsonSchema(schema, JsonWhitespace.Flexible), vocab);
+        var ids = Qwen3.Value.Encode(text, addSpecialTokens: false);
         var mask = new ulong[vocab.Words];
         foreach (int next in ids.Append(-1))
         {

@@ -54,6 +54,63 @@ internal sealed class RuleDfa
     /// <summary>[state]: <see cref="HasExits"/>, precomputed for the vocabulary walk.</summary>
     public bool[] Exits { get; }
 
+    private int[]? _plainRun;
+
+    /// <summary>
+    /// [state]: how many plain string bytes (<see cref="TokenVocabulary.IsPlain"/>) can follow from here one after
+    /// another with every plain byte leading to the same next state and no exits on the way (int.MaxValue when such a
+    /// run loops: an unbounded string; n - k at position k of a string of at most n). A token made of plain bytes no
+    /// longer than that stays inside the rule whatever its bytes, so the vocabulary walk takes such subtrees whole.
+    /// </summary>
+    public int[] PlainRun => _plainRun ??= ComputePlainRun();
+
+    private int[] ComputePlainRun()
+    {
+        // The one successor of each state on every plain byte (-1: none, or not the same for all of them).
+        var successor = new int[StateCount];
+        var plainClasses = new HashSet<int>();
+        for (int b = 0x20; b < 0x7F; b++)
+            if (TokenVocabulary.IsPlain((byte)b)) plainClasses.Add(ClassOf[b]);
+        for (int s = 0; s < StateCount; s++)
+        {
+            int t = -2;
+            foreach (int c in plainClasses)
+            {
+                int n = Next[s * ClassCount + c];
+                if (t == -2) t = n;
+                else if (n != t) { t = -1; break; }
+            }
+            successor[s] = Exits[s] ? -1 : t;
+        }
+        // Run lengths along successor chains: -1 ends a run (0), a chain that comes back to itself never ends.
+        var run = new int[StateCount];
+        var visiting = new int[StateCount]; // 0 new, 1 on the current chain, 2 done
+        var chain = new List<int>();
+        for (int start = 0; start < StateCount; start++)
+        {
+            if (visiting[start] == 2) continue;
+            chain.Clear();
+            int s = start;
+            int tail;
+            while (true)
+            {
+                if (successor[s] < 0) { visiting[s] = 2; run[s] = 0; tail = 0; break; }
+                if (visiting[s] == 2) { tail = run[s]; break; }
+                if (visiting[s] == 1) { tail = int.MaxValue; break; } // a loop of uniform steps
+                visiting[s] = 1;
+                chain.Add(s);
+                s = successor[s];
+            }
+            for (int k = chain.Count - 1; k >= 0; k--)
+            {
+                tail = tail == int.MaxValue ? int.MaxValue : tail + 1;
+                run[chain[k]] = tail;
+                visiting[chain[k]] = 2;
+            }
+        }
+        return run;
+    }
+
     public int Step(int state, byte b) => Next[state * ClassCount + ClassOf[b]];
 
     /// <summary>Whether a match may leave this rule here: return to the caller or enter another rule.</summary>

@@ -28,6 +28,13 @@ public sealed class TokenVocabulary
     private readonly bool[] _nodeMulti;
     // [node]: depth | byte << 16 | (has children) << 24, packed so the walk reads one array for all three.
     private readonly int[] _nodeInfo;
+    // [node]: when every byte in the node's subtree (its own included) is a plain string byte (see IsPlain), the
+    // subtree's height in bytes (1 for a leaf); else -1. With _subtreeTokens and _subtreeStart (the tokens of each
+    // subtree, contiguous in depth-first order) a walk can take a whole plain subtree at once where the automaton
+    // steps uniformly on plain bytes (inside a JSON string), instead of stepping node by node.
+    private readonly int[] _plainHeight;
+    private readonly int[] _subtreeTokens;
+    private readonly int[] _subtreeStart;
     private readonly ulong[] _allTokens;
     private readonly Dictionary<(int Dfa, int State), StateMask> _cache = [];
     /// <summary>Token ids held by the cache; past <see cref="MaxCachedIds"/> it starts over, so a long run stays bounded.</summary>
@@ -108,6 +115,26 @@ public sealed class TokenVocabulary
         _nodeInfo = new int[_nodeEnd.Length];
         for (int i = 0; i < _nodeInfo.Length; i++)
             _nodeInfo[i] = _nodeDepth[i] | _nodeByte[i] << 16 | (_nodeEnd[i] > i + 1 ? 1 << 24 : 0);
+        int nodes = _nodeEnd.Length;
+        _plainHeight = new int[nodes];
+        for (int i = nodes - 1; i >= 1; i--) // children come after their parent: fill bottom-up
+        {
+            if (!IsPlain(_nodeByte[i])) { _plainHeight[i] = -1; continue; }
+            int h = 1;
+            for (int c = i + 1; c < _nodeEnd[i] && h > 0; c = _nodeEnd[c])
+                h = _plainHeight[c] < 0 ? -1 : Math.Max(h, _plainHeight[c] + 1);
+            _plainHeight[i] = h;
+        }
+        _plainHeight[0] = -1;
+        _subtreeStart = new int[nodes + 1];
+        var order = new List<int>(tokenBytes.Length);
+        for (int i = 0; i < nodes; i++)
+        {
+            _subtreeStart[i] = order.Count;
+            for (int t = _nodeToken[i]; t >= 0; t = _sameBytesNext[t]) order.Add(t);
+        }
+        _subtreeStart[nodes] = order.Count;
+        _subtreeTokens = order.ToArray();
     }
 
     /// <summary>Logit rows are this wide; masks have a bit per id below it.</summary>
@@ -132,6 +159,9 @@ public sealed class TokenVocabulary
     {
         get { lock (_lock) return _cache.Count; }
     }
+
+    /// <summary>A byte a JSON string takes as itself: printable ASCII but the quote and the backslash.</summary>
+    internal static bool IsPlain(byte b) => b is >= 0x20 and < 0x7F and not (byte)'"' and not (byte)'\\';
 
     internal void SetToken(Span<ulong> mask, int node)
     {
@@ -174,6 +204,10 @@ public sealed class TokenVocabulary
         var nodeEnd = _nodeEnd;
         var nodeToken = _nodeToken;
         var nodeMulti = _nodeMulti;
+        var plainHeight = _plainHeight;
+        var subtreeStart = _subtreeStart;
+        var subtreeTokens = _subtreeTokens;
+        var plainRun = dfa.PlainRun;
         int classes = dfa.ClassCount;
         int n = nodeEnd.Length;
         int i = 1;
@@ -181,7 +215,20 @@ public sealed class TokenVocabulary
         {
             int info = nodeInfo[i];
             int d = info & 0xFFFF;
-            int s = next[stack[d - 1] * classes + classOf[(info >> 16) & 0xFF]];
+            int parent = stack[d - 1];
+            int h = plainHeight[i];
+            if (h > 0 && plainRun[parent] >= h)
+            {
+                // Every string of this subtree stays inside the rule, through states with no exits: all its tokens.
+                for (int k = subtreeStart[i], end = subtreeStart[nodeEnd[i]]; k < end; k++)
+                {
+                    int tk = subtreeTokens[k];
+                    mask[tk >> 6] |= 1UL << tk;
+                }
+                i = nodeEnd[i];
+                continue;
+            }
+            int s = next[parent * classes + classOf[(info >> 16) & 0xFF]];
             if (s < 0) { i = nodeEnd[i]; continue; }
             stack[d] = s;
             int t = nodeToken[i];
