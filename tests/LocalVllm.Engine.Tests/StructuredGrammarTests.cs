@@ -101,15 +101,17 @@ public class StructuredGrammarTests
     }
 
     /// <summary>
-    /// Inside strings the walk takes subtrees of plain bytes whole where the automaton steps uniformly (an unbounded
-    /// string, and a bounded one while the subtree is no deeper than what is left); these cases check it against
-    /// advancing by each token, at every position: free strings, a maxLength string down to its last characters, and
-    /// a pattern (not uniform: walked node by node).
+    /// Inside strings the walk takes subtrees of text whole where the automaton steps uniformly on characters (an
+    /// unbounded string, and a bounded one while the subtree has no more characters than are left); these cases check
+    /// it against advancing by each token, at every position: free strings, maxLength strings down to their last
+    /// characters (ASCII and multi-byte), and a pattern (not uniform: walked node by node).
     /// </summary>
     [Theory]
     [InlineData("""{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}""", """{"name": "Ada Lovelace", "age": 3""")]
     [InlineData("""{"type": "object", "properties": {"code": {"type": "string", "maxLength": 6}}, "required": ["code"]}""", """{"code": "ab cd" """)]
     [InlineData("""{"type": "object", "properties": {"id": {"type": "string", "pattern": "^[a-z]+-[0-9]{2,}$"}}}""", """{"id": "abc-12" """)]
+    [InlineData("""{"type": "object", "properties": {"city": {"type": "string", "maxLength": 7}}, "required": ["city"]}""", """{"city": "Zü東京 x" """)]
+    [InlineData("""{"type": "object", "properties": {"note": {"type": "string"}}}""", """{"note": "naïve 日本語 ok" """)]
     public void Mask_over_the_byte_level_Qwen3_vocabulary_matches_advancing_each_token(string schema, string text)
     {
         var vocab = Qwen3Vocab.Value;

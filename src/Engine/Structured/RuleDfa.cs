@@ -54,34 +54,42 @@ internal sealed class RuleDfa
     /// <summary>[state]: <see cref="HasExits"/>, precomputed for the vocabulary walk.</summary>
     public bool[] Exits { get; }
 
-    private int[]? _plainRun;
+    private int[]? _charRun;
 
     /// <summary>
-    /// [state]: how many plain string bytes (<see cref="TokenVocabulary.IsPlain"/>) can follow from here one after
-    /// another with every plain byte leading to the same next state and no exits on the way (int.MaxValue when such a
-    /// run loops: an unbounded string; n - k at position k of a string of at most n). A token made of plain bytes no
-    /// longer than that stays inside the rule whatever its bytes, so the vocabulary walk takes such subtrees whole.
+    /// [state]: how many characters of JSON string text (<see cref="Utf8Text"/>) can follow from here one after another
+    /// with every such character leading to the same next state and no exit on the way, inside the character or after
+    /// it (int.MaxValue when such a run loops: an unbounded string; n - k at position k of a string of at most n). A
+    /// token of text no longer than that stays inside the rule whatever its characters, so the vocabulary walk takes
+    /// such subtrees whole.
     /// </summary>
-    public int[] PlainRun => _plainRun ??= ComputePlainRun();
+    public int[] CharRun => _charRun ??= ComputeCharRun();
 
-    private int[] ComputePlainRun()
+    private int[] ComputeCharRun()
     {
-        // The one successor of each state on every plain byte (-1: none, or not the same for all of them).
-        var successor = new int[StateCount];
-        var plainClasses = new HashSet<int>();
-        for (int b = 0x20; b < 0x7F; b++)
-            if (TokenVocabulary.IsPlain((byte)b)) plainClasses.Add(ClassOf[b]);
-        for (int s = 0; s < StateCount; s++)
+        // reach[s * 8 + u]: the one state every way of finishing the current character leads to from state s in
+        // decoder state u (-1: none, not the same for all of them, or an exit inside the character); -2 not yet known.
+        var reach = new int[StateCount * Utf8Text.States];
+        Array.Fill(reach, -2);
+        int Reach(int s, int u)
         {
-            int t = -2;
-            foreach (int c in plainClasses)
+            ref int known = ref reach[s * Utf8Text.States + u];
+            if (known != -2) return known;
+            known = -1; // provisional: a cycle inside one character is impossible (at most four bytes)
+            int target = -2;
+            for (int b = 0; b < 256 && target != -1; b++)
             {
-                int n = Next[s * ClassCount + c];
-                if (t == -2) t = n;
-                else if (n != t) { t = -1; break; }
+                int after = Utf8Text.Next(u, (byte)b);
+                if (after < 0) continue;
+                int m = Step(s, (byte)b);
+                int t = m < 0 ? -1 : after == 0 ? m : Exits[m] ? -1 : Reach(m, after);
+                target = target == -2 || target == t ? t : -1;
             }
-            successor[s] = Exits[s] ? -1 : t;
+            reach[s * Utf8Text.States + u] = target < 0 ? -1 : target;
+            return target < 0 ? -1 : target;
         }
+        var successor = new int[StateCount];
+        for (int s = 0; s < StateCount; s++) successor[s] = Exits[s] ? -1 : Reach(s, 0);
         // Run lengths along successor chains: -1 ends a run (0), a chain that comes back to itself never ends.
         var run = new int[StateCount];
         var visiting = new int[StateCount]; // 0 new, 1 on the current chain, 2 done

@@ -28,11 +28,12 @@ public sealed class TokenVocabulary
     private readonly bool[] _nodeMulti;
     // [node]: depth | byte << 16 | (has children) << 24, packed so the walk reads one array for all three.
     private readonly int[] _nodeInfo;
-    // [node]: when every byte in the node's subtree (its own included) is a plain string byte (see IsPlain), the
-    // subtree's height in bytes (1 for a leaf); else -1. With _subtreeTokens and _subtreeStart (the tokens of each
-    // subtree, contiguous in depth-first order) a walk can take a whole plain subtree at once where the automaton
-    // steps uniformly on plain bytes (inside a JSON string), instead of stepping node by node.
-    private readonly int[] _plainHeight;
+    // [node]: when every path through the node's subtree, read from a character boundary at the node, is JSON string
+    // text (Utf8Text; a path may end inside a character), the most characters on such a path (a partial one counts);
+    // else -1. With _subtreeTokens and _subtreeStart (the tokens of each subtree, contiguous in depth-first order) a
+    // walk takes a whole subtree of text at once where the automaton steps uniformly on characters (inside a JSON
+    // string: RuleDfa.CharRun), instead of stepping node by node.
+    private readonly int[] _textChars;
     private readonly int[] _subtreeTokens;
     private readonly int[] _subtreeStart;
     private readonly ulong[] _allTokens;
@@ -116,16 +117,20 @@ public sealed class TokenVocabulary
         for (int i = 0; i < _nodeInfo.Length; i++)
             _nodeInfo[i] = _nodeDepth[i] | _nodeByte[i] << 16 | (_nodeEnd[i] > i + 1 ? 1 << 24 : 0);
         int nodes = _nodeEnd.Length;
-        _plainHeight = new int[nodes];
-        for (int i = nodes - 1; i >= 1; i--) // children come after their parent: fill bottom-up
-        {
-            if (!IsPlain(_nodeByte[i])) { _plainHeight[i] = -1; continue; }
-            int h = 1;
-            for (int c = i + 1; c < _nodeEnd[i] && h > 0; c = _nodeEnd[c])
-                h = _plainHeight[c] < 0 ? -1 : Math.Max(h, _plainHeight[c] + 1);
-            _plainHeight[i] = h;
-        }
-        _plainHeight[0] = -1;
+        // Bottom-up (children come after their parent), for each decoder state the node may be entered in.
+        var chars = new short[Utf8Text.States][];
+        for (int u = 0; u < Utf8Text.States; u++) chars[u] = new short[nodes];
+        for (int i = nodes - 1; i >= 1; i--)
+            for (int u = 0; u < Utf8Text.States; u++)
+            {
+                int after = Utf8Text.Next(u, _nodeByte[i]);
+                int own = u == 0 ? 1 : 0, best = after < 0 ? -1 : own;
+                for (int c = i + 1; c < _nodeEnd[i] && best >= 0; c = _nodeEnd[c])
+                    best = chars[after][c] < 0 ? -1 : Math.Max(best, own + chars[after][c]);
+                chars[u][i] = (short)Math.Min(best, short.MaxValue);
+            }
+        _textChars = Array.ConvertAll(chars[0], c => (int)c);
+        _textChars[0] = -1;
         _subtreeStart = new int[nodes + 1];
         var order = new List<int>(tokenBytes.Length);
         for (int i = 0; i < nodes; i++)
@@ -159,9 +164,6 @@ public sealed class TokenVocabulary
     {
         get { lock (_lock) return _cache.Count; }
     }
-
-    /// <summary>A byte a JSON string takes as itself: printable ASCII but the quote and the backslash.</summary>
-    internal static bool IsPlain(byte b) => b is >= 0x20 and < 0x7F and not (byte)'"' and not (byte)'\\';
 
     internal void SetToken(Span<ulong> mask, int node)
     {
@@ -204,10 +206,10 @@ public sealed class TokenVocabulary
         var nodeEnd = _nodeEnd;
         var nodeToken = _nodeToken;
         var nodeMulti = _nodeMulti;
-        var plainHeight = _plainHeight;
+        var textChars = _textChars;
         var subtreeStart = _subtreeStart;
         var subtreeTokens = _subtreeTokens;
-        var plainRun = dfa.PlainRun;
+        var charRun = dfa.CharRun;
         int classes = dfa.ClassCount;
         int n = nodeEnd.Length;
         int i = 1;
@@ -216,8 +218,8 @@ public sealed class TokenVocabulary
             int info = nodeInfo[i];
             int d = info & 0xFFFF;
             int parent = stack[d - 1];
-            int h = plainHeight[i];
-            if (h > 0 && plainRun[parent] >= h)
+            int h = textChars[i];
+            if (h > 0 && charRun[parent] >= h)
             {
                 // Every string of this subtree stays inside the rule, through states with no exits: all its tokens.
                 for (int k = subtreeStart[i], end = subtreeStart[nodeEnd[i]]; k < end; k++)
