@@ -128,14 +128,43 @@ public sealed class Sampler
             foreach (ulong w in words)
                 if (w != 0) { any = true; break; }
             if (!any) { c.Dead = true; continue; }
-            for (int t = 0; t < vocab; t++) bias[t] = (words[t >> 6] & (1UL << t)) == 0 ? float.NegativeInfinity : 0f;
             masked ??= logits.clone();
+            if (masked.device_type == TorchSharp.DeviceType.CPU && masked.dtype == ScalarType.Float32 && masked.is_contiguous())
+            {
+                MaskRowInPlace(masked, i, vocab, words);
+                continue;
+            }
+            for (int t = 0; t < vocab; t++) bias[t] = (words[t >> 6] & (1UL << t)) == 0 ? float.NegativeInfinity : 0f;
             using var biasRow = tensor(bias, device: logits.device);
             using var typed = biasRow.to_type(logits.dtype);
             using var row = masked[i];
             row.add_(typed);
         }
         return masked ?? logits;
+    }
+
+    /// <summary>
+    /// Row <paramref name="row"/> of float32 CPU logits set to -inf wherever <paramref name="words"/> has no bit, in
+    /// place and a 64-token word at a time: words that allow everything (most of a mask inside a string) are skipped and
+    /// words that allow nothing are filled, so a row costs a few thousand word tests instead of a pass over every id
+    /// and a bias tensor.
+    /// </summary>
+    private static unsafe void MaskRowInPlace(Tensor logits, int row, int vocab, ulong[] words)
+    {
+        float* p = Kernels.Cpu.Simd.Pointer(logits) + (long)row * vocab;
+        for (int w = 0, start = 0; start < vocab; w++, start += 64)
+        {
+            ulong bits = words[w];
+            if (bits == ulong.MaxValue) continue;
+            int count = Math.Min(64, vocab - start);
+            if (bits == 0)
+            {
+                new Span<float>(p + start, count).Fill(float.NegativeInfinity);
+                continue;
+            }
+            for (int j = 0; j < count; j++)
+                if ((bits & (1UL << j)) == 0) p[start + j] = float.NegativeInfinity;
+        }
     }
 
     [ThreadStatic] private static float[]? t_bias;
