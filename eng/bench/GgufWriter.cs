@@ -1,4 +1,5 @@
 using System.Text;
+using LocalVllm.Engine.Kernels.Cpu;
 using LocalVllm.Engine.Loading;
 using LocalVllm.Engine.Models;
 using static TorchSharp.torch;
@@ -161,29 +162,25 @@ internal static class GgufWriter
             }
             case GgufType.Q8_0:
             {
-                var values = t.data<float>().ToArray();
-                var block = new byte[34];
-                for (long b = 0; b < values.Length; b += 32)
+                // The engine's own quantizer (Q8_0's definition, tested against it): both engines get the same values.
+                using var values = t.to(ScalarType.Float32).contiguous();
+                var (q, scales) = Q8.Quantize(values.view(-1, Q8.Group));
+                using (q)
+                using (scales)
                 {
-                    var (scale, quants) = Q8Block(values.AsSpan((int)b, 32));
-                    BitConverter.TryWriteBytes(block.AsSpan(0, 2), scale);
-                    for (int j = 0; j < 32; j++) block[2 + j] = (byte)quants[j];
-                    w.Write(block);
+                    var qs = q.data<sbyte>().ToArray();
+                    var ds = scales.data<float>().ToArray();
+                    var block = new byte[2 + Q8.Group];
+                    for (int g = 0; g < ds.Length; g++)
+                    {
+                        BitConverter.TryWriteBytes(block.AsSpan(0, 2), (Half)ds[g]); // exact: the scales are float16 values
+                        for (int j = 0; j < Q8.Group; j++) block[2 + j] = (byte)qs[g * Q8.Group + j];
+                        w.Write(block);
+                    }
                 }
                 break;
             }
         }
-    }
-
-    /// <summary>One Q8_0 block as ggml's reference quantizer makes it: the scale rounded to f16, values by the f32 scale.</summary>
-    public static (Half Scale, sbyte[] Quants) Q8Block(ReadOnlySpan<float> x)
-    {
-        float amax = 0;
-        foreach (var v in x) amax = Math.Max(amax, Math.Abs(v));
-        float d = amax / 127f, id = d != 0 ? 1f / d : 0f;
-        var q = new sbyte[x.Length];
-        for (int j = 0; j < x.Length; j++) q[j] = (sbyte)MathF.Round(x[j] * id, MidpointRounding.AwayFromZero);
-        return ((Half)d, q);
     }
 
     private static ulong Align(ulong n) => (n + Alignment - 1) / Alignment * Alignment;

@@ -520,87 +520,85 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
 }
 
 /// <summary>
-/// Writes <c>chat.completion.chunk</c> stream events straight into the response pipe with one reused
-/// <see cref="Utf8JsonWriter"/> and the request's constant fields encoded once: a token's delta builds no JSON tree
-/// (only tool calls and logprobs, which are trees already, are written from their nodes).
+/// Writes Server-Sent Events of one streamed response straight into the response pipe with one reused
+/// <see cref="Utf8JsonWriter"/> and the request's constant fields encoded once: a token's event builds no JSON tree.
+/// Each event is <c>{"id", "object", "created", "model", "choices": [{"index", ...}]}</c>; the subclass writes the
+/// rest of the choice.
 /// </summary>
-internal sealed class ChatChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
+internal abstract class StreamChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model, string objectType)
 {
     private static readonly System.Text.Encodings.Web.JavaScriptEncoder Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
     private readonly JsonEncodedText _id = JsonEncodedText.Encode(id, Encoder);
     private readonly JsonEncodedText _model = JsonEncodedText.Encode(model, Encoder);
-    private readonly Utf8JsonWriter _json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
+    private readonly JsonEncodedText _object = JsonEncodedText.Encode(objectType, Encoder);
+    protected readonly Utf8JsonWriter Json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
 
+    /// <summary>Starts an event, up to and including the choice's <c>index</c>.</summary>
+    protected void BeginChoice(int index)
+    {
+        pipe.Write("data: "u8);
+        Json.Reset(pipe);
+        Json.WriteStartObject();
+        Json.WriteString("id"u8, _id);
+        Json.WriteString("object"u8, _object);
+        Json.WriteNumber("created"u8, created);
+        Json.WriteString("model"u8, _model);
+        Json.WriteStartArray("choices"u8);
+        Json.WriteStartObject();
+        Json.WriteNumber("index"u8, index);
+    }
+
+    /// <summary>Writes a property whose value is a JSON node, or null.</summary>
+    protected void WriteNode(ReadOnlySpan<byte> name, JsonNode? value)
+    {
+        Json.WritePropertyName(name);
+        if (value is null) Json.WriteNullValue(); else value.WriteTo(Json);
+    }
+
+    /// <summary>Closes the choice and the event.</summary>
+    protected void EndChoice()
+    {
+        Json.WriteEndObject();
+        Json.WriteEndArray();
+        Json.WriteEndObject();
+        Json.Flush();
+        pipe.Write("\n\n"u8);
+    }
+}
+
+/// <summary><c>chat.completion.chunk</c> events: a delta (text, reasoning or tool calls), its logprobs and the finish reason.</summary>
+internal sealed class ChatChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
+    : StreamChunkWriter(pipe, id, created, model, "chat.completion.chunk")
+{
     /// <summary>The first event of completion <paramref name="index"/>: the assistant role with empty content.</summary>
     public void WriteRole(int index) => Write(index, new ChatTurn.DeltaEvent("content", "", null, null), null, role: true);
 
     /// <summary>One event: <paramref name="delta"/> of completion <paramref name="index"/>, and its finish reason when it is the last.</summary>
     public void Write(int index, ChatTurn.DeltaEvent delta, string? finishReason, bool role = false)
     {
-        pipe.Write("data: "u8);
-        _json.Reset(pipe);
-        _json.WriteStartObject();
-        _json.WriteString("id"u8, _id);
-        _json.WriteString("object"u8, "chat.completion.chunk"u8);
-        _json.WriteNumber("created"u8, created);
-        _json.WriteString("model"u8, _model);
-        _json.WriteStartArray("choices"u8);
-        _json.WriteStartObject();
-        _json.WriteNumber("index"u8, index);
-        _json.WriteStartObject("delta"u8);
-        if (role) _json.WriteString("role"u8, "assistant"u8);
-        if (delta.Field is not null) _json.WriteString(delta.Field, delta.Text);
-        if (delta.ToolCalls is not null)
-        {
-            _json.WritePropertyName("tool_calls"u8);
-            delta.ToolCalls.WriteTo(_json);
-        }
-        _json.WriteEndObject();
-        _json.WritePropertyName("logprobs"u8);
-        if (delta.Logprobs is null) _json.WriteNullValue(); else delta.Logprobs.WriteTo(_json);
-        if (finishReason is null) _json.WriteNull("finish_reason"u8); else _json.WriteString("finish_reason"u8, finishReason);
-        _json.WriteEndObject();
-        _json.WriteEndArray();
-        _json.WriteEndObject();
-        _json.Flush();
-        pipe.Write("\n\n"u8);
+        BeginChoice(index);
+        Json.WriteStartObject("delta"u8);
+        if (role) Json.WriteString("role"u8, "assistant"u8);
+        if (delta.Field is not null) Json.WriteString(delta.Field, delta.Text);
+        if (delta.ToolCalls is not null) WriteNode("tool_calls"u8, delta.ToolCalls);
+        Json.WriteEndObject();
+        WriteNode("logprobs"u8, delta.Logprobs);
+        if (finishReason is null) Json.WriteNull("finish_reason"u8); else Json.WriteString("finish_reason"u8, finishReason);
+        EndChoice();
     }
 }
 
-/// <summary>
-/// Writes <c>text_completion</c> stream chunks straight into the response pipe with one reused
-/// <see cref="Utf8JsonWriter"/> and the request's constant fields encoded once: the per-token path builds no JSON tree.
-/// </summary>
+/// <summary><c>text_completion</c> events: text, logprobs, finish and stop reasons.</summary>
 internal sealed class CompletionChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
+    : StreamChunkWriter(pipe, id, created, model, "text_completion")
 {
-    private static readonly System.Text.Encodings.Web.JavaScriptEncoder Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
-    private readonly JsonEncodedText _id = JsonEncodedText.Encode(id, Encoder);
-    private readonly JsonEncodedText _model = JsonEncodedText.Encode(model, Encoder);
-    private readonly Utf8JsonWriter _json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
-
     public void Write(int index, string text, JsonObject? logprobs, string? finishReason, JsonNode? stopReason)
     {
-        pipe.Write("data: "u8);
-        _json.Reset(pipe);
-        _json.WriteStartObject();
-        _json.WriteString("id"u8, _id);
-        _json.WriteString("object"u8, "text_completion"u8);
-        _json.WriteNumber("created"u8, created);
-        _json.WriteString("model"u8, _model);
-        _json.WriteStartArray("choices"u8);
-        _json.WriteStartObject();
-        _json.WriteNumber("index"u8, index);
-        _json.WriteString("text"u8, text);
-        _json.WritePropertyName("logprobs"u8);
-        if (logprobs is null) _json.WriteNullValue(); else logprobs.WriteTo(_json);
-        if (finishReason is null) _json.WriteNull("finish_reason"u8); else _json.WriteString("finish_reason"u8, finishReason);
-        _json.WritePropertyName("stop_reason"u8);
-        if (stopReason is null) _json.WriteNullValue(); else stopReason.WriteTo(_json);
-        _json.WriteEndObject();
-        _json.WriteEndArray();
-        _json.WriteEndObject();
-        _json.Flush();
-        pipe.Write("\n\n"u8);
+        BeginChoice(index);
+        Json.WriteString("text"u8, text);
+        WriteNode("logprobs"u8, logprobs);
+        if (finishReason is null) Json.WriteNull("finish_reason"u8); else Json.WriteString("finish_reason"u8, finishReason);
+        WriteNode("stop_reason"u8, stopReason);
+        EndChoice();
     }
 }
-

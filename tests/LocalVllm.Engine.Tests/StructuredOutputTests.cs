@@ -222,6 +222,30 @@ public class StructuredOutputTests
         EngineHarness.AssertNoLeaks(engine);
     }
 
+    /// <summary>
+    /// The two ways the sampler masks a row give the same result: in place on float32 CPU logits (the CPU engine's),
+    /// and through a bias row for other dtypes and devices (here bfloat16 logits): -inf exactly where the mask refuses,
+    /// the logits unchanged elsewhere, other rows untouched.
+    /// </summary>
+    [Fact]
+    public void Masking_in_place_and_through_a_bias_row_agree()
+    {
+        var vocab = new TokenVocabulary([[(byte)'a'], [(byte)'b'], [(byte)'c'], [(byte)'x'], "ab"u8.ToArray()], 70);
+        Sequence Constrained() => new("r", 0, [0], new SamplingParams { Temperature = 0 }, 0)
+        {
+            Constraint = new SequenceConstraint(new GrammarMatcher(ConstraintCompiler.Compile(StructuredOutputs.ForRegex("a[bc]x?")), vocab), [69], null),
+        };
+        var free = new Sequence("free", 0, [0], new SamplingParams { Temperature = 0 }, 0);
+        using var logits = arange(140, dtype: ScalarType.Float32).reshape(2, 70) / 10f;
+        var expected = logits.clone();
+        expected[0].index_fill_(0, tensor(Enumerable.Range(0, 70).Where(t => t is not (0 or 4)).Select(t => (long)t).ToArray()), float.NegativeInfinity);
+        using var inPlace = Sampler.ApplyConstraints(logits, [Constrained(), free]);
+        using var viaBias = Sampler.ApplyConstraints(logits.to(ScalarType.BFloat16), [Constrained(), free]).to(ScalarType.Float32);
+        Assert.True(inPlace.equal(expected).all().item<bool>());
+        Assert.True(viaBias.equal(expected.to(ScalarType.BFloat16).to(ScalarType.Float32)).all().item<bool>());
+        Assert.True(logits[0].isfinite().all().item<bool>()); // the caller's logits are not changed
+    }
+
     [Fact]
     public void A_constraint_that_allows_no_token_marks_the_row_dead_instead_of_sampling_from_nothing()
     {

@@ -19,6 +19,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
     Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true)
 {
     private readonly Dictionary<string, Request> _requests = [];
+    private Func<string, int[]>? _encode; // the tokenizer's encoding for jump-forward, one delegate for all tokens
 
     /// <summary>Requests not yet finished.</summary>
     public int Count => _requests.Count;
@@ -139,7 +140,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         if (!jumpForward || tokenizer is null || seq.Status == SequenceStatus.Finished || seq.Sampling.Logprobs is not null
             || seq.Constraint is not { Active: true } constraint)
             return;
-        foreach (int forced in constraint.ForcedTokens(token, text => tokenizer.Encode(text, addSpecialTokens: false)))
+        foreach (int forced in constraint.ForcedTokens(token, _encode ??= text => tokenizer.Encode(text, addSpecialTokens: false)))
         {
             seq.Append(forced);
             counters.JumpForwardTokens++;

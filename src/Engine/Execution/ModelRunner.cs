@@ -36,8 +36,7 @@ public sealed class ModelRunner : IDisposable
         // device-agnostic TorchSharp backend.
         Attention = options.AttentionBackend
             ?? (device.type == DeviceType.CPU && dtype == ScalarType.Float32 && options.CpuKernels ? new CpuPagedAttention() : new TorchPagedAttention());
-        Model = CausalLm.Load(directory, dtype, device, Attention, options.CpuKernels,
-            CausalLm.MatrixStorage(directory, options.WeightDType, dtype, device, options.CpuKernels), options.Quantization == "int8");
+        Model = CausalLm.Load(directory, dtype, device, Attention, options.CpuKernels, options.WeightDType, options.Quantization == "int8");
         try
         {
             var c = Model.Config;

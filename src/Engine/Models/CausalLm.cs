@@ -129,53 +129,38 @@ public sealed class CausalLm : IDisposable
 
     /// <summary>Loads the model in <paramref name="dir"/> onto <paramref name="device"/> in <paramref name="dtype"/>.</summary>
     public static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention = null) =>
-        Load(dir, dtype, device, attention, cpuKernels: true, MatrixStorage(dir, "auto", dtype, device, cpuKernels: true));
-
-    /// <summary>
-    /// The dtype the matrices are kept in (<see cref="EngineOptions.WeightDType"/>): bfloat16 only where the C# CPU
-    /// kernels compute in float32 and either the option asks for it or ("auto") the checkpoint's matrices are bfloat16.
-    /// </summary>
-    internal static ScalarType MatrixStorage(ModelDirectory dir, string weightDType, ScalarType dtype, Device device, bool cpuKernels)
-    {
-        if (!cpuKernels || dtype != ScalarType.Float32 || device.type != TorchSharp.DeviceType.CPU || weightDType == "float32") return dtype;
-        if (weightDType == "bfloat16") return ScalarType.BFloat16;
-        using var weights = new WeightLoader(dir.WeightFiles);
-        return weights.StoredDType("model.embed_tokens.weight") == "BF16" ? ScalarType.BFloat16 : dtype;
-    }
+        Load(dir, dtype, device, attention, cpuKernels: true);
 
     /// <summary>
     /// As <see cref="Load(ModelDirectory, ScalarType, Device, IAttentionBackend?)"/>; <paramref name="cpuKernels"/>: false
-    /// keeps every op in libtorch; <paramref name="matrixDtype"/> is the storage of the projections, the embedding and
-    /// the LM head (norms and biases stay in <paramref name="dtype"/>).
+    /// keeps every op in libtorch. <paramref name="weightDType"/> (<see cref="EngineOptions.WeightDType"/>) and
+    /// <paramref name="quantizeInt8"/> (<see cref="EngineOptions.Quantization"/>) choose how the projections, the
+    /// embedding and the LM head are kept; both apply only where the C# kernels compute in float32 on the CPU (norms
+    /// and biases always stay in <paramref name="dtype"/>).
     /// </summary>
-    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels, ScalarType matrixDtype,
-        bool quantizeInt8 = false)
+    internal static CausalLm Load(ModelDirectory dir, ScalarType dtype, Device device, IAttentionBackend? attention, bool cpuKernels,
+        string weightDType = "auto", bool quantizeInt8 = false)
     {
-        if (quantizeInt8 && (dtype != ScalarType.Float32 || !cpuKernels || device.type != TorchSharp.DeviceType.CPU))
+        bool ownKernels = cpuKernels && dtype == ScalarType.Float32 && device.type == TorchSharp.DeviceType.CPU;
+        if (quantizeInt8 && !ownKernels)
             throw new ArgumentException($"int8 weights need float32 compute with the CPU kernels, not {dtype} on {device}.");
         var c = dir.Config;
-        if (matrixDtype != dtype && (matrixDtype != ScalarType.BFloat16 || dtype != ScalarType.Float32 || !cpuKernels || device.type != TorchSharp.DeviceType.CPU))
-            throw new ArgumentException($"Matrices stored as {matrixDtype} need float32 compute with the CPU kernels, not {dtype} on {device}.");
         using var weights = new WeightLoader(dir.WeightFiles);
         var expected = ExpectedTensors(c);
         var optional = c.TieWordEmbeddings ? new HashSet<string> { "lm_head.weight" } : new HashSet<string>();
         weights.Validate(expected, optional, key => key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal));
+        // bfloat16 matrices where asked for, or ("auto") where the checkpoint stores them so.
+        var matrixDtype = ownKernels && (weightDType == "bfloat16" || (weightDType == "auto" && weights.StoredDType("model.embed_tokens.weight") == "BF16"))
+            ? ScalarType.BFloat16 : dtype;
 
         Tensor Read(string key) => weights.Read(key, dtype, device);
-        Tensor ReadCat(params string[] keys) => Concat(keys.Select(Read).ToArray());
+        Tensor ReadCat(params string[] keys) => weights.ReadStacked(keys, expected, dtype, device);
         WeightMatrix ReadMatrices(params string[] keys)
         {
-            WeightMatrix Plain() => WeightMatrix.Plain(keys.Length == 1 ? weights.Read(keys[0], matrixDtype, device)
-                : weights.ReadStacked(keys, expected, matrixDtype, device));
+            WeightMatrix Plain() => WeightMatrix.Plain(weights.ReadStacked(keys, expected, matrixDtype, device));
             return quantizeInt8 ? WeightMatrix.ReadQuantized(weights, keys, keys.Select(k => expected[k]).ToArray(), Plain) : Plain();
         }
         WeightMatrix ReadMatrix(string key) => ReadMatrices(key);
-        static Tensor Concat(Tensor[] parts)
-        {
-            var joined = cat(parts, 0);
-            foreach (var p in parts) p.Dispose();
-            return joined;
-        }
 
         var layers = new Layer[c.NumHiddenLayers];
         for (int i = 0; i < layers.Length; i++)

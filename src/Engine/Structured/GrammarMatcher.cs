@@ -112,10 +112,10 @@ public sealed class GrammarMatcher
     /// </summary>
     public byte[] ForcedBytes(int max)
     {
-        var forced = new List<byte>();
+        List<byte>? forced = null; // most calls find a choice at once: nothing allocated
         var threads = _threads;
         bool accepted = IsAccepting;
-        while (forced.Count < max && !accepted && threads.Count > 0)
+        while ((forced?.Count ?? 0) < max && !accepted && threads.Count > 0)
         {
             // The threads are closed over calls and returns, so the bytes that may come next are those some thread's
             // automaton steps on: probe those first (array lookups), and step the matcher only by a lone one.
@@ -129,11 +129,11 @@ public sealed class GrammarMatcher
                     }
             if (only < 0) break;
             var next = Step(threads, (byte)only);
-            forced.Add((byte)only);
+            (forced ??= []).Add((byte)only);
             threads = next.Threads;
             accepted = next.Accepted;
         }
-        return forced.ToArray();
+        return forced is null ? [] : forced.ToArray();
     }
 
     /// <summary>Reused by <see cref="FillMask"/> on each thread: no 19 KB array per sequence and step.</summary>
@@ -150,7 +150,7 @@ public sealed class GrammarMatcher
         {
             var next = Step(threads, nodeByte[c]);
             if (next.Threads.Count == 0 && !next.Accepted) continue;
-            _vocab.SetToken(mask, c);
+            _vocab.SetTokens(mask, c, c + 1);
             if (next.Threads.Count > 0 && nodeEnd[c] > c + 1) WalkChildren(c, next.Threads, mask);
         }
     }

@@ -20,22 +20,18 @@ public sealed class TokenVocabulary
     private readonly byte[][] _tokenBytes;
     private readonly int[] _nodeEnd;
     private readonly byte[] _nodeByte;
-    private readonly int[] _nodeDepth;
-    private readonly int[] _nodeToken;
-    private readonly int[] _sameBytesNext;
-    // [node]: more than one token has this node's bytes (then _sameBytesNext chains them). The walk reads this
-    // sequentially instead of a random _sameBytesNext entry per token.
-    private readonly bool[] _nodeMulti;
     // [node]: depth | byte << 16 | (has children) << 24, packed so the walk reads one array for all three.
     private readonly int[] _nodeInfo;
     // [node]: when every path through the node's subtree, read from a character boundary at the node, is JSON string
     // text (Utf8Text; a path may end inside a character), the most characters on such a path (a partial one counts);
-    // else -1. With _subtreeTokens and _subtreeStart (the tokens of each subtree, contiguous in depth-first order) a
-    // walk takes a whole subtree of text at once where the automaton steps uniformly on characters (inside a JSON
+    // else -1. A walk takes such a subtree at once where the automaton steps uniformly on characters (inside a JSON
     // string: RuleDfa.CharRun), instead of stepping node by node.
     private readonly int[] _textChars;
-    private readonly int[] _subtreeTokens;
-    private readonly int[] _subtreeStart;
+    // The tokens in depth-first node order (tokens with the same bytes side by side); node i's own tokens are
+    // _nodeTokens[_nodeTokenStart[i] .. _nodeTokenStart[i + 1]), and its whole subtree's run up to
+    // _nodeTokenStart[_nodeEnd[i]]: sequential reads, for one node or a whole subtree alike.
+    private readonly int[] _nodeTokens;
+    private readonly int[] _nodeTokenStart;
     private readonly ulong[] _allTokens;
     private readonly Dictionary<(int Dfa, int State), StateMask> _cache = [];
     /// <summary>Token ids held by the cache; past <see cref="MaxCachedIds"/> it starts over, so a long run stays bounded.</summary>
@@ -59,16 +55,15 @@ public sealed class TokenVocabulary
         _tokenBytes = tokenBytes.Select(b => b ?? []).ToArray();
         Words = (vocabSize + 63) / 64;
         _allTokens = new ulong[Words];
-        _sameBytesNext = Enumerable.Repeat(-1, tokenBytes.Length).ToArray();
 
         var ids = Enumerable.Range(0, tokenBytes.Length).Where(i => _tokenBytes[i].Length > 0).ToArray();
         Array.Sort(ids, (a, b) => _tokenBytes[a].AsSpan().SequenceCompareTo(_tokenBytes[b]));
         var end = new List<int> { 0 };
         var bytes = new List<byte> { 0 };
         var depth = new List<int> { 0 };
-        var token = new List<int> { -1 };
         var path = new List<int> { 0 }; // node index at each depth
-        var multi = new List<int>();
+        var order = new List<int>(ids.Length); // the tokens, by node: sorted bytes come in depth-first order
+        var orderNode = new List<int>(ids.Length);
         byte[] prev = [];
         foreach (int id in ids)
         {
@@ -85,18 +80,10 @@ public sealed class TokenVocabulary
                 end.Add(0);
                 bytes.Add(b[d]);
                 depth.Add(d + 1);
-                token.Add(-1);
                 path.Add(end.Count - 1);
             }
-            int node = path[^1];
-            if (token[node] < 0) token[node] = id;
-            else
-            {
-                multi.Add(node);
-                int t = token[node];
-                while (_sameBytesNext[t] >= 0) t = _sameBytesNext[t];
-                _sameBytesNext[t] = id;
-            }
+            order.Add(id);
+            orderNode.Add(path[^1]);
             _allTokens[id >> 6] |= 1UL << id;
             prev = b;
         }
@@ -107,15 +94,11 @@ public sealed class TokenVocabulary
         }
         _nodeEnd = end.ToArray();
         _nodeByte = bytes.ToArray();
-        _nodeDepth = depth.ToArray();
-        _nodeToken = token.ToArray();
-        _nodeMulti = new bool[_nodeEnd.Length];
-        foreach (int node in multi) _nodeMulti[node] = true;
-        MaxDepth = _nodeDepth.Max();
+        MaxDepth = depth.Max();
         if (MaxDepth > ushort.MaxValue) throw new ArgumentException($"A token of {MaxDepth} bytes is longer than the vocabulary trie supports.", nameof(tokenBytes));
         _nodeInfo = new int[_nodeEnd.Length];
         for (int i = 0; i < _nodeInfo.Length; i++)
-            _nodeInfo[i] = _nodeDepth[i] | _nodeByte[i] << 16 | (_nodeEnd[i] > i + 1 ? 1 << 24 : 0);
+            _nodeInfo[i] = depth[i] | _nodeByte[i] << 16 | (_nodeEnd[i] > i + 1 ? 1 << 24 : 0);
         int nodes = _nodeEnd.Length;
         // Bottom-up (children come after their parent), for each decoder state the node may be entered in.
         var chars = new short[Utf8Text.States][];
@@ -131,15 +114,13 @@ public sealed class TokenVocabulary
             }
         _textChars = Array.ConvertAll(chars[0], c => (int)c);
         _textChars[0] = -1;
-        _subtreeStart = new int[nodes + 1];
-        var order = new List<int>(tokenBytes.Length);
-        for (int i = 0; i < nodes; i++)
+        _nodeTokens = order.ToArray();
+        _nodeTokenStart = new int[nodes + 1];
+        for (int i = 0, k = 0; i <= nodes; i++)
         {
-            _subtreeStart[i] = order.Count;
-            for (int t = _nodeToken[i]; t >= 0; t = _sameBytesNext[t]) order.Add(t);
+            _nodeTokenStart[i] = k;
+            while (k < orderNode.Count && orderNode[k] == i) k++;
         }
-        _subtreeStart[nodes] = order.Count;
-        _subtreeTokens = order.ToArray();
     }
 
     /// <summary>Logit rows are this wide; masks have a bit per id below it.</summary>
@@ -155,8 +136,6 @@ public sealed class TokenVocabulary
 
     internal ReadOnlySpan<int> NodeEnd => _nodeEnd;
     internal ReadOnlySpan<byte> NodeByte => _nodeByte;
-    internal ReadOnlySpan<int> NodeToken => _nodeToken;
-    internal ReadOnlySpan<int> SameBytesNext => _sameBytesNext;
     internal ReadOnlySpan<ulong> AllTokens => _allTokens;
 
     /// <summary>Cached entries (automaton states whose masks are known).</summary>
@@ -165,13 +144,15 @@ public sealed class TokenVocabulary
         get { lock (_lock) return _cache.Count; }
     }
 
-    internal void SetToken(Span<ulong> mask, int node)
+    /// <summary>Sets the tokens of nodes <paramref name="from"/> up to <paramref name="to"/> (one node, or a whole subtree) in <paramref name="mask"/>.</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveInlining)]
+    internal void SetTokens(Span<ulong> mask, int from, int to)
     {
-        int t = _nodeToken[node];
-        if (t < 0) return;
-        mask[t >> 6] |= 1UL << t;
-        if (_nodeMulti[node])
-            for (t = _sameBytesNext[t]; t >= 0; t = _sameBytesNext[t]) mask[t >> 6] |= 1UL << t;
+        for (int k = _nodeTokenStart[from], end = _nodeTokenStart[to]; k < end; k++)
+        {
+            int t = _nodeTokens[k];
+            mask[t >> 6] |= 1UL << t;
+        }
     }
 
     /// <summary>What <paramref name="dfa"/> accepts from <paramref name="state"/> without leaving the rule, computed once.</summary>
@@ -204,11 +185,7 @@ public sealed class TokenVocabulary
         var exits = dfa.Exits;
         var nodeInfo = _nodeInfo;
         var nodeEnd = _nodeEnd;
-        var nodeToken = _nodeToken;
-        var nodeMulti = _nodeMulti;
         var textChars = _textChars;
-        var subtreeStart = _subtreeStart;
-        var subtreeTokens = _subtreeTokens;
         var charRun = dfa.CharRun;
         int classes = dfa.ClassCount;
         int n = nodeEnd.Length;
@@ -222,23 +199,14 @@ public sealed class TokenVocabulary
             if (h > 0 && charRun[parent] >= h)
             {
                 // Every string of this subtree stays inside the rule, through states with no exits: all its tokens.
-                for (int k = subtreeStart[i], end = subtreeStart[nodeEnd[i]]; k < end; k++)
-                {
-                    int tk = subtreeTokens[k];
-                    mask[tk >> 6] |= 1UL << tk;
-                }
+                SetTokens(mask, i, nodeEnd[i]);
                 i = nodeEnd[i];
                 continue;
             }
             int s = next[parent * classes + classOf[(info >> 16) & 0xFF]];
             if (s < 0) { i = nodeEnd[i]; continue; }
             stack[d] = s;
-            int t = nodeToken[i];
-            if (t >= 0)
-            {
-                mask[t >> 6] |= 1UL << t;
-                if (nodeMulti[i]) SetToken(mask, i);
-            }
+            SetTokens(mask, i, i + 1);
             if ((info & 1 << 24) != 0 && exits[s]) boundaries.Add((i, s));
             i++;
         }

@@ -89,57 +89,6 @@ internal static unsafe class Bf16
         return sum;
     }
 
-    /// <summary>w . x0 into <paramref name="y0"/> and w . x1 into <paramref name="y1"/>, reading <paramref name="w"/> once.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    public static void Dot2(ushort* w, float* x0, float* x1, int n, float* y0, float* y1)
-    {
-        int i = 0;
-        float sum0, sum1;
-        if (Vector512.IsHardwareAccelerated && Avx512F.IsSupported)
-        {
-            Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
-            for (; i + 32 <= n; i += 32)
-            {
-                var v = Load16Wide(w + i);
-                var u = Load16Wide(w + i + 16);
-                a0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
-                b0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
-                a1 = Avx512F.FusedMultiplyAdd(u, Vector512.Load(x0 + i + 16), a1);
-                b1 = Avx512F.FusedMultiplyAdd(u, Vector512.Load(x1 + i + 16), b1);
-            }
-            for (; i + 16 <= n; i += 16)
-            {
-                var v = Load16Wide(w + i);
-                a0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
-                b0 = Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
-            }
-            sum0 = Vector512.Sum(a0 + a1);
-            sum1 = Vector512.Sum(b0 + b1);
-        }
-        else
-        {
-            Vector256<float> a0 = default, a1 = default, b0 = default, b1 = default;
-            for (; i + 16 <= n; i += 16)
-            {
-                var (v, u) = Load16(w + i);
-                a0 = Simd.Fma(v, Vector256.Load(x0 + i), a0);
-                b0 = Simd.Fma(v, Vector256.Load(x1 + i), b0);
-                a1 = Simd.Fma(u, Vector256.Load(x0 + i + 8), a1);
-                b1 = Simd.Fma(u, Vector256.Load(x1 + i + 8), b1);
-            }
-            sum0 = Vector256.Sum(a0 + a1);
-            sum1 = Vector256.Sum(b0 + b1);
-        }
-        for (; i < n; i++)
-        {
-            float v = ToSingle(w[i]);
-            sum0 += v * x0[i];
-            sum1 += v * x1[i];
-        }
-        *y0 = sum0;
-        *y1 = sum1;
-    }
-
     // ---- paired layout: no shuffles in the inner loop ------------------------------------------------------------
     // Read as 32-bit lanes, a run of bfloat16 holds element 2j in the low half of lane j and element 2j + 1 in the high
     // half: (lane << 16) and (lane & 0xFFFF0000) are those two elements as float32, with no cross-lane shuffle. The

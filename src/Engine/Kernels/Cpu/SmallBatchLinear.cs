@@ -105,13 +105,13 @@ internal static unsafe class SmallBatchLinear
     /// </summary>
     private const int PrefetchRowsAhead = 4;
 
-    /// <summary>Output features per libtorch product when a bfloat16 weight meets more rows than the kernels take.</summary>
+    /// <summary>Output features per libtorch product when a bfloat16 or int8 weight meets more rows than the kernels take.</summary>
     private const int WidenedTileRows = 256;
 
     /// <summary>
-    /// A bfloat16 weight against more rows than <see cref="MaxRows"/> (long prefill chunks; any batch above 32 rows
-    /// without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
-    /// tile of the weight widened to float32 just before its product (exact), so the whole matrix is never converted.
+    /// A bfloat16 or int8 weight against more rows than <see cref="MaxRows"/> (long prefill chunks; any batch above 32
+    /// rows without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
+    /// tile of the weight widened (exact) or dequantized just before its product, so the whole matrix is never converted.
     /// </summary>
     private static Tensor LinearByWidenedTiles(Tensor x, Tensor weight, Tensor? scales, Tensor? bias)
     {
@@ -302,12 +302,6 @@ internal static unsafe class SmallBatchLinear
                     y[(long)r * n + row + 2] = Bf16.Dot(w2, xr, k);
                 }
             }
-        }
-        else if (m == 2)
-        {
-            // Two input rows (two decoding streams): each weight row is read once for both.
-            for (; row < to; row++)
-                Bf16.Dot2(w + (long)row * k, x, x + k, k, y + row, y + n + row);
         }
         for (; row < to; row++)
         {
