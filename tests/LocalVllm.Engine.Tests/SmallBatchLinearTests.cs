@@ -29,11 +29,13 @@ public sealed class SmallBatchLinearTests
     [InlineData(32, 100, 24, true)]
     [InlineData(33, 64, 32, false)] // a full block and a 16-row block
     [InlineData(48, 72, 8, false)]
+    [InlineData(45, 64, 40, true)] // a full block and a 16-row block of 13 rows: one register transpose and five rows left
     [InlineData(64, 1024, 97, true)]
     [InlineData(65, 64, 16, false)] // two full blocks and a 16-row block (libtorch's path without AVX-512)
     [InlineData(300, 96, 40, true)]
     [InlineData(300, 512, 40, false)] // packing split over k
     [InlineData(600, 64, 24, true)] // three panels of rows (256, 256, 88)
+    [InlineData(1100, 96, 48, false)] // a prefill chunk: five panels, the last of 76 rows
     public void Small_batch_linear_equals_torch_linear(int rows, int inFeatures, int outFeatures, bool withBias)
     {
         using var scope = NewDisposeScope();

@@ -26,11 +26,12 @@ namespace LocalVllm.Engine.Kernels.Cpu;
 internal static unsafe class SmallBatchLinear
 {
     /// <summary>
-    /// Rows up to which this class computes the product itself (libtorch's GEMM above). With AVX-512 the broadcast
-    /// kernel measured 10-15% faster than libtorch's linear at 256 rows of Qwen3-0.6B's layers (35-50% on its LM
-    /// head), even at 1,024 and 2-7% slower at 2,048-8,192 (`eng/bench micro`), so long prefill chunks stay with libtorch.
+    /// Rows up to which this class computes the product itself (libtorch's GEMM above). With AVX-512, every row count:
+    /// the broadcast kernel runs 1.8x libtorch's linear on 512-8,192-row prefill chunks of Qwen3-0.6B's layers and
+    /// 3x at 256 rows (`eng/bench micro`, docs/benchmarks.md), once its tiles are written back through a register
+    /// transpose (<see cref="Scatter"/>); before that, long chunks were 2-7 % slower than libtorch and stayed with it.
     /// </summary>
-    public static int MaxRows => BroadcastSupported ? 512 : DotRowsMaxWithoutAvx512;
+    public static int MaxRows => BroadcastSupported ? int.MaxValue : DotRowsMaxWithoutAvx512;
 
     /// <summary>Rows up to which the dot kernel is used when the broadcast kernel is available (memory-bound there).</summary>
     public const int DotRowsMax = 2;
@@ -109,8 +110,7 @@ internal static unsafe class SmallBatchLinear
     private const int WidenedTileRows = 256;
 
     /// <summary>
-    /// A bfloat16 or int8 weight against more rows than <see cref="MaxRows"/> (long prefill chunks; any batch above 32
-    /// rows without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
+    /// A bfloat16 or int8 weight against more rows than <see cref="MaxRows"/> (any batch above 32 rows without AVX-512): libtorch's float32 GEMM over <see cref="WidenedTileRows"/> output features at a time, each
     /// tile of the weight widened (exact) or dequantized just before its product, so the whole matrix is never converted.
     /// </summary>
     private static Tensor LinearByWidenedTiles(Tensor x, Tensor weight, Tensor? scales, Tensor? bias)
@@ -636,12 +636,38 @@ internal static unsafe class SmallBatchLinear
         }
     }
 
-    /// <summary>tile[j * width + r] -> y[r * n + j] for the first <paramref name="rows"/> rows of each weight row's block.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    /// <summary>
+    /// tile[j * width + r] -> y[r * n + j] for the first <paramref name="rows"/> rows of each weight row's block: eight
+    /// rows at a time through an 8 x 8 transpose in registers (one 32-byte store per output row), the rest element by
+    /// element. The element-by-element form alone took about 40 % of a 256-row product's time (256 scattered scalar
+    /// stores per tile; docs/benchmarks.md).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Scatter(float* tile, int width, int rows, float* y, int n)
     {
+        int r0 = 0;
+        for (; r0 + 8 <= rows; r0 += 8)
+        {
+            float* t = tile + r0;
+            Vector256<float> v0 = Vector256.Load(t), v1 = Vector256.Load(t + width), v2 = Vector256.Load(t + 2 * width), v3 = Vector256.Load(t + 3 * width),
+                v4 = Vector256.Load(t + 4 * width), v5 = Vector256.Load(t + 5 * width), v6 = Vector256.Load(t + 6 * width), v7 = Vector256.Load(t + 7 * width);
+            // Pairs of weight rows interleaved, then quads, then the 128-bit halves exchanged: output row i holds lane i of each.
+            Vector256<float> p0 = Avx.UnpackLow(v0, v1), p1 = Avx.UnpackHigh(v0, v1), p2 = Avx.UnpackLow(v2, v3), p3 = Avx.UnpackHigh(v2, v3),
+                p4 = Avx.UnpackLow(v4, v5), p5 = Avx.UnpackHigh(v4, v5), p6 = Avx.UnpackLow(v6, v7), p7 = Avx.UnpackHigh(v6, v7);
+            Vector256<float> q0 = Avx.Shuffle(p0, p2, 0x44), q1 = Avx.Shuffle(p0, p2, 0xEE), q2 = Avx.Shuffle(p1, p3, 0x44), q3 = Avx.Shuffle(p1, p3, 0xEE),
+                q4 = Avx.Shuffle(p4, p6, 0x44), q5 = Avx.Shuffle(p4, p6, 0xEE), q6 = Avx.Shuffle(p5, p7, 0x44), q7 = Avx.Shuffle(p5, p7, 0xEE);
+            float* d = y + (long)r0 * n;
+            Avx.Permute2x128(q0, q4, 0x20).Store(d);
+            Avx.Permute2x128(q1, q5, 0x20).Store(d + n);
+            Avx.Permute2x128(q2, q6, 0x20).Store(d + 2L * n);
+            Avx.Permute2x128(q3, q7, 0x20).Store(d + 3L * n);
+            Avx.Permute2x128(q0, q4, 0x31).Store(d + 4L * n);
+            Avx.Permute2x128(q1, q5, 0x31).Store(d + 5L * n);
+            Avx.Permute2x128(q2, q6, 0x31).Store(d + 6L * n);
+            Avx.Permute2x128(q3, q7, 0x31).Store(d + 7L * n);
+        }
         for (int j = 0; j < TileRows; j++)
-            for (int r = 0; r < rows; r++) y[(long)r * n + j] = tile[j * width + r];
+            for (int r = r0; r < rows; r++) y[(long)r * n + j] = tile[j * width + r];
     }
 
     /// <summary>Eight weight rows (stride k) against a 32-row block of packed x: 16 accumulators.</summary>
