@@ -26,6 +26,7 @@ internal static class MicroBench
         if (part == "small") RowCounts = new[] { 1, 2, 3, 4, 6, 8, 10, 12, 16 };
         if (part == "prefill") RowCounts = [];
         if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
+        if (part == "formats") return Formats();
         if (part is not ("all" or "linear" or "small" or "mid" or "prefill")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
@@ -87,6 +88,48 @@ internal static class MicroBench
             foreach (var t in inputs) t.Dispose();
         }
         foreach (var layer in weights) foreach (var w in layer) w.Dispose();
+        return 0;
+    }
+
+    /// <summary>
+    /// The 28 layers' products through the engine's automatic kernel choice with the weights in each storage format
+    /// (float32, bfloat16, int8 with its scales), for the row counts of single-stream and batched decode steps.
+    /// </summary>
+    private static int Formats()
+    {
+        const int layers = 28, hidden = 1024;
+        var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
+        var f32 = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
+        var bf16 = f32.Select(l => l.Select(w => w.to(ScalarType.BFloat16)).ToArray()).ToArray();
+        var q8 = f32.Select(l => l.Select(Q8.Quantize).ToArray()).ToArray();
+        foreach (var layer in f32) foreach (var w in layer) HugePages.Advise(w);
+        double flopsPerRow = 2.0 * layers * shapes.Sum(s => (double)s.Out * s.In);
+        Console.WriteLine("| rows | float32 ms | bfloat16 ms (dot kernel) | int8 ms (dot kernel) | int8 GFLOP/s |");
+        Console.WriteLine("|---|---|---|---|---|");
+        foreach (int m in new[] { 1, 2, 3, 4, 8, 12, 16, 32, 64 })
+        {
+            var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
+            double Time(Func<int, int, Tensor> linear)
+            {
+                void Once()
+                {
+                    for (int l = 0; l < layers; l++)
+                        for (int j = 0; j < shapes.Length; j++) linear(l, j).Dispose();
+                }
+                Once();
+                var sw = Stopwatch.StartNew();
+                for (int i = 0; i < 3; i++) Once();
+                return sw.Elapsed.TotalMilliseconds / 3;
+            }
+            double a = Time((l, j) => SmallBatchLinear.Apply(inputs[j], f32[l][j], null));
+            double b = Time((l, j) => SmallBatchLinear.Apply(inputs[j], bf16[l][j], null));
+            double c = Time((l, j) => SmallBatchLinear.Apply(inputs[j], q8[l][j].Values, null, scales: q8[l][j].Scales));
+            var dot = SmallBatchLinear.Kernel.Dot;
+            double bd = m > 16 ? double.NaN : Time((l, j) => SmallBatchLinear.Apply(inputs[j], bf16[l][j], null, dot));
+            double cd = m > 16 ? double.NaN : Time((l, j) => SmallBatchLinear.Apply(inputs[j], q8[l][j].Values, null, dot, q8[l][j].Scales));
+            Console.WriteLine($"| {m} | {a:F1} | {b:F1} ({bd:F1}) | {c:F1} ({cd:F1}) | {flopsPerRow * m / c / 1e6:F1} |");
+            foreach (var t in inputs) t.Dispose();
+        }
         return 0;
     }
 }

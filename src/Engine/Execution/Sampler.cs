@@ -2,6 +2,7 @@ using System.Runtime.Intrinsics;
 using LocalVllm.Engine.Core;
 using LocalVllm.Engine.Kernels.Cpu;
 using TorchSharp;
+using LocalVllm.Engine.Kernels;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Execution;
@@ -138,7 +139,7 @@ public sealed class Sampler
             using var biasRow = tensor(bias, device: logits.device);
             using var typed = biasRow.to_type(logits.dtype);
             using var row = masked[i];
-            row.add_(typed);
+            HeldScalars.AddInPlace(row, typed);
         }
         return masked ?? logits;
     }

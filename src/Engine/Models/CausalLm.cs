@@ -3,6 +3,7 @@ using LocalVllm.Engine.Diagnostics;
 using LocalVllm.Engine.Execution;
 using LocalVllm.Engine.Kernels.Cpu;
 using LocalVllm.Engine.Loading;
+using LocalVllm.Engine.Kernels;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 
@@ -221,7 +222,7 @@ public sealed class CausalLm : IDisposable
             {
                 var (sum, normed0) = fused
                     ? CpuLayerOps.AddRmsNorm(residual, pending, layer.InputNorm, c.RmsNormEps)
-                    : (residual + pending, null);
+                    : (HeldScalars.Add(residual, pending), null);
                 residual.Dispose();
                 pending.Dispose();
                 residual = sum;
@@ -251,7 +252,7 @@ public sealed class CausalLm : IDisposable
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var (hidden, h2) = fused
                 ? CpuLayerOps.AddRmsNorm(residual, o, layer.PostNorm, c.RmsNormEps)
-                : (residual + o, null);
+                : (HeldScalars.Add(residual, o), null);
             h2 ??= RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var gateUp = Linear(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
@@ -266,7 +267,7 @@ public sealed class CausalLm : IDisposable
             residual = hidden.MoveToOuterDisposeScope();
             pending = down.MoveToOuterDisposeScope();
         }
-        var x = pending is null ? residual : residual + pending;
+        var x = pending is null ? residual : HeldScalars.Add(residual, pending);
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
         t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
@@ -286,7 +287,7 @@ public sealed class CausalLm : IDisposable
         using var two = TorchSharp.ScalarExtensionMethods.ToScalar(2);
         using var epsilon = TorchSharp.ScalarExtensionMethods.ToScalar(eps);
         var variance = xf.pow(two).mean([-1], keepdim: true);
-        var normed = xf * (variance + epsilon).rsqrt();
+        var normed = xf * HeldScalars.Add(variance, epsilon).rsqrt();
         return (weight * (x.dtype == ScalarType.Float32 ? normed : normed.to(x.dtype))).MoveToOuterDisposeScope();
     }
 

@@ -1,3 +1,4 @@
+using LocalVllm.Engine.Kernels;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Models;
@@ -51,7 +52,7 @@ public sealed class RotaryEmbedding : IDisposable
         var x1 = x.narrow(2, 0, half);
         var x2 = x.narrow(2, half, half);
         var rotated = cat([x2.neg(), x1], 2);
-        return (x * c + rotated * s).MoveToOuterDisposeScope();
+        return HeldScalars.Add(x * c, rotated * s).MoveToOuterDisposeScope();
     }
 
     /// <summary>(cos, sin) from <see cref="CosSin"/> reshaped to [tokens, 1, headDim] in <paramref name="dtype"/>.</summary>
