@@ -24,6 +24,7 @@ internal static class MicroBench
         if (part is "all" or "stream") StreamMicroBench.Run();
         if (part is "all" or "peak") PeakMicroBench.Run();
         if (part == "small") RowCounts = new[] { 1, 2, 3, 4, 6, 8, 10, 12, 16 };
+        if (part == "single") { RowCounts = new[] { 1 }; part = "small"; }
         if (part == "prefill") RowCounts = [];
         if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
         if (part == "formats") return Formats();

@@ -10,6 +10,8 @@ public sealed class SmallBatchLinearTests
 {
     [Theory]
     [InlineData(1, 64, 160, false)]
+    [InlineData(1, 1000, 37, true)] // single row: 512-bit blocks of 64, then the 256-bit tail of 40
+    [InlineData(1, 37, 5, false)] // single row shorter than one block
     [InlineData(3, 1024, 333, true)]
     [InlineData(4, 37, 5, true)]
     [InlineData(16, 1024, 97, false)]

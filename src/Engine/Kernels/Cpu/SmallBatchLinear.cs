@@ -229,8 +229,26 @@ internal static unsafe class SmallBatchLinear
                 }
             });
         }
+        else if (m == 1)
+        {
+            // Single-stream decode: one weight row at a time, the row FetchRowsAheadF32 further requested as it goes.
+            float* wf = w.F32;
+            ParallelOver(n, 4, (from, to) =>
+            {
+                for (int row = from; row < to; row++)
+                    y[row] = Simd.DotAhead(wf + (long)row * k, x, k, wf + (long)Math.Min(row + FetchRowsAheadF32, to - 1) * k);
+            });
+        }
         else ParallelOver(n, 3, (from, to) => DotRange(x, w.F32, y, m, k, n, from, to));
     }
+
+    /// <summary>
+    /// How far ahead (in rows) the single-row float32 dot kernel requests weight rows (a 4 KB row of Qwen3-0.6B is
+    /// as far ahead as the bfloat16 kernel's four). With this and 512-bit loads, the 28 layers of a single-row step
+    /// took 38-42 ms against 48-59 ms with the three-row 256-bit kernel (`micro --part single`, alternating runs);
+    /// 0, 2 and 6 rows ahead were within the noise of each other.
+    /// </summary>
+    private const int FetchRowsAheadF32 = 2;
 
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void DotRange(float* x, float* w, float* y, int m, int k, int n, int from, int to)
