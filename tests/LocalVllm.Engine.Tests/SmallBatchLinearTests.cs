@@ -12,6 +12,8 @@ public sealed class SmallBatchLinearTests
     [InlineData(1, 64, 160, false)]
     [InlineData(1, 1000, 37, true)] // single row: 512-bit blocks of 64, then the 256-bit tail of 40
     [InlineData(1, 37, 5, false)] // single row shorter than one block
+    [InlineData(2, 1000, 37, true)] // two rows: 512-bit blocks of 32, then the 256-bit tail of 8
+    [InlineData(2, 24, 9, false)] // two rows shorter than one block
     [InlineData(3, 1024, 333, true)]
     [InlineData(4, 37, 5, true)]
     [InlineData(16, 1024, 97, false)]

@@ -64,6 +64,39 @@ internal static unsafe class Simd
         return Dot(w, x, n);
     }
 
+    /// <summary><see cref="DotAhead"/> for two input rows: each weight vector loaded once feeds both.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Dot2Ahead(float* w, float* x0, float* x1, int n, float* ahead, float* y0, float* y1)
+    {
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+        {
+            Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
+            for (; i + 32 <= n; i += 32)
+            {
+                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i);
+                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i + 16);
+                var v = Vector512.Load(w + i);
+                var u = Vector512.Load(w + i + 16);
+                a0 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
+                a1 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x0 + i + 16), a1);
+                b0 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
+                b1 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x1 + i + 16), b1);
+            }
+            float s0 = Vector512.Sum(a0 + a1), s1 = Vector512.Sum(b0 + b1);
+            if (i < n)
+            {
+                s0 += Dot(w + i, x0 + i, n - i);
+                s1 += Dot(w + i, x1 + i, n - i);
+            }
+            *y0 = s0;
+            *y1 = s1;
+            return;
+        }
+        *y0 = Dot(w, x0, n);
+        *y1 = Dot(w, x1, n);
+    }
+
     /// <summary>(sum a, sum b, sum c, sum d): four horizontal sums reduced together (cheaper than four reductions).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector128<float> Sum4(Vector512<float> a, Vector512<float> b, Vector512<float> c, Vector512<float> d)

@@ -239,6 +239,16 @@ internal static unsafe class SmallBatchLinear
                     y[row] = Simd.DotAhead(wf + (long)row * k, x, k, wf + (long)Math.Min(row + FetchRowsAheadF32, to - 1) * k);
             });
         }
+        else if (m == 2)
+        {
+            // Two decoding streams: each weight row read once for both, the row FetchRowsAheadF32 further requested.
+            float* wf = w.F32;
+            ParallelOver(n, 4, (from, to) =>
+            {
+                for (int row = from; row < to; row++)
+                    Simd.Dot2Ahead(wf + (long)row * k, x, x + k, k, wf + (long)Math.Min(row + FetchRowsAheadF32, to - 1) * k, y + row, y + n + row);
+            });
+        }
         else ParallelOver(n, 3, (from, to) => DotRange(x, w.F32, y, m, k, n, from, to));
     }
 
