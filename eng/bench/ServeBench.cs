@@ -51,9 +51,11 @@ internal static class ServeBench
             for (int r = 0; r < s.Repeat; r++)
             {
                 runs.Add(Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling)));
+                Interlocked.Exchange(ref s_textEvents, 0);
                 runs.Add(Measure("http", s.Clients, () => OverHttp(http, Prompts(), s.OutputTokens)));
+                double tokensPerEvent = (double)s.Clients * s.OutputTokens / Math.Max(1, Interlocked.Read(ref s_textEvents));
                 Console.WriteLine($"  round {r + 1}: in-process {runs[^2].TokensPerSecond:F1} tok/s (TTFT p50 {runs[^2].TtftP50Ms:F1} ms), " +
-                                  $"http {runs[^1].TokensPerSecond:F1} tok/s (TTFT p50 {runs[^1].TtftP50Ms:F1} ms)");
+                                  $"http {runs[^1].TokensPerSecond:F1} tok/s (TTFT p50 {runs[^1].TtftP50Ms:F1} ms, {tokensPerEvent:F2} tokens per event)");
             }
             Run Median(string path)
             {
@@ -128,6 +130,8 @@ internal static class ServeBench
         return (counts.Sum(), ttft.ToList());
     }
 
+    private static long s_textEvents;
+
     private static async Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens)
     {
         var ttft = new double[prompts.Length];
@@ -157,6 +161,8 @@ internal static class ServeBench
             int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
             int lineEnd = text.IndexOf('\n', usage);
             long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
+            // Events that carried text: all but the usage chunk and [DONE] (the server merges outputs already waiting).
+            Interlocked.Add(ref s_textEvents, text.AsSpan().Count("data: ") - 2);
             return n;
         }));
         return (counts.Sum(), ttft.ToList());

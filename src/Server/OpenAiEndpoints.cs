@@ -290,22 +290,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         bool any = await run.MoveNextAsync();
         StartEventStream(ctx);
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
-        RequestOutput? last = null;
-        long generated = 0;
-        while (any)
-        {
-            var o = last = run.Current;
-            if (o.Error is { } error) throw error;
-            foreach (var c in o.Outputs)
-            {
-                generated += c.TokenIds.Count;
-                if (c.Text.Length == 0 && c.FinishReason is null) continue;
-                chunks.Write(c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
-            }
-            var next = run.MoveNextAsync();
-            if (!next.IsCompleted) await Flush(ctx);
-            any = await next;
-        }
+        var (last, generated) = await WriteCompletionEvents(run, any, chunks, CompletionLogprobs, () => Flush(ctx));
         if (includeUsage && last is not null)
             await Event(ctx, new JsonObject
             {
@@ -317,6 +302,51 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                 },
             });
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+    }
+
+    /// <summary>
+    /// Writes a streamed completion's outputs as <c>text_completion</c> events and returns the last output and the
+    /// tokens generated. When the next output is already waiting as one is handled (the engine ran ahead of this
+    /// connection: a loaded server), the text of outputs with no logprobs and no finish reason is carried into the next
+    /// event instead of an event each, and the events go out in one flush: nothing waits for tokens that are not there
+    /// yet, so the first token and an idle server's tokens are sent as they come.
+    /// </summary>
+    internal static async Task<(RequestOutput? Last, long Generated)> WriteCompletionEvents(IAsyncEnumerator<RequestOutput> run, bool any,
+        CompletionChunkWriter chunks, Func<CompletionOutput, JsonObject?> logprobs, Func<Task> flush)
+    {
+        RequestOutput? last = null;
+        long generated = 0;
+        var carried = new System.Text.StringBuilder();
+        while (any)
+        {
+            var o = last = run.Current;
+            if (o.Error is { } error) throw error;
+            var outputs = o.Outputs;
+            foreach (var c in outputs) generated += c.TokenIds.Count;
+            var next = run.MoveNextAsync();
+            if (next.IsCompleted && outputs is [{ FinishReason: null, Logprobs: null } only])
+            {
+                carried.Append(only.Text);
+                any = await next;
+                continue;
+            }
+            foreach (var c in outputs)
+            {
+                string text = c.Text;
+                if (carried.Length > 0)
+                {
+                    text = carried.Append(text).ToString();
+                    carried.Clear();
+                }
+                if (text.Length == 0 && c.FinishReason is null) continue;
+                chunks.Write(c.Index, text, logprobs(c), c.FinishReason, StopReason(c.StopReason));
+            }
+            if (!next.IsCompleted) await flush();
+            any = await next;
+        }
+        if (carried.Length > 0 && last is not null) // a stream that ended without a finish reason still delivers its text
+            chunks.Write(last.Outputs[0].Index, carried.ToString(), null, null, null);
+        return (last, generated);
     }
 
     private static JsonNode? StopReason(object? reason) => reason switch { int t => t, string s => s, _ => null };

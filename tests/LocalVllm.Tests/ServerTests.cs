@@ -133,6 +133,38 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task Completion_outputs_already_waiting_go_out_as_one_event_with_the_same_text()
+    {
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var engine = fixture.Server.Engine.Engine;
+        var tokenizer = engine.Engine.Tokenizer!;
+        var sampling = new LocalVllm.Engine.SamplingParams
+        {
+            Temperature = 0, MaxTokens = greedy.Length, IgnoreEos = true, OutputKind = LocalVllm.Engine.RequestOutputKind.Delta,
+        };
+        await using var run = engine.GenerateAsync(Fixtures.Ints(Case0["prompt_ids"]), sampling).GetAsyncEnumerator();
+        bool any = await run.MoveNextAsync().AsTask().WaitAsync(HangGuard);
+        // The request runs to its end while nothing reads it: every later output waits in its stream, as behind a
+        // connection slower than the engine.
+        await engine.WhenIdleAsync().WaitAsync(HangGuard);
+
+        var pipe = new System.IO.Pipelines.Pipe();
+        var writer = new CompletionChunkWriter(pipe.Writer, "cmpl-test", 0, "tiny-qwen3-chat");
+        int flushes = 0;
+        var (last, generated) = await OpenAiEndpoints.WriteCompletionEvents(run, any, writer, _ => null, () => { flushes++; return Task.CompletedTask; });
+        await pipe.Writer.CompleteAsync();
+        string written = await new StreamReader(pipe.Reader.AsStream()).ReadToEndAsync();
+
+        var events = written.Split("\n\n", StringSplitOptions.RemoveEmptyEntries).Select(e => JsonNode.Parse(e["data: ".Length..])!).ToList();
+        var choice = Assert.Single(events)["choices"]![0]!;
+        Assert.Equal(tokenizer.Decode(greedy), choice["text"]!.GetValue<string>());
+        Assert.Equal("length", choice["finish_reason"]!.GetValue<string>());
+        Assert.Equal(greedy.Length, generated);
+        Assert.True(last!.Finished);
+        Assert.Equal(0, flushes); // the outputs were all there: one write at the end, nothing flushed in between
+    }
+
+    [Fact]
     public async Task Models_health_tokenize_and_detokenize_answer()
     {
         using var health = await fixture.Http.GetAsync("health");
