@@ -28,6 +28,7 @@ internal static class MicroBench
         if (part == "prefill") RowCounts = [];
         if (part == "mid") RowCounts = new[] { 16, 32, 64, 256 };
         if (part == "formats") return Formats();
+        if (part == "int8") return Int8Kernels();
         if (part is not ("all" or "linear" or "small" or "mid" or "prefill")) return 0;
         const int layers = 28, hidden = 1024;
         var shapes = new (int Out, int In)[] { (4096, hidden), (hidden, 2048), (6144, hidden), (hidden, 3072) };
@@ -89,6 +90,37 @@ internal static class MicroBench
             foreach (var t in inputs) t.Dispose();
         }
         foreach (var layer in weights) foreach (var w in layer) w.Dispose();
+        return 0;
+    }
+
+    /// <summary>
+    /// int8 weights of one Qwen3-0.6B layer (its four products, weights in cache after the first pass) through the float32
+    /// broadcast kernel (dequantized tiles, float32 activations) and the integer kernel (int8 activations, AVX-VNNI).
+    /// </summary>
+    private static int Int8Kernels()
+    {
+        if (!SmallBatchLinear.BroadcastSupported || !Q8Gemm.Supported) { Console.WriteLine("needs AVX-512 and AVX-VNNI"); return 0; }
+        var shapes = new (int Out, int In)[] { (4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072) };
+        var q8 = shapes.Select(sh => { using var w = randn(sh.Out, sh.In) / 32; return Q8.Quantize(w); }).ToArray();
+        double flopsPerRow = 2.0 * shapes.Sum(sh => (double)sh.Out * sh.In);
+        Console.WriteLine("| rows | broadcast (float32 activations) ms | GFLOP/s | integer (int8 activations) ms | GFLOP/s |");
+        Console.WriteLine("|---|---|---|---|---|");
+        foreach (int m in new[] { 8, 16, 32, 64, 256, 1024 })
+        {
+            var inputs = shapes.Select(sh => randn(m, sh.In)).ToArray();
+            double Time(SmallBatchLinear.Kernel kernel)
+            {
+                void Once() { for (int j = 0; j < shapes.Length; j++) SmallBatchLinear.Apply(inputs[j], q8[j].Values, null, kernel, q8[j].Scales).Dispose(); }
+                Once();
+                int reps = m >= 256 ? 3 : 20;
+                var sw = Stopwatch.StartNew();
+                for (int i = 0; i < reps; i++) Once();
+                return sw.Elapsed.TotalMilliseconds / reps;
+            }
+            double a = Time(SmallBatchLinear.Kernel.Broadcast), b = Time(SmallBatchLinear.Kernel.Integer);
+            Console.WriteLine($"| {m} | {a:F2} | {flopsPerRow * m / a / 1e6:F1} | {b:F2} | {flopsPerRow * m / b / 1e6:F1} |");
+            foreach (var t in inputs) t.Dispose();
+        }
         return 0;
     }
 

@@ -70,6 +70,74 @@ public sealed class Int8KernelTests
     private static Tensor Dequantized(Tensor values, Tensor scales) =>
         values.to(ScalarType.Float32) * scales.repeat_interleave(Q8.Group, dim: 1);
 
+    /// <summary>Whether the automatic kernel choice quantizes the inputs of int8 weights on this CPU (AVX-VNNI).</summary>
+    private static bool InputsQuantized => SmallBatchLinear.IntegerActivations && Q8Gemm.Supported;
+
+    /// <summary>
+    /// The inputs as the integer kernels see them, computed here with libtorch: per row and group of 32, d = max|x| / 127,
+    /// q = round-half-even(x * (1 / d)), and back to d * q (all in float32, as the kernels quantize).
+    /// </summary>
+    private static Tensor QuantizedInputs(Tensor x)
+    {
+        long rows = x.shape[0], k = x.shape[1];
+        var g = x.reshape(rows, k / Q8.Group, Q8.Group);
+        var d = g.abs().amax([2], keepdim: true) / 127f;
+        var inverse = where(d.ne(0), ones_like(d) / d, zeros_like(d));
+        return ((g * inverse).round() * d).reshape(rows, k);
+    }
+
+    /// <summary>
+    /// The integer kernels (int8 inputs, AVX-VNNI): the tiles and the dot kernel against libtorch's float32 linear of
+    /// the quantized inputs (<see cref="QuantizedInputs"/>) and the dequantized weights. The kernels' group sums are
+    /// exact integers, so the bound is float32 rounding only. Shapes cover one, two and partial 8-row blocks, weight
+    /// rows beyond a multiple of 4, and 3, 9 and 32 groups (the dot kernel's eight groups at a time and the rest).
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(1, 96, 37)]
+    [InlineData(3, 288, 40)]
+    [InlineData(8, 1024, 64)]
+    [InlineData(13, 96, 38)]
+    [InlineData(16, 288, 24)]
+    [InlineData(21, 1024, 45)]
+    [InlineData(300, 64, 20)] // two panels of rows
+    public void Integer_kernels_equal_the_float_product_of_the_quantized_inputs(int rows, int inFeatures, int outFeatures)
+    {
+        Skip.IfNot(Q8Gemm.Supported, "the integer kernels need AVX-VNNI");
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(29);
+        var x = randn([rows, inFeatures], generator: g) * 2;
+        var (values, scales) = Q8.Quantize(randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures));
+        var expected = F.linear(QuantizedInputs(x), Dequantized(values, scales));
+        foreach (var kernel in new[] { SmallBatchLinear.Kernel.Integer, SmallBatchLinear.Kernel.IntegerDot })
+        {
+            var actual = SmallBatchLinear.Apply(x, values, null, kernel, scales);
+            float err = (expected - actual).abs().max().item<float>();
+            Assert.True(err < 1e-4f, $"{kernel}, {rows} rows: max error {err}");
+        }
+    }
+
+    /// <summary>
+    /// A row's outputs are the same bits whether it is computed alone (the dot kernel, as in single-stream decode) or
+    /// in a batch (the tiles, as in prefill and batched decode): batching must not change greedy tokens.
+    /// </summary>
+    [SkippableTheory]
+    [InlineData(21, 288, 38)]
+    [InlineData(16, 1024, 64)]
+    public void Integer_kernels_give_a_row_the_same_bits_alone_and_in_a_batch(int rows, int inFeatures, int outFeatures)
+    {
+        Skip.IfNot(Q8Gemm.Supported, "the integer kernels need AVX-VNNI");
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(31);
+        var x = randn([rows, inFeatures], generator: g);
+        var (values, scales) = Q8.Quantize(randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures));
+        var batched = SmallBatchLinear.Apply(x, values, null, SmallBatchLinear.Kernel.Integer, scales);
+        for (int r = 0; r < rows; r++)
+        {
+            var alone = SmallBatchLinear.Apply(x.narrow(0, r, 1), values, null, SmallBatchLinear.Kernel.IntegerDot, scales);
+            Assert.True(alone.equal(batched.narrow(0, r, 1)).all().item<bool>(), $"row {r}");
+        }
+    }
+
     /// <summary>
     /// Every row count (the dot kernel for one and two rows, the broadcast layouts, the libtorch path above the
     /// kernels' rows) against libtorch's float32 linear over the dequantized matrix. The bound is float32 rounding of
@@ -95,7 +163,7 @@ public sealed class Int8KernelTests
         var b = withBias ? randn([outFeatures], generator: g) : null;
         var (values, scales) = Q8.Quantize(w);
         Assert.Equal(ScalarType.Int8, values.dtype);
-        var expected = F.linear(x, Dequantized(values, scales), b);
+        var expected = F.linear(InputsQuantized ? QuantizedInputs(x) : x, Dequantized(values, scales), b);
         var actual = SmallBatchLinear.Apply(x, values, b, scales: scales);
         Assert.True((expected - actual).abs().max().item<float>() < 1e-4f);
         // And each weight is within half a step of its dequantized value, plus what rounding the scale to float16

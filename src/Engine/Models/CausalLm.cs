@@ -271,7 +271,9 @@ public sealed class CausalLm : IDisposable
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
         t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
-        var logits = Linear(normed, _lmHead, null).to(ScalarType.Float32); // [rows, vocab]
+        // The LM head keeps float32 inputs with int8 weights: its error lands on the logits directly (quantized inputs
+        // there took int8's mean KL from float32 from below llama.cpp Q8_0's to just above it; docs/benchmarks.md).
+        var logits = _lmHead.Linear(normed, null, _cpuKernels, quantizeInputs: false).to(ScalarType.Float32); // [rows, vocab]
         ForwardProfile.Add(ForwardProfile.Part.LmHead, t);
         return logits.MoveToOuterDisposeScope();
     }

@@ -55,9 +55,12 @@ internal sealed class WeightMatrix : IDisposable
         return new WeightMatrix(q, s);
     }
 
-    /// <summary>x W^T + b, through the C# CPU kernels when <paramref name="cpuKernels"/> (which int8 requires).</summary>
-    public Tensor Linear(Tensor x, Tensor? bias, bool cpuKernels) =>
-        cpuKernels || IsQuantized ? SmallBatchLinear.Apply(x, Values, bias, scales: Scales) : F.linear(x, Values, bias);
+    /// <summary>
+    /// x W^T + b, through the C# CPU kernels when <paramref name="cpuKernels"/> (which int8 requires). With int8
+    /// weights the inputs are quantized too where the CPU has AVX-VNNI, unless <paramref name="quantizeInputs"/> is false.
+    /// </summary>
+    public Tensor Linear(Tensor x, Tensor? bias, bool cpuKernels, bool quantizeInputs = true) =>
+        cpuKernels || IsQuantized ? SmallBatchLinear.Apply(x, Values, bias, scales: Scales, quantizeInputs: quantizeInputs) : F.linear(x, Values, bias);
 
     /// <summary>Rows <paramref name="ids"/> (int64) in <paramref name="dtype"/> (widened or dequantized when stored otherwise).</summary>
     public unsafe Tensor Rows(Tensor ids, ScalarType dtype)

@@ -43,6 +43,9 @@ internal static unsafe class SmallBatchLinear
     /// </summary>
     public const int Int8DotRowsMax = 4;
 
+    /// <summary>Rows up to which int8 weights with quantized inputs take <see cref="Q8Gemm.Dot"/> (its tiles above).</summary>
+    internal const int IntegerDotRowsMax = 2;
+
     /// <summary>Rows up to which the dot kernel is used on CPUs without AVX-512.</summary>
     public const int DotRowsMaxWithoutAvx512 = 32;
 
@@ -53,7 +56,13 @@ internal static unsafe class SmallBatchLinear
     private const int TileRows = 8;
 
     /// <summary>Which kernel computes the product (tests and benchmarks pin one; the engine uses <see cref="Kernel.Auto"/>).</summary>
-    public enum Kernel { Auto, Dot, Broadcast }
+    public enum Kernel { Auto, Dot, Broadcast, Integer, IntegerDot }
+
+    /// <summary>
+    /// Whether int8 weights quantize the activations and take the integer kernels (<see cref="Q8Gemm"/>: its dot
+    /// kernel up to <see cref="Int8DotRowsMax"/> rows, its tiles above) where the CPU has AVX-VNNI.
+    /// </summary>
+    internal static bool IntegerActivations = Environment.GetEnvironmentVariable("LV_INT8_ACT") != "0";
 
     /// <summary>
     /// Prefetches the cache line at <paramref name="p"/> into L2 (a hint: it never faults). The broadcast kernels fetch
@@ -69,8 +78,11 @@ internal static unsafe class SmallBatchLinear
     /// <summary>Whether this CPU runs the broadcast kernel.</summary>
     public static bool BroadcastSupported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
 
-    /// <summary>y = x W^T + b; for an int8 <paramref name="weight"/>, <paramref name="scales"/> are its float32 scales [n, k / 32] (<see cref="Q8"/>).</summary>
-    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias, Kernel kernel = Kernel.Auto, Tensor? scales = null)
+    /// <summary>
+    /// y = x W^T + b; for an int8 <paramref name="weight"/>, <paramref name="scales"/> are its float32 scales [n, k / 32] (<see cref="Q8"/>),
+    /// and the automatic choice quantizes the inputs (<see cref="Q8Gemm"/>) unless <paramref name="quantizeInputs"/> is false.
+    /// </summary>
+    public static Tensor Apply(Tensor x, Tensor weight, Tensor? bias, Kernel kernel = Kernel.Auto, Tensor? scales = null, bool quantizeInputs = true)
     {
         if (kernel == Kernel.Broadcast && !BroadcastSupported)
             throw new PlatformNotSupportedException("The broadcast kernel needs AVX-512.");
@@ -80,7 +92,10 @@ internal static unsafe class SmallBatchLinear
         if (x.dtype != ScalarType.Float32 || !(bf16 || q8 || weight.dtype == ScalarType.Float32)
             || x.device_type != TorchSharp.DeviceType.CPU || !weight.is_contiguous())
             return F.linear(x, weight, bias);
-        if (kernel == Kernel.Auto && x.shape[0] > MaxRows)
+        bool integer = kernel is Kernel.Integer or Kernel.IntegerDot || (kernel == Kernel.Auto && q8 && quantizeInputs && IntegerActivations && Q8Gemm.Supported);
+        if (integer && (!q8 || !Q8Gemm.Supported))
+            throw new PlatformNotSupportedException("The integer kernels need int8 weights and AVX-VNNI.");
+        if (kernel == Kernel.Auto && !integer && x.shape[0] > MaxRows)
             return bf16 || q8 ? LinearByWidenedTiles(x, weight, scales, bias) : F.linear(x, weight, bias);
         int m = (int)x.shape[0], k = (int)x.shape[1], n = (int)weight.shape[0];
         using var xc = x.contiguous();
@@ -90,7 +105,11 @@ internal static unsafe class SmallBatchLinear
         var w = q8 ? new WeightRows(null, null, (sbyte*)Simd.Pointer(weight), Simd.Pointer(scales!), k)
             : bf16 ? new WeightRows(null, Simd.Bf16Pointer(weight), null, null, k)
             : new WeightRows(Simd.Pointer(weight), null, null, null, k);
-        if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= (q8 ? Int8DotRowsMax : DotRowsMax) || !BroadcastSupported)))
+        if (integer && (kernel == Kernel.IntegerDot || (kernel == Kernel.Auto && m <= IntegerDotRowsMax)))
+            Q8Gemm.Dot(xp, w.Q8Rows, w.Q8Scales, yp, m, k, n);
+        else if (integer)
+            Q8Gemm.Apply(xp, w.Q8Rows, w.Q8Scales, yp, m, k, n);
+        else if (kernel == Kernel.Dot || (kernel == Kernel.Auto && (m <= (q8 ? Int8DotRowsMax : DotRowsMax) || !BroadcastSupported)))
             Dot(xp, w, yp, m, k, n);
         else
         {
