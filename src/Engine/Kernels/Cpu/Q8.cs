@@ -11,8 +11,8 @@ namespace LocalVllm.Engine.Kernels.Cpu;
 /// away from zero, by the unrounded scale, as ggml's reference quantizer does), so a dequantized weight is exactly
 /// Q8_0's <c>d * q</c>. The values and the scales are kept apart (an int8 [n, k] tensor and a float32 [n, k / 32]
 /// one; float32 scales cost 1/16 byte per weight more than Q8_0's float16 ones and need no conversion in the loop).
-/// Activations stay float32: the kernels dequantize a group into registers and multiply in float32, which is more
-/// accurate than Q8_0 x Q8_0 (llama.cpp quantizes the activations too).
+/// The float32 kernels here dequantize a group into registers and multiply by float32 activations; on CPUs with
+/// AVX-VNNI the engine quantizes the activations too and multiplies in integers (<see cref="Q8Gemm"/>).
 /// </summary>
 internal static unsafe class Q8
 {
