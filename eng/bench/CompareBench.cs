@@ -74,15 +74,15 @@ internal static class CompareBench
                 // from each other legitimately where two logits are close: reported, not fatal (quality is measured
                 // against float32 by the quality bench).
                 var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
-                // llama.cpp's BF16 and Q8_0 paths round the activations too (bf16, int8), so their greedy ids may part
-                // from ours at a near-tie; at least one peer computing on the same weights must agree (F32, or F16 for
+                // llama.cpp's BF16 and Q8_0 paths round the activations (bf16, int8), and so does our int8 with AVX-VNNI,
+                // each in its own way, so greedy ids may part at a near-tie; at least one peer computing on the same weights must agree (F32, or F16 for
                 // bf16), except for int8, where quality is judged against float32 by the quality bench.
                 for (int i = 0; i < peers.Count; i++)
                 {
                     string what = $"ours [{string.Join(",", ours)}], llama.cpp {peers[i].Type} [{string.Join(",", theirs[i])}]";
                     Console.WriteLine(ours.SequenceEqual(theirs[i])
                         ? $"{name}: greedy ids agree with llama.cpp {peers[i].Type} on a 16-token probe ({string.Join(",", ours)})"
-                        : $"{name}: greedy ids differ from llama.cpp {peers[i].Type} (its arithmetic rounds activations): {what}");
+                        : $"{name}: greedy ids differ from llama.cpp {peers[i].Type} (rounded activations part at a near-tie): {what}");
                 }
                 if (peers.Count > 0 && s.Weights != "int8" && !theirs.Any(t => ours.SequenceEqual(t)))
                     throw new InvalidOperationException($"The engines disagree on greedy ids for {name}: no llama.cpp peer agrees with ours.");

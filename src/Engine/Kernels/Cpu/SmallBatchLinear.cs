@@ -21,7 +21,8 @@ namespace LocalVllm.Engine.Kernels.Cpu;
 /// mostly padding; when k is not a multiple of 4, pairs of k up to 8 rows.</item>
 /// </list>
 /// Measured against libtorch's linear in `eng/bench micro` (2 threads): see docs/benchmarks.md. Without AVX-512 the
-/// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest.
+/// dot kernel serves up to <see cref="DotRowsMaxWithoutAvx512"/> rows and libtorch the rest. int8 weights on a CPU
+/// with AVX-VNNI go to <see cref="Q8Gemm"/> instead (inputs quantized too, integer products).
 /// </summary>
 internal static unsafe class SmallBatchLinear
 {
