@@ -54,7 +54,7 @@ compareCmd.SetAction(r => CompareBench.Run(new CompareBench.Settings(r.GetValue(
     r.GetValue(oursOnly), r.GetValue(profile), r.GetValue(repeat), r.GetValue(weightFormat)!)));
 
 var microThreads = new Option<int>("--threads") { DefaultValueFactory = _ => 2 };
-var microPart = new Option<string>("--part") { Description = "all, formats (float32, bfloat16 and int8 weights, 1-64 rows), linear (single: 1 row, small: 1-16 rows, mid: 16-256, prefill: 512-8,192), attention, sampler, stream or peak", DefaultValueFactory = _ => "all" };
+var microPart = new Option<string>("--part") { Description = "all, formats (float32, bfloat16 and int8 weights, 1-64 rows), linear (single: 1 row, small: 1-16 rows, mid: 16-256, prefill: 512-8,192), int8 (float32 against int8 inputs), attention, sampler, stream or peak", DefaultValueFactory = _ => "all" };
 var microCmd = new Command("micro", "the linear layers (libtorch vs SmallBatchLinear kernels) and the decode attention of a Qwen3-0.6B step") { microThreads, microPart };
 microCmd.SetAction(r => MicroBench.Run(r.GetValue(microThreads), r.GetValue(microPart)!));
 
