@@ -1,6 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using X86 = System.Runtime.Intrinsics.X86;
 using static TorchSharp.torch;
 
 namespace LocalVllm.Engine.Kernels.Cpu;
@@ -44,19 +45,19 @@ internal static unsafe class Simd
     public static float DotAhead(float* w, float* x, int n, float* ahead)
     {
         int i = 0;
-        if (Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+        if (Vector512.IsHardwareAccelerated && X86.Avx512F.IsSupported)
         {
             Vector512<float> s0 = default, s1 = default, s2 = default, s3 = default;
             for (; i + 64 <= n; i += 64)
             {
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i);
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i + 16);
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i + 32);
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i + 48);
-                s0 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i), Vector512.Load(x + i), s0);
-                s1 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 16), Vector512.Load(x + i + 16), s1);
-                s2 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 32), Vector512.Load(x + i + 32), s2);
-                s3 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 48), Vector512.Load(x + i + 48), s3);
+                X86.Sse.Prefetch0(ahead + i);
+                X86.Sse.Prefetch0(ahead + i + 16);
+                X86.Sse.Prefetch0(ahead + i + 32);
+                X86.Sse.Prefetch0(ahead + i + 48);
+                s0 = X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i), Vector512.Load(x + i), s0);
+                s1 = X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 16), Vector512.Load(x + i + 16), s1);
+                s2 = X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 32), Vector512.Load(x + i + 32), s2);
+                s3 = X86.Avx512F.FusedMultiplyAdd(Vector512.Load(w + i + 48), Vector512.Load(x + i + 48), s3);
             }
             float head = Vector512.Sum((s0 + s1) + (s2 + s3));
             return i == n ? head : head + Dot(w + i, x + i, n - i);
@@ -69,19 +70,19 @@ internal static unsafe class Simd
     public static void Dot2Ahead(float* w, float* x0, float* x1, int n, float* ahead, float* y0, float* y1)
     {
         int i = 0;
-        if (Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+        if (Vector512.IsHardwareAccelerated && X86.Avx512F.IsSupported)
         {
             Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
             for (; i + 32 <= n; i += 32)
             {
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i);
-                System.Runtime.Intrinsics.X86.Sse.Prefetch0(ahead + i + 16);
+                X86.Sse.Prefetch0(ahead + i);
+                X86.Sse.Prefetch0(ahead + i + 16);
                 var v = Vector512.Load(w + i);
                 var u = Vector512.Load(w + i + 16);
-                a0 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
-                a1 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x0 + i + 16), a1);
-                b0 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
-                b1 = System.Runtime.Intrinsics.X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x1 + i + 16), b1);
+                a0 = X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x0 + i), a0);
+                a1 = X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x0 + i + 16), a1);
+                b0 = X86.Avx512F.FusedMultiplyAdd(v, Vector512.Load(x1 + i), b0);
+                b1 = X86.Avx512F.FusedMultiplyAdd(u, Vector512.Load(x1 + i + 16), b1);
             }
             float s0 = Vector512.Sum(a0 + a1), s1 = Vector512.Sum(b0 + b1);
             if (i < n)
