@@ -75,8 +75,9 @@ internal static class CompareBench
                 // against float32 by the quality bench).
                 var ours = llm.Generate([probe], new SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true })[0].Outputs[0].TokenIds.ToArray();
                 // llama.cpp's BF16 and Q8_0 paths round the activations (bf16, int8), and so does our int8 with AVX-VNNI,
-                // each in its own way, so greedy ids may part at a near-tie; at least one peer computing on the same weights must agree (F32, or F16 for
-                // bf16), except for int8, where quality is judged against float32 by the quality bench.
+                // each in its own way, so greedy ids may part at a near-tie; at least one peer computing on the same
+                // weights must agree (F32, or F16 for bf16), except for int8, where quality is judged against float32 by
+                // the quality bench.
                 for (int i = 0; i < peers.Count; i++)
                 {
                     string what = $"ours [{string.Join(",", ours)}], llama.cpp {peers[i].Type} [{string.Join(",", theirs[i])}]";

@@ -121,6 +121,11 @@ internal static class MicroBench
             Console.WriteLine($"| {m} | {a:F2} | {flopsPerRow * m / a / 1e6:F1} | {b:F2} | {flopsPerRow * m / b / 1e6:F1} |");
             foreach (var t in inputs) t.Dispose();
         }
+        foreach (var (values, scales) in q8)
+        {
+            values.Dispose();
+            scales.Dispose();
+        }
         return 0;
     }
 

@@ -117,6 +117,24 @@ public sealed class Int8KernelTests
     }
 
     /// <summary>
+    /// The switch the LM head uses: with <c>quantizeInputs: false</c> int8 weights meet the float32 inputs themselves
+    /// (dequantize-then-matmul over the unquantized x), even where the CPU would quantize them.
+    /// </summary>
+    [Theory]
+    [InlineData(1, 96, 37)]
+    [InlineData(16, 288, 40)]
+    public void Int8_weights_with_float_inputs_equal_the_dequantized_matmul_of_the_inputs_themselves(int rows, int inFeatures, int outFeatures)
+    {
+        using var scope = NewDisposeScope();
+        var g = new TorchSharp.torch.Generator(37);
+        var x = randn([rows, inFeatures], generator: g);
+        var (values, scales) = Q8.Quantize(randn([outFeatures, inFeatures], generator: g) / MathF.Sqrt(inFeatures));
+        var expected = F.linear(x, Dequantized(values, scales));
+        var actual = SmallBatchLinear.Apply(x, values, null, scales: scales, quantizeInputs: false);
+        Assert.True((expected - actual).abs().max().item<float>() < 1e-4f);
+    }
+
+    /// <summary>
     /// A row's outputs are the same bits whether it is computed alone (the dot kernel, as in single-stream decode) or
     /// in a batch (the tiles, as in prefill and batched decode): batching must not change greedy tokens.
     /// </summary>

@@ -10,8 +10,8 @@ namespace LocalVllm.Engine.Kernels.Cpu;
 /// per group of 32 the way Q8_0 quantizes weights (scale = max|x| / 127, values rounded to nearest), and the products
 /// are integer dot products (AVX-VNNI <c>vpdpbusd</c>: four u8 x s8 products added into each 32-bit lane, at twice
 /// the float32 FMA's multiply-add rate on this machine), scaled per group by the two scales and summed in float32.
-/// Used for batches (prefill chunks, batched decode) where the arithmetic, not the weight stream, bounds the product;
-/// one or two decode rows keep float32 activations (<see cref="SmallBatchLinear"/>), which is more accurate.
+/// Batches (prefill chunks, batched decode) go through tiles (<see cref="Apply"/>); one or two decode rows through a
+/// dot kernel (<see cref="Dot"/>) that gives each row the same bits as the tiles do.
 /// <para>
 /// Layout: a block of 8 input rows, one 32-bit lane each, holds 4 consecutive k of each row per 32-byte vector
 /// (group g, quad t at byte (g * 8 + t) * 32 + row * 4). <c>vpdpbusd</c> takes its first operand unsigned, so each
@@ -60,12 +60,7 @@ internal static unsafe class Q8Gemm
             for (int b0 = 0; b0 < blocks; b0 += panelBlocks)
             {
                 int b1 = Math.Min(blocks, b0 + panelBlocks);
-                int units = (n + TileRows - 1) / TileRows, parts = Math.Min(units, Environment.ProcessorCount * 8);
-                CpuWorkers.Shared.For(parts, p =>
-                {
-                    int from = (int)((long)units * p / parts) * TileRows, to = Math.Min(n, (int)((long)units * (p + 1) / parts) * TileRows);
-                    Range(xq, xs, xc, w, scales, y, m, k, n, groups, b0, b1, from, to);
-                });
+                SmallBatchLinear.ParallelOver(n, TileRows, (from, to) => Range(xq, xs, xc, w, scales, y, m, k, n, groups, b0, b1, from, to));
             }
         }
         finally
@@ -140,10 +135,8 @@ internal static unsafe class Q8Gemm
             for (int r = 0; r < m; r++)
                 for (int g = 0; g < groups; g++)
                     QuantizeGroup(x + (long)r * k + g * Q8.Group, xq + (long)r * k + g * Q8.Group, out xs[(long)r * groups + g], out xc[(long)r * groups + g]);
-            int units = (n + 3) / 4, parts = Math.Min(units, Environment.ProcessorCount * 8);
-            CpuWorkers.Shared.For(parts, p =>
+            SmallBatchLinear.ParallelOver(n, 4, (from, to) =>
             {
-                int from = (int)((long)units * p / parts) * 4, to = Math.Min(n, (int)((long)units * (p + 1) / parts) * 4);
                 for (int row = from; row < to; row++)
                 {
                     sbyte* wr = w + (long)row * k, ahead = w + (long)Math.Min(row + 4, to - 1) * k;

@@ -199,7 +199,8 @@ internal static unsafe class SmallBatchLinear
             : Q8.Dot(q8 + row * k, scales + row * k / Q8.Group, x, (int)k, q8 + row * k);
     }
 
-    private static void ParallelOver(int n, int align, Action<int, int> body)
+    /// <summary>Runs <paramref name="body"/>(from, to) over [0, n) in chunks whose bounds are multiples of <paramref name="align"/> (the last ends at n).</summary>
+    internal static void ParallelOver(int n, int align, Action<int, int> body)
     {
         int units = (n + align - 1) / align;
         int chunks = Math.Min(units, Environment.ProcessorCount * 8);
