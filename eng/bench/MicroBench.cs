@@ -140,11 +140,12 @@ internal static class MicroBench
         var f32 = Enumerable.Range(0, layers).Select(_ => shapes.Select(s => randn(s.Out, s.In) / 32).ToArray()).ToArray();
         var bf16 = f32.Select(l => l.Select(w => w.to(ScalarType.BFloat16)).ToArray()).ToArray();
         var q8 = f32.Select(l => l.Select(Q8.Quantize).ToArray()).ToArray();
+        var panels = Bf16Panels.Supported ? bf16.Select(l => l.Select(Bf16Panels.Pack).ToArray()).ToArray() : null;
         foreach (var layer in f32) foreach (var w in layer) HugePages.Advise(w);
         double flopsPerRow = 2.0 * layers * shapes.Sum(s => (double)s.Out * s.In);
-        Console.WriteLine("| rows | float32 ms | bfloat16 ms (dot kernel) | int8 ms (dot kernel) | int8 GFLOP/s |");
-        Console.WriteLine("|---|---|---|---|---|");
-        foreach (int m in new[] { 1, 2, 3, 4, 8, 12, 16, 32, 64 })
+        Console.WriteLine("| rows | float32 ms | bfloat16 row-major ms (dot kernel) | bfloat16 panels ms | int8 ms (dot kernel) | int8 GFLOP/s |");
+        Console.WriteLine("|---|---|---|---|---|---|");
+        foreach (int m in new[] { 1, 2, 3, 4, 5, 8, 12, 16, 32, 64, 256 })
         {
             var inputs = shapes.Select(s => randn(m, s.In)).ToArray();
             double Time(Func<int, int, Tensor> linear)
@@ -161,11 +162,12 @@ internal static class MicroBench
             }
             double a = Time((l, j) => SmallBatchLinear.Apply(inputs[j], f32[l][j], null));
             double b = Time((l, j) => SmallBatchLinear.Apply(inputs[j], bf16[l][j], null));
+            double p = panels is null ? double.NaN : Time((l, j) => Bf16Panels.Apply(inputs[j], panels[l][j]));
             double c = Time((l, j) => SmallBatchLinear.Apply(inputs[j], q8[l][j].Values, null, scales: q8[l][j].Scales));
             var dot = SmallBatchLinear.Kernel.Dot;
             double bd = m > 16 ? double.NaN : Time((l, j) => SmallBatchLinear.Apply(inputs[j], bf16[l][j], null, dot));
             double cd = m > 16 ? double.NaN : Time((l, j) => SmallBatchLinear.Apply(inputs[j], q8[l][j].Values, null, dot, q8[l][j].Scales));
-            Console.WriteLine($"| {m} | {a:F1} | {b:F1} ({bd:F1}) | {c:F1} ({cd:F1}) | {flopsPerRow * m / c / 1e6:F1} |");
+            Console.WriteLine($"| {m} | {a:F1} | {b:F1} ({bd:F1}) | {p:F1} | {c:F1} ({cd:F1}) | {flopsPerRow * m / c / 1e6:F1} |");
             foreach (var t in inputs) t.Dispose();
         }
         return 0;

@@ -21,6 +21,9 @@ public sealed class Bf16WeightsTests
         Assert.Equal(ScalarType.BFloat16, kept.Engine.Model.MatrixDType);
         Assert.Equal(ScalarType.Float32, expanded.Engine.Model.MatrixDType);
         Assert.Equal(ScalarType.Float32, kept.Engine.Model.DType);
+        // Where the CPU runs the panel kernel every matrix of these models is in panels (all shapes are multiples of 32).
+        int matrices = 4 * kept.Engine.Model.Config.NumHiddenLayers + 2;
+        Assert.Equal(Kernels.Cpu.Bf16Panels.Supported ? matrices : 0, kept.Engine.Model.MatricesInPanels);
         // The matrices are nearly all of the parameters: half the bytes, give or take the float32 norms.
         double ratio = (double)kept.Engine.Model.WeightBytes / expanded.Engine.Model.WeightBytes;
         Assert.InRange(ratio, 0.5, 0.52);

@@ -88,6 +88,8 @@ public sealed class CausalLm : IDisposable
             return total;
         }
     }
+    /// <summary>How many of the matrices (layers', embedding, LM head) are bfloat16 in panels (<see cref="Kernels.Cpu.Bf16Panels"/>).</summary>
+    internal int MatricesInPanels => _layers.Sum(l => l.Matrices.Count(m => m.IsPanelled)) + (_embed.IsPanelled ? 1 : 0) + (_lmHead.IsPanelled ? 1 : 0);
     /// <summary>The device the weights live on.</summary>
     public Device Device { get; }
 
@@ -158,7 +160,11 @@ public sealed class CausalLm : IDisposable
         Tensor ReadCat(params string[] keys) => weights.ReadStacked(keys, expected, dtype, device);
         WeightMatrix ReadMatrices(params string[] keys)
         {
-            WeightMatrix Plain() => WeightMatrix.Plain(weights.ReadStacked(keys, expected, matrixDtype, device));
+            WeightMatrix Plain()
+            {
+                var values = weights.ReadStacked(keys, expected, matrixDtype, device);
+                return ownKernels && matrixDtype == ScalarType.BFloat16 ? WeightMatrix.Bf16(values) : WeightMatrix.Plain(values);
+            }
             return quantizeInt8 ? WeightMatrix.ReadQuantized(weights, keys, keys.Select(k => expected[k]).ToArray(), Plain) : Plain();
         }
         WeightMatrix ReadMatrix(string key) => ReadMatrices(key);

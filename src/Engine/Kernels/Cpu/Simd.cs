@@ -113,6 +113,29 @@ internal static unsafe class Simd
         return Vector128.Create(Vector256.Sum(a2), Vector256.Sum(b2), Vector256.Sum(c2), Vector256.Sum(d2));
     }
 
+    /// <summary>
+    /// dst[i * dstStride + j] = src[j * srcStride + i] for an 8 x 8 block, in registers: pairs of rows interleaved, then
+    /// quads, then the 128-bit halves exchanged (one 32-byte load and store per row).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Transpose8x8(float* src, long srcStride, float* dst, long dstStride)
+    {
+        Vector256<float> v0 = Vector256.Load(src), v1 = Vector256.Load(src + srcStride), v2 = Vector256.Load(src + 2 * srcStride), v3 = Vector256.Load(src + 3 * srcStride),
+            v4 = Vector256.Load(src + 4 * srcStride), v5 = Vector256.Load(src + 5 * srcStride), v6 = Vector256.Load(src + 6 * srcStride), v7 = Vector256.Load(src + 7 * srcStride);
+        Vector256<float> p0 = X86.Avx.UnpackLow(v0, v1), p1 = X86.Avx.UnpackHigh(v0, v1), p2 = X86.Avx.UnpackLow(v2, v3), p3 = X86.Avx.UnpackHigh(v2, v3),
+            p4 = X86.Avx.UnpackLow(v4, v5), p5 = X86.Avx.UnpackHigh(v4, v5), p6 = X86.Avx.UnpackLow(v6, v7), p7 = X86.Avx.UnpackHigh(v6, v7);
+        Vector256<float> q0 = X86.Avx.Shuffle(p0, p2, 0x44), q1 = X86.Avx.Shuffle(p0, p2, 0xEE), q2 = X86.Avx.Shuffle(p1, p3, 0x44), q3 = X86.Avx.Shuffle(p1, p3, 0xEE),
+            q4 = X86.Avx.Shuffle(p4, p6, 0x44), q5 = X86.Avx.Shuffle(p4, p6, 0xEE), q6 = X86.Avx.Shuffle(p5, p7, 0x44), q7 = X86.Avx.Shuffle(p5, p7, 0xEE);
+        X86.Avx.Permute2x128(q0, q4, 0x20).Store(dst);
+        X86.Avx.Permute2x128(q1, q5, 0x20).Store(dst + dstStride);
+        X86.Avx.Permute2x128(q2, q6, 0x20).Store(dst + 2 * dstStride);
+        X86.Avx.Permute2x128(q3, q7, 0x20).Store(dst + 3 * dstStride);
+        X86.Avx.Permute2x128(q0, q4, 0x31).Store(dst + 4 * dstStride);
+        X86.Avx.Permute2x128(q1, q5, 0x31).Store(dst + 5 * dstStride);
+        X86.Avx.Permute2x128(q2, q6, 0x31).Store(dst + 6 * dstStride);
+        X86.Avx.Permute2x128(q3, q7, 0x31).Store(dst + 7 * dstStride);
+    }
+
     /// <summary>The data of a contiguous float32 CPU tensor (valid while the tensor lives).</summary>
     public static float* Pointer(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
 

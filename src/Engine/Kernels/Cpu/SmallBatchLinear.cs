@@ -707,26 +707,7 @@ internal static unsafe class SmallBatchLinear
     private static void Scatter(float* tile, int width, int rows, float* y, int n)
     {
         int r0 = 0;
-        for (; r0 + 8 <= rows; r0 += 8)
-        {
-            float* t = tile + r0;
-            Vector256<float> v0 = Vector256.Load(t), v1 = Vector256.Load(t + width), v2 = Vector256.Load(t + 2 * width), v3 = Vector256.Load(t + 3 * width),
-                v4 = Vector256.Load(t + 4 * width), v5 = Vector256.Load(t + 5 * width), v6 = Vector256.Load(t + 6 * width), v7 = Vector256.Load(t + 7 * width);
-            // Pairs of weight rows interleaved, then quads, then the 128-bit halves exchanged: output row i holds lane i of each.
-            Vector256<float> p0 = Avx.UnpackLow(v0, v1), p1 = Avx.UnpackHigh(v0, v1), p2 = Avx.UnpackLow(v2, v3), p3 = Avx.UnpackHigh(v2, v3),
-                p4 = Avx.UnpackLow(v4, v5), p5 = Avx.UnpackHigh(v4, v5), p6 = Avx.UnpackLow(v6, v7), p7 = Avx.UnpackHigh(v6, v7);
-            Vector256<float> q0 = Avx.Shuffle(p0, p2, 0x44), q1 = Avx.Shuffle(p0, p2, 0xEE), q2 = Avx.Shuffle(p1, p3, 0x44), q3 = Avx.Shuffle(p1, p3, 0xEE),
-                q4 = Avx.Shuffle(p4, p6, 0x44), q5 = Avx.Shuffle(p4, p6, 0xEE), q6 = Avx.Shuffle(p5, p7, 0x44), q7 = Avx.Shuffle(p5, p7, 0xEE);
-            float* d = y + (long)r0 * n;
-            Avx.Permute2x128(q0, q4, 0x20).Store(d);
-            Avx.Permute2x128(q1, q5, 0x20).Store(d + n);
-            Avx.Permute2x128(q2, q6, 0x20).Store(d + 2L * n);
-            Avx.Permute2x128(q3, q7, 0x20).Store(d + 3L * n);
-            Avx.Permute2x128(q0, q4, 0x31).Store(d + 4L * n);
-            Avx.Permute2x128(q1, q5, 0x31).Store(d + 5L * n);
-            Avx.Permute2x128(q2, q6, 0x31).Store(d + 6L * n);
-            Avx.Permute2x128(q3, q7, 0x31).Store(d + 7L * n);
-        }
+        for (; r0 + 8 <= rows; r0 += 8) Simd.Transpose8x8(tile + r0, width, y + (long)r0 * n, n);
         for (int j = 0; j < TileRows; j++)
             for (int r = r0; r < rows; r++) y[(long)r * n + j] = tile[j * width + r];
     }
