@@ -125,9 +125,14 @@ internal static unsafe class Bf16Panels
             {
                 uint* p = w + (long)b * Width / 2 * k;
                 float* yb = y + b * Width;
-                for (int g = 0; g < eights; g++) Tile8(p, packed + (long)g * 8 * k, k, yb + (long)g * 8 * n, n);
+                // The last 8- or 4-row pass over this panel requests the next one (the range's last panel, itself) into L2
+                // while it computes from cache; earlier passes request their own lines, already there. 16 rows of
+                // Qwen3-0.6B's 28 layers: 36.6-38.6 ms against 42.3-46.6 without (`micro --part formats`, alternating).
+                uint* next = b + 1 < to ? p + (long)Width / 2 * k : p;
+                int lastGroup = fours == 1 ? eights : eights - 1;
+                for (int g = 0; g < eights; g++) Tile8(p, packed + (long)g * 8 * k, k, yb + (long)g * 8 * n, n, g == lastGroup ? next : p);
                 int r = eights * 8;
-                if (fours == 1) { Tile4(p, packed + (long)r * k, k, yb + (long)r * n, n); r += 4; }
+                if (fours == 1) { Tile4(p, packed + (long)r * k, k, yb + (long)r * n, n, next); r += 4; }
                 if (tail >= 2) { Tile2(p, x + (long)r * k, k, yb + (long)r * n, n, k); r += 2; }
                 if ((tail & 1) == 1) Tile1(p, x + (long)r * k, k, yb + (long)r * n);
             }
@@ -146,13 +151,14 @@ internal static unsafe class Bf16Panels
 
     /// <summary>8 input rows ([k][8] packed) against one panel: output features along the lanes, 16 accumulators.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Tile8(uint* p, float* x, int k, float* y, long n)
+    private static void Tile8(uint* p, float* x, int k, float* y, long n, uint* next)
     {
         var mask = Vector512.Create(0xFFFF0000u);
         Vector512<float> a0 = default, c0 = default, a1 = default, c1 = default, a2 = default, c2 = default, a3 = default, c3 = default, a4 = default, c4 = default, a5 = default, c5 = default, a6 = default, c6 = default, a7 = default, c7 = default;
         // The pointers move with the loop: indexed operands made the JIT compute every address separately.
-        for (uint* end = p + (long)k * 16; p < end; p += 32, x += 16)
+        for (uint* end = p + (long)k * 16; p < end; p += 32, x += 16, next += 32)
         {
+            Sse.Prefetch1(next); Sse.Prefetch1(next + 16);
             var v0 = Vector512.Load(p); var v1 = Vector512.Load(p + 16);
             var e0 = Avx512F.ShiftLeftLogical(v0, 16).AsSingle(); var e1 = Avx512F.ShiftLeftLogical(v1, 16).AsSingle();
             Vector512<float> s;
@@ -186,13 +192,14 @@ internal static unsafe class Bf16Panels
 
     /// <summary>4 input rows ([k][4] packed) against one panel: output features along the lanes, 8 accumulators.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Tile4(uint* p, float* x, int k, float* y, long n)
+    private static void Tile4(uint* p, float* x, int k, float* y, long n, uint* next)
     {
         var mask = Vector512.Create(0xFFFF0000u);
         Vector512<float> a0 = default, c0 = default, a1 = default, c1 = default, a2 = default, c2 = default, a3 = default, c3 = default;
         // The pointers move with the loop: indexed operands made the JIT compute every address separately.
-        for (uint* end = p + (long)k * 16; p < end; p += 32, x += 8)
+        for (uint* end = p + (long)k * 16; p < end; p += 32, x += 8, next += 32)
         {
+            Sse.Prefetch1(next); Sse.Prefetch1(next + 16);
             var v0 = Vector512.Load(p); var v1 = Vector512.Load(p + 16);
             var e0 = Avx512F.ShiftLeftLogical(v0, 16).AsSingle(); var e1 = Avx512F.ShiftLeftLogical(v1, 16).AsSingle();
             Vector512<float> s;
