@@ -10,7 +10,7 @@ namespace LocalVllm.Engine.Tests;
 /// the matrix, and the kernel equals libtorch's float64 product over the widened weights, with every row's bits the
 /// same alone and in any batch.
 /// </summary>
-public sealed class Bf16PanelsTests
+public sealed unsafe class Bf16PanelsTests
 {
     private static Tensor RandomBf16(long n, long k, Generator g) => (randn([n, k], generator: g) / MathF.Sqrt(k)).to(ScalarType.BFloat16);
 
@@ -80,8 +80,12 @@ public sealed class Bf16PanelsTests
         var w = RandomBf16(96, 48, g);
         var bias = randn([96], generator: g);
         var x = randn([6, 48], generator: g);
-        using var matrix = WeightMatrix.Bf16(w.clone());
+        var values = w.clone();
+        nint storage = (nint)Simd.Bf16Pointer(values);
+        using var matrix = WeightMatrix.Bf16(values);
         Assert.True(matrix.IsPanelled);
+        // Rearranged where it lies: a second copy of every matrix would stay resident after load (docs/benchmarks.md, Memory).
+        Assert.Equal(storage, (nint)Simd.Bf16Pointer(matrix.Values));
         var expected = F.linear(x.to(ScalarType.Float64), w.to(ScalarType.Float64), bias.to(ScalarType.Float64)).to(ScalarType.Float32);
         float err = (expected - matrix.Linear(x, bias, cpuKernels: true)).abs().max().item<float>();
         Assert.True(err < 1e-4f, $"max error {err}");

@@ -51,9 +51,10 @@ internal sealed class WeightMatrix : IDisposable
     public static WeightMatrix Bf16(Tensor values)
     {
         if (!UsePanels || values.dtype != ScalarType.BFloat16 || values.device_type != TorchSharp.DeviceType.CPU
-            || !Bf16Panels.Supported || !Bf16Panels.Fits(values.shape[0], values.shape[1]))
+            || !values.is_contiguous() || !Bf16Panels.Supported || !Bf16Panels.Fits(values.shape[0], values.shape[1]))
             return Plain(values);
-        using (values) return new WeightMatrix(Bf16Panels.Pack(values), null, panelled: true);
+        Bf16Panels.PackInPlace(values);
+        return new WeightMatrix(values, null, panelled: true);
     }
 
     /// <summary>

@@ -43,11 +43,41 @@ internal static unsafe class Bf16Panels
     /// <summary>A row-major bfloat16 [n, k] matrix rearranged into panels (a new tensor of the same shape).</summary>
     public static Tensor Pack(Tensor rowMajor)
     {
-        long n = rowMajor.shape[0], k = rowMajor.shape[1];
-        using var v = rowMajor.view(n / Width, Width, k / 2, 2); // [panel, row, pair, 2]
-        using var p = v.permute(0, 2, 1, 3);                     // [panel, pair, row, 2]
-        using var c = p.contiguous();
-        return c.view(n, k);
+        var panels = rowMajor.contiguous().clone();
+        PackInPlace(panels);
+        return panels;
+    }
+
+    /// <summary>
+    /// Rearranges a contiguous row-major bfloat16 [n, k] CPU matrix into panels where it lies: a panel occupies exactly
+    /// the bytes of its 32 rows, so each is copied out and written back transposed, one panel's copy at a time. A
+    /// whole second matrix would stay resident after load: the engine keeps freed heap memory (glibc trimming off).
+    /// </summary>
+    public static void PackInPlace(Tensor matrix)
+    {
+        long n = matrix.shape[0], k = matrix.shape[1];
+        if (!matrix.is_contiguous() || matrix.dtype != ScalarType.BFloat16 || !Fits(n, k))
+            throw new ArgumentException($"Panels take a contiguous bfloat16 matrix with a multiple of {Width} rows and an even row length, not {matrix.dtype} [{n}, {k}].", nameof(matrix));
+        uint* m = (uint*)Simd.Bf16Pointer(matrix);
+        long pairs = k / 2;
+        SmallBatchLinear.ParallelOver((int)(n / Width), 1, (from, to) =>
+        {
+            uint* rows = (uint*)System.Runtime.InteropServices.NativeMemory.Alloc((nuint)(Width * pairs * sizeof(uint)));
+            try
+            {
+                for (long b = from; b < to; b++)
+                {
+                    uint* panel = m + b * Width * pairs;
+                    Buffer.MemoryCopy(panel, rows, Width * pairs * sizeof(uint), Width * pairs * sizeof(uint));
+                    for (long pair = 0; pair < pairs; pair++)
+                        for (int r = 0; r < Width; r++) panel[pair * Width + r] = rows[r * pairs + pair];
+                }
+            }
+            finally
+            {
+                System.Runtime.InteropServices.NativeMemory.Free(rows);
+            }
+        });
     }
 
     /// <summary>The row-major matrix back from its panels (tests).</summary>
