@@ -32,8 +32,9 @@ internal static class QualityBench
         void Report(string name, List<float[][]> reference, List<float[][]> logits)
         {
             var (kl, top1, n) = Compare(reference, logits);
-            Console.WriteLine($"| {name} | {kl:E3} | {top1:P2} | {n} |");
-            results[name] = new JsonObject { ["mean_kl"] = kl, ["top1_agreement"] = top1, ["positions"] = n };
+            float maxDiff = reference.Zip(logits).Max(t => t.First.Zip(t.Second).Max(r => r.First.Zip(r.Second).Max(v => MathF.Abs(v.First - v.Second))));
+            Console.WriteLine($"| {name} | {kl:E3} | {top1:P2} | {n} | {maxDiff:E2} |");
+            results[name] = new JsonObject { ["mean_kl"] = kl, ["top1_agreement"] = top1, ["positions"] = n, ["max_abs_logit_difference"] = maxDiff };
         }
         uint longest = (uint)texts.Max(t => t.Length);
         List<float[][]> Peer(string dir, GgufType type)
@@ -45,8 +46,8 @@ internal static class QualityBench
         // 16-bit: the model rounded to bf16 (as a checkpoint ships it); the reference is our float32 expansion of it.
         var bf16Model = BenchModels.Bf16Copy(model);
         var bf16Reference = Logits(new EngineOptions { Model = bf16Model, WeightDType = "float32" }, texts);
-        Console.WriteLine("| format (16-bit: against our float32 expansion of the bf16 weights) | mean KL (nats) | top-1 agreement | positions |");
-        Console.WriteLine("|---|---|---|---|");
+        Console.WriteLine("| format (16-bit: against our float32 expansion of the bf16 weights) | mean KL (nats) | top-1 agreement | positions | max logit difference |");
+        Console.WriteLine("|---|---|---|---|---|");
         Report("LocalVllm bf16", bf16Reference, Logits(new EngineOptions { Model = bf16Model }, texts));
         Report("llama.cpp BF16", bf16Reference, Peer(bf16Model, GgufType.BF16));
         Report("llama.cpp F16", bf16Reference, Peer(bf16Model, GgufType.F16));
@@ -54,8 +55,8 @@ internal static class QualityBench
 
         // 8-bit: the float32 model quantized; the reference is our float32 run of it.
         var reference = Logits(new EngineOptions { Model = model }, texts);
-        Console.WriteLine("| format (8-bit: against our float32) | mean KL (nats) | top-1 agreement | positions |");
-        Console.WriteLine("|---|---|---|---|");
+        Console.WriteLine("| format (8-bit: against our float32) | mean KL (nats) | top-1 agreement | positions | max logit difference |");
+        Console.WriteLine("|---|---|---|---|---|");
         Report("LocalVllm int8", reference, Logits(new EngineOptions { Model = model, Quantization = "int8" }, texts));
         Report("llama.cpp Q8_0", reference, Peer(model, GgufType.Q8_0));
         Report("llama.cpp F32 (check: same weights unquantized)", reference, Peer(model, GgufType.F32));
