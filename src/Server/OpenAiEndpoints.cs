@@ -183,6 +183,8 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                     merged.Writer.TryComplete(e);
                 }
             }).ToList();
+            // Text of updates that are already waiting behind this one goes out in one event (PendingDeltas).
+            var pending = new PendingDeltas(chunks, streams.Count);
             int open = streams.Count;
             while (open > 0)
             {
@@ -190,12 +192,16 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                 if (update is null)
                 {
                     open--;
-                    chunks.Write(index, default, turns[index].FinishReason);
+                    pending.Finish(index, turns[index].FinishReason);
                 }
                 else
                     foreach (var delta in turns[index].Add(update))
-                        chunks.Write(index, delta, null);
-                if (!merged.Reader.TryPeek(out _)) await Flush(ctx);
+                        pending.Add(index, delta);
+                if (!merged.Reader.TryPeek(out _))
+                {
+                    pending.WriteAll();
+                    await Flush(ctx);
+                }
             }
             await Task.WhenAll(pumps);
             if (request.IncludeUsage)

@@ -165,6 +165,46 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task Chat_text_deltas_held_while_more_wait_go_out_as_one_event_per_run()
+    {
+        var pipe = new System.IO.Pipelines.Pipe();
+        var pending = new PendingDeltas(new ChatChunkWriter(pipe.Writer, "chatcmpl-test", 0, "tiny-qwen3-chat"), 2);
+        var logprobs = new JsonObject { ["content"] = new JsonArray() };
+        var toolCalls = new JsonArray { new JsonObject { ["index"] = 0, ["id"] = "call_1" } };
+        // Completion 0: reasoning in two pieces, content in three (the second with logprobs, which keep their own event),
+        // a tool call; completion 1, interleaved: content in two pieces. Then a flush point, then more text.
+        pending.Add(0, new("reasoning_content", "Let me ", null, null));
+        pending.Add(1, new("content", "Hi", null, null));
+        pending.Add(0, new("reasoning_content", "think.", null, null));
+        pending.Add(0, new("content", "The ", null, null));
+        pending.Add(1, new("content", " there", null, null));
+        pending.Add(0, new("content", "answer", null, logprobs));
+        pending.Add(0, new("content", " is", null, null));
+        pending.Add(0, new("content", " 4", null, null));
+        pending.Add(0, new(null, null, toolCalls, null));
+        pending.WriteAll();
+        pending.Add(1, new("content", "!", null, null));
+        pending.Finish(1, "stop");
+        pending.Finish(0, "tool_calls");
+        await pipe.Writer.CompleteAsync();
+        string written = await new StreamReader(pipe.Reader.AsStream()).ReadToEndAsync();
+
+        var events = written.Split("\n\n", StringSplitOptions.RemoveEmptyEntries).Select(e => JsonNode.Parse(e["data: ".Length..])!["choices"]![0]!).ToList();
+        string Describe(JsonNode c)
+        {
+            var d = c["delta"]!.AsObject();
+            string what = string.Join(",", d.Select(p => p.Key == "tool_calls" ? "tool_calls" : $"{p.Key}={p.Value}"));
+            return $"{c["index"]}:{what}{(c["logprobs"] is null ? "" : "+logprobs")}{(c["finish_reason"] is { } f ? "|" + f : "")}";
+        }
+        Assert.Equal(
+            [
+                "0:reasoning_content=Let me think.", "0:content=The ", "0:content=answer+logprobs", "0:content= is 4", "0:tool_calls",
+                "1:content=Hi there", "1:content=!", "1:|stop", "0:|tool_calls",
+            ],
+            events.Select(Describe));
+    }
+
+    [Fact]
     public async Task Models_health_tokenize_and_detokenize_answer()
     {
         using var health = await fixture.Http.GetAsync("health");
