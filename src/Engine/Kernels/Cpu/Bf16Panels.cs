@@ -14,8 +14,8 @@ namespace LocalVllm.Engine.Kernels.Cpu;
 /// the products need no horizontal sums and no transposed write-back, and a pass of 8 input rows has 16 independent
 /// accumulators. Rows are taken 8, 4, 2 and 1 at a time by tiles that all add a row's terms in the same order (k
 /// ascending, one accumulator per 16 features), so a row gets the same bits alone or in any batch.
-/// Measured against the row-major kernels (`micro --part formats`, docs/benchmarks.md): 5-12 rows of Qwen3-0.6B's
-/// layers 1.3-1.6x faster, 1-2 and 16+ rows about the same.
+/// Measured against the row-major kernels (`micro --part formats`, docs/benchmarks.md): 2-16 rows of Qwen3-0.6B's
+/// layers 1.3-1.6x faster, one row the same, 32-256 rows 1.1-1.15x.
 /// </summary>
 internal static unsafe class Bf16Panels
 {
@@ -29,8 +29,9 @@ internal static unsafe class Bf16Panels
     /// How far ahead (in 32-bit pairs, 4 bytes each: 16 KB) the one- and two-row tiles request the panel stream, which
     /// they read from memory at its full rate: without it single-row decode ran 20-25 % slower than the row-major kernel,
     /// which requests rows ahead (qwen3-single 29-31 tok/s against 32-39; 1,024 and 2,048 ahead gave 31-33, 4,096 39).
-    /// The 4- and 8-row tiles, compute-bound, go without (with it there, 128-row prefill fell from about 300 tok/s to
-    /// 180). Past the end of the matrix the hint is harmless: a prefetch never faults.
+    /// The 4- and 8-row tiles, compute-bound, do not request ahead within their panel (every pass doing so took 128-row
+    /// prefill from about 300 tok/s to 180); their last pass requests the next panel instead (<see cref="Chunk"/>). Past
+    /// the end of the matrix the hint is harmless: a prefetch never faults.
     /// </summary>
     private const int FetchAhead = 4096;
 
