@@ -24,7 +24,7 @@ internal sealed class WeightMatrix : IDisposable
     /// Whether bfloat16 matrices go into panels where they can (<see cref="Bf16Panels"/>); the environment variable
     /// LOCALVLLM_BF16_PANELS=0 keeps them row-major (for measuring one against the other).
     /// </summary>
-    internal static bool UsePanels = Environment.GetEnvironmentVariable("LOCALVLLM_BF16_PANELS") != "0";
+    internal static readonly bool UsePanels = Environment.GetEnvironmentVariable("LOCALVLLM_BF16_PANELS") != "0";
 
     /// <summary>The stored values: [n, k] in float32, bfloat16, float16, or int8 when <see cref="Scales"/> is set.</summary>
     public Tensor Values { get; }

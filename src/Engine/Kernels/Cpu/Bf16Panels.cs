@@ -35,8 +35,8 @@ internal static unsafe class Bf16Panels
     /// </summary>
     private const int FetchAhead = 4096;
 
-    /// <summary>Whether this CPU runs the panel kernel.</summary>
-    public static bool Supported => Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
+    /// <summary>Whether this CPU runs the panel kernel (AVX-512, as the broadcast kernel).</summary>
+    public static bool Supported => SmallBatchLinear.BroadcastSupported;
 
     /// <summary>Whether a [<paramref name="n"/>, <paramref name="k"/>] matrix can be stored in panels.</summary>
     public static bool Fits(long n, long k) => n > 0 && n % Width == 0 && k > 0 && k % 2 == 0;
