@@ -69,12 +69,15 @@ var clients = new Option<int>("--clients") { Description = "concurrent streaming
 var promptTokens = new Option<int>("--prompt-tokens") { DefaultValueFactory = _ => 64 };
 var outputTokens = new Option<int>("--output-tokens") { DefaultValueFactory = _ => 64 };
 var serveRepeat = new Option<int>("--repeat") { Description = "rounds (in-process, then HTTP); the median is reported", DefaultValueFactory = _ => 3 };
+var waves = new Option<int>("--waves") { Description = "requests each client sends one after another per round (longer rounds, steadier figures)", DefaultValueFactory = _ => 1 };
+var streamInterval = new Option<int>("--stream-interval") { Description = "the engine's StreamInterval (vLLM's --stream-interval) for both paths", DefaultValueFactory = _ => 1 };
+var cpuByThread = new Option<bool>("--cpu-by-thread") { Description = "print each run's CPU time by thread name" };
 var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback against the same engine in-process: throughput and time to first token")
 {
-    serveSize, clients, promptTokens, outputTokens, serveRepeat, threads, json,
+    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, threads, json,
 };
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
-    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(threads), r.GetValue(json))));
+    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(threads), r.GetValue(json))));
 
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };

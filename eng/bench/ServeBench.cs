@@ -19,19 +19,21 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class ServeBench
 {
-    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int? Threads, string? Json);
+    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, int? Threads, string? Json);
 
     public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds);
 
     public static int Execute(Settings s)
     {
         TorchRuntime.Configure();
+        s_cpuByThread = s.CpuByThread;
         var model = WithTokenizer(BenchModels.Resolve(s.Size));
         var options = new ServerOptions { Model = model, Port = 0 };
         options.Engine.EnablePrefixCaching = false;
         options.Engine.KvCacheMemoryBytes = 1L << 30;
         options.Engine.NumThreads = s.Threads;
         options.Engine.MaxNumSeqs = Math.Max(128, s.Clients);
+        options.Engine.StreamInterval = s.StreamInterval;
         var server = LocalVllmServer.Create(options, logging: b => b.SetMinimumLevelWarning());
         server.StartAsync().GetAwaiter().GetResult();
         try
@@ -40,20 +42,27 @@ internal static class ServeBench
             var engine = server.Engine.Engine;
             int vocab = engine.Engine.Model.Config.VocabSize;
             var rng = new Random(0);
-            int[][] Prompts() => Enumerable.Range(0, s.Clients).Select(_ => Enumerable.Range(0, s.PromptTokens).Select(_ => rng.Next(3, vocab)).ToArray()).ToArray();
+            int[][] Prompts() => Enumerable.Range(0, s.Clients * s.Waves).Select(_ => Enumerable.Range(0, s.PromptTokens).Select(_ => rng.Next(3, vocab)).ToArray()).ToArray();
             var sampling = new SamplingParams { Temperature = 0, MaxTokens = s.OutputTokens, IgnoreEos = true, OutputKind = RequestOutputKind.Delta };
 
-            // Warm-up: both paths once with a few short requests (JIT, Kestrel, connections).
-            InProcess(engine, Prompts().Take(4).ToArray(), sampling with { MaxTokens = 4 }).GetAwaiter().GetResult();
-            OverHttp(http, Prompts().Take(4).ToArray(), 4).GetAwaiter().GetResult();
+            // Warm-up: one full round of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
+            // buffers at this batch size: the first rounds ran up to 2x slower than the later ones).
+            InProcess(engine, Prompts(), sampling, s.Waves).GetAwaiter().GetResult();
+            OverHttp(http, Prompts(), s.OutputTokens, s.Waves).GetAwaiter().GetResult();
 
             var runs = new List<Run>();
             for (int r = 0; r < s.Repeat; r++)
             {
-                runs.Add(Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling)));
+                // The paths take turns going first (ABBA), so that a host getting faster or slower favours neither.
+                Run? a = null, b = null;
+                if (r % 2 == 1) a = Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling, s.Waves));
                 Interlocked.Exchange(ref s_textEvents, 0);
-                runs.Add(Measure("http", s.Clients, () => OverHttp(http, Prompts(), s.OutputTokens)));
-                double tokensPerEvent = (double)s.Clients * s.OutputTokens / Math.Max(1, Interlocked.Read(ref s_textEvents));
+                b = Measure("http", s.Clients, () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves));
+                long textEvents = Interlocked.Read(ref s_textEvents);
+                a ??= Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling, s.Waves));
+                runs.Add(a);
+                runs.Add(b);
+                double tokensPerEvent = (double)s.Clients * s.Waves * s.OutputTokens / Math.Max(1, textEvents);
                 Console.WriteLine($"  round {r + 1}: in-process {runs[^2].TokensPerSecond:F1} tok/s (TTFT p50 {runs[^2].TtftP50Ms:F1} ms), " +
                                   $"http {runs[^1].TokensPerSecond:F1} tok/s (TTFT p50 {runs[^1].TtftP50Ms:F1} ms, {tokensPerEvent:F2} tokens per event)");
             }
@@ -66,7 +75,7 @@ internal static class ServeBench
             var overHttp = Median("http");
             double ttftIn = runs.Where(x => x.Path == "in-process").Select(x => x.TtftP50Ms).Order().ElementAt(s.Repeat / 2);
             double ttftHttp = runs.Where(x => x.Path == "http").Select(x => x.TtftP50Ms).Order().ElementAt(s.Repeat / 2);
-            Console.WriteLine($"{s.Size}, {s.Clients} streaming clients, {s.PromptTokens}-token prompts, {s.OutputTokens} tokens each (median of {s.Repeat}):");
+            Console.WriteLine($"{s.Size}, {s.Clients} streaming clients x {s.Waves} requests, {s.PromptTokens}-token prompts, {s.OutputTokens} tokens each, stream interval {s.StreamInterval} (median of {s.Repeat}):");
             Console.WriteLine($"  throughput: http {overHttp.TokensPerSecond:F1} tok/s / in-process {inProcess.TokensPerSecond:F1} tok/s = {overHttp.TokensPerSecond / inProcess.TokensPerSecond:P1}");
             Console.WriteLine($"  TTFT p50: http {ttftHttp:F1} ms, in-process {ttftIn:F1} ms, added {ttftHttp - ttftIn:F1} ms");
             if (s.Json is not null)
@@ -104,38 +113,50 @@ internal static class ServeBench
         return target;
     }
 
+    private static bool s_cpuByThread;
+
     private static Run Measure(string path, int clients, Func<Task<(long Tokens, List<double> TtftMs)>> work)
     {
+        var cpu0 = ThreadCpu.Snapshot();
         var t0 = Stopwatch.GetTimestamp();
         var (tokens, ttft) = work().GetAwaiter().GetResult();
         double wall = Stopwatch.GetElapsedTime(t0).TotalSeconds;
+        if (s_cpuByThread) Console.WriteLine($"    {path} {wall * 1000:F0} ms wall: {ThreadCpu.Difference(cpu0, ThreadCpu.Snapshot())}");
         var sorted = ttft.Order().ToArray();
         return new Run(path, clients, tokens / wall, sorted[sorted.Length / 2], wall);
     }
 
-    private static async Task<(long, List<double>)> InProcess(AsyncLlmEngine engine, int[][] prompts, SamplingParams sampling)
+    /// <summary>Client c sends prompts c*waves .. c*waves+waves-1 one after another; returns the tokens and every request's time to first token.</summary>
+    private static async Task<(long, List<double>)> Clients(int[][] prompts, int waves, Func<int[], Task<(long Tokens, double TtftMs)>> request)
     {
-        var ttft = new double[prompts.Length];
-        var counts = await Task.WhenAll(prompts.Select(async (p, i) =>
+        var results = await Task.WhenAll(Enumerable.Range(0, prompts.Length / waves).Select(async c =>
+        {
+            var mine = new List<(long Tokens, double TtftMs)>();
+            for (int w = 0; w < waves; w++) mine.Add(await request(prompts[c * waves + w]));
+            return mine;
+        }));
+        var all = results.SelectMany(r => r).ToList();
+        return (all.Sum(r => r.Tokens), all.Select(r => r.TtftMs).ToList());
+    }
+
+    private static Task<(long, List<double>)> InProcess(AsyncLlmEngine engine, int[][] prompts, SamplingParams sampling, int waves) =>
+        Clients(prompts, waves, async p =>
         {
             long start = Stopwatch.GetTimestamp();
             long n = 0;
+            double ttft = 0;
             await foreach (var o in engine.GenerateAsync(p, sampling))
             {
-                if (n == 0) ttft[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                if (n == 0) ttft = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
                 n += o.Outputs[0].TokenIds.Count;
             }
-            return n;
-        }));
-        return (counts.Sum(), ttft.ToList());
-    }
+            return (n, ttft);
+        });
 
     private static long s_textEvents;
 
-    private static async Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens)
-    {
-        var ttft = new double[prompts.Length];
-        var counts = await Task.WhenAll(prompts.Select(async (p, i) =>
+    private static Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens, int waves) =>
+        Clients(prompts, waves, async p =>
         {
             var body = new JsonObject
             {
@@ -152,7 +173,7 @@ internal static class ServeBench
             using var stream = await response.Content.ReadAsStreamAsync();
             var buffer = new byte[64 * 1024];
             int read = await stream.ReadAsync(buffer);
-            ttft[i] = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            double ttft = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
             using var rest = new MemoryStream();
             rest.Write(buffer, 0, read);
             await stream.CopyToAsync(rest);
@@ -163,10 +184,8 @@ internal static class ServeBench
             long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
             // Events that carried text: all but the usage chunk and [DONE] (the server merges outputs already waiting).
             Interlocked.Add(ref s_textEvents, text.AsSpan().Count("data: ") - 2);
-            return n;
-        }));
-        return (counts.Sum(), ttft.ToList());
-    }
+            return (n, ttft);
+        });
 
     private static void SetMinimumLevelWarning(this Microsoft.Extensions.Logging.ILoggingBuilder b) =>
         b.AddFilter((Func<Microsoft.Extensions.Logging.LogLevel, bool>)(level => level >= Microsoft.Extensions.Logging.LogLevel.Warning));

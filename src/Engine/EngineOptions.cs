@@ -93,6 +93,14 @@ public sealed class EngineOptions
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
     public int? NumThreads { get; set; }
 
+    /// <summary>
+    /// Tokens a streaming request gathers before its next output (vLLM's <c>stream_interval</c>): 1 (the default) hands
+    /// out every step's token at once; a larger value sends fewer, larger outputs, which saves the consumer's work per
+    /// output (a server's event and socket write per token) when steps are fast. A request's first token and its finish
+    /// always go out in the step that produced them, so the time to first token does not change.
+    /// </summary>
+    public int StreamInterval { get; set; } = 1;
+
     /// <summary>A copy of these options (lists and the hub settings are shared, not copied).</summary>
     public EngineOptions Clone() => (EngineOptions)MemberwiseClone();
 
@@ -105,6 +113,7 @@ public sealed class EngineOptions
         if (KvCacheMemoryBytes is <= 0) throw new ArgumentOutOfRangeException(nameof(KvCacheMemoryBytes), KvCacheMemoryBytes, "KvCacheMemoryBytes must be positive.");
         if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
         if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
+        if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))
             throw new ArgumentException($"Unknown device '{Device}'; use 'cpu' or 'cuda'.", nameof(Device));

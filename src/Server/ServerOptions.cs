@@ -47,6 +47,7 @@ public sealed class ServerOptions
           --quantization Q            int8: quantize the matrices at load (groups of 32, as llama.cpp's Q8_0)
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
+          --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -75,6 +76,7 @@ public sealed class ServerOptions
                 case "--port": o.Port = Int(); break;
                 case "--api-key": o.ApiKey = Value(); break;
                 case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
+                case "--stream-interval": o.Engine.StreamInterval = Int(); break;
                 case "--max-num-batched-tokens": o.Engine.MaxNumBatchedTokens = Int(); break;
                 case "--block-size": o.Engine.BlockSize = Int(); break;
                 case "--max-model-len": o.Engine.MaxModelLen = Int(); break;

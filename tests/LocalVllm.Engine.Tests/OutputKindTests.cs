@@ -101,4 +101,54 @@ public sealed class OutputKindTests
         Assert.Equal(final.Outputs[0].TokenIds, ids);
         Assert.Equal(final.Outputs[0].Text, text);
     }
+
+    [Fact]
+    public void A_stream_interval_sends_the_first_token_at_once_then_every_interval_tokens_and_the_same_result()
+    {
+        const int interval = 4;
+        using var plain = new Llm(EngineHarness.Options("stories260K"));
+        using var gathered = new Llm(EngineHarness.Options("stories260K", o => o.StreamInterval = interval));
+        var prompt = plain.Engine.EncodePrompt("Once upon a time, there was a little girl named");
+
+        // Delta outputs (n = 2, seeded, a stop string, logprobs): the pieces add up to the plain run's cumulative end;
+        // each completion's first tokens come in the step that made them, and later outputs wait for the interval
+        // unless the completion (one of the two) or the request finished.
+        var reference = Run(plain.Engine, prompt, Seeded with { OutputKind = RequestOutputKind.Cumulative })[^1];
+        var stepsPlain = Run(plain.Engine, prompt, Seeded with { OutputKind = RequestOutputKind.Delta });
+        var deltas = Run(gathered.Engine, prompt, Seeded with { OutputKind = RequestOutputKind.Delta });
+        Assert.True(deltas.Count < stepsPlain.Count * 2 / 3, $"{deltas.Count} outputs with an interval of {interval} against {stepsPlain.Count} without");
+        Assert.True(deltas[^1].Finished);
+        foreach (var expected in reference.Outputs)
+        {
+            var pieces = deltas.Select(d => d.Outputs.SingleOrDefault(c => c.Index == expected.Index)).ToList();
+            var sent = pieces.Where(c => c is not null).Select(c => c!).ToList();
+            Assert.Equal(expected.TokenIds, sent.SelectMany(c => c.TokenIds));
+            Assert.Equal(expected.Text, string.Concat(sent.Select(c => c.Text)));
+            Assert.Equal(expected.Logprobs!.Select(l => (l.TokenId, l.Logprob)), sent.SelectMany(c => c.Logprobs!).Select(l => (l.TokenId, l.Logprob)));
+            Assert.Equal(expected.FinishReason, sent[^1].FinishReason);
+            Assert.Single(sent[0].TokenIds); // the first token alone, in the first output
+            Assert.Equal(0, pieces.IndexOf(sent[0]));
+            foreach (var c in sent.Skip(1).Where(c => !c.Finished)) Assert.True(c.TokenIds.Count >= interval, $"an unfinished output carried {c.TokenIds.Count} tokens");
+        }
+        // One token per step here, so between the first output and the finish an output goes out every interval steps.
+        Assert.All(deltas.Take(deltas.Count - 1).Skip(1), d => Assert.Contains(d.Outputs, c => c.TokenIds.Count == interval));
+
+        // Cumulative outputs follow the same rhythm and end the same; final-only is unchanged.
+        var cumulative = Run(gathered.Engine, prompt, Seeded with { OutputKind = RequestOutputKind.Cumulative });
+        Assert.Equal(deltas.Count, cumulative.Count);
+        foreach (var (a, b) in reference.Outputs.Zip(cumulative[^1].Outputs))
+        {
+            Assert.Equal(a.TokenIds, b.TokenIds);
+            Assert.Equal(a.Text, b.Text);
+        }
+        Assert.Single(Run(gathered.Engine, prompt, Seeded with { OutputKind = RequestOutputKind.FinalOnly }));
+        EngineHarness.AssertNoLeaks(gathered.Engine);
+    }
+
+    [Fact]
+    public void A_stream_interval_below_one_is_refused_by_name()
+    {
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => new Llm(EngineHarness.Options("stories260K", o => o.StreamInterval = 0)));
+        Assert.Contains("StreamInterval", e.Message);
+    }
 }

@@ -484,17 +484,29 @@ public sealed class ServerOverloadTests
     }
 
     [Fact]
-    public async Task A_base_model_serves_completions_with_the_reference_text_and_refuses_chat()
+    public async Task A_base_model_serves_completions_with_the_reference_text_streamed_under_a_stream_interval_and_refuses_chat()
     {
-        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M"]));
+        const int interval = 3;
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
+            "--stream-interval", $"{interval}"]));
         await server.StartAsync();
         using var http = new HttpClient { BaseAddress = server.BaseAddress };
         var c = Fixtures.Reference("stories260K")["cases"]![0]!; // llama2.c's own continuation of the prompt
-        var body = new JsonObject { ["prompt"] = c["text"]!.GetValue<string>(), ["temperature"] = 0, ["max_tokens"] = Fixtures.Ints(c["greedy_ids"]).Length, ["ignore_eos"] = true };
+        int tokens = Fixtures.Ints(c["greedy_ids"]).Length;
+        var body = new JsonObject { ["prompt"] = c["text"]!.GetValue<string>(), ["temperature"] = 0, ["max_tokens"] = tokens, ["ignore_eos"] = true };
         using var response = await http.PostAsync("v1/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
         var json = JsonNode.Parse(await response.Content.ReadAsStringAsync())!;
         Assert.Equal(c["greedy_text"]!.GetValue<string>(), json["choices"]![0]!["text"]!.GetValue<string>());
         Assert.Equal(Fixtures.Ints(c["prompt_ids"]).Length, json["usage"]!["prompt_tokens"]!.GetValue<int>());
+
+        // Streamed under --stream-interval: the same text in at most one event for the first token and one per
+        // interval after it (the finish rides on the last).
+        body["stream"] = true;
+        using var streamed = await http.PostAsync("v1/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var events = (await streamed.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries)[..^1]
+            .Select(e => JsonNode.Parse(e["data: ".Length..])!["choices"]![0]!["text"]!.GetValue<string>()).ToList();
+        Assert.Equal(c["greedy_text"]!.GetValue<string>(), string.Concat(events));
+        Assert.InRange(events.Count, 2, 1 + (tokens - 1 + interval - 1) / interval);
 
         var chat = new JsonObject { ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = "hi" } } };
         using var refused = await http.PostAsync("v1/chat/completions", new StringContent(chat.ToJsonString(), Encoding.UTF8, "application/json"));
@@ -549,8 +561,9 @@ public sealed class ServerOverloadTests
     {
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
-            "--weight-dtype", "bf16", "--quantization", "int8"]);
+            "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4"]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
+        Assert.Equal(4, o.Engine.StreamInterval);
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
         Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
             (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));

@@ -16,7 +16,7 @@ namespace LocalVllm.Engine.Core;
 /// its blocks. Owned by the engine thread.
 /// </summary>
 internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger,
-    Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true)
+    Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true, int streamInterval = 1)
 {
     private readonly Dictionary<string, Request> _requests = [];
     private Func<string, int[]>? _encode; // the tokenizer's encoding for jump-forward, one delegate for all tokens
@@ -203,9 +203,24 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
                 counters.FinishedRequests++;
                 EngineMetrics.FinishedRequests.Add(1);
             }
-            else if (request.Sampling.OutputKind == RequestOutputKind.FinalOnly) continue;
+            else if (request.Sampling.OutputKind == RequestOutputKind.FinalOnly || (streamInterval > 1 && !DueForOutput(request))) continue;
             yield return BuildOutput(request);
         }
+    }
+
+    /// <summary>
+    /// Whether an unfinished request's output goes out this step under a stream interval: when a completion has its
+    /// first tokens, has gathered <c>streamInterval</c> tokens since its last output, or has finished (one of n).
+    /// </summary>
+    private bool DueForOutput(Request r)
+    {
+        foreach (var s in r.Sequences)
+        {
+            int unsent = s.NumOutputTokens - s.NumOutputTokensSent;
+            if ((s.NumOutputTokensSent == 0 && unsent > 0) || unsent >= streamInterval || (s.Status == SequenceStatus.Finished && !s.FinishSent))
+                return true;
+        }
+        return false;
     }
 
     /// <summary>The request's output: what is new since its last output (delta), else everything so far.</summary>
@@ -219,12 +234,9 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             if (finished) s.Detokenizer?.Flush();
             // Delta: only what this completion produced since the request's last output; cumulative: everything.
             int from = delta ? s.NumOutputTokensSent : 0;
-            if (delta)
-            {
-                if (from == s.NumOutputTokens && (!finished || s.FinishSent)) continue; // nothing new for this completion
-                s.NumOutputTokensSent = s.NumOutputTokens;
-                s.FinishSent = finished;
-            }
+            if (delta && s.NumOutputTokensSent == s.NumOutputTokens && (!finished || s.FinishSent)) continue; // nothing new for this completion
+            s.NumOutputTokensSent = s.NumOutputTokens;
+            s.FinishSent = finished;
             completions.Add(new CompletionOutput
             {
                 Index = s.Index,

@@ -65,9 +65,9 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
-    /// <summary>Output tokens already handed out in a delta output (and their log-probabilities).</summary>
+    /// <summary>Output tokens already handed out in an output (and, for delta outputs, their log-probabilities).</summary>
     internal int NumOutputTokensSent { get; set; }
-    /// <summary>Whether a delta output has already reported this sequence's finish.</summary>
+    /// <summary>Whether an output has already reported this sequence's finish.</summary>
     internal bool FinishSent { get; set; }
     internal long? LastTokenTicks { get; set; }
     /// <summary>Whether this step's tokens finish the known tokens, so the step samples the next one.</summary>

@@ -1,0 +1,36 @@
+namespace LocalVllm.Bench;
+
+/// <summary>CPU time (user + system, in clock ticks of 10 ms) of this process's threads by name, from /proc/self/task.</summary>
+internal static class ThreadCpu
+{
+    public static Dictionary<string, long> Snapshot()
+    {
+        var byThread = new Dictionary<string, long>();
+        foreach (var dir in Directory.GetDirectories("/proc/self/task"))
+        {
+            try
+            {
+                var stat = File.ReadAllText(Path.Combine(dir, "stat"));
+                int open = stat.IndexOf('('), close = stat.LastIndexOf(')');
+                var fields = stat[(close + 2)..].Split(' ');
+                long ticks = long.Parse(fields[11]) + long.Parse(fields[12]);
+                byThread[Path.GetFileName(dir) + ":" + stat[(open + 1)..close]] = ticks;
+            }
+            catch (IOException) { } // a thread that ended meanwhile
+        }
+        return byThread;
+    }
+
+    /// <summary>The CPU each thread group (name with digits dropped) used between two snapshots, largest first.</summary>
+    public static string Difference(Dictionary<string, long> before, Dictionary<string, long> after)
+    {
+        var groups = new Dictionary<string, long>();
+        foreach (var (key, ticks) in after)
+        {
+            long used = ticks - before.GetValueOrDefault(key);
+            var name = new string(key[(key.IndexOf(':') + 1)..].Where(c => !char.IsDigit(c)).ToArray()).Trim();
+            groups[name] = groups.GetValueOrDefault(name) + used;
+        }
+        return string.Join(", ", groups.Where(g => g.Value > 0).OrderByDescending(g => g.Value).Select(g => $"{g.Key} {g.Value * 10} ms"));
+    }
+}
