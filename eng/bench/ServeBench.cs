@@ -21,7 +21,7 @@ internal static class ServeBench
 {
     public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, int? Threads, string? Json);
 
-    public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds);
+    public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds, long Tokens, Dictionary<string, double> CpuMs);
 
     public static int Execute(Settings s)
     {
@@ -45,10 +45,13 @@ internal static class ServeBench
             int[][] Prompts() => Enumerable.Range(0, s.Clients * s.Waves).Select(_ => Enumerable.Range(0, s.PromptTokens).Select(_ => rng.Next(3, vocab)).ToArray()).ToArray();
             var sampling = new SamplingParams { Temperature = 0, MaxTokens = s.OutputTokens, IgnoreEos = true, OutputKind = RequestOutputKind.Delta };
 
-            // Warm-up: one full round of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
+            // Warm-up: two full rounds of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
             // buffers at this batch size: the first rounds ran up to 2x slower than the later ones).
-            InProcess(engine, Prompts(), sampling, s.Waves).GetAwaiter().GetResult();
-            OverHttp(http, Prompts(), s.OutputTokens, s.Waves).GetAwaiter().GetResult();
+            for (int w = 0; w < 2; w++)
+            {
+                InProcess(engine, Prompts(), sampling, s.Waves).GetAwaiter().GetResult();
+                OverHttp(http, Prompts(), s.OutputTokens, s.Waves).GetAwaiter().GetResult();
+            }
 
             var runs = new List<Run>();
             for (int r = 0; r < s.Repeat; r++)
@@ -76,10 +79,24 @@ internal static class ServeBench
             double ttftIn = runs.Where(x => x.Path == "in-process").Select(x => x.TtftP50Ms).Order().ElementAt(s.Repeat / 2);
             double ttftHttp = runs.Where(x => x.Path == "http").Select(x => x.TtftP50Ms).Order().ElementAt(s.Repeat / 2);
             Console.WriteLine($"{s.Size}, {s.Clients} streaming clients x {s.Waves} requests, {s.PromptTokens}-token prompts, {s.OutputTokens} tokens each, stream interval {s.StreamInterval} (median of {s.Repeat}):");
+            // The ratio within each round (its two runs are next to each other in time, so a host that slows down or
+            // speeds up between rounds moves both), and their median: steadier than the ratio of the two medians.
+            var roundRatios = Enumerable.Range(0, s.Repeat).Select(r => runs[2 * r + 1].TokensPerSecond / runs[2 * r].TokensPerSecond).ToList();
+            double ratioMedian = roundRatios.Order().ElementAt(s.Repeat / 2);
             Console.WriteLine($"  throughput: http {overHttp.TokensPerSecond:F1} tok/s / in-process {inProcess.TokensPerSecond:F1} tok/s = {overHttp.TokensPerSecond / inProcess.TokensPerSecond:P1}");
+            Console.WriteLine($"  ratio by round: {string.Join(", ", roundRatios.Select(x => x.ToString("P1")))}; median {ratioMedian:P1}");
+            // CPU time per 1,000 tokens by thread group over all rounds of a path: unlike the wall clock, little moved
+            // by the host's speed, so it shows where the HTTP path's extra work goes.
+            foreach (var path in new[] { "in-process", "http" })
+            {
+                var mine = runs.Where(x => x.Path == path).ToList();
+                double k = mine.Sum(x => x.Tokens) / 1000.0;
+                var perK = mine.SelectMany(x => x.CpuMs).GroupBy(g => g.Key).ToDictionary(g => g.Key, g => g.Sum(x => x.Value) / k);
+                Console.WriteLine($"  CPU per 1,000 tokens, {path}: {perK.Values.Sum():F1} ms ({ThreadCpu.Format(perK.Where(g => g.Value >= 0.5).ToDictionary(), "ms")})");
+            }
             Console.WriteLine($"  TTFT p50: http {ttftHttp:F1} ms, in-process {ttftIn:F1} ms, added {ttftHttp - ttftIn:F1} ms");
             if (s.Json is not null)
-                File.WriteAllText(s.Json, JsonSerializer.Serialize(new { settings = s, runs, ratio = overHttp.TokensPerSecond / inProcess.TokensPerSecond, addedTtftMs = ttftHttp - ttftIn },
+                File.WriteAllText(s.Json, JsonSerializer.Serialize(new { settings = s, runs, ratio = overHttp.TokensPerSecond / inProcess.TokensPerSecond, roundRatios, ratioMedian, addedTtftMs = ttftHttp - ttftIn },
                     new JsonSerializerOptions { WriteIndented = true }));
             return 0;
         }
@@ -121,9 +138,10 @@ internal static class ServeBench
         var t0 = Stopwatch.GetTimestamp();
         var (tokens, ttft) = work().GetAwaiter().GetResult();
         double wall = Stopwatch.GetElapsedTime(t0).TotalSeconds;
-        if (s_cpuByThread) Console.WriteLine($"    {path} {wall * 1000:F0} ms wall: {ThreadCpu.Difference(cpu0, ThreadCpu.Snapshot())}");
+        var cpu = ThreadCpu.Difference(cpu0, ThreadCpu.Snapshot());
+        if (s_cpuByThread) Console.WriteLine($"    {path} {wall * 1000:F0} ms wall: {ThreadCpu.Format(cpu)}");
         var sorted = ttft.Order().ToArray();
-        return new Run(path, clients, tokens / wall, sorted[sorted.Length / 2], wall);
+        return new Run(path, clients, tokens / wall, sorted[sorted.Length / 2], wall, tokens, cpu);
     }
 
     /// <summary>Client c sends prompts c*waves .. c*waves+waves-1 one after another; returns the tokens and every request's time to first token.</summary>

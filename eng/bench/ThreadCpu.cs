@@ -1,6 +1,6 @@
 namespace LocalVllm.Bench;
 
-/// <summary>CPU time (user + system, in clock ticks of 10 ms) of this process's threads by name, from /proc/self/task.</summary>
+/// <summary>CPU time (user + system, counted by the kernel in ticks of 10 ms) of this process's threads by name, from /proc/self/task.</summary>
 internal static class ThreadCpu
 {
     public static Dictionary<string, long> Snapshot()
@@ -21,16 +21,20 @@ internal static class ThreadCpu
         return byThread;
     }
 
-    /// <summary>The CPU each thread group (name with digits dropped) used between two snapshots, largest first.</summary>
-    public static string Difference(Dictionary<string, long> before, Dictionary<string, long> after)
+    /// <summary>The CPU milliseconds each thread group (the thread name without digits) used between two snapshots.</summary>
+    public static Dictionary<string, double> Difference(Dictionary<string, long> before, Dictionary<string, long> after)
     {
-        var groups = new Dictionary<string, long>();
+        var groups = new Dictionary<string, double>();
         foreach (var (key, ticks) in after)
         {
             long used = ticks - before.GetValueOrDefault(key);
+            if (used <= 0) continue;
             var name = new string(key[(key.IndexOf(':') + 1)..].Where(c => !char.IsDigit(c)).ToArray()).Trim();
-            groups[name] = groups.GetValueOrDefault(name) + used;
+            groups[name] = groups.GetValueOrDefault(name) + used * 10.0;
         }
-        return string.Join(", ", groups.Where(g => g.Value > 0).OrderByDescending(g => g.Value).Select(g => $"{g.Key} {g.Value * 10} ms"));
+        return groups;
     }
+
+    public static string Format(IReadOnlyDictionary<string, double> groups, string unit = "ms") =>
+        string.Join(", ", groups.OrderByDescending(g => g.Value).Select(g => $"{g.Key} {g.Value:F0} {unit}"));
 }
