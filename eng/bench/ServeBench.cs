@@ -11,11 +11,13 @@ using Microsoft.Extensions.Logging;
 namespace LocalVllm.Bench;
 
 /// <summary>
-/// The HTTP server against the same engine in-process, in one run: <c>--clients</c> concurrent streaming requests
-/// (random prompts, fixed output length, EOS ignored, greedy) go once straight to the server's <see cref="AsyncLlmEngine"/>
-/// and once through <c>POST /v1/completions</c> with <c>stream: true</c> over loopback, alternating, <c>--repeat</c>
-/// times. Reported: output tokens per second and time to first token (p50) of each path, the median run of each, and
-/// their ratio and difference. The prefix cache is off so that no run reuses another's prompts.
+/// The HTTP server against the same engine in-process, in one run: <c>--clients</c> concurrent streaming clients, each
+/// sending <c>--waves</c> requests one after another (random prompts, fixed output length, EOS ignored, greedy), go
+/// once straight to the server's <see cref="AsyncLlmEngine"/> and once through <c>POST /v1/completions</c> with
+/// <c>stream: true</c> over loopback, <c>--repeat</c> rounds after two warm-up rounds, the paths taking turns going
+/// first. Reported: output tokens per second and time to first token (p50) of each path, the median run of each, their
+/// ratio and difference, the ratio within each round and its median, and CPU time per 1,000 tokens by thread group.
+/// The prefix cache is off so that no run reuses another's prompts.
 /// </summary>
 internal static class ServeBench
 {
@@ -85,8 +87,9 @@ internal static class ServeBench
             double ratioMedian = roundRatios.Order().ElementAt(s.Repeat / 2);
             Console.WriteLine($"  throughput: http {overHttp.TokensPerSecond:F1} tok/s / in-process {inProcess.TokensPerSecond:F1} tok/s = {overHttp.TokensPerSecond / inProcess.TokensPerSecond:P1}");
             Console.WriteLine($"  ratio by round: {string.Join(", ", roundRatios.Select(x => x.ToString("P1")))}; median {ratioMedian:P1}");
-            // CPU time per 1,000 tokens by thread group over all rounds of a path: unlike the wall clock, little moved
-            // by the host's speed, so it shows where the HTTP path's extra work goes.
+            // CPU time per 1,000 tokens by thread group over all rounds of a path: where the HTTP path's extra work goes.
+            // (It moves with the host's speed as the wall clock does; the engine's threads poll, so their share fills
+            // whatever the other threads leave.)
             foreach (var path in new[] { "in-process", "http" })
             {
                 var mine = runs.Where(x => x.Path == path).ToList();
