@@ -46,11 +46,16 @@ public sealed class RealEngineChatTests
         Assert.True(second.Usage.CachedInputTokenCount > 0);
     }
 
-    /// <summary>Streaming against the fixture's independent greedy ids (every case), not against the non-streaming path built on it.</summary>
-    [Fact]
-    public async Task Streaming_yields_the_reference_greedy_continuation_and_its_usage()
+    /// <summary>
+    /// Streaming against the fixture's independent greedy ids (every case), not against the non-streaming path built on
+    /// it; also with the engine's StreamInterval, whose updates carry several tokens after the first.
+    /// </summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(5)]
+    public async Task Streaming_yields_the_reference_greedy_continuation_and_its_usage(int streamInterval)
     {
-        using var engine = NewEngine();
+        using var engine = new LocalVllmEngine(new EngineOptions { Model = ModelDir, KvCacheMemoryBytes = 16L << 20, StreamInterval = streamInterval });
         var client = new LocalVllmChatClient(engine);
         var tokenizer = engine.Engine.Engine.Tokenizer!;
         foreach (var c in Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray().Where(x => x!["tools"] is null))
@@ -63,10 +68,11 @@ public sealed class RealEngineChatTests
             var streamed = new System.Text.StringBuilder();
             var finish = new List<ChatFinishReason>();
             UsageDetails? usage = null;
-            int updates = 0;
+            int updates = 0, textUpdates = 0;
             await foreach (var u in client.GetStreamingResponseAsync(messages, options))
             {
                 updates++;
+                if (u.Text.Length > 0) textUpdates++;
                 streamed.Append(u.Text);
                 if (u.FinishReason is { } f) finish.Add(f);
                 usage ??= u.Contents.OfType<UsageContent>().SingleOrDefault()?.Details;
@@ -76,6 +82,8 @@ public sealed class RealEngineChatTests
             Assert.Equal(Fixtures.Ints(c["prompt_ids"]).Length, usage!.InputTokenCount);
             Assert.Equal(greedy.Length, usage.OutputTokenCount);
             Assert.True(updates >= 2, $"{c["name"]}: {updates} update(s); a stream of {greedy.Length} tokens arrived in one piece");
+            // The first token alone, then one update per interval at most (an update can also be a token that adds no text yet).
+            Assert.InRange(textUpdates, 1, 1 + (greedy.Length - 1 + streamInterval - 1) / streamInterval);
         }
     }
 
