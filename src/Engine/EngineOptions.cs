@@ -90,6 +90,13 @@ public sealed class EngineOptions
 
     /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
     public bool UseProgressBar { get; set; }
+    /// <summary>
+    /// A chat template to use instead of the model's own (vLLM's <c>--chat-template</c>): the path of a Jinja file, or
+    /// the template itself. A base model without a template of its own can then serve chat; the special tokens
+    /// (bos_token, eos_token) still come from the model's tokenizer_config.json. Null keeps the model's template.
+    /// </summary>
+    public string? ChatTemplate { get; set; }
+
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
     public int? NumThreads { get; set; }
 
@@ -113,6 +120,7 @@ public sealed class EngineOptions
         if (KvCacheMemoryBytes is <= 0) throw new ArgumentOutOfRangeException(nameof(KvCacheMemoryBytes), KvCacheMemoryBytes, "KvCacheMemoryBytes must be positive.");
         if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
         if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
+        if (ChatTemplate is not null) Text.Templating.ChatTemplate.ReplacementSource(ChatTemplate); // a missing file fails here, by name
         if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))

@@ -59,7 +59,7 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     public ChatTemplate ChatTemplate => _chatTemplate ?? throw NoChatTemplate(Engine.Engine);
 
     private static NotSupportedException NoChatTemplate(LlmEngine core) =>
-        new($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja): it serves completions, not chat.");
+        new($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja): it serves completions, not chat, unless EngineOptions.ChatTemplate (the server's --chat-template) gives it one.");
     public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
     public int MaxModelLen => Engine.Engine.MaxModelLen;
     public RequestValidator Validator => Engine.Engine.Validator;

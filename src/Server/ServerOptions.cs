@@ -48,6 +48,7 @@ public sealed class ServerOptions
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
+          --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -77,6 +78,7 @@ public sealed class ServerOptions
                 case "--api-key": o.ApiKey = Value(); break;
                 case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
                 case "--stream-interval": o.Engine.StreamInterval = Int(); break;
+                case "--chat-template": o.Engine.ChatTemplate = Value(); break;
                 case "--max-num-batched-tokens": o.Engine.MaxNumBatchedTokens = Int(); break;
                 case "--block-size": o.Engine.BlockSize = Int(); break;
                 case "--max-model-len": o.Engine.MaxModelLen = Int(); break;

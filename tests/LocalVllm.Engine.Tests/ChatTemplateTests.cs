@@ -64,4 +64,38 @@ public sealed class ChatTemplateTests
         var t = new JinjaTemplate("A\n  {% if true %}\n  B\n  {% endif %}\nC {{- ' D ' -}} E\n{# note #}\nF");
         Assert.Equal("A\n  B\nC D E\nF", t.Render(new Dictionary<string, object?>()));
     }
+
+    /// <summary>
+    /// EngineOptions.ChatTemplate (vLLM's --chat-template) on a base model without a template: TinyLlama's real template,
+    /// given as a file and as its text, renders what transformers renders (the stories260K tokenizer has TinyLlama's
+    /// special tokens), and replaces a model's own template.
+    /// </summary>
+    [Fact]
+    public void A_replacement_template_from_a_file_or_inline_renders_as_transformers_and_takes_the_models_place()
+    {
+        const string file = "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja";
+        var path = Path.Combine(Dir, file);
+        var cases = JsonNode.Parse(File.ReadAllText(Path.Combine(Dir, "renders.json")))!["templates"]![file]!["cases"]!.AsArray();
+        Assert.Null(ChatTemplate.Load(Fixtures.Model("stories260K")));
+        foreach (var replacement in new[] { path, File.ReadAllText(path) })
+        {
+            using var llm = new Llm(EngineHarness.Options("stories260K", o => o.ChatTemplate = replacement));
+            var template = llm.Engine.ChatTemplate!;
+            foreach (var c in cases.Where(c => c!["expected"] is not null))
+                Assert.Equal(c!["expected"]!.GetValue<string>(), template.Render(c["messages"]!.AsArray(), c["tools"]?.AsArray(), c["add_generation_prompt"]!.GetValue<bool>()));
+        }
+        using var qwen = new Llm(EngineHarness.Options("tiny-qwen3-chat", o => o.ChatTemplate = path));
+        Assert.Equal(File.ReadAllText(path), qwen.Engine.ChatTemplate!.Source);
+    }
+
+    [Fact]
+    public void A_replacement_template_that_is_no_file_or_does_not_parse_is_refused_by_name()
+    {
+        var missing = Path.Combine(Path.GetTempPath(), "no-such-template.jinja");
+        var e = Assert.Throws<FileNotFoundException>(() => new Llm(EngineHarness.Options("stories260K", o => o.ChatTemplate = missing)));
+        Assert.Contains(missing, e.Message);
+        var bad = Assert.Throws<InvalidDataException>(() => new Llm(EngineHarness.Options("stories260K", o => o.ChatTemplate = "{% for m in messages %}{{ m.content }}")));
+        Assert.Contains("EngineOptions.ChatTemplate does not parse", bad.Message);
+        Assert.Contains("endfor", bad.Message);
+    }
 }

@@ -514,6 +514,35 @@ public sealed class ServerOverloadTests
         Assert.Contains("no chat template", await refused.Content.ReadAsStringAsync());
     }
 
+    /// <summary>
+    /// --chat-template gives a base model (stories260K, no template of its own) TinyLlama's real template: a chat
+    /// completion is then the completion of the prompt /tokenize renders from the same messages, token for token.
+    /// </summary>
+    [Fact]
+    public async Task A_base_model_given_a_chat_template_serves_chat_as_the_completion_of_its_rendered_prompt()
+    {
+        var template = Path.Combine(Fixtures.Root, "tokenizers", "chat_templates", "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja");
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
+            "--chat-template", template]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        async Task<JsonNode> Post(string path, JsonObject body)
+        {
+            using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+            var text = await response.Content.ReadAsStringAsync();
+            Assert.True(response.IsSuccessStatusCode, $"{path}: {(int)response.StatusCode} {text}");
+            return JsonNode.Parse(text)!;
+        }
+        JsonArray Messages() => [new JsonObject { ["role"] = "system", ["content"] = "You tell stories." }, new JsonObject { ["role"] = "user", ["content"] = "Tell me about a cat." }];
+
+        var rendered = await Post("tokenize", new JsonObject { ["messages"] = Messages() });
+        var chat = await Post("v1/chat/completions", new JsonObject { ["messages"] = Messages(), ["temperature"] = 0, ["max_tokens"] = 12, ["ignore_eos"] = true });
+        var completion = await Post("v1/completions", new JsonObject { ["prompt"] = rendered["tokens"]!.DeepClone(), ["temperature"] = 0, ["max_tokens"] = 12, ["ignore_eos"] = true });
+        Assert.Equal(rendered["count"]!.GetValue<int>(), chat["usage"]!["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(completion["choices"]![0]!["text"]!.GetValue<string>(), chat["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+        Assert.Equal(12, chat["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
     [Fact]
     public async Task Shutdown_stops_accepting_and_aborts_a_stream_still_running_after_the_grace_period()
     {
@@ -561,9 +590,9 @@ public sealed class ServerOverloadTests
     {
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
-            "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4"]);
+            "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}"]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
-        Assert.Equal(4, o.Engine.StreamInterval);
+        Assert.Equal((4, "{{ messages[0].content }}"), (o.Engine.StreamInterval, o.Engine.ChatTemplate));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
         Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
             (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));

@@ -51,7 +51,7 @@ public sealed class LlmEngine : IDisposable
         bool hasTokenizer = Directory.TokenizerJson is not null || Directory.TokenizerModel is not null
             || (Directory.VocabJson is not null && Directory.MergesTxt is not null);
         Tokenizer = hasTokenizer ? ModelTokenizer.Load(Directory) : null;
-        ChatTemplate = Text.Templating.ChatTemplate.Load(Directory);
+        ChatTemplate = Text.Templating.ChatTemplate.Load(Directory.Path, options.ChatTemplate);
         if (Tokenizer is { } tok) _vocabulary = new Lazy<Structured.TokenVocabulary>(() => new Structured.TokenVocabulary(tok, Math.Max(c.VocabSize, tok.Count)));
         _outputs = new OutputProcessor(Scheduler, Tokenizer, new HashSet<int>(Directory.EosTokenIds), MaxModelLen, Counters, _logger,
             _vocabulary is null ? null : () => _vocabulary.Value, options.EnableJumpForward, options.StreamInterval);

@@ -29,9 +29,25 @@ public sealed class ChatTemplate
     /// <summary>Loads the template of <paramref name="dir"/>, or returns null when the model has none.</summary>
     public static ChatTemplate? Load(ModelDirectory dir) => Load(dir.Path);
 
-    /// <summary>Loads the template from the tokenizer files in <paramref name="folder"/>, or returns null when there is none.</summary>
-    public static ChatTemplate? Load(string folder)
+    /// <summary>
+    /// Loads the template from the tokenizer files in <paramref name="folder"/>, or returns null when there is none.
+    /// <paramref name="replacement"/> (as vLLM's <c>--chat-template</c>: the path of a Jinja file, or the template
+    /// itself) takes the place of the model's own template; the special tokens still come from the folder.
+    /// </summary>
+    public static ChatTemplate? Load(string folder, string? replacement = null)
     {
+        if (replacement is not null)
+        {
+            var source = ReplacementSource(replacement);
+            try
+            {
+                return new ChatTemplate(source, SpecialTokens(folder));
+            }
+            catch (TemplateException e)
+            {
+                throw new InvalidDataException($"The chat template given in EngineOptions.ChatTemplate does not parse: {e.Message}", e);
+            }
+        }
         try
         {
             return LoadCore(folder);
@@ -42,13 +58,36 @@ public sealed class ChatTemplate
         }
     }
 
+    /// <summary>
+    /// The template text of a replacement: the file it names when one exists, else the text itself when it reads as a
+    /// Jinja template (has <c>{{</c> or <c>{%</c>); anything else is a file that is not there.
+    /// </summary>
+    internal static string ReplacementSource(string replacement)
+    {
+        if (File.Exists(replacement)) return File.ReadAllText(replacement);
+        if (replacement.Contains("{{", StringComparison.Ordinal) || replacement.Contains("{%", StringComparison.Ordinal)) return replacement;
+        throw new FileNotFoundException($"The chat template '{replacement}' is neither a file that exists ({Path.GetFullPath(replacement)}) nor a Jinja template.", replacement);
+    }
+
+    private static Dictionary<string, string> SpecialTokens(string folder)
+    {
+        var configPath = Path.Combine(folder, "tokenizer_config.json");
+        return SpecialTokens(File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null);
+    }
+
+    private static Dictionary<string, string> SpecialTokens(JsonObject? config)
+    {
+        var special = new Dictionary<string, string>();
+        foreach (var key in new[] { "bos_token", "eos_token", "pad_token", "unk_token" })
+            if (TokenText(config?[key]) is string s) special[key] = s;
+        return special;
+    }
+
     private static ChatTemplate? LoadCore(string folder)
     {
         var configPath = Path.Combine(folder, "tokenizer_config.json");
         var config = File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null;
-        var special = new Dictionary<string, string>();
-        foreach (var key in new[] { "bos_token", "eos_token", "pad_token", "unk_token" })
-            if (TokenText(config?[key]) is string s) special[key] = s;
+        var special = SpecialTokens(config);
 
         string? source = null, toolUse = null;
         switch (config?["chat_template"])
