@@ -49,6 +49,9 @@ public sealed class ServerOptions
           --no-enable-prefix-caching  turn the prefix cache off
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
+          --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
+          --tool-call-parser hermes   the tool-call format parsed (<tool_call>...</tool_call>, Qwen's); the only one
+          --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -79,6 +82,17 @@ public sealed class ServerOptions
                 case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
                 case "--stream-interval": o.Engine.StreamInterval = Int(); break;
                 case "--chat-template": o.Engine.ChatTemplate = Value(); break;
+                // vLLM needs these to turn tool calls and reasoning on; here both are always on, in the one format each
+                // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.
+                case "--enable-auto-tool-choice": break;
+                case "--tool-call-parser":
+                    if (Value() is not "hermes" and var parser)
+                        throw new ArgumentException($"--tool-call-parser '{parser}' is not supported: tool calls are parsed in the hermes format (<tool_call>{{...}}</tool_call>, as Qwen's templates write them).");
+                    break;
+                case "--reasoning-parser":
+                    if (Value() is not ("qwen3" or "deepseek_r1") and var reasoning)
+                        throw new ArgumentException($"--reasoning-parser '{reasoning}' is not supported: reasoning is read from <think>...</think> (qwen3, deepseek_r1).");
+                    break;
                 case "--max-num-batched-tokens": o.Engine.MaxNumBatchedTokens = Int(); break;
                 case "--block-size": o.Engine.BlockSize = Int(); break;
                 case "--max-model-len": o.Engine.MaxModelLen = Int(); break;

@@ -582,6 +582,8 @@ public sealed class ServerOverloadTests
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
     [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
     [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
+    [InlineData(new[] { "--model", "m", "--tool-call-parser", "llama3_json" }, "--tool-call-parser 'llama3_json' is not supported")]
+    [InlineData(new[] { "--model", "m", "--reasoning-parser", "granite" }, "--reasoning-parser 'granite' is not supported")]
     public void The_command_line_names_what_is_wrong(string[] args, string message) =>
         Assert.Contains(message, Assert.Throws<ArgumentException>(() => ServerOptions.Parse(args)).Message);
 
@@ -590,7 +592,8 @@ public sealed class ServerOverloadTests
     {
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
-            "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}"]);
+            "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3"]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
         Assert.Equal((4, "{{ messages[0].content }}"), (o.Engine.StreamInterval, o.Engine.ChatTemplate));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
