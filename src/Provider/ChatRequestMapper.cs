@@ -166,10 +166,14 @@ internal static class ChatRequestMapper
     /// the tools with arguments valid under its parameter schema) or <c>RequireSpecific</c> (calls of that tool). When
     /// the rendered prompt leaves a <c>&lt;think&gt;</c> section open (a thinking model with thinking on), the constraint
     /// starts after <c>&lt;/think&gt;</c>. With tools in <c>Auto</c> mode (and no JSON response format), text is free
-    /// but a <c>&lt;tool_call&gt;</c> the model opens is held to the tools' schemas (strict tools).
+    /// but a <c>&lt;tool_call&gt;</c> the model opens is held to the tools' schemas (strict tools). A model that writes
+    /// calls as bare JSON (<see cref="ToolCallFormat.BareJson"/>, Llama 3) gets the required calls in its own form,
+    /// <c>{"name": ..., "parameters": {...}}</c> separated by <c>;</c>, and no constraint in <c>Auto</c> mode (its calls
+    /// have no opening tag that would tell a call from text).
     /// </summary>
     public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
     {
+        var format = ToolCallFormats.Of(templateSource);
         StructuredOutputs? c = null;
         if (o?.AdditionalProperties?.TryGetValue("structured_outputs", out var so) == true && so is not null)
             c = so switch
@@ -179,24 +183,24 @@ internal static class ChatRequestMapper
                 JsonNode n => StructuredOutputsJson.Parse(n),
                 _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {so.GetType().Name}.", nameof(o)),
             };
-        else if (o?.Tools is { Count: > 0 } tools && o.ToolMode is not NoneChatToolMode
-            && (o.ToolMode is RequiredChatToolMode || o.ResponseFormat is not ChatResponseFormatJson))
+        else if (ToolCallFormats.ToolsOn(o) && (o!.ToolMode is RequiredChatToolMode || (o.ResponseFormat is not ChatResponseFormatJson && format == ToolCallFormat.Hermes)))
         {
             var required = o.ToolMode as RequiredChatToolMode;
-            var chosen = tools.OfType<AIFunctionDeclaration>().Where(t => required?.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
+            var chosen = o.Tools!.OfType<AIFunctionDeclaration>().Where(t => required?.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
             var grammar = new System.Text.StringBuilder();
+            string separator = format == ToolCallFormat.BareJson ? "; " : "\n";
             if (required is null)
                 // Auto (strict tools): free text, but once the model opens <tool_call> the call is held to the tools' schemas.
                 grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= text (call text)?" : "root ::= text (call text)*")
                     .AppendLine("text ::= %text_without(\"<tool_call>\")");
             else
-                grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : "root ::= call (\"\\n\" call)*");
-            grammar.Append("call ::= \"<tool_call>\\n\" (").Append(string.Join(" | ", chosen.Select((_, i) => $"tool{i}"))).AppendLine(") \"\\n</tool_call>\"");
+                grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : $"root ::= call ({GbnfLiteral(separator)} call)*");
+            var alternatives = string.Join(" | ", chosen.Select((_, i) => $"tool{i}"));
+            grammar.AppendLine(format == ToolCallFormat.BareJson
+                ? $"call ::= {alternatives}"
+                : $"call ::= \"<tool_call>\\n\" ({alternatives}) \"\\n</tool_call>\"");
             for (int i = 0; i < chosen.Count; i++)
-            {
-                var head = "{\"name\": " + JsonSerializer.Serialize(chosen[i].Name) + ", \"arguments\": ";
-                grammar.AppendLine($"tool{i} ::= {GbnfLiteral(head)} %json{chosen[i].JsonSchema.GetRawText()} \"}}\"");
-            }
+                grammar.AppendLine($"tool{i} ::= {GbnfLiteral(ToolCallFormats.CallHead(format, chosen[i].Name))} %json{chosen[i].JsonSchema.GetRawText()} \"}}\"");
             c = StructuredOutputs.ForGrammar(grammar.ToString());
         }
         else if (o?.ResponseFormat is ChatResponseFormatJson json)

@@ -107,7 +107,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
     {
         string messageId = $"msg-{Guid.NewGuid():N}";
         var created = DateTimeOffset.UtcNow;
-        var parser = new ModelOutputParser();
+        var parser = new ModelOutputParser(bareJsonCalls: ToolCallFormats.ToolsOn(request.Options) && ToolCallFormats.Of(_engine.ChatTemplate.Source) == ToolCallFormat.BareJson);
         var reasoning = request.Options?.Reasoning;
         bool keepReasoning = reasoning?.Output is not ReasoningOutput.None;
         bool singleCall = request.Options?.AllowMultipleToolCalls == false;

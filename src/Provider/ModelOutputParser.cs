@@ -15,14 +15,21 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// JSON ever leaks into the answer. Newlines right after an opening tag or a closing think tag, and right before
 /// <c>&lt;/think&gt;</c>, are dropped, as Qwen's templates write them.
 /// </summary>
-internal sealed class ModelOutputParser
+/// <remarks>
+/// With <c>bareJsonCalls</c> (Llama 3's format, <see cref="ToolCallFormat.BareJson"/>), a reply whose first character
+/// other than white space is <c>{</c> is read as tool calls: the whole reply, one JSON object
+/// <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>, becomes one piece per call at the end;
+/// if it is not such calls after all, it is the answer's text.
+/// </remarks>
+internal sealed class ModelOutputParser(bool bareJsonCalls = false)
 {
     private const string ThinkOpen = "<think>", ThinkClose = "</think>", CallOpen = "<tool_call>", CallClose = "</tool_call>";
-    private enum State { Text, Reasoning, ToolCall }
+    private enum State { Text, Reasoning, ToolCall, BareCalls }
 
     private readonly StringBuilder _buffer = new();
     private State _state = State.Text;
     private bool _dropLeadingNewlines;
+    private bool _undecided = bareJsonCalls; // no answer text seen yet: a bare JSON call may still start
 
     /// <summary>Whether the text read so far ends inside a <c>&lt;think&gt;</c> block.</summary>
     public bool InReasoning => _state == State.Reasoning;
@@ -30,10 +37,80 @@ internal sealed class ModelOutputParser
     public List<OutputPiece> Feed(string delta)
     {
         _buffer.Append(delta);
-        return Drain(final: false);
+        if (_undecided && !Decide()) return [];
+        return _state == State.BareCalls ? [] : Drain(final: false);
     }
 
-    public List<OutputPiece> Finish() => Drain(final: true);
+    public List<OutputPiece> Finish()
+    {
+        _undecided = false;
+        if (_state != State.BareCalls) return Drain(final: true);
+        var text = _buffer.ToString().Trim();
+        _buffer.Clear();
+        var calls = SplitBareCalls(text);
+        return calls is null ? [new TextPiece(text)] : [.. calls.Select(c => (OutputPiece)new ToolCallPiece(c))];
+    }
+
+    /// <summary>Once the first character other than white space is there: a bare call starts, or this is text.</summary>
+    private bool Decide()
+    {
+        var text = _buffer.ToString();
+        int first = 0;
+        while (first < text.Length && char.IsWhiteSpace(text[first])) first++;
+        if (first == text.Length) return false; // only white space so far: held
+        _undecided = false;
+        if (text[first] == '{') _state = State.BareCalls;
+        return true;
+    }
+
+    /// <summary>
+    /// The JSON objects of a bare-call reply (one, or several separated by <c>;</c>), each naming a function; null when
+    /// the text is not that.
+    /// </summary>
+    internal static List<string>? SplitBareCalls(string text)
+    {
+        var calls = new List<string>();
+        int depth = 0, start = 0;
+        bool inString = false, escaped = false;
+        for (int i = 0; i <= text.Length; i++)
+        {
+            if (i < text.Length)
+            {
+                char c = text[i];
+                if (inString)
+                {
+                    if (escaped) escaped = false;
+                    else if (c == '\\') escaped = true;
+                    else if (c == '"') inString = false;
+                    continue;
+                }
+                if (c == '"') inString = true;
+                else if (c is '{' or '[') depth++;
+                else if (c is '}' or ']') depth--;
+                if (c != ';' || depth != 0) continue;
+            }
+            var piece = text[start..i].Trim();
+            start = i + 1;
+            if (piece.Length == 0) continue;
+            if (!NamesAFunction(piece)) return null;
+            calls.Add(piece);
+        }
+        return calls.Count > 0 ? calls : null;
+    }
+
+    private static bool NamesAFunction(string json)
+    {
+        try
+        {
+            using var doc = System.Text.Json.JsonDocument.Parse(json);
+            return doc.RootElement.ValueKind == System.Text.Json.JsonValueKind.Object
+                && doc.RootElement.TryGetProperty("name", out var name) && name.ValueKind == System.Text.Json.JsonValueKind.String;
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return false;
+        }
+    }
 
     private List<OutputPiece> Drain(bool final)
     {

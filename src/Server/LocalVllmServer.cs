@@ -40,6 +40,8 @@ public sealed class LocalVllmServer : IAsyncDisposable
         var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"), requireChatTemplate: false);
         try
         {
+            if (options.ToolCallParser is { } parser && engine.ToolCallParser is { } written && parser != written)
+                throw new ArgumentException($"--tool-call-parser {parser} does not match the chat template, which has the model write tool calls as {written}.");
             return Build(options, engine, engine, logging);
         }
         catch

@@ -25,6 +25,11 @@ public sealed class ServerOptions
     /// </summary>
     public TimeSpan ShutdownTimeout { get; set; } = TimeSpan.FromSeconds(30);
     public EngineOptions Engine { get; set; } = new();
+    /// <summary>
+    /// vLLM's <c>--tool-call-parser</c> (hermes or llama3_json). The chat template decides how calls are parsed; when
+    /// this is set, the server refuses to start if the template writes calls the other way.
+    /// </summary>
+    public string? ToolCallParser { get; set; }
 
     public const string Usage = """
         usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
@@ -50,7 +55,8 @@ public sealed class ServerOptions
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
-          --tool-call-parser hermes   the tool-call format parsed (<tool_call>...</tool_call>, Qwen's); the only one
+          --tool-call-parser P        hermes | llama3_json: checked against the format the chat template writes
+                                      (<tool_call> blocks, Qwen's, or a bare JSON call, Llama 3's), which is parsed
           --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
@@ -86,8 +92,9 @@ public sealed class ServerOptions
                 // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.
                 case "--enable-auto-tool-choice": break;
                 case "--tool-call-parser":
-                    if (Value() is not "hermes" and var parser)
-                        throw new ArgumentException($"--tool-call-parser '{parser}' is not supported: tool calls are parsed in the hermes format (<tool_call>{{...}}</tool_call>, as Qwen's templates write them).");
+                    string toolParser = Value();
+                    o.ToolCallParser = toolParser is "hermes" or "llama3_json" ? toolParser : throw new ArgumentException(
+                        $"--tool-call-parser '{toolParser}' is not supported: tool calls are parsed as hermes (<tool_call>{{...}}</tool_call>, Qwen's) or llama3_json ({{\"name\": ..., \"parameters\": ...}}, Llama 3's), whichever the chat template writes.");
                     break;
                 case "--reasoning-parser":
                     if (Value() is not ("qwen3" or "deepseek_r1") and var reasoning)

@@ -522,8 +522,11 @@ public sealed class ServerOverloadTests
     public async Task A_base_model_given_a_chat_template_serves_chat_as_the_completion_of_its_rendered_prompt()
     {
         var template = Path.Combine(Fixtures.Root, "tokenizers", "chat_templates", "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja");
+        var mismatch = Assert.Throws<ArgumentException>(() => LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0",
+            "--kv-cache-memory", "8M", "--chat-template", template, "--tool-call-parser", "llama3_json"])));
+        Assert.Contains("--tool-call-parser llama3_json does not match the chat template, which has the model write tool calls as hermes", mismatch.Message);
         await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
-            "--chat-template", template]));
+            "--chat-template", template, "--tool-call-parser", "hermes"]));
         await server.StartAsync();
         using var http = new HttpClient { BaseAddress = server.BaseAddress };
         async Task<JsonNode> Post(string path, JsonObject body)
@@ -582,7 +585,7 @@ public sealed class ServerOverloadTests
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
     [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
     [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
-    [InlineData(new[] { "--model", "m", "--tool-call-parser", "llama3_json" }, "--tool-call-parser 'llama3_json' is not supported")]
+    [InlineData(new[] { "--model", "m", "--tool-call-parser", "mistral" }, "--tool-call-parser 'mistral' is not supported")]
     [InlineData(new[] { "--model", "m", "--reasoning-parser", "granite" }, "--reasoning-parser 'granite' is not supported")]
     public void The_command_line_names_what_is_wrong(string[] args, string message) =>
         Assert.Contains(message, Assert.Throws<ArgumentException>(() => ServerOptions.Parse(args)).Message);
@@ -595,7 +598,7 @@ public sealed class ServerOverloadTests
             "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}",
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3"]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
-        Assert.Equal((4, "{{ messages[0].content }}"), (o.Engine.StreamInterval, o.Engine.ChatTemplate));
+        Assert.Equal((4, "{{ messages[0].content }}", "hermes"), (o.Engine.StreamInterval, o.Engine.ChatTemplate, o.ToolCallParser));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
         Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
             (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));
