@@ -107,7 +107,8 @@ public sealed partial class LocalVllmChatClient : IChatClient
     {
         string messageId = $"msg-{Guid.NewGuid():N}";
         var created = DateTimeOffset.UtcNow;
-        var parser = new ModelOutputParser(bareJsonCalls: ToolCallFormats.ToolsOn(request.Options) && ToolCallFormats.Of(_engine.ChatTemplate.Source) == ToolCallFormat.BareJson);
+        var parser = new ModelOutputParser(ToolCallFormats.ToolsOn(request.Options) && ToolCallFormats.Of(_engine.ChatTemplate.Source) == ToolCallFormat.BareJson
+            ? request.Options!.Tools!.Select(t => t.Name).ToHashSet() : null);
         var reasoning = request.Options?.Reasoning;
         bool keepReasoning = reasoning?.Output is not ReasoningOutput.None;
         bool singleCall = request.Options?.AllowMultipleToolCalls == false;

@@ -16,12 +16,12 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// <c>&lt;/think&gt;</c>, are dropped, as Qwen's templates write them.
 /// </summary>
 /// <remarks>
-/// With <c>bareJsonCalls</c> (Llama 3's format, <see cref="ToolCallFormat.BareJson"/>), a reply whose first character
-/// other than white space is <c>{</c> is read as tool calls: the whole reply, one JSON object
-/// <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>, becomes one piece per call at the end;
-/// if it is not such calls after all, it is the answer's text.
+/// With <c>bareJsonTools</c> (Llama 3's format, <see cref="ToolCallFormat.BareJson"/>: the names of the tools offered), a
+/// reply whose first character other than white space is <c>{</c> is read as tool calls: the whole reply, one JSON
+/// object <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>, each naming an offered tool,
+/// becomes one piece per call at the end; if it is not such calls after all (a JSON answer), it is the answer's text.
 /// </remarks>
-internal sealed class ModelOutputParser(bool bareJsonCalls = false)
+internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = null)
 {
     private const string ThinkOpen = "<think>", ThinkClose = "</think>", CallOpen = "<tool_call>", CallClose = "</tool_call>";
     private enum State { Text, Reasoning, ToolCall, BareCalls }
@@ -29,7 +29,7 @@ internal sealed class ModelOutputParser(bool bareJsonCalls = false)
     private readonly StringBuilder _buffer = new();
     private State _state = State.Text;
     private bool _dropLeadingNewlines;
-    private bool _undecided = bareJsonCalls; // no answer text seen yet: a bare JSON call may still start
+    private bool _undecided = bareJsonTools is not null; // no answer text seen yet: a bare JSON call may still start
 
     /// <summary>Whether the text read so far ends inside a <c>&lt;think&gt;</c> block.</summary>
     public bool InReasoning => _state == State.Reasoning;
@@ -47,7 +47,7 @@ internal sealed class ModelOutputParser(bool bareJsonCalls = false)
         if (_state != State.BareCalls) return Drain(final: true);
         var text = _buffer.ToString().Trim();
         _buffer.Clear();
-        var calls = SplitBareCalls(text);
+        var calls = SplitBareCalls(text, bareJsonTools!);
         return calls is null ? [new TextPiece(text)] : [.. calls.Select(c => (OutputPiece)new ToolCallPiece(c))];
     }
 
@@ -64,10 +64,10 @@ internal sealed class ModelOutputParser(bool bareJsonCalls = false)
     }
 
     /// <summary>
-    /// The JSON objects of a bare-call reply (one, or several separated by <c>;</c>), each naming a function; null when
-    /// the text is not that.
+    /// The JSON objects of a bare-call reply (one, or several separated by <c>;</c>), each naming one of
+    /// <paramref name="tools"/>; null when the text is not that.
     /// </summary>
-    internal static List<string>? SplitBareCalls(string text)
+    internal static List<string>? SplitBareCalls(string text, IReadOnlySet<string> tools)
     {
         var calls = new List<string>();
         int depth = 0, start = 0;
@@ -92,19 +92,20 @@ internal sealed class ModelOutputParser(bool bareJsonCalls = false)
             var piece = text[start..i].Trim();
             start = i + 1;
             if (piece.Length == 0) continue;
-            if (!NamesAFunction(piece)) return null;
+            if (!NamesATool(piece, tools)) return null;
             calls.Add(piece);
         }
         return calls.Count > 0 ? calls : null;
     }
 
-    private static bool NamesAFunction(string json)
+    private static bool NamesATool(string json, IReadOnlySet<string> tools)
     {
         try
         {
             using var doc = System.Text.Json.JsonDocument.Parse(json);
             return doc.RootElement.ValueKind == System.Text.Json.JsonValueKind.Object
-                && doc.RootElement.TryGetProperty("name", out var name) && name.ValueKind == System.Text.Json.JsonValueKind.String;
+                && doc.RootElement.TryGetProperty("name", out var name) && name.ValueKind == System.Text.Json.JsonValueKind.String
+                && tools.Contains(name.GetString()!);
         }
         catch (System.Text.Json.JsonException)
         {

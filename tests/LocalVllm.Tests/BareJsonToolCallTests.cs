@@ -26,7 +26,7 @@ public sealed class BareJsonToolCallTests
 
     private static List<OutputPiece> Parse(bool bare, params string[] deltas)
     {
-        var parser = new ModelOutputParser(bare);
+        var parser = new ModelOutputParser(bare ? new HashSet<string> { "get_weather", "a", "b" } : null);
         var pieces = new List<OutputPiece>();
         foreach (var d in deltas) pieces.AddRange(parser.Feed(d));
         pieces.AddRange(parser.Finish());
@@ -42,9 +42,11 @@ public sealed class BareJsonToolCallTests
         // Two calls separated by ';' (the separator inside a string is not one).
         var two = Parse(true, "{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"x\": [1, 2]}}");
         Assert.Equal([new ToolCallPiece("{\"name\": \"a\", \"parameters\": {}}"), new ToolCallPiece("{\"name\": \"b\", \"parameters\": {\"x\": [1, 2]}}")], two);
-        // Text that does not start with '{' streams as text; JSON that names no function, or does not parse, is text.
+        // Text that does not start with '{' streams as text; JSON that names no offered tool (a JSON answer with a
+        // "name"), or does not parse, is text.
         Assert.Equal("It is {sunny}.", string.Concat(Parse(true, "It is ", "{sunny}.").Cast<TextPiece>().Select(p => p.Text)));
         Assert.Equal([new TextPiece("{\"answer\": 42}")], Parse(true, "{\"answer\": 42}"));
+        Assert.Equal([new TextPiece("{\"name\": \"Bob\", \"age\": 3}")], Parse(true, "{\"name\": \"Bob\", \"age\": 3}"));
         Assert.Equal([new TextPiece("{\"name\": \"a\", \"parameters\"")], Parse(true, "{\"name\": \"a\", \"parameters\""));
         // Without the format (no tools, or a Hermes model) a JSON reply is the answer's text.
         Assert.Equal("{\"name\": \"a\"}", string.Concat(Parse(false, "{\"name\": ", "\"a\"}").Cast<TextPiece>().Select(p => p.Text)));
