@@ -168,8 +168,9 @@ internal static class ChatRequestMapper
     /// starts after <c>&lt;/think&gt;</c>. With tools in <c>Auto</c> mode (and no JSON response format), text is free
     /// but a <c>&lt;tool_call&gt;</c> the model opens is held to the tools' schemas (strict tools). A model that writes
     /// calls as bare JSON (<see cref="ToolCallFormat.BareJson"/>, Llama 3) gets the required calls in its own form,
-    /// <c>{"name": ..., "parameters": {...}}</c> separated by <c>;</c>, and no constraint in <c>Auto</c> mode (its calls
-    /// have no opening tag that would tell a call from text).
+    /// <c>{"name": ..., "parameters": {...}}</c> separated by <c>;</c>, and a Mistral model a JSON array of
+    /// <c>{"name": ..., "arguments": {...}}</c> (its <c>[TOOL_CALLS]</c> marker is a control token the grammar cannot
+    /// hold); neither gets a constraint in <c>Auto</c> mode (no opening tag tells their calls from text).
     /// </summary>
     public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
     {
@@ -188,15 +189,16 @@ internal static class ChatRequestMapper
             var required = o.ToolMode as RequiredChatToolMode;
             var chosen = o.Tools!.OfType<AIFunctionDeclaration>().Where(t => required?.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
             var grammar = new System.Text.StringBuilder();
-            string separator = format == ToolCallFormat.BareJson ? "; " : "\n";
+            string separator = format switch { ToolCallFormat.BareJson => "; ", ToolCallFormat.Mistral => ", ", _ => "\n" };
+            var (open, close) = format == ToolCallFormat.Mistral ? ("\"[\" ", " \"]\"") : ("", "");
             if (required is null)
                 // Auto (strict tools): free text, but once the model opens <tool_call> the call is held to the tools' schemas.
                 grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= text (call text)?" : "root ::= text (call text)*")
                     .AppendLine("text ::= %text_without(\"<tool_call>\")");
             else
-                grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= call" : $"root ::= call ({GbnfLiteral(separator)} call)*");
+                grammar.AppendLine(o.AllowMultipleToolCalls == false ? $"root ::= {open}call{close}" : $"root ::= {open}call ({GbnfLiteral(separator)} call)*{close}");
             var alternatives = string.Join(" | ", chosen.Select((_, i) => $"tool{i}"));
-            grammar.AppendLine(format == ToolCallFormat.BareJson
+            grammar.AppendLine(format != ToolCallFormat.Hermes
                 ? $"call ::= {alternatives}"
                 : $"call ::= \"<tool_call>\\n\" ({alternatives}) \"\\n</tool_call>\"");
             for (int i = 0; i < chosen.Count; i++)

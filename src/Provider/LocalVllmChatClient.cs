@@ -107,8 +107,9 @@ public sealed partial class LocalVllmChatClient : IChatClient
     {
         string messageId = $"msg-{Guid.NewGuid():N}";
         var created = DateTimeOffset.UtcNow;
-        var parser = new ModelOutputParser(ToolCallFormats.ToolsOn(request.Options) && ToolCallFormats.Of(_engine.ChatTemplate.Source) == ToolCallFormat.BareJson
-            ? request.Options!.Tools!.Select(t => t.Name).ToHashSet() : null);
+        var format = ToolCallFormats.Of(_engine.ChatTemplate.Source);
+        var parser = new ModelOutputParser(ToolCallFormats.ToolsOn(request.Options) && format is ToolCallFormat.BareJson or ToolCallFormat.Mistral
+            ? request.Options!.Tools!.Select(t => t.Name).ToHashSet() : null, format);
         var reasoning = request.Options?.Reasoning;
         bool keepReasoning = reasoning?.Output is not ReasoningOutput.None;
         bool singleCall = request.Options?.AllowMultipleToolCalls == false;
@@ -125,7 +126,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
             foreach (var piece in pieces)
             {
                 if (piece is ReasoningPiece && !keepReasoning) continue;
-                if (ToContent(piece) is not { } content) continue;
+                if (ToContent(piece, format) is not { } content) continue;
                 if (content is FunctionCallContent call && ++toolCalls > 1 && singleCall)
                 {
                     ClientLog.ExtraToolCallDropped(_logger, request.ResponseId, call.Name);
@@ -171,14 +172,14 @@ public sealed partial class LocalVllmChatClient : IChatClient
         yield return final;
     }
 
-    private AIContent? ToContent(OutputPiece piece)
+    private AIContent? ToContent(OutputPiece piece, ToolCallFormat format)
     {
         switch (piece)
         {
             case TextPiece t: return new TextContent(t.Text);
             case ReasoningPiece r: return new TextReasoningContent(r.Text);
             case ToolCallPiece c:
-                if (ParseToolCall(c.Body) is { } call)
+                if (ParseToolCall(c.Body, format) is { } call)
                 {
                     if (call.Exception is not null)
                         _logger.LogWarning("The model produced a tool call to {Name} whose arguments do not parse; it is returned with the error for the model: {Body}", call.Name, c.Body);
@@ -211,9 +212,9 @@ public sealed partial class LocalVllmChatClient : IChatClient
     /// <see cref="FunctionCallContent.Exception"/> (<see cref="FunctionCallContent.CreateFromParsedArguments"/>), so that
     /// <c>FunctionInvokingChatClient</c> reports it back to the model. Returns null when no name can be found.
     /// </summary>
-    internal static FunctionCallContent? ParseToolCall(string body)
+    internal static FunctionCallContent? ParseToolCall(string body, ToolCallFormat format = ToolCallFormat.Hermes)
     {
-        string callId = $"call_{Guid.NewGuid():N}"[..14];
+        string callId = ToolCallFormats.NewCallId(format);
         string? name = null;
         string arguments = "{}";
         try

@@ -62,9 +62,10 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
         new($"The model directory '{core.Directory.Path}' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja): it serves completions, not chat, unless EngineOptions.ChatTemplate (the server's --chat-template) gives it one.");
     /// <summary>
     /// How the chat template has the model write tool calls, by vLLM's parser names: <c>hermes</c> (<c>&lt;tool_call&gt;</c>
-    /// blocks) or <c>llama3_json</c> (the reply is the call's JSON); null for a model without a chat template.
+    /// blocks), <c>llama3_json</c> (the reply is the call's JSON) or <c>mistral</c> (<c>[TOOL_CALLS]</c> and a JSON array);
+    /// null for a model without a chat template.
     /// </summary>
-    public string? ToolCallParser => _chatTemplate is null ? null : ToolCallFormats.Of(_chatTemplate.Source) == ToolCallFormat.BareJson ? "llama3_json" : "hermes";
+    public string? ToolCallParser => _chatTemplate is null ? null : ToolCallFormats.VllmParser(ToolCallFormats.Of(_chatTemplate.Source));
 
     public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
     public int MaxModelLen => Engine.Engine.MaxModelLen;

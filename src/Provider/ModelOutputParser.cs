@@ -21,7 +21,7 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// object <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>, each naming an offered tool,
 /// becomes one piece per call at the end; if it is not such calls after all (a JSON answer), it is the answer's text.
 /// </remarks>
-internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = null)
+internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = null, ToolCallFormat bareFormat = ToolCallFormat.BareJson)
 {
     private const string ThinkOpen = "<think>", ThinkClose = "</think>", CallOpen = "<tool_call>", CallClose = "</tool_call>";
     private enum State { Text, Reasoning, ToolCall, BareCalls }
@@ -47,7 +47,7 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
         if (_state != State.BareCalls) return Drain(final: true);
         var text = _buffer.ToString().Trim();
         _buffer.Clear();
-        var calls = SplitBareCalls(text, bareJsonTools!);
+        var calls = bareFormat == ToolCallFormat.Mistral ? MistralCalls(text, bareJsonTools!) : SplitBareCalls(text, bareJsonTools!);
         return calls is null ? [new TextPiece(text)] : [.. calls.Select(c => (OutputPiece)new ToolCallPiece(c))];
     }
 
@@ -59,7 +59,7 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
         while (first < text.Length && char.IsWhiteSpace(text[first])) first++;
         if (first == text.Length) return false; // only white space so far: held
         _undecided = false;
-        if (text[first] == '{') _state = State.BareCalls;
+        if (text[first] == (bareFormat == ToolCallFormat.Mistral ? '[' : '{')) _state = State.BareCalls;
         return true;
     }
 
@@ -96,6 +96,26 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
             calls.Add(piece);
         }
         return calls.Count > 0 ? calls : null;
+    }
+
+    /// <summary>
+    /// Mistral's calls, <c>[TOOL_CALLS]</c> (when written as text) then a JSON array of call objects each naming one of
+    /// <paramref name="tools"/>; null when the text is not that.
+    /// </summary>
+    internal static List<string>? MistralCalls(string text, IReadOnlySet<string> tools)
+    {
+        if (text.StartsWith(ToolCallFormats.MistralMarker, StringComparison.Ordinal)) text = text[ToolCallFormats.MistralMarker.Length..].TrimStart();
+        try
+        {
+            using var doc = System.Text.Json.JsonDocument.Parse(text);
+            if (doc.RootElement.ValueKind != System.Text.Json.JsonValueKind.Array || doc.RootElement.GetArrayLength() == 0) return null;
+            var calls = doc.RootElement.EnumerateArray().Select(e => e.GetRawText()).ToList();
+            return calls.All(c => NamesATool(c, tools)) ? calls : null;
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            return null;
+        }
     }
 
     private static bool NamesATool(string json, IReadOnlySet<string> tools)

@@ -55,8 +55,9 @@ public sealed class ServerOptions
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
-          --tool-call-parser P        hermes | llama3_json: checked against the format the chat template writes
-                                      (<tool_call> blocks, Qwen's, or a bare JSON call, Llama 3's), which is parsed
+          --tool-call-parser P        hermes | llama3_json | mistral: checked against the format the chat template
+                                      writes (<tool_call> blocks, Qwen's; a bare JSON call, Llama 3's; [TOOL_CALLS]
+                                      and a JSON array, Mistral's), which is parsed
           --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
@@ -93,8 +94,8 @@ public sealed class ServerOptions
                 case "--enable-auto-tool-choice": break;
                 case "--tool-call-parser":
                     string toolParser = Value();
-                    o.ToolCallParser = toolParser is "hermes" or "llama3_json" ? toolParser : throw new ArgumentException(
-                        $"--tool-call-parser '{toolParser}' is not supported: tool calls are parsed as hermes (<tool_call>{{...}}</tool_call>, Qwen's) or llama3_json ({{\"name\": ..., \"parameters\": ...}}, Llama 3's), whichever the chat template writes.");
+                    o.ToolCallParser = toolParser is "hermes" or "llama3_json" or "mistral" ? toolParser : throw new ArgumentException(
+                        $"--tool-call-parser '{toolParser}' is not supported: tool calls are parsed as hermes (<tool_call>{{...}}</tool_call>, Qwen's), llama3_json ({{\"name\": ..., \"parameters\": ...}}, Llama 3's) or mistral ([TOOL_CALLS][...]), whichever the chat template writes.");
                     break;
                 case "--reasoning-parser":
                     if (Value() is not ("qwen3" or "deepseek_r1") and var reasoning)

@@ -585,7 +585,7 @@ public sealed class ServerOverloadTests
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
     [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
     [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
-    [InlineData(new[] { "--model", "m", "--tool-call-parser", "mistral" }, "--tool-call-parser 'mistral' is not supported")]
+    [InlineData(new[] { "--model", "m", "--tool-call-parser", "pythonic" }, "--tool-call-parser 'pythonic' is not supported")]
     [InlineData(new[] { "--model", "m", "--reasoning-parser", "granite" }, "--reasoning-parser 'granite' is not supported")]
     public void The_command_line_names_what_is_wrong(string[] args, string message) =>
         Assert.Contains(message, Assert.Throws<ArgumentException>(() => ServerOptions.Parse(args)).Message);
