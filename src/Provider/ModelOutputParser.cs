@@ -1,4 +1,5 @@
 using System.Text;
+using System.Text.Json;
 
 namespace LocalVllm;
 
@@ -16,10 +17,13 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// <c>&lt;/think&gt;</c>, are dropped, as Qwen's templates write them.
 /// </summary>
 /// <remarks>
-/// With <c>bareJsonTools</c> (Llama 3's format, <see cref="ToolCallFormat.BareJson"/>: the names of the tools offered), a
-/// reply whose first character other than white space is <c>{</c> is read as tool calls: the whole reply, one JSON
-/// object <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>, each naming an offered tool,
-/// becomes one piece per call at the end; if it is not such calls after all (a JSON answer), it is the answer's text.
+/// With <c>bareJsonTools</c> (the names of the tools offered) for a model whose calls have no tags, a reply whose first
+/// character other than white space opens its calls is held until it ends and then read as tool calls, one piece per
+/// call: for Llama 3 (<see cref="ToolCallFormat.BareJson"/>) a <c>{</c> starts one JSON object
+/// <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>; for Mistral
+/// (<see cref="ToolCallFormat.Mistral"/>) a <c>[</c> starts a JSON array of calls (after <c>[TOOL_CALLS]</c> when the
+/// marker comes through as text). Every call must name an offered tool; a reply that is not such calls after all (a
+/// JSON answer) is the answer's text.
 /// </remarks>
 internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = null, ToolCallFormat bareFormat = ToolCallFormat.BareJson)
 {
@@ -107,12 +111,12 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
         if (text.StartsWith(ToolCallFormats.MistralMarker, StringComparison.Ordinal)) text = text[ToolCallFormats.MistralMarker.Length..].TrimStart();
         try
         {
-            using var doc = System.Text.Json.JsonDocument.Parse(text);
-            if (doc.RootElement.ValueKind != System.Text.Json.JsonValueKind.Array || doc.RootElement.GetArrayLength() == 0) return null;
+            using var doc = JsonDocument.Parse(text);
+            if (doc.RootElement.ValueKind != JsonValueKind.Array || doc.RootElement.GetArrayLength() == 0) return null;
             var calls = doc.RootElement.EnumerateArray().Select(e => e.GetRawText()).ToList();
             return calls.All(c => NamesATool(c, tools)) ? calls : null;
         }
-        catch (System.Text.Json.JsonException)
+        catch (JsonException)
         {
             return null;
         }
@@ -122,12 +126,12 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
     {
         try
         {
-            using var doc = System.Text.Json.JsonDocument.Parse(json);
-            return doc.RootElement.ValueKind == System.Text.Json.JsonValueKind.Object
-                && doc.RootElement.TryGetProperty("name", out var name) && name.ValueKind == System.Text.Json.JsonValueKind.String
+            using var doc = JsonDocument.Parse(json);
+            return doc.RootElement.ValueKind == JsonValueKind.Object
+                && doc.RootElement.TryGetProperty("name", out var name) && name.ValueKind == JsonValueKind.String
                 && tools.Contains(name.GetString()!);
         }
-        catch (System.Text.Json.JsonException)
+        catch (JsonException)
         {
             return false;
         }
