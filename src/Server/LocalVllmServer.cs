@@ -68,6 +68,20 @@ public sealed class LocalVllmServer : IAsyncDisposable
             k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
         });
         builder.Services.AddSingleton(chat);
+        // Cross-origin calls from browser pages, with vLLM's defaults (any origin, method and header). The policy runs
+        // before the API-key check, so a browser's preflight (which carries no key) gets its answer.
+        builder.Services.AddCors(c => c.AddDefaultPolicy(p =>
+        {
+            if (options.AllowedOrigins.Contains("*"))
+            {
+                if (options.AllowCredentials) p.SetIsOriginAllowed(_ => true); // "*" with credentials echoes the origin, as Starlette does
+                else p.AllowAnyOrigin();
+            }
+            else p.WithOrigins([.. options.AllowedOrigins]);
+            if (options.AllowedMethods.Contains("*")) p.AllowAnyMethod(); else p.WithMethods([.. options.AllowedMethods]);
+            if (options.AllowedHeaders.Contains("*")) p.AllowAnyHeader(); else p.WithHeaders([.. options.AllowedHeaders]);
+            if (options.AllowCredentials) p.AllowCredentials();
+        }));
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = options.ShutdownTimeout);
         // The engine's meter (LocalVllm), exported for Prometheus at /metrics; where vLLM has a metric for the same
         // thing, the series carries vLLM's name.
@@ -78,6 +92,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
             m.AddPrometheusExporter();
         });
         var app = builder.Build();
+        app.UseCors();
         app.MapPrometheusScrapingEndpoint("/metrics");
         new OpenAiEndpoints(chat, engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);
         return new LocalVllmServer(app, engine);

@@ -30,6 +30,15 @@ public sealed class ServerOptions
     /// this is set, the server refuses to start if the template writes calls the other way.
     /// </summary>
     public string? ToolCallParser { get; set; }
+    /// <summary>
+    /// Cross-origin requests (CORS), as vLLM's <c>--allowed-origins</c>, <c>--allowed-methods</c>,
+    /// <c>--allowed-headers</c> and <c>--allow-credentials</c>, with vLLM's defaults: every origin, method and header, no
+    /// credentials. A browser page can then call the server directly; the API key, when set, still guards /v1.
+    /// </summary>
+    public List<string> AllowedOrigins { get; set; } = ["*"];
+    public List<string> AllowedMethods { get; set; } = ["*"];
+    public List<string> AllowedHeaders { get; set; } = ["*"];
+    public bool AllowCredentials { get; set; }
 
     public const string Usage = """
         usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
@@ -59,6 +68,8 @@ public sealed class ServerOptions
                                       writes (<tool_call> blocks, Qwen's; a bare JSON call, Llama 3's; [TOOL_CALLS]
                                       and a JSON array, Mistral's), which is parsed
           --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
+          --allowed-origins JSON      CORS origins, a JSON list (default ["*"]); --allowed-methods, --allowed-headers
+                                      likewise (default ["*"]); --allow-credentials lets browsers send credentials
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -92,6 +103,10 @@ public sealed class ServerOptions
                 // vLLM needs these to turn tool calls and reasoning on; here both are always on, in the one format each
                 // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.
                 case "--enable-auto-tool-choice": break;
+                case "--allowed-origins": o.AllowedOrigins = JsonList(flag, Value()); break;
+                case "--allowed-methods": o.AllowedMethods = JsonList(flag, Value()); break;
+                case "--allowed-headers": o.AllowedHeaders = JsonList(flag, Value()); break;
+                case "--allow-credentials": o.AllowCredentials = true; break;
                 case "--tool-call-parser":
                     string toolParser = Value();
                     o.ToolCallParser = toolParser is "hermes" or "llama3_json" or "mistral" ? toolParser : throw new ArgumentException(
@@ -121,6 +136,19 @@ public sealed class ServerOptions
         if (string.IsNullOrWhiteSpace(o.Model)) throw new ArgumentException("--model is required: give a Hugging Face model directory or a hub repository id (owner/name).");
         if (o.Port is < 0 or > 65535) throw new ArgumentException($"--port {o.Port} is not a port.");
         return o;
+    }
+
+    /// <summary>A list given as vLLM takes it, a JSON array of strings (<c>'["http://localhost:3000"]'</c>).</summary>
+    private static List<string> JsonList(string flag, string text)
+    {
+        try
+        {
+            return System.Text.Json.JsonSerializer.Deserialize<List<string>>(text) ?? throw new System.Text.Json.JsonException();
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            throw new ArgumentException($"{flag} needs a JSON list of strings, e.g. '[\"http://localhost:3000\"]'.");
+        }
     }
 
     private static long ParseBytes(string flag, string text)

@@ -546,6 +546,51 @@ public sealed class ServerOverloadTests
         Assert.Equal(12, chat["usage"]!["completion_tokens"]!.GetValue<int>());
     }
 
+    /// <summary>
+    /// CORS as vLLM serves it: by default a browser's preflight from any origin gets its answer before the API-key check
+    /// and responses carry Access-Control-Allow-Origin; with --allowed-origins only the listed origins are answered.
+    /// </summary>
+    [Fact]
+    public async Task Browsers_get_cors_answers_for_any_origin_by_default_and_only_the_allowed_ones_when_listed()
+    {
+        async Task<HttpResponseMessage> Preflight(HttpClient http, string origin)
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Options, "v1/chat/completions");
+            request.Headers.Add("Origin", origin);
+            request.Headers.Add("Access-Control-Request-Method", "POST");
+            request.Headers.Add("Access-Control-Request-Headers", "authorization,content-type");
+            return await http.SendAsync(request);
+        }
+        static string? Allowed(HttpResponseMessage r) => r.Headers.TryGetValues("Access-Control-Allow-Origin", out var v) ? v.Single() : null;
+
+        await using (var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M", "--api-key", "k"])))
+        {
+            await server.StartAsync();
+            using var http = new HttpClient { BaseAddress = server.BaseAddress };
+            using var preflight = await Preflight(http, "http://app.example");
+            Assert.Equal(HttpStatusCode.NoContent, preflight.StatusCode);
+            Assert.Equal("*", Allowed(preflight));
+            Assert.Contains("authorization", string.Join(",", preflight.Headers.GetValues("Access-Control-Allow-Headers")), StringComparison.OrdinalIgnoreCase);
+            using var models = new HttpRequestMessage(HttpMethod.Get, "v1/models");
+            models.Headers.Add("Origin", "http://app.example");
+            models.Headers.Authorization = new System.Net.Http.Headers.AuthenticationHeaderValue("Bearer", "k");
+            using var listed = await http.SendAsync(models);
+            Assert.Equal(HttpStatusCode.OK, listed.StatusCode);
+            Assert.Equal("*", Allowed(listed));
+        }
+        await using (var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
+            "--allowed-origins", "[\"http://app.example\"]"])))
+        {
+            await server.StartAsync();
+            using var http = new HttpClient { BaseAddress = server.BaseAddress };
+            using var listedOrigin = await Preflight(http, "http://app.example");
+            Assert.Equal("http://app.example", Allowed(listedOrigin));
+            using var other = await Preflight(http, "http://elsewhere.example");
+            Assert.Null(Allowed(other));
+        }
+        Assert.Contains("--allowed-origins needs a JSON list", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--allowed-origins", "*"])).Message);
+    }
+
     [Fact]
     public async Task Shutdown_stops_accepting_and_aborts_a_stream_still_running_after_the_grace_period()
     {
