@@ -170,7 +170,8 @@ internal static class ChatRequestMapper
     /// calls as bare JSON (<see cref="ToolCallFormat.BareJson"/>, Llama 3) gets the required calls in its own form,
     /// <c>{"name": ..., "parameters": {...}}</c> separated by <c>;</c>, and a Mistral model a JSON array of
     /// <c>{"name": ..., "arguments": {...}}</c> (its <c>[TOOL_CALLS]</c> marker is a control token the grammar cannot
-    /// hold); neither gets a constraint in <c>Auto</c> mode (no opening tag tells their calls from text).
+    /// hold). In <c>Auto</c> mode their replies are either those calls or text that does not start with the call's
+    /// first character (<c>{</c> or <c>[</c>, nor white space before it), which is how the parser tells the two apart.
     /// </summary>
     public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
     {
@@ -184,19 +185,24 @@ internal static class ChatRequestMapper
                 JsonNode n => StructuredOutputsJson.Parse(n),
                 _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {so.GetType().Name}.", nameof(o)),
             };
-        else if (ToolCallFormats.ToolsOn(o) && (o!.ToolMode is RequiredChatToolMode || (o.ResponseFormat is not ChatResponseFormatJson && format == ToolCallFormat.Hermes)))
+        else if (ToolCallFormats.ToolsOn(o) && (o!.ToolMode is RequiredChatToolMode || o.ResponseFormat is not ChatResponseFormatJson))
         {
             var required = o.ToolMode as RequiredChatToolMode;
             var chosen = o.Tools!.OfType<AIFunctionDeclaration>().Where(t => required?.RequiredFunctionName is null || t.Name == required.RequiredFunctionName).ToList();
             var grammar = new System.Text.StringBuilder();
             string separator = format switch { ToolCallFormat.BareJson => "; ", ToolCallFormat.Mistral => ", ", _ => "\n" };
             var (open, close) = format == ToolCallFormat.Mistral ? ("\"[\" ", " \"]\"") : ("", "");
-            if (required is null)
+            string calls = o.AllowMultipleToolCalls == false ? $"{open}call{close}" : $"{open}call ({GbnfLiteral(separator)} call)*{close}";
+            if (required is null && format == ToolCallFormat.Hermes)
                 // Auto (strict tools): free text, but once the model opens <tool_call> the call is held to the tools' schemas.
                 grammar.AppendLine(o.AllowMultipleToolCalls == false ? "root ::= text (call text)?" : "root ::= text (call text)*")
                     .AppendLine("text ::= %text_without(\"<tool_call>\")");
+            else if (required is null)
+                // Auto, tagless forms: the calls, or text whose first character cannot begin them.
+                grammar.AppendLine($"root ::= {calls} | text")
+                    .AppendLine($"text ::= ([^{(format == ToolCallFormat.Mistral ? "\\[" : "{")} \\t\\n\\r] .*)?");
             else
-                grammar.AppendLine(o.AllowMultipleToolCalls == false ? $"root ::= {open}call{close}" : $"root ::= {open}call ({GbnfLiteral(separator)} call)*{close}");
+                grammar.AppendLine($"root ::= {calls}");
             var alternatives = string.Join(" | ", chosen.Select((_, i) => $"tool{i}"));
             grammar.AppendLine(format != ToolCallFormat.Hermes
                 ? $"call ::= {alternatives}"

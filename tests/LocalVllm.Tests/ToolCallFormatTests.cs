@@ -136,4 +136,39 @@ public sealed class ToolCallFormatTests
         Assert.Contains(result.Result!.ToString()!, prompt);
         Assert.Contains("\"name\": \"toggle_warning\"", prompt);
     }
+
+    /// <summary>
+    /// Auto mode in the tagless forms: the reply is either calls of offered tools with valid arguments, or text whose
+    /// first character cannot begin a call; checked on the grammar directly and on sampled replies.
+    /// </summary>
+    [Theory]
+    [InlineData("meta-llama-Llama-3.2-3B-Instruct.jinja", "{\"name\": \"toggle_warning\", \"parameters\": {\"on\":true}}", "{\"name\": \"nope\"")]
+    [InlineData("mistralai-Mistral-Nemo-Instruct-2407.jinja", "[{\"name\": \"toggle_warning\", \"arguments\": {\"on\":false}}]", "[1")]
+    public async Task Auto_mode_replies_are_valid_calls_or_text_that_cannot_be_taken_for_one(string template, string validCall, string invalidStart)
+    {
+        using var engine = TemplatedEngine(template);
+        var tool = AIFunctionFactory.Create((bool on) => on ? "warning on" : "warning off", "toggle_warning", "Turns the warning on or off.");
+        var options = new ChatOptions { Temperature = 1, MaxOutputTokens = 40, Tools = [tool] };
+        var constraint = ChatRequestMapper.Constraint(options, "", engine.ChatTemplate.Source)!;
+        var vocab = engine.Engine.Engine.Vocabulary!;
+        LocalVllm.Engine.Structured.GrammarMatcher Matcher() =>
+            new(LocalVllm.Engine.Structured.ConstraintCompiler.Compile(StructuredOutputs.ForGrammar(constraint.Grammar!)), vocab);
+        static byte[] Utf8(string text) => System.Text.Encoding.UTF8.GetBytes(text);
+        var call = Matcher();
+        Assert.True(call.TryAdvance(Utf8(validCall)) && call.IsAccepting);
+        var text = Matcher();
+        Assert.True(text.TryAdvance(Utf8("Sure: the warning {is} on [now].")) && text.IsAccepting);
+        Assert.False(Matcher().TryAdvance(Utf8(invalidStart)));
+        Assert.False(Matcher().TryAdvance(Utf8(" " + validCall[0])));
+
+        var client = new LocalVllmChatClient(engine);
+        for (int seed = 1; seed <= 3; seed++)
+        {
+            options.Seed = seed;
+            var reply = await client.GetResponseAsync("Warn me, or tell me a story.", options);
+            var calls = reply.Messages.SelectMany(m => m.Contents).OfType<FunctionCallContent>().ToList();
+            Assert.All(calls, c => Assert.True(c.Name == "toggle_warning" && c.Exception is null && c.Arguments!.ContainsKey("on"), $"seed {seed}: {c.Name}"));
+            if (calls.Count == 0) Assert.False(reply.Text.StartsWith(validCall[0]), $"seed {seed}: a reply that looks like a call came back as text: {reply.Text}");
+        }
+    }
 }
