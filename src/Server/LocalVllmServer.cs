@@ -64,7 +64,11 @@ public sealed class LocalVllmServer : IAsyncDisposable
         builder.WebHost.ConfigureKestrel(k =>
         {
             var address = options.Host is "localhost" ? IPAddress.Loopback : IPAddress.Parse(options.Host);
-            k.Listen(address, options.Port);
+            k.Listen(address, options.Port, listen =>
+            {
+                if (options.SslCertFile is { } cert)
+                    listen.UseHttps(System.Security.Cryptography.X509Certificates.X509Certificate2.CreateFromPemFile(cert, options.SslKeyFile));
+            });
             k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
         });
         builder.Services.AddSingleton(chat);

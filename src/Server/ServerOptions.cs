@@ -39,6 +39,9 @@ public sealed class ServerOptions
     public List<string> AllowedMethods { get; set; } = ["*"];
     public List<string> AllowedHeaders { get; set; } = ["*"];
     public bool AllowCredentials { get; set; }
+    /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
+    public string? SslCertFile { get; set; }
+    public string? SslKeyFile { get; set; }
 
     public const string Usage = """
         usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
@@ -70,6 +73,7 @@ public sealed class ServerOptions
           --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
           --allowed-origins JSON      CORS origins, a JSON list (default ["*"]); --allowed-methods, --allowed-headers
                                       likewise (default ["*"]); --allow-credentials lets browsers send credentials
+          --ssl-certfile F --ssl-keyfile K  serve HTTPS with this PEM certificate and key
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -107,6 +111,8 @@ public sealed class ServerOptions
                 case "--allowed-methods": o.AllowedMethods = JsonList(flag, Value()); break;
                 case "--allowed-headers": o.AllowedHeaders = JsonList(flag, Value()); break;
                 case "--allow-credentials": o.AllowCredentials = true; break;
+                case "--ssl-certfile": o.SslCertFile = Value(); break;
+                case "--ssl-keyfile": o.SslKeyFile = Value(); break;
                 case "--tool-call-parser":
                     string toolParser = Value();
                     o.ToolCallParser = toolParser is "hermes" or "llama3_json" or "mistral" ? toolParser : throw new ArgumentException(
@@ -135,6 +141,9 @@ public sealed class ServerOptions
         }
         if (string.IsNullOrWhiteSpace(o.Model)) throw new ArgumentException("--model is required: give a Hugging Face model directory or a hub repository id (owner/name).");
         if (o.Port is < 0 or > 65535) throw new ArgumentException($"--port {o.Port} is not a port.");
+        if ((o.SslCertFile is null) != (o.SslKeyFile is null)) throw new ArgumentException("HTTPS needs both --ssl-certfile and --ssl-keyfile.");
+        foreach (var (flag, file) in new[] { ("--ssl-certfile", o.SslCertFile), ("--ssl-keyfile", o.SslKeyFile) })
+            if (file is not null && !File.Exists(file)) throw new ArgumentException($"{flag}: no such file '{Path.GetFullPath(file)}'.");
         return o;
     }
 

@@ -591,6 +591,39 @@ public sealed class ServerOverloadTests
         Assert.Contains("--allowed-origins needs a JSON list", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--allowed-origins", "*"])).Message);
     }
 
+    /// <summary>--ssl-certfile and --ssl-keyfile serve HTTPS with that certificate (a self-signed one made here).</summary>
+    [Fact]
+    public async Task Https_is_served_with_the_given_pem_certificate_and_key()
+    {
+        using var key = System.Security.Cryptography.ECDsa.Create(System.Security.Cryptography.ECCurve.NamedCurves.nistP256);
+        var request = new System.Security.Cryptography.X509Certificates.CertificateRequest("CN=localhost", key, System.Security.Cryptography.HashAlgorithmName.SHA256);
+        using var cert = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddMinutes(-5), DateTimeOffset.UtcNow.AddHours(1));
+        var dir = Directory.CreateTempSubdirectory("localvllm-tls-").FullName;
+        try
+        {
+            string certFile = Path.Combine(dir, "cert.pem"), keyFile = Path.Combine(dir, "key.pem");
+            File.WriteAllText(certFile, cert.ExportCertificatePem());
+            File.WriteAllText(keyFile, key.ExportPkcs8PrivateKeyPem());
+            await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
+                "--ssl-certfile", certFile, "--ssl-keyfile", keyFile]));
+            await server.StartAsync();
+            Assert.Equal("https", server.BaseAddress.Scheme);
+            string? seen = null;
+            using var handler = new HttpClientHandler { ServerCertificateCustomValidationCallback = (_, c, _, _) => (seen = c?.Thumbprint) == cert.Thumbprint };
+            using var http = new HttpClient(handler) { BaseAddress = server.BaseAddress };
+            using var health = await http.GetAsync("health");
+            Assert.Equal(HttpStatusCode.OK, health.StatusCode);
+            Assert.Equal(cert.Thumbprint, seen);
+
+            Assert.Contains("needs both --ssl-certfile and --ssl-keyfile", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--ssl-certfile", certFile])).Message);
+            Assert.Contains("--ssl-keyfile: no such file", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--ssl-certfile", certFile, "--ssl-keyfile", keyFile + ".missing"])).Message);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
     [Fact]
     public async Task Shutdown_stops_accepting_and_aborts_a_stream_still_running_after_the_grace_period()
     {
