@@ -97,6 +97,12 @@ public sealed class EngineOptions
     /// </summary>
     public string? ChatTemplate { get; set; }
 
+    /// <summary>
+    /// The most log-probabilities per position a request may ask for (<see cref="SamplingParams.Logprobs"/>,
+    /// <see cref="SamplingParams.PromptLogprobs"/>): 20, as vLLM's <c>max_logprobs</c>; -1 allows up to the vocabulary.
+    /// </summary>
+    public int MaxLogprobs { get; set; } = 20;
+
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
     public int? NumThreads { get; set; }
 
@@ -121,6 +127,7 @@ public sealed class EngineOptions
         if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
         if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
         if (ChatTemplate is not null) Text.Templating.ChatTemplate.ReplacementSource(ChatTemplate); // a missing file fails here, by name
+        if (MaxLogprobs < -1) throw new ArgumentOutOfRangeException(nameof(MaxLogprobs), MaxLogprobs, "MaxLogprobs must be -1 (no cap) or at least 0.");
         if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))

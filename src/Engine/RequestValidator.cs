@@ -16,8 +16,9 @@ public sealed class RequestValidator
     /// <param name="maxWaitingRequests">Sequences that may wait for admission.</param>
     /// <param name="kvCacheOption">The option that set the cache's size (named in capacity messages).</param>
     /// <param name="contextLimitedByCache">Whether <paramref name="maxModelLen"/> was lowered to what the cache holds.</param>
+    /// <param name="maxLogprobs">The most log-probabilities a request may ask for per position; -1: up to the vocabulary.</param>
     public RequestValidator(int vocabSize, int maxModelLen, int kvCacheBlocks, int blockSize, int maxWaitingRequests = int.MaxValue,
-        string kvCacheOption = "KvCacheMemoryBytes", bool contextLimitedByCache = false)
+        string kvCacheOption = "KvCacheMemoryBytes", bool contextLimitedByCache = false, int maxLogprobs = -1)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(vocabSize, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxModelLen, 1);
@@ -31,7 +32,11 @@ public sealed class RequestValidator
         MaxWaitingRequests = maxWaitingRequests;
         KvCacheOption = kvCacheOption;
         ContextLimitedByCache = contextLimitedByCache;
+        MaxLogprobs = maxLogprobs < 0 ? vocabSize : Math.Min(maxLogprobs, vocabSize);
     }
+
+    /// <summary>The most log-probabilities per position a request may ask for (EngineOptions.MaxLogprobs, capped by the vocabulary).</summary>
+    public int MaxLogprobs { get; }
 
     /// <summary>The option that set the KV cache's size: what a capacity message tells the user to raise.</summary>
     public string KvCacheOption { get; }
@@ -41,6 +46,8 @@ public sealed class RequestValidator
     private string ContextSource => ContextLimitedByCache
         ? $"the KV cache holds {KvCacheBlocks * BlockSize} tokens ({KvCacheBlocks} blocks of {BlockSize}; raise {KvCacheOption} for more)"
         : "max_position_embeddings / MaxModelLen";
+
+    private string LogprobsLimit => MaxLogprobs == VocabSize ? $"vocabulary size {VocabSize}" : $"{MaxLogprobs}: EngineOptions.MaxLogprobs (--max-logprobs)";
 
     /// <summary>Token ids must lie in [0, VocabSize).</summary>
     public int VocabSize { get; }
@@ -107,8 +114,8 @@ public sealed class RequestValidator
         if (!(p.FrequencyPenalty >= -2 && p.FrequencyPenalty <= 2)) throw new ArgumentOutOfRangeException(nameof(p.FrequencyPenalty), p.FrequencyPenalty, "FrequencyPenalty (frequency_penalty) must be in [-2, 2].");
         if (p.MaxTokens < 1) throw new ArgumentOutOfRangeException(nameof(p.MaxTokens), p.MaxTokens, "MaxTokens (ChatOptions.MaxOutputTokens, max_tokens) must be at least 1.");
         if (p.MinTokens < 0 || p.MinTokens > p.MaxTokens) throw new ArgumentOutOfRangeException(nameof(p.MinTokens), p.MinTokens, $"MinTokens (min_tokens) must be in [0, MaxTokens = {p.MaxTokens}].");
-        if (p.Logprobs is < 0 || p.Logprobs > VocabSize) throw new ArgumentOutOfRangeException(nameof(p.Logprobs), p.Logprobs, $"Logprobs (logprobs) must be in [0, vocabulary size {VocabSize}].");
-        if (p.PromptLogprobs is < 0 || p.PromptLogprobs > VocabSize) throw new ArgumentOutOfRangeException(nameof(p.PromptLogprobs), p.PromptLogprobs, $"PromptLogprobs (prompt_logprobs) must be in [0, vocabulary size {VocabSize}].");
+        if (p.Logprobs is < 0 || p.Logprobs > MaxLogprobs) throw new ArgumentOutOfRangeException(nameof(p.Logprobs), p.Logprobs, $"Logprobs (logprobs, top_logprobs) must be in [0, {LogprobsLimit}].");
+        if (p.PromptLogprobs is < 0 || p.PromptLogprobs > MaxLogprobs) throw new ArgumentOutOfRangeException(nameof(p.PromptLogprobs), p.PromptLogprobs, $"PromptLogprobs (prompt_logprobs) must be in [0, {LogprobsLimit}].");
         foreach (var id in p.StopTokenIds)
             if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.StopTokenIds), id, $"Stop token id {id} (StopTokenIds, stop_token_ids) is outside the vocabulary [0, {VocabSize}).");
         foreach (var s in p.Stop)

@@ -65,6 +65,7 @@ public sealed class ServerOptions
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
+          --max-logprobs N            most log-probabilities per position a request may ask for (default 20; -1: no cap)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
           --tool-call-parser P        hermes | llama3_json | mistral: checked against the format the chat template
@@ -103,6 +104,7 @@ public sealed class ServerOptions
                 case "--api-key": o.ApiKey = Value(); break;
                 case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
                 case "--stream-interval": o.Engine.StreamInterval = Int(); break;
+                case "--max-logprobs": o.Engine.MaxLogprobs = Int(); break;
                 case "--chat-template": o.Engine.ChatTemplate = Value(); break;
                 // vLLM needs these to turn tool calls and reasoning on; here both are always on, in the one format each
                 // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.

@@ -40,6 +40,7 @@ public sealed class RequestValidationTests(RequestValidationTests.Engines engine
         { "N", new SamplingParams { N = 0 }, null },
         { "Logprobs", new SamplingParams { Logprobs = -1 }, null },
         { "PromptLogprobs", new SamplingParams { PromptLogprobs = 1_000_000 }, null },
+        { "Logprobs over MaxLogprobs", new SamplingParams { Logprobs = 21 }, new ChatOptions { AdditionalProperties = new() { ["logprobs"] = 21 } } },
         { "StopTokenIds", new SamplingParams { StopTokenIds = [-1] }, null },
         { "OutputKind", new SamplingParams { OutputKind = (RequestOutputKind)7 }, null },
     };
@@ -142,5 +143,17 @@ public sealed class RequestValidationTests(RequestValidationTests.Engines engine
         var client = new LocalVllmChatClient(engines.Async);
         var e = await Assert.ThrowsAnyAsync<ArgumentException>(() => client.GetResponseAsync([new ChatMessage(ChatRole.User, "hi"), null!]));
         Assert.Contains("Message 1 of the list is null", e.Message);
+    }
+
+    /// <summary>Log-probabilities are capped at vLLM's max_logprobs (20) by default, the message names the setting, and -1 lifts the cap.</summary>
+    [Fact]
+    public void Logprobs_are_capped_at_max_logprobs_which_the_message_names()
+    {
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => engines.Llm.Engine.Validator.Validate([1, 2], new SamplingParams { Logprobs = 21 }));
+        Assert.Contains("must be in [0, 20: EngineOptions.MaxLogprobs (--max-logprobs)]", e.Message);
+        engines.Llm.Engine.Validator.Validate([1, 2], new SamplingParams { Logprobs = 20, PromptLogprobs = 20 });
+        var uncapped = new RequestValidator(1000, 64, 8, 16, maxLogprobs: -1);
+        uncapped.Validate([1, 2], new SamplingParams { Logprobs = 1000 });
+        Assert.Contains("vocabulary size 1000", Assert.Throws<ArgumentOutOfRangeException>(() => uncapped.Validate([1, 2], new SamplingParams { Logprobs = 1001 })).Message);
     }
 }

@@ -674,9 +674,9 @@ public sealed class ServerOverloadTests
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
             "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}",
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3"]);
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3", "--max-logprobs", "5"]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
-        Assert.Equal((4, "{{ messages[0].content }}", "hermes"), (o.Engine.StreamInterval, o.Engine.ChatTemplate, o.ToolCallParser));
+        Assert.Equal((4, "{{ messages[0].content }}", "hermes", 5), (o.Engine.StreamInterval, o.Engine.ChatTemplate, o.ToolCallParser, o.Engine.MaxLogprobs));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
         Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
             (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));

@@ -43,7 +43,7 @@ public sealed class LlmEngine : IDisposable
         Blocks = new BlockManager(Cache.NumBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
         Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests,
-            _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null);
+            _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null, options.MaxLogprobs);
         EngineLog.KvCache(_logger, Cache.NumBlocks, (long)Cache.NumBlocks * options.BlockSize, ModelRunner.FormatBytes(_runner.KvCacheBytes), _runner.KvCacheSizedBy);
         if (_runner.MaxModelLenLoweredTo is int lowered)
             EngineLog.MaxModelLenLowered(_logger, c.MaxPositionEmbeddings, lowered, _runner.KvCacheSizedBy,
