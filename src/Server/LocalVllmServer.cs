@@ -96,6 +96,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
             m.AddPrometheusExporter();
         });
         var app = builder.Build();
+        if (options.RootPath is { Length: > 0 } root) app.UsePathBase(root);
         app.UseCors();
         app.MapPrometheusScrapingEndpoint("/metrics");
         new OpenAiEndpoints(chat, engine, options, app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("LocalVllm.Server")).Map(app);

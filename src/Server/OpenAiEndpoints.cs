@@ -55,12 +55,18 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             }
         });
         app.MapGet("/health", () => Results.Ok());
+        app.MapGet("/version", () => Results.Json(new { version = Version }));
         app.MapGet("/v1/models", ListModels);
         app.MapPost("/v1/chat/completions", ChatCompletions);
         app.MapPost("/v1/completions", Completions);
         app.MapPost("/tokenize", Tokenize);
         app.MapPost("/detokenize", Detokenize);
     }
+
+    /// <summary>The server's version (GET /version, as vLLM's): the package's informational version.</summary>
+    internal static string Version { get; } =
+        typeof(OpenAiEndpoints).Assembly.GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
+            .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion ?? "unknown";
 
     private static bool RequiresKey(PathString path) =>
         path.StartsWithSegments("/v1") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");

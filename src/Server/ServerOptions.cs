@@ -42,6 +42,11 @@ public sealed class ServerOptions
     /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
     public string? SslCertFile { get; set; }
     public string? SslKeyFile { get; set; }
+    /// <summary>
+    /// vLLM's <c>--root-path</c>: the path prefix a reverse proxy puts in front of the server's routes (e.g. <c>/llm</c>);
+    /// requests under it are served as if it were not there (requests without it still are).
+    /// </summary>
+    public string? RootPath { get; set; }
 
     public const string Usage = """
         usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
@@ -75,6 +80,7 @@ public sealed class ServerOptions
           --allowed-origins JSON      CORS origins, a JSON list (default ["*"]); --allowed-methods, --allowed-headers
                                       likewise (default ["*"]); --allow-credentials lets browsers send credentials
           --ssl-certfile F --ssl-keyfile K  serve HTTPS with this PEM certificate and key
+          --root-path P               the path prefix of a reverse proxy in front (e.g. /llm)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
@@ -114,6 +120,10 @@ public sealed class ServerOptions
                 case "--allowed-headers": o.AllowedHeaders = JsonList(flag, Value()); break;
                 case "--allow-credentials": o.AllowCredentials = true; break;
                 case "--ssl-certfile": o.SslCertFile = Value(); break;
+                case "--root-path":
+                    string root = Value();
+                    o.RootPath = root.StartsWith('/') ? root.TrimEnd('/') : throw new ArgumentException($"--root-path '{root}' must start with '/'.");
+                    break;
                 case "--ssl-keyfile": o.SslKeyFile = Value(); break;
                 case "--tool-call-parser":
                     string toolParser = Value();

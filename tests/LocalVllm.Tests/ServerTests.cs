@@ -209,6 +209,8 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     {
         using var health = await fixture.Http.GetAsync("health");
         Assert.Equal(HttpStatusCode.OK, health.StatusCode);
+        var version = JsonNode.Parse(await fixture.Http.GetStringAsync("version"))!["version"]!.GetValue<string>();
+        Assert.Equal(typeof(LocalVllmServer).Assembly.GetName().Version!.ToString(3), version.Split('+', '-')[0]);
         var models = JsonNode.Parse(await fixture.Http.GetStringAsync("v1/models"))!;
         Assert.Equal("tiny-qwen3-chat", models["data"]![0]!["id"]!.GetValue<string>());
         Assert.Equal(fixture.Server.Engine.MaxModelLen, models["data"]![0]!["max_model_len"]!.GetValue<int>());
@@ -551,7 +553,7 @@ public sealed class ServerOverloadTests
     /// and responses carry Access-Control-Allow-Origin; with --allowed-origins only the listed origins are answered.
     /// </summary>
     [Fact]
-    public async Task Browsers_get_cors_answers_for_any_origin_by_default_and_only_the_allowed_ones_when_listed()
+    public async Task Browsers_get_cors_answers_for_any_origin_by_default_and_only_the_allowed_ones_when_listed_also_under_a_root_path()
     {
         async Task<HttpResponseMessage> Preflight(HttpClient http, string origin)
         {
@@ -579,10 +581,15 @@ public sealed class ServerOverloadTests
             Assert.Equal("*", Allowed(listed));
         }
         await using (var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
-            "--allowed-origins", "[\"http://app.example\"]"])))
+            "--allowed-origins", "[\"http://app.example\"]", "--root-path", "/llm/"])))
         {
             await server.StartAsync();
-            using var http = new HttpClient { BaseAddress = server.BaseAddress };
+            // (--root-path: the routes answer under the proxy's prefix, and without it.)
+            using var http = new HttpClient { BaseAddress = new Uri(server.BaseAddress, "llm/") };
+            using var prefixed = await http.GetAsync("v1/models");
+            Assert.Equal(HttpStatusCode.OK, prefixed.StatusCode);
+            using var bare = await new HttpClient { BaseAddress = server.BaseAddress }.GetAsync("v1/models");
+            Assert.Equal(HttpStatusCode.OK, bare.StatusCode);
             using var listedOrigin = await Preflight(http, "http://app.example");
             Assert.Equal("http://app.example", Allowed(listedOrigin));
             using var other = await Preflight(http, "http://elsewhere.example");
