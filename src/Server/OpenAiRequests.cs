@@ -31,7 +31,7 @@ internal sealed class OpenAiChatRequest
     [
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs",
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort",
         .. StructuredOutputsJson.GuidedFields,
     ];
 
@@ -60,6 +60,20 @@ internal sealed class OpenAiChatRequest
                 if (key != "enable_thinking") throw new ApiException(400, $"chat_template_kwargs '{key}' is not supported; enable_thinking is.", param: "chat_template_kwargs");
                 if (value is not null) o.AdditionalProperties["enable_thinking"] = value.GetValue<JsonElement>().Clone();
             }
+        // OpenAI's reasoning_effort: "none" turns the template's thinking off, any other effort on (as ChatOptions.Reasoning).
+        if (body["reasoning_effort"] is JsonNode effort)
+            o.Reasoning = new ReasoningOptions
+            {
+                Effort = Str(effort, "reasoning_effort") switch
+                {
+                    "none" => ReasoningEffort.None,
+                    "minimal" or "low" => ReasoningEffort.Low,
+                    "medium" => ReasoningEffort.Medium,
+                    "high" => ReasoningEffort.High,
+                    "xhigh" => ReasoningEffort.ExtraHigh,
+                    var other => throw new ApiException(400, $"'reasoning_effort' '{other}' is not one of none, minimal, low, medium, high, xhigh.", param: "reasoning_effort"),
+                },
+            };
         bool logprobs = body["logprobs"]?.GetValue<bool>() ?? false;
         if (logprobs) o.AdditionalProperties["logprobs"] = Int(body, "top_logprobs") ?? 0;
         else if (body["top_logprobs"] is not null) throw new ApiException(400, "'top_logprobs' needs 'logprobs': true.", param: "top_logprobs");
@@ -244,6 +258,9 @@ internal static class OpenAiCompletionRequest
             Stop = stop,
             Logprobs = OpenAiChatRequest.Int(body, "logprobs"),
             StructuredOutputs = OpenAiChatRequest.Constraint(body),
+            // vLLM's extra fields for completions.
+            StopTokenIds = body["stop_token_ids"] is JsonArray stopIds ? [.. stopIds.Select(t => t!.GetValue<int>())] : [],
+            SkipSpecialTokens = body["skip_special_tokens"]?.GetValue<bool>() ?? true,
         };
     }
 }

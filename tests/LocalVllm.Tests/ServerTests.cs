@@ -204,6 +204,44 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
             events.Select(Describe));
     }
 
+    /// <summary>
+    /// OpenAI's reasoning_effort switches the template's thinking ("none" off, any other effort on: the prompt is the
+    /// one /tokenize renders with enable_thinking false or true); vLLM's stop_token_ids end a completion at that token.
+    /// </summary>
+    [Fact]
+    public async Task Reasoning_effort_switches_thinking_and_stop_token_ids_end_a_completion()
+    {
+        JsonArray Messages() => [new JsonObject { ["role"] = "user", ["content"] = "Hi" }];
+        async Task<int> Rendered(bool thinking) => (await Post("tokenize", new JsonObject
+        {
+            ["messages"] = Messages(), ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = thinking },
+        })).Body["count"]!.GetValue<int>();
+        async Task<int> Prompt(string effort) => (await Post("v1/chat/completions", new JsonObject
+        {
+            ["messages"] = Messages(), ["max_tokens"] = 1, ["reasoning_effort"] = effort,
+        })).Body["usage"]!["prompt_tokens"]!.GetValue<int>();
+        int off = await Rendered(false), on = await Rendered(true);
+        Assert.NotEqual(off, on);
+        Assert.Equal(off, await Prompt("none"));
+        Assert.Equal(on, await Prompt("high"));
+        var (status, error, _) = await Post("v1/chat/completions", new JsonObject { ["messages"] = Messages(), ["reasoning_effort"] = "extreme" });
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Equal("reasoning_effort", error["error"]!["param"]!.GetValue<string>());
+
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        var (_, stopped, _) = await Post("v1/completions", new JsonObject
+        {
+            ["prompt"] = Case0["prompt_ids"]!.DeepClone(), ["temperature"] = 0, ["max_tokens"] = greedy.Length, ["ignore_eos"] = true,
+            ["stop_token_ids"] = new JsonArray(greedy[2]),
+        });
+        var choice = stopped["choices"]![0]!;
+        Assert.Equal("stop", choice["finish_reason"]!.GetValue<string>());
+        Assert.Equal(greedy[2], choice["stop_reason"]!.GetValue<int>());
+        Assert.Equal(3, stopped["usage"]!["completion_tokens"]!.GetValue<int>());
+        Assert.StartsWith(tokenizer.Decode(greedy[..2]), choice["text"]!.GetValue<string>());
+    }
+
     [Fact]
     public async Task Models_health_tokenize_and_detokenize_answer()
     {
