@@ -116,6 +116,12 @@ public sealed class RequestValidator
         if (p.MinTokens < 0 || p.MinTokens > p.MaxTokens) throw new ArgumentOutOfRangeException(nameof(p.MinTokens), p.MinTokens, $"MinTokens (min_tokens) must be in [0, MaxTokens = {p.MaxTokens}].");
         if (p.Logprobs is < 0 || p.Logprobs > MaxLogprobs) throw new ArgumentOutOfRangeException(nameof(p.Logprobs), p.Logprobs, $"Logprobs (logprobs, top_logprobs) must be in [0, {LogprobsLimit}].");
         if (p.PromptLogprobs is < 0 || p.PromptLogprobs > MaxLogprobs) throw new ArgumentOutOfRangeException(nameof(p.PromptLogprobs), p.PromptLogprobs, $"PromptLogprobs (prompt_logprobs) must be in [0, {LogprobsLimit}].");
+        if (p.LogitBias is { } logitBias)
+            foreach (var (id, value) in logitBias)
+            {
+                if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.LogitBias), id, $"Token id {id} in LogitBias (logit_bias) is outside the vocabulary [0, {VocabSize}).");
+                if (!(value >= -100 && value <= 100)) throw new ArgumentOutOfRangeException(nameof(p.LogitBias), value, $"LogitBias (logit_bias) for token {id} is {value}; each bias must be in [-100, 100].");
+            }
         foreach (var id in p.StopTokenIds)
             if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.StopTokenIds), id, $"Stop token id {id} (StopTokenIds, stop_token_ids) is outside the vocabulary [0, {VocabSize}).");
         foreach (var s in p.Stop)

@@ -32,6 +32,11 @@ public sealed record SamplingParams
     public IReadOnlyList<string> Stop { get; init; } = [];
     /// <summary>Token ids that end generation (besides EOS).</summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];
+    /// <summary>
+    /// Added to the logits of these token ids before sampling (OpenAI's and vLLM's <c>logit_bias</c>): each in
+    /// [-100, 100]; -100 all but bans a token, 100 all but forces it.
+    /// </summary>
+    public IReadOnlyDictionary<int, float>? LogitBias { get; init; }
     /// <summary>Keep generating past EOS.</summary>
     public bool IgnoreEos { get; init; }
     /// <summary>Return the top-k log-probabilities of each generated token (plus the sampled one).</summary>

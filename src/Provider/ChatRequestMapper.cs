@@ -16,7 +16,7 @@ internal sealed record MappedRequest(JsonArray Messages, JsonArray? Tools, Dicti
 internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
-    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs"];
+    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias"];
 
     public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
     {
@@ -155,8 +155,28 @@ internal static class ChatRequestMapper
             MinTokens = Extra<int>("min_tokens") ?? 0,
             IgnoreEos = Extra<bool>("ignore_eos") ?? false,
             Logprobs = Extra<int>("logprobs"),
+            LogitBias = LogitBias(o),
             Stop = o?.StopSequences?.ToArray() ?? [],
             OutputKind = RequestOutputKind.Delta,
+        };
+    }
+
+    /// <summary>
+    /// <c>AdditionalProperties["logit_bias"]</c>: token id -> bias, as a dictionary keyed by int or by the id's text (as
+    /// OpenAI's JSON has it), or a <see cref="JsonElement"/> object of that shape; anything else names the key.
+    /// </summary>
+    internal static IReadOnlyDictionary<int, float>? LogitBias(ChatOptions? o)
+    {
+        if (o?.AdditionalProperties?.TryGetValue("logit_bias", out var v) != true || v is null) return null;
+        static int Id(string key) => int.TryParse(key, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out var id)
+            ? id : throw new ArgumentException($"AdditionalProperties[\"logit_bias\"] has the key '{key}', which is not a token id.", "options");
+        return v switch
+        {
+            IReadOnlyDictionary<int, float> ids => ids,
+            IDictionary<int, float> ids => ids.ToDictionary(),
+            IDictionary<string, float> texts => texts.ToDictionary(kv => Id(kv.Key), kv => kv.Value),
+            JsonElement { ValueKind: JsonValueKind.Object } e => e.EnumerateObject().ToDictionary(p => Id(p.Name), p => p.Value.GetSingle()),
+            _ => throw new ArgumentException($"AdditionalProperties[\"logit_bias\"] must map token ids to biases (a dictionary or a JSON object), not {v.GetType().Name}.", "options"),
         };
     }
 

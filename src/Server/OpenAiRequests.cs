@@ -31,7 +31,7 @@ internal sealed class OpenAiChatRequest
     [
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort",
+        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
         .. StructuredOutputsJson.GuidedFields,
     ];
 
@@ -54,6 +54,7 @@ internal sealed class OpenAiChatRequest
             o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
         foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos" })
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
+        if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         if (body["chat_template_kwargs"] is JsonObject kwargs)
             foreach (var (key, value) in kwargs)
             {
@@ -260,6 +261,10 @@ internal static class OpenAiCompletionRequest
             StructuredOutputs = OpenAiChatRequest.Constraint(body),
             // vLLM's extra fields for completions.
             StopTokenIds = body["stop_token_ids"] is JsonArray stopIds ? [.. stopIds.Select(t => t!.GetValue<int>())] : [],
+            LogitBias = body["logit_bias"] is JsonObject bias
+                ? bias.ToDictionary(kv => int.TryParse(kv.Key, out var id) ? id : throw new ApiException(400, $"'logit_bias' key '{kv.Key}' is not a token id.", param: "logit_bias"),
+                    kv => kv.Value!.GetValue<float>())
+                : null,
             SkipSpecialTokens = body["skip_special_tokens"]?.GetValue<bool>() ?? true,
         };
     }

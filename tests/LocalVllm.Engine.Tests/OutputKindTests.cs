@@ -151,4 +151,23 @@ public sealed class OutputKindTests
         var e = Assert.Throws<ArgumentOutOfRangeException>(() => new Llm(EngineHarness.Options("stories260K", o => o.StreamInterval = 0)));
         Assert.Contains("StreamInterval", e.Message);
     }
+
+    /// <summary>Logit bias end to end: +100 forces a token at every step, -100 keeps the plain run's first token out.</summary>
+    [Fact]
+    public void Logit_bias_forces_or_bans_tokens_in_a_greedy_run_and_bad_values_are_named()
+    {
+        using var llm = new Llm(EngineHarness.Options("stories260K"));
+        var prompt = llm.Engine.EncodePrompt("Once upon a time");
+        var plain = llm.Generate([prompt], EngineHarness.Greedy(6))[0].Outputs[0].TokenIds;
+        int forced = Enumerable.Range(3, 500).First(t => !plain.Contains(t));
+        var always = llm.Generate([prompt], EngineHarness.Greedy(6) with { LogitBias = new Dictionary<int, float> { [forced] = 100 } })[0].Outputs[0].TokenIds;
+        Assert.All(always, t => Assert.Equal(forced, t));
+        var banned = llm.Generate([prompt], EngineHarness.Greedy(6) with { LogitBias = new Dictionary<int, float> { [plain[0]] = -100 } })[0].Outputs[0].TokenIds;
+        Assert.NotEqual(plain[0], banned[0]);
+        Assert.Contains("outside the vocabulary", Assert.Throws<ArgumentOutOfRangeException>(() =>
+            llm.Generate([prompt], EngineHarness.Greedy(2) with { LogitBias = new Dictionary<int, float> { [100_000] = 1 } })).Message);
+        Assert.Contains("must be in [-100, 100]", Assert.Throws<ArgumentOutOfRangeException>(() =>
+            llm.Generate([prompt], EngineHarness.Greedy(2) with { LogitBias = new Dictionary<int, float> { [5] = 101 } })).Message);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
 }

@@ -108,6 +108,24 @@ public sealed class SamplerTests
     }
 
     [Fact]
+    public void Logit_bias_is_added_before_the_penalties_and_moves_greedy_choices()
+    {
+        using var scope = NewDisposeScope();
+        var bias = new Dictionary<int, float> { [7] = 4.5f, [3] = -1.25f };
+        var p = new SamplingParams { RepetitionPenalty = 1.5f, LogitBias = bias };
+        var seq = new Sequence("b", 0, [3], p, 0);
+        var result = Sampler.ApplyPenalties(tensor(Logits).unsqueeze(0), [seq])[0].data<float>().ToArray();
+        var expected = Logits.ToArray();
+        foreach (var (t, b) in bias) expected[t] += b;
+        expected[3] = expected[3] > 0 ? expected[3] / 1.5f : expected[3] * 1.5f; // the prompt's token, after its bias
+        for (int i = 0; i < Logits.Length; i++) Assert.Equal(expected[i], result[i], 5);
+
+        int Greedy(Dictionary<int, float> b) => new Sampler().Sample(tensor(Logits).unsqueeze(0), [new Sequence("g", 0, [1], new SamplingParams { Temperature = 0, LogitBias = b }, 0)])[0].TokenId;
+        Assert.Equal(7, Greedy(new() { [7] = 100 }));    // the lowest logit, forced
+        Assert.Equal(6, Greedy(new() { [3] = -100 }));   // the highest, banned: the runner-up
+    }
+
+    [Fact]
     public void Greedy_is_exact_argmax_even_with_penalty_free_params()
     {
         using var scope = NewDisposeScope();

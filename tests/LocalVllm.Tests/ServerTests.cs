@@ -209,7 +209,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     /// one /tokenize renders with enable_thinking false or true); vLLM's stop_token_ids end a completion at that token.
     /// </summary>
     [Fact]
-    public async Task Reasoning_effort_switches_thinking_and_stop_token_ids_end_a_completion()
+    public async Task Reasoning_effort_switches_thinking_stop_token_ids_end_a_completion_and_logit_bias_forces_a_token()
     {
         JsonArray Messages() => [new JsonObject { ["role"] = "user", ["content"] = "Hi" }];
         async Task<int> Rendered(bool thinking) => (await Post("tokenize", new JsonObject
@@ -240,6 +240,21 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal(greedy[2], choice["stop_reason"]!.GetValue<int>());
         Assert.Equal(3, stopped["usage"]!["completion_tokens"]!.GetValue<int>());
         Assert.StartsWith(tokenizer.Decode(greedy[..2]), choice["text"]!.GetValue<string>());
+
+        // logit_bias (OpenAI's shape: token ids as strings): +100 on a token forces it in a chat reply and a completion.
+        int forced = Enumerable.Range(100, 1000).First(t => !greedy.Contains(t));
+        var bias = new JsonObject { [forced.ToString(System.Globalization.CultureInfo.InvariantCulture)] = 100 };
+        var (_, forcedChat, _) = await Post("v1/chat/completions", new JsonObject
+        {
+            ["messages"] = Messages(), ["max_tokens"] = 3, ["temperature"] = 0, ["ignore_eos"] = true, ["logit_bias"] = bias.DeepClone(),
+            ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false },
+        });
+        Assert.Equal(tokenizer.Decode([forced, forced, forced]), forcedChat["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+        var (_, forcedCompletion, _) = await Post("v1/completions", new JsonObject
+        {
+            ["prompt"] = Case0["prompt_ids"]!.DeepClone(), ["temperature"] = 0, ["max_tokens"] = 3, ["ignore_eos"] = true, ["logit_bias"] = bias.DeepClone(),
+        });
+        Assert.Equal(tokenizer.Decode([forced, forced, forced]), forcedCompletion["choices"]![0]!["text"]!.GetValue<string>());
     }
 
     [Fact]

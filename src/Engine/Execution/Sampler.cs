@@ -11,7 +11,7 @@ namespace LocalVllm.Engine.Execution;
 public readonly record struct SampledToken(int TokenId, PositionLogprobs? Logprobs);
 
 /// <summary>
-/// Turns a step's logits into tokens, all rows in one pass: penalties, then greedy rows by argmax and the others by
+/// Turns a step's logits into tokens, all rows in one pass: logit bias and penalties, then greedy rows by argmax and the others by
 /// temperature, top-k, top-p and min-p (in that order, as Hugging Face applies them) and a draw from each sequence's
 /// own random stream, so a seeded request samples the same tokens whatever else shares its batch.
 /// Log-probabilities are those of the model's raw distribution.
@@ -171,17 +171,27 @@ public sealed class Sampler
     [ThreadStatic] private static float[]? t_bias;
     [ThreadStatic] private static ulong[]? t_words;
 
-    /// <summary>Repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.</summary>
+    /// <summary>
+    /// Logit bias, then repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.
+    /// </summary>
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
     {
         Tensor? result = null;
         for (int i = 0; i < seqs.Count; i++)
         {
             var p = seqs[i].Sampling;
-            bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f;
-            if (!rep && !pres && !freq) continue;
+            bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f, bias = p.LogitBias is { Count: > 0 };
+            if (!rep && !pres && !freq && !bias) continue;
             result ??= logits.clone();
             using var row = result[i];
+            if (bias)
+            {
+                using var ids = tensor(p.LogitBias!.Keys.Select(t => (long)t).ToArray(), device: logits.device);
+                using var add = tensor(p.LogitBias.Values.ToArray(), device: logits.device);
+                using var v = row.index_select(0, ids);
+                using var biased = v + add;
+                row.index_copy_(0, ids, biased);
+            }
             if (rep)
             {
                 using var seen = tensor(seqs[i].Tokens.Distinct().Select(t => (long)t).ToArray(), device: logits.device);
