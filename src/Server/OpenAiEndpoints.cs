@@ -295,7 +295,11 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             return;
         }
 
-        if (prompts.Count != 1 || sampling.N != 1) throw new ApiException(400, "Streaming supports one prompt and n = 1 for now.", param: "prompt");
+        if (prompts.Count != 1 || sampling.N != 1)
+        {
+            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), sampling, id, created, includeUsage);
+            return;
+        }
         var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
             .GetAsyncEnumerator(ctx.RequestAborted);
         await using var _ = run;
@@ -304,16 +308,81 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
         var (last, generated) = await WriteCompletionEvents(run, any, chunks, CompletionLogprobs, () => Flush(ctx));
         if (includeUsage && last is not null)
-            await Event(ctx, new JsonObject
-            {
-                ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
-                ["usage"] = new JsonObject
-                {
-                    ["prompt_tokens"] = last.PromptTokenIds.Count, ["completion_tokens"] = generated, ["total_tokens"] = last.PromptTokenIds.Count + generated,
-                    ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = last.NumCachedTokens },
-                },
-            });
+            await CompletionUsageEvent(ctx, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+    }
+
+    private Task CompletionUsageEvent(HttpContext ctx, string id, long created, long promptTokens, long generated, long cached) =>
+        Event(ctx, new JsonObject
+        {
+            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+            ["usage"] = new JsonObject
+            {
+                ["prompt_tokens"] = promptTokens, ["completion_tokens"] = generated, ["total_tokens"] = promptTokens + generated,
+                ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = cached },
+            },
+        });
+
+    /// <summary>
+    /// A streamed completion of several prompts, or of n completions each (vLLM streams both): one engine request per
+    /// prompt, their outputs written as they come, choice index = prompt index x n + completion index, as the
+    /// non-streamed response numbers them. Every request's first output comes before any byte is sent, so a refused
+    /// request still gets its status.
+    /// </summary>
+    private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, SamplingParams sampling, string id, long created, bool includeUsage)
+    {
+        var runs = prompts.Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
+            .GetAsyncEnumerator(ctx.RequestAborted)).ToList();
+        List<Task>? pumps = null;
+        try
+        {
+            var firsts = new bool[runs.Count];
+            for (int i = 0; i < runs.Count; i++) firsts[i] = await runs[i].MoveNextAsync();
+            StartEventStream(ctx);
+            var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+            var merged = System.Threading.Channels.Channel.CreateUnbounded<(int Prompt, RequestOutput? Output)>();
+            pumps = runs.Select(async (run, i) =>
+            {
+                try
+                {
+                    for (bool any = firsts[i]; any; any = await run.MoveNextAsync()) await merged.Writer.WriteAsync((i, run.Current));
+                    await merged.Writer.WriteAsync((i, null));
+                }
+                catch (Exception e)
+                {
+                    merged.Writer.TryComplete(e);
+                }
+            }).ToList();
+            var lasts = new RequestOutput?[runs.Count];
+            long generated = 0;
+            for (int open = runs.Count; open > 0;)
+            {
+                var (prompt, output) = await merged.Reader.ReadAsync(ctx.RequestAborted);
+                if (output is null)
+                {
+                    open--;
+                    continue;
+                }
+                if (output.Error is { } error) throw error;
+                lasts[prompt] = output;
+                foreach (var c in output.Outputs)
+                {
+                    generated += c.TokenIds.Count;
+                    if (c.Text.Length > 0 || c.FinishReason is not null)
+                        chunks.Write(prompt * sampling.N + c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
+                }
+                if (!merged.Reader.TryPeek(out _)) await Flush(ctx);
+            }
+            await Task.WhenAll(pumps);
+            if (includeUsage)
+                await CompletionUsageEvent(ctx, id, created, lasts.Sum(o => (long)(o?.PromptTokenIds.Count ?? 0)), generated, lasts.Sum(o => (long)(o?.NumCachedTokens ?? 0)));
+            await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+        }
+        finally
+        {
+            if (pumps is not null) await Task.WhenAll(pumps.Select(p => p.ContinueWith(_ => { }, TaskScheduler.Default)));
+            foreach (var run in runs) await run.DisposeAsync();
+        }
     }
 
     /// <summary>

@@ -132,6 +132,38 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal(greedy.Length, chunks[^1]["usage"]!["completion_tokens"]!.GetValue<int>());
     }
 
+    /// <summary>Several prompts with n completions each stream as vLLM streams them: every choice's text, finish and the usage equal the non-streamed response's.</summary>
+    [Fact]
+    public async Task Completions_of_several_prompts_with_n_each_stream_the_same_choices_as_without_streaming()
+    {
+        var cases = Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray();
+        var request = new JsonObject
+        {
+            ["prompt"] = new JsonArray(cases[0]!["prompt_ids"]!.DeepClone(), cases[1]!["prompt_ids"]!.DeepClone()), ["n"] = 2, ["temperature"] = 0,
+            ["max_tokens"] = 6, ["ignore_eos"] = true,
+        };
+        var (status, whole, _) = await Post("v1/completions", request);
+        Assert.Equal(HttpStatusCode.OK, status);
+        request["stream"] = true;
+        request["stream_options"] = new JsonObject { ["include_usage"] = true };
+        using var response = await fixture.Http.PostAsync("v1/completions", new StringContent(request.ToJsonString(), Encoding.UTF8, "application/json"));
+        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        var events = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", events[^1]);
+        var chunks = events[..^1].Select(e => JsonNode.Parse(e["data: ".Length..])!).ToList();
+        var choices = chunks.SelectMany(c => c["choices"]!.AsArray()).ToList();
+        Assert.Equal(4, whole["choices"]!.AsArray().Count);
+        foreach (var expected in whole["choices"]!.AsArray())
+        {
+            int index = expected!["index"]!.GetValue<int>();
+            var mine = choices.Where(c => c!["index"]!.GetValue<int>() == index).ToList();
+            Assert.Equal(expected["text"]!.GetValue<string>(), string.Concat(mine.Select(c => c!["text"]!.GetValue<string>())));
+            Assert.Equal(expected["finish_reason"]!.GetValue<string>(), mine[^1]!["finish_reason"]!.GetValue<string>());
+        }
+        Assert.Equal(whole["usage"]!["prompt_tokens"]!.GetValue<int>(), chunks[^1]["usage"]!["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(24, chunks[^1]["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
     [Fact]
     public async Task Completion_outputs_already_waiting_go_out_as_one_event_with_the_same_text()
     {
