@@ -33,12 +33,16 @@ internal sealed class OpenAiChatRequest
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
         .. StructuredOutputsJson.GuidedFields,
+        // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
+        "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
     ];
 
     public static OpenAiChatRequest Parse(JsonObject body)
     {
         foreach (var (key, _) in body)
             if (!Known.Contains(key)) throw new ApiException(400, $"Unknown or unsupported field '{key}'.", param: key);
+        if (body["modalities"] is JsonArray modalities && modalities.Any(m => m?.GetValue<string>() != "text"))
+            throw new ApiException(400, "Only the \"text\" modality is served.", param: "modalities");
         if (body["messages"] is not JsonArray { Count: > 0 } messages)
             throw new ApiException(400, "'messages' must be a non-empty array.", param: "messages");
 

@@ -345,6 +345,16 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         var (s1, b1, _) = await Post("v1/chat/completions", unknown);
         Assert.Equal(HttpStatusCode.BadRequest, s1);
         Assert.Equal("frobnicate", b1["error"]!["param"]!.GetValue<string>());
+        // OpenAI's bookkeeping fields that clients send along are accepted; a modality other than text is not.
+        var bookkeeping = GreedyChat(4);
+        bookkeeping["store"] = false;
+        bookkeeping["metadata"] = new JsonObject { ["app"] = "tests" };
+        bookkeeping["service_tier"] = "auto";
+        bookkeeping["modalities"] = new JsonArray("text");
+        Assert.Equal(HttpStatusCode.OK, (await Post("v1/chat/completions", bookkeeping)).Status);
+        bookkeeping["modalities"] = new JsonArray("text", "audio");
+        var (audioStatus, audioError, _) = await Post("v1/chat/completions", bookkeeping);
+        Assert.Equal((HttpStatusCode.BadRequest, "modalities"), (audioStatus, audioError["error"]!["param"]!.GetValue<string>()));
 
         using var malformed = await fixture.Http.PostAsync("v1/chat/completions", new StringContent("{\"model\": ", Encoding.UTF8, "application/json"));
         Assert.Equal(HttpStatusCode.BadRequest, malformed.StatusCode);
