@@ -72,12 +72,13 @@ var serveRepeat = new Option<int>("--repeat") { Description = "rounds (in-proces
 var waves = new Option<int>("--waves") { Description = "requests each client sends one after another per round (longer rounds, steadier figures)", DefaultValueFactory = _ => 1 };
 var streamInterval = new Option<int>("--stream-interval") { Description = "the engine's StreamInterval (vLLM's --stream-interval) for both paths", DefaultValueFactory = _ => 1 };
 var cpuByThread = new Option<bool>("--cpu-by-thread") { Description = "print each run's CPU time by thread name" };
+var serveApi = new Option<string>("--api") { Description = "completions (token-id prompts) or chat (the chat client in-process, /v1/chat/completions over HTTP)", DefaultValueFactory = _ => "completions" };
 var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback against the same engine in-process: throughput and time to first token")
 {
-    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, threads, json,
+    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, serveApi, threads, json,
 };
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
-    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(threads), r.GetValue(json))));
+    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json))));
 
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };

@@ -21,7 +21,7 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class ServeBench
 {
-    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, int? Threads, string? Json);
+    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, string Api, int? Threads, string? Json);
 
     public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds, long Tokens, Dictionary<string, double> CpuMs);
 
@@ -36,6 +36,9 @@ internal static class ServeBench
         options.Engine.NumThreads = s.Threads;
         options.Engine.MaxNumSeqs = Math.Max(128, s.Clients);
         options.Engine.StreamInterval = s.StreamInterval;
+        // The chat form needs a chat template: stories260K has none, and TinyLlama's fits its tokenizer (same special tokens).
+        if (s.Api == "chat" && s.Size == "stories")
+            options.Engine.ChatTemplate = Path.Combine(BenchModels.FindShared("fixtures/tokenizers/chat_templates"), "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja");
         var server = LocalVllmServer.Create(options, logging: b => b.SetMinimumLevelWarning());
         server.StartAsync().GetAwaiter().GetResult();
         try
@@ -46,13 +49,32 @@ internal static class ServeBench
             var rng = new Random(0);
             int[][] Prompts() => Enumerable.Range(0, s.Clients * s.Waves).Select(_ => Enumerable.Range(0, s.PromptTokens).Select(_ => rng.Next(3, vocab)).ToArray()).ToArray();
             var sampling = new SamplingParams { Temperature = 0, MaxTokens = s.OutputTokens, IgnoreEos = true, OutputKind = RequestOutputKind.Delta };
+            if (s.Api == "chat")
+            {
+                // The same prompts as text (their tokens decoded), through the chat client in-process and
+                // /v1/chat/completions over HTTP: both render the chat template, so both send the same token ids.
+                var tokenizer = engine.Engine.Tokenizer!;
+                var chatClient = new LocalVllm.LocalVllmChatClient(server.Engine);
+                var chatOptions = new Microsoft.Extensions.AI.ChatOptions
+                {
+                    Temperature = 0, MaxOutputTokens = s.OutputTokens, AdditionalProperties = new() { ["ignore_eos"] = true },
+                };
+                string[] Texts() => Prompts().Select(p => tokenizer.Decode(p)).ToArray();
+                InProcessRun = () => ChatInProcess(chatClient, Texts(), chatOptions, s.Waves);
+                HttpRun = () => ChatOverHttp(http, Texts(), s.OutputTokens, s.Waves);
+            }
+            else
+            {
+                InProcessRun = () => InProcess(engine, Prompts(), sampling, s.Waves);
+                HttpRun = () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves);
+            }
 
             // Warm-up: two full rounds of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
             // buffers at this batch size: the first rounds ran up to 2x slower than the later ones).
             for (int w = 0; w < 2; w++)
             {
-                InProcess(engine, Prompts(), sampling, s.Waves).GetAwaiter().GetResult();
-                OverHttp(http, Prompts(), s.OutputTokens, s.Waves).GetAwaiter().GetResult();
+                InProcessRun().GetAwaiter().GetResult();
+                HttpRun().GetAwaiter().GetResult();
             }
 
             var runs = new List<Run>();
@@ -60,11 +82,11 @@ internal static class ServeBench
             {
                 // The paths take turns going first (ABBA), so that a host getting faster or slower favours neither.
                 Run? a = null, b = null;
-                if (r % 2 == 1) a = Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling, s.Waves));
+                if (r % 2 == 1) a = Measure("in-process", s.Clients, InProcessRun);
                 Interlocked.Exchange(ref s_textEvents, 0);
-                b = Measure("http", s.Clients, () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves));
+                b = Measure("http", s.Clients, HttpRun);
                 long textEvents = Interlocked.Read(ref s_textEvents);
-                a ??= Measure("in-process", s.Clients, () => InProcess(engine, Prompts(), sampling, s.Waves));
+                a ??= Measure("in-process", s.Clients, InProcessRun);
                 runs.Add(a);
                 runs.Add(b);
                 double tokensPerEvent = (double)s.Clients * s.Waves * s.OutputTokens / Math.Max(1, textEvents);
@@ -148,7 +170,7 @@ internal static class ServeBench
     }
 
     /// <summary>Client c sends prompts c*waves .. c*waves+waves-1 one after another; returns the tokens and every request's time to first token.</summary>
-    private static async Task<(long, List<double>)> Clients(int[][] prompts, int waves, Func<int[], Task<(long Tokens, double TtftMs)>> request)
+    private static async Task<(long, List<double>)> Clients<T>(T[] prompts, int waves, Func<T, Task<(long Tokens, double TtftMs)>> request)
     {
         var results = await Task.WhenAll(Enumerable.Range(0, prompts.Length / waves).Select(async c =>
         {
@@ -174,39 +196,69 @@ internal static class ServeBench
             return (n, ttft);
         });
 
-    private static long s_textEvents;
+    private static Func<Task<(long, List<double>)>> InProcessRun = null!, HttpRun = null!;
 
-    private static Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens, int waves) =>
-        Clients(prompts, waves, async p =>
+    /// <summary>In-process chat: the chat client's streaming updates; tokens counted from the final usage.</summary>
+    private static Task<(long, List<double>)> ChatInProcess(LocalVllm.LocalVllmChatClient client, string[] prompts, Microsoft.Extensions.AI.ChatOptions options, int waves) =>
+        Clients(prompts, waves, async text =>
+        {
+            long start = Stopwatch.GetTimestamp();
+            double ttft = 0;
+            long tokens = 0;
+            bool first = true;
+            await foreach (var u in client.GetStreamingResponseAsync([new Microsoft.Extensions.AI.ChatMessage(Microsoft.Extensions.AI.ChatRole.User, text)], options))
+            {
+                if (first && u.Text.Length > 0) { ttft = Stopwatch.GetElapsedTime(start).TotalMilliseconds; first = false; }
+                foreach (var usage in u.Contents.OfType<Microsoft.Extensions.AI.UsageContent>()) tokens = usage.Details.OutputTokenCount ?? 0;
+            }
+            return (tokens, ttft);
+        });
+
+    /// <summary>Chat over HTTP: streamed /v1/chat/completions, drained in bulk like the completions client; usage from the last chunk.</summary>
+    private static Task<(long, List<double>)> ChatOverHttp(HttpClient http, string[] prompts, int outputTokens, int waves) =>
+        Clients(prompts, waves, async text =>
         {
             var body = new JsonObject
             {
-                ["prompt"] = new JsonArray(p.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = outputTokens, ["temperature"] = 0,
+                ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = text }), ["max_tokens"] = outputTokens, ["temperature"] = 0,
                 ["ignore_eos"] = true, ["stream"] = true, ["stream_options"] = new JsonObject { ["include_usage"] = true },
             };
-            long start = Stopwatch.GetTimestamp();
-            using var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = new StringContent(body.ToJsonString(), Encoding.UTF8) };
-            request.Content.Headers.ContentType = new MediaTypeHeaderValue("application/json");
-            using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
-            response.EnsureSuccessStatusCode();
-            // The client does as little as a client can (it shares these two cores with the server): the first bytes
-            // time the first token, the rest is drained in bulk and only the final usage chunk is parsed.
-            using var stream = await response.Content.ReadAsStreamAsync();
-            var buffer = new byte[64 * 1024];
-            int read = await stream.ReadAsync(buffer);
-            double ttft = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-            using var rest = new MemoryStream();
-            rest.Write(buffer, 0, read);
-            await stream.CopyToAsync(rest);
-            var text = Encoding.UTF8.GetString(rest.GetBuffer(), 0, (int)rest.Length);
-            int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
-            int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
-            int lineEnd = text.IndexOf('\n', usage);
-            long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
-            // Events that carried text: all but the usage chunk and [DONE] (the server merges outputs already waiting).
-            Interlocked.Add(ref s_textEvents, text.AsSpan().Count("data: ") - 2);
-            return (n, ttft);
+            return await StreamOverHttp(http, "v1/chat/completions", body);
         });
+
+    /// <summary>Posts a streaming request: the first bytes time the first token, the rest is drained in bulk and only the usage chunk parsed.</summary>
+    private static async Task<(long Tokens, double TtftMs)> StreamOverHttp(HttpClient http, string path, JsonObject body)
+    {
+        long start = Stopwatch.GetTimestamp();
+        using var request = new HttpRequestMessage(HttpMethod.Post, path) { Content = new StringContent(body.ToJsonString(), Encoding.UTF8) };
+        request.Content.Headers.ContentType = new MediaTypeHeaderValue("application/json");
+        using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        response.EnsureSuccessStatusCode();
+        using var stream = await response.Content.ReadAsStreamAsync();
+        var buffer = new byte[64 * 1024];
+        int read = await stream.ReadAsync(buffer);
+        double ttft = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+        using var rest = new MemoryStream();
+        rest.Write(buffer, 0, read);
+        await stream.CopyToAsync(rest);
+        var text = Encoding.UTF8.GetString(rest.GetBuffer(), 0, (int)rest.Length);
+        int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
+        int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
+        int lineEnd = text.IndexOf('\n', usage);
+        long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
+        // Events that carried text: all but the usage chunk and [DONE] (and, for chat, the role chunk).
+        Interlocked.Add(ref s_textEvents, text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2));
+        return (n, ttft);
+    }
+
+    private static long s_textEvents;
+
+    private static Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens, int waves) =>
+        Clients(prompts, waves, p => StreamOverHttp(http, "v1/completions", new JsonObject
+        {
+            ["prompt"] = new JsonArray(p.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = outputTokens, ["temperature"] = 0,
+            ["ignore_eos"] = true, ["stream"] = true, ["stream_options"] = new JsonObject { ["include_usage"] = true },
+        }));
 
     private static void SetMinimumLevelWarning(this Microsoft.Extensions.Logging.ILoggingBuilder b) =>
         b.AddFilter((Func<Microsoft.Extensions.Logging.LogLevel, bool>)(level => level >= Microsoft.Extensions.Logging.LogLevel.Warning));
