@@ -45,6 +45,13 @@ public sealed class RemoteChatClient : DelegatingChatClient
             {
                 if (!ChatRequestMapper.AdditionalPropertyNames.Contains(key, StringComparer.Ordinal))
                     throw new NotSupportedException($"ChatOptions.AdditionalProperties[\"{key}\"] is not supported; the keys LocalVllm reads are {string.Join(", ", ChatRequestMapper.AdditionalPropertyNames)}.");
+                if (key == "logit_bias")
+                {
+                    // OpenAI's logit_bias, one member per token id.
+                    foreach (var (id, bias) in ChatRequestMapper.LogitBias(options) ?? new Dictionary<int, float>())
+                        extras.Add(($"$.logit_bias['{id.ToString(System.Globalization.CultureInfo.InvariantCulture)}']", bias));
+                    continue;
+                }
                 object? v = key switch
                 {
                     "enable_thinking" or "ignore_eos" => ChatRequestMapper.Extra<bool>(options, key),

@@ -110,4 +110,16 @@ public sealed class RemoteConformanceTests
         Assert.Equal("Paris.", message["content"]!.GetValue<string>());
         Assert.Equal("Let me think.", message["reasoning_content"]!.GetValue<string>());
     }
+
+    [Fact]
+    public async Task Logit_bias_travels_to_the_server_in_openais_shape()
+    {
+        var engine = new ScriptedEngine(["ok"]);
+        var (server, remote) = await Start(engine);
+        await using var _ = server;
+        var options = new ChatOptions { AdditionalProperties = new() { ["logit_bias"] = new Dictionary<int, float> { [42] = 5.5f, [7] = -100 } } };
+        await remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], options);
+        var bias = Assert.Single(engine.Samplings).LogitBias!;
+        Assert.Equal(new Dictionary<int, float> { [42] = 5.5f, [7] = -100 }, bias.ToDictionary());
+    }
 }
