@@ -45,6 +45,8 @@ public sealed class RemoteChatClient : DelegatingChatClient
             {
                 if (!ChatRequestMapper.AdditionalPropertyNames.Contains(key, StringComparer.Ordinal))
                     throw new NotSupportedException($"ChatOptions.AdditionalProperties[\"{key}\"] is not supported; the keys LocalVllm reads are {string.Join(", ", ChatRequestMapper.AdditionalPropertyNames)}.");
+                if (key == "structured_outputs")
+                    throw new NotSupportedException("AdditionalProperties[\"structured_outputs\"] is not sent in remote mode; use ChatOptions.ResponseFormat (JSON or a JSON schema), which the OpenAI client sends as response_format.");
                 if (key == "logit_bias")
                 {
                     // OpenAI's logit_bias, one member per token id.

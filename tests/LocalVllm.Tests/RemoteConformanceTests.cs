@@ -112,7 +112,7 @@ public sealed class RemoteConformanceTests
     }
 
     [Fact]
-    public async Task Logit_bias_travels_to_the_server_in_openais_shape()
+    public async Task Logit_bias_travels_to_the_server_in_openais_shape_and_structured_outputs_is_refused_by_name()
     {
         var engine = new ScriptedEngine(["ok"]);
         var (server, remote) = await Start(engine);
@@ -121,5 +121,9 @@ public sealed class RemoteConformanceTests
         await remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], options);
         var bias = Assert.Single(engine.Samplings).LogitBias!;
         Assert.Equal(new Dictionary<int, float> { [42] = 5.5f, [7] = -100 }, bias.ToDictionary());
+        // structured_outputs has no OpenAI field to travel in: refused by name, pointing at ResponseFormat.
+        var structured = new ChatOptions { AdditionalProperties = new() { ["structured_outputs"] = LocalVllm.Engine.StructuredOutputs.ForChoice(["a", "b"]) } };
+        var e = await Assert.ThrowsAsync<NotSupportedException>(() => remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], structured));
+        Assert.Contains("ResponseFormat", e.Message);
     }
 }
