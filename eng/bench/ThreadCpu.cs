@@ -6,6 +6,7 @@ internal static class ThreadCpu
     public static Dictionary<string, long> Snapshot()
     {
         var byThread = new Dictionary<string, long>();
+        if (!Directory.Exists("/proc/self/task")) return byThread; // not Linux: no figures by thread
         foreach (var dir in Directory.GetDirectories("/proc/self/task"))
         {
             try
