@@ -28,7 +28,6 @@ internal static class ServeBench
     public static int Execute(Settings s)
     {
         TorchRuntime.Configure();
-        s_cpuByThread = s.CpuByThread;
         var model = WithTokenizer(BenchModels.Resolve(s.Size));
         var options = new ServerOptions { Model = model, Port = 0 };
         options.Engine.EnablePrefixCaching = false;
@@ -49,6 +48,7 @@ internal static class ServeBench
             var rng = new Random(0);
             int[][] Prompts() => Enumerable.Range(0, s.Clients * s.Waves).Select(_ => Enumerable.Range(0, s.PromptTokens).Select(_ => rng.Next(3, vocab)).ToArray()).ToArray();
             var sampling = new SamplingParams { Temperature = 0, MaxTokens = s.OutputTokens, IgnoreEos = true, OutputKind = RequestOutputKind.Delta };
+            Func<Task<(long, List<double>)>> inProcessRun, httpRun;
             if (s.Api == "chat")
             {
                 // The same prompts as text (their tokens decoded), through the chat client in-process and
@@ -60,21 +60,21 @@ internal static class ServeBench
                     Temperature = 0, MaxOutputTokens = s.OutputTokens, AdditionalProperties = new() { ["ignore_eos"] = true },
                 };
                 string[] Texts() => Prompts().Select(p => tokenizer.Decode(p)).ToArray();
-                InProcessRun = () => ChatInProcess(chatClient, Texts(), chatOptions, s.Waves);
-                HttpRun = () => ChatOverHttp(http, Texts(), s.OutputTokens, s.Waves);
+                inProcessRun = () => ChatInProcess(chatClient, Texts(), chatOptions, s.Waves);
+                httpRun = () => ChatOverHttp(http, Texts(), s.OutputTokens, s.Waves);
             }
             else
             {
-                InProcessRun = () => InProcess(engine, Prompts(), sampling, s.Waves);
-                HttpRun = () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves);
+                inProcessRun = () => InProcess(engine, Prompts(), sampling, s.Waves);
+                httpRun = () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves);
             }
 
             // Warm-up: two full rounds of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
             // buffers at this batch size: the first rounds ran up to 2x slower than the later ones).
             for (int w = 0; w < 2; w++)
             {
-                InProcessRun().GetAwaiter().GetResult();
-                HttpRun().GetAwaiter().GetResult();
+                inProcessRun().GetAwaiter().GetResult();
+                httpRun().GetAwaiter().GetResult();
             }
 
             var runs = new List<Run>();
@@ -82,11 +82,11 @@ internal static class ServeBench
             {
                 // The paths take turns going first (ABBA), so that a host getting faster or slower favours neither.
                 Run? a = null, b = null;
-                if (r % 2 == 1) a = Measure("in-process", s.Clients, InProcessRun);
+                if (r % 2 == 1) a = Measure("in-process", s.Clients, inProcessRun, s.CpuByThread);
                 Interlocked.Exchange(ref s_textEvents, 0);
-                b = Measure("http", s.Clients, HttpRun);
+                b = Measure("http", s.Clients, httpRun, s.CpuByThread);
                 long textEvents = Interlocked.Read(ref s_textEvents);
-                a ??= Measure("in-process", s.Clients, InProcessRun);
+                a ??= Measure("in-process", s.Clients, inProcessRun, s.CpuByThread);
                 runs.Add(a);
                 runs.Add(b);
                 double tokensPerEvent = (double)s.Clients * s.Waves * s.OutputTokens / Math.Max(1, textEvents);
@@ -155,16 +155,14 @@ internal static class ServeBench
         return target;
     }
 
-    private static bool s_cpuByThread;
-
-    private static Run Measure(string path, int clients, Func<Task<(long Tokens, List<double> TtftMs)>> work)
+    private static Run Measure(string path, int clients, Func<Task<(long Tokens, List<double> TtftMs)>> work, bool printCpu)
     {
         var cpu0 = ThreadCpu.Snapshot();
         var t0 = Stopwatch.GetTimestamp();
         var (tokens, ttft) = work().GetAwaiter().GetResult();
         double wall = Stopwatch.GetElapsedTime(t0).TotalSeconds;
         var cpu = ThreadCpu.Difference(cpu0, ThreadCpu.Snapshot());
-        if (s_cpuByThread) Console.WriteLine($"    {path} {wall * 1000:F0} ms wall: {ThreadCpu.Format(cpu)}");
+        if (printCpu) Console.WriteLine($"    {path} {wall * 1000:F0} ms wall: {ThreadCpu.Format(cpu)}");
         var sorted = ttft.Order().ToArray();
         return new Run(path, clients, tokens / wall, sorted[sorted.Length / 2], wall, tokens, cpu);
     }
@@ -195,8 +193,6 @@ internal static class ServeBench
             }
             return (n, ttft);
         });
-
-    private static Func<Task<(long, List<double>)>> InProcessRun = null!, HttpRun = null!;
 
     /// <summary>In-process chat: the chat client's streaming updates; tokens counted from the final usage.</summary>
     private static Task<(long, List<double>)> ChatInProcess(LocalVllm.LocalVllmChatClient client, string[] prompts, Microsoft.Extensions.AI.ChatOptions options, int waves) =>

@@ -193,9 +193,12 @@ internal static class ChatRequestMapper
     /// hold). In <c>Auto</c> mode their replies are either those calls or text that does not start with the call's
     /// first character (<c>{</c> or <c>[</c>, nor white space before it), which is how the parser tells the two apart.
     /// </summary>
-    public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource)
+    public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource) =>
+        Constraint(o, renderedPrompt, templateSource, ToolCallFormats.Of(templateSource));
+
+    /// <summary>As above, with the template's tool-call format already read (<see cref="ToolCallFormats.Of"/>).</summary>
+    public static StructuredOutputs? Constraint(ChatOptions? o, string renderedPrompt, string templateSource, ToolCallFormat format)
     {
-        var format = ToolCallFormats.Of(templateSource);
         StructuredOutputs? c = null;
         if (o?.AdditionalProperties?.TryGetValue("structured_outputs", out var so) == true && so is not null)
             c = so switch

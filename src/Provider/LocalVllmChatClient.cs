@@ -62,7 +62,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
     }
 
     /// <summary>A request checked, rendered and tokenized, ready to submit.</summary>
-    private sealed record PreparedRequest(string ResponseId, int[] Ids, SamplingParams Sampling, ChatOptions? Options);
+    private sealed record PreparedRequest(string ResponseId, int[] Ids, SamplingParams Sampling, ChatOptions? Options, ToolCallFormat Format);
 
     private PreparedRequest Prepare(IEnumerable<ChatMessage> messages, ChatOptions? options)
     {
@@ -73,12 +73,13 @@ public sealed partial class LocalVllmChatClient : IChatClient
             var (prompt, ids) = RenderPrompt(messages, options);
             if (_logger.IsEnabled(LogLevel.Debug))
                 ClientLog.Rendered(_logger, responseId, ids.Length, prompt.Length, prompt.Length <= PromptHeadChars ? prompt : prompt[..PromptHeadChars] + "...");
+            var format = ToolCallFormats.Of(_engine.ChatTemplate.Source);
             var sampling = ChatRequestMapper.ToSampling(options, _engine.Defaults, ids.Length, _engine.MaxModelLen) with
             {
-                StructuredOutputs = ChatRequestMapper.Constraint(options, prompt, _engine.ChatTemplate.Source),
+                StructuredOutputs = ChatRequestMapper.Constraint(options, prompt, _engine.ChatTemplate.Source, format),
             };
             _engine.Validator.Validate(ids, sampling);
-            return new PreparedRequest(responseId, ids, sampling, options);
+            return new PreparedRequest(responseId, ids, sampling, options, format);
         }
         catch (Exception e)
         {
@@ -107,7 +108,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
     {
         string messageId = $"msg-{Guid.NewGuid():N}";
         var created = DateTimeOffset.UtcNow;
-        var format = ToolCallFormats.Of(_engine.ChatTemplate.Source);
+        var format = request.Format;
         var parser = new ModelOutputParser(ToolCallFormats.ToolsOn(request.Options) && format is ToolCallFormat.BareJson or ToolCallFormat.Mistral
             ? request.Options!.Tools!.Select(t => t.Name).ToHashSet() : null, format);
         var reasoning = request.Options?.Reasoning;

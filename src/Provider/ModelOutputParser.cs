@@ -17,7 +17,7 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// <c>&lt;/think&gt;</c>, are dropped, as Qwen's templates write them.
 /// </summary>
 /// <remarks>
-/// With <c>bareJsonTools</c> (the names of the tools offered) for a model whose calls have no tags, a reply whose first
+/// With <c>taglessCallTools</c> (the names of the tools offered) and <c>taglessFormat</c>, for a model whose calls have no tags, a reply whose first
 /// character other than white space opens its calls is held until it ends and then read as tool calls, one piece per
 /// call: for Llama 3 (<see cref="ToolCallFormat.BareJson"/>) a <c>{</c> starts one JSON object
 /// <c>{"name": ..., "parameters": {...}}</c> or several separated by <c>;</c>; for Mistral
@@ -25,7 +25,7 @@ internal sealed record ToolCallPiece(string Body) : OutputPiece;
 /// marker comes through as text). Every call must name an offered tool; a reply that is not such calls after all (a
 /// JSON answer) is the answer's text.
 /// </remarks>
-internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = null, ToolCallFormat bareFormat = ToolCallFormat.BareJson)
+internal sealed class ModelOutputParser(IReadOnlySet<string>? taglessCallTools = null, ToolCallFormat taglessFormat = ToolCallFormat.BareJson)
 {
     private const string ThinkOpen = "<think>", ThinkClose = "</think>", CallOpen = "<tool_call>", CallClose = "</tool_call>";
     private enum State { Text, Reasoning, ToolCall, BareCalls }
@@ -33,7 +33,7 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
     private readonly StringBuilder _buffer = new();
     private State _state = State.Text;
     private bool _dropLeadingNewlines;
-    private bool _undecided = bareJsonTools is not null; // no answer text seen yet: a bare JSON call may still start
+    private bool _undecided = taglessCallTools is not null; // no answer text seen yet: a bare JSON call may still start
 
     /// <summary>Whether the text read so far ends inside a <c>&lt;think&gt;</c> block.</summary>
     public bool InReasoning => _state == State.Reasoning;
@@ -51,7 +51,7 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
         if (_state != State.BareCalls) return Drain(final: true);
         var text = _buffer.ToString().Trim();
         _buffer.Clear();
-        var calls = bareFormat == ToolCallFormat.Mistral ? MistralCalls(text, bareJsonTools!) : SplitBareCalls(text, bareJsonTools!);
+        var calls = taglessFormat == ToolCallFormat.Mistral ? MistralCalls(text, taglessCallTools!) : SplitBareCalls(text, taglessCallTools!);
         return calls is null ? [new TextPiece(text)] : [.. calls.Select(c => (OutputPiece)new ToolCallPiece(c))];
     }
 
@@ -63,7 +63,7 @@ internal sealed class ModelOutputParser(IReadOnlySet<string>? bareJsonTools = nu
         while (first < text.Length && char.IsWhiteSpace(text[first])) first++;
         if (first == text.Length) return false; // only white space so far: held
         _undecided = false;
-        if (text[first] == (bareFormat == ToolCallFormat.Mistral ? '[' : '{')) _state = State.BareCalls;
+        if (text[first] == (taglessFormat == ToolCallFormat.Mistral ? '[' : '{')) _state = State.BareCalls;
         return true;
     }
 

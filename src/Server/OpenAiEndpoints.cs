@@ -65,8 +65,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
 
     /// <summary>The server's version (GET /version, as vLLM's): the package's informational version.</summary>
     internal static string Version { get; } =
-        typeof(OpenAiEndpoints).Assembly.GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
-            .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion ?? "unknown";
+        System.Reflection.CustomAttributeExtensions.GetCustomAttribute<System.Reflection.AssemblyInformationalVersionAttribute>(typeof(OpenAiEndpoints).Assembly)?.InformationalVersion ?? "unknown";
 
     private static bool RequiresKey(PathString path) =>
         path.StartsWithSegments("/v1") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");
@@ -147,10 +146,10 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         if (!request.Stream)
         {
-            var turns = await Task.WhenAll(Enumerable.Range(0, request.N).Select(i => RunTurn(request, i, ctx.RequestAborted)));
+            var completed = await Task.WhenAll(Enumerable.Range(0, request.N).Select(i => RunTurn(request, i, ctx.RequestAborted)));
             var choices = new JsonArray();
-            foreach (var t in turns) choices.Add(t.ToChoice());
-            var usage = Usage(turns.Select(t => t.Usage).ToList());
+            foreach (var t in completed) choices.Add(t.ToChoice());
+            var usage = Usage(completed.Select(t => t.Usage).ToList());
             var response = new JsonObject
             {
                 ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices, ["usage"] = usage,
@@ -161,69 +160,44 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
 
         // One stream per completion; the first update of each comes before any byte is sent, so an overloaded engine or
         // a bad request still gets its status.
-        var streams = Enumerable.Range(0, request.N)
+        await using var streams = new MergedStreams<ChatResponseUpdate>(Enumerable.Range(0, request.N)
             .Select(i => _chat.GetStreamingResponseAsync(request.Messages, request.Options(i), ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
-            .ToList();
-        List<Task>? pumps = null;
-        try
-        {
-            var firsts = new bool[streams.Count];
-            for (int i = 0; i < streams.Count; i++) firsts[i] = await streams[i].MoveNextAsync();
-            StartEventStream(ctx);
-            var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
-            var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
-            for (int i = 0; i < streams.Count; i++) chunks.WriteRole(i);
-            await Flush(ctx);
+            .ToList());
+        await streams.StartAsync();
+        StartEventStream(ctx);
+        var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
+        var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        for (int i = 0; i < streams.Count; i++) chunks.WriteRole(i);
+        await Flush(ctx);
 
-            // The completions stream side by side: each one's updates are written as they come, tagged with its index.
-            var merged = System.Threading.Channels.Channel.CreateUnbounded<(int Index, ChatResponseUpdate? Update)>();
-            pumps = streams.Select(async (stream, i) =>
-            {
-                try
-                {
-                    for (bool any = firsts[i]; any; any = await stream.MoveNextAsync()) await merged.Writer.WriteAsync((i, stream.Current));
-                    await merged.Writer.WriteAsync((i, null)); // this completion is done
-                }
-                catch (Exception e)
-                {
-                    merged.Writer.TryComplete(e);
-                }
-            }).ToList();
-            // Text of updates that are already waiting behind this one goes out in one event (PendingDeltas).
-            var pending = new PendingDeltas(chunks, streams.Count);
-            int open = streams.Count;
-            while (open > 0)
-            {
-                var (index, update) = await merged.Reader.ReadAsync(ctx.RequestAborted);
-                if (update is null)
-                {
-                    open--;
-                    pending.Finish(index, turns[index].FinishReason);
-                }
-                else
-                    foreach (var delta in turns[index].Add(update))
-                        pending.Add(index, delta);
-                if (!merged.Reader.TryPeek(out _))
-                {
-                    pending.WriteAll();
-                    await Flush(ctx);
-                }
-            }
-            await Task.WhenAll(pumps);
-            if (request.IncludeUsage)
-                await Event(ctx, new JsonObject
-                {
-                    ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
-                    ["usage"] = Usage(turns.Select(t => t.Usage).ToList()),
-                });
-            await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
-        }
-        finally
+        // The completions stream side by side: each one's updates are written as they come, tagged with its index.
+        // Text of updates that are already waiting behind this one goes out in one event (PendingDeltas).
+        var pending = new PendingDeltas(chunks, streams.Count);
+        for (int open = streams.Count; open > 0;)
         {
-            // A stream is disposed only once its pump has stopped reading it (a request that went away cancels them).
-            if (pumps is not null) await Task.WhenAll(pumps.Select(p => p.ContinueWith(_ => { }, TaskScheduler.Default)));
-            foreach (var stream in streams) await stream.DisposeAsync();
+            var (index, update) = await streams.ReadAsync(ctx.RequestAborted);
+            if (update is null)
+            {
+                open--;
+                pending.Finish(index, turns[index].FinishReason);
+            }
+            else
+                foreach (var delta in turns[index].Add(update))
+                    pending.Add(index, delta);
+            if (!streams.MoreWaiting)
+            {
+                pending.WriteAll();
+                await Flush(ctx);
+            }
         }
+        await streams.Completion;
+        if (request.IncludeUsage)
+            await Event(ctx, new JsonObject
+            {
+                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+                ["usage"] = Usage(turns.Select(t => t.Usage).ToList()),
+            });
+        await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
     }
 
     private async Task<ChatTurn> RunTurn(OpenAiChatRequest request, int index, CancellationToken cancellationToken)
@@ -331,58 +305,36 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
     /// </summary>
     private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, SamplingParams sampling, string id, long created, bool includeUsage)
     {
-        var runs = prompts.Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
-            .GetAsyncEnumerator(ctx.RequestAborted)).ToList();
-        List<Task>? pumps = null;
-        try
+        await using var runs = new MergedStreams<RequestOutput>(prompts
+            .Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
+            .ToList());
+        await runs.StartAsync();
+        StartEventStream(ctx);
+        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        var lasts = new RequestOutput?[runs.Count];
+        long generated = 0;
+        for (int open = runs.Count; open > 0;)
         {
-            var firsts = new bool[runs.Count];
-            for (int i = 0; i < runs.Count; i++) firsts[i] = await runs[i].MoveNextAsync();
-            StartEventStream(ctx);
-            var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
-            var merged = System.Threading.Channels.Channel.CreateUnbounded<(int Prompt, RequestOutput? Output)>();
-            pumps = runs.Select(async (run, i) =>
+            var (prompt, output) = await runs.ReadAsync(ctx.RequestAborted);
+            if (output is null)
             {
-                try
-                {
-                    for (bool any = firsts[i]; any; any = await run.MoveNextAsync()) await merged.Writer.WriteAsync((i, run.Current));
-                    await merged.Writer.WriteAsync((i, null));
-                }
-                catch (Exception e)
-                {
-                    merged.Writer.TryComplete(e);
-                }
-            }).ToList();
-            var lasts = new RequestOutput?[runs.Count];
-            long generated = 0;
-            for (int open = runs.Count; open > 0;)
-            {
-                var (prompt, output) = await merged.Reader.ReadAsync(ctx.RequestAborted);
-                if (output is null)
-                {
-                    open--;
-                    continue;
-                }
-                if (output.Error is { } error) throw error;
-                lasts[prompt] = output;
-                foreach (var c in output.Outputs)
-                {
-                    generated += c.TokenIds.Count;
-                    if (c.Text.Length > 0 || c.FinishReason is not null)
-                        chunks.Write(prompt * sampling.N + c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
-                }
-                if (!merged.Reader.TryPeek(out _)) await Flush(ctx);
+                open--;
+                continue;
             }
-            await Task.WhenAll(pumps);
-            if (includeUsage)
-                await CompletionUsageEvent(ctx, id, created, lasts.Sum(o => (long)(o?.PromptTokenIds.Count ?? 0)), generated, lasts.Sum(o => (long)(o?.NumCachedTokens ?? 0)));
-            await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+            if (output.Error is { } error) throw error;
+            lasts[prompt] = output;
+            foreach (var c in output.Outputs)
+            {
+                generated += c.TokenIds.Count;
+                if (c.Text.Length > 0 || c.FinishReason is not null)
+                    chunks.Write(prompt * sampling.N + c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
+            }
+            if (!runs.MoreWaiting) await Flush(ctx);
         }
-        finally
-        {
-            if (pumps is not null) await Task.WhenAll(pumps.Select(p => p.ContinueWith(_ => { }, TaskScheduler.Default)));
-            foreach (var run in runs) await run.DisposeAsync();
-        }
+        await runs.Completion;
+        if (includeUsage)
+            await CompletionUsageEvent(ctx, id, created, lasts.Sum(o => (long)(o?.PromptTokenIds.Count ?? 0)), generated, lasts.Sum(o => (long)(o?.NumCachedTokens ?? 0)));
+        await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
     }
 
     /// <summary>

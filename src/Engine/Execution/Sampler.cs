@@ -186,8 +186,9 @@ public sealed class Sampler
             using var row = result[i];
             if (bias)
             {
-                using var ids = tensor(p.LogitBias!.Keys.Select(t => (long)t).ToArray(), device: logits.device);
-                using var add = tensor(p.LogitBias.Values.ToArray(), device: logits.device);
+                var pairs = p.LogitBias!.ToArray(); // one pass: ids and biases in the same order whatever the dictionary
+                using var ids = tensor(pairs.Select(kv => (long)kv.Key).ToArray(), device: logits.device);
+                using var add = tensor(pairs.Select(kv => kv.Value).ToArray(), device: logits.device);
                 using var v = row.index_select(0, ids);
                 using var biased = v + add;
                 row.index_copy_(0, ids, biased);

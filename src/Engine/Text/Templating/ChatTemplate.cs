@@ -41,7 +41,7 @@ public sealed class ChatTemplate
             var source = ReplacementSource(replacement);
             try
             {
-                return new ChatTemplate(source, SpecialTokens(folder));
+                return new ChatTemplate(source, SpecialTokens(ReadConfig(folder)));
             }
             catch (TemplateException e)
             {
@@ -69,10 +69,11 @@ public sealed class ChatTemplate
         throw new FileNotFoundException($"The chat template '{replacement}' is neither a file that exists ({Path.GetFullPath(replacement)}) nor a Jinja template.", replacement);
     }
 
-    private static Dictionary<string, string> SpecialTokens(string folder)
+    /// <summary>The folder's tokenizer_config.json, or null when it has none.</summary>
+    private static JsonObject? ReadConfig(string folder)
     {
         var configPath = Path.Combine(folder, "tokenizer_config.json");
-        return SpecialTokens(File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null);
+        return File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null;
     }
 
     private static Dictionary<string, string> SpecialTokens(JsonObject? config)
@@ -85,8 +86,7 @@ public sealed class ChatTemplate
 
     private static ChatTemplate? LoadCore(string folder)
     {
-        var configPath = Path.Combine(folder, "tokenizer_config.json");
-        var config = File.Exists(configPath) ? JsonFiles.ReadObject(configPath) : null;
+        var config = ReadConfig(folder);
         var special = SpecialTokens(config);
 
         string? source = null, toolUse = null;
