@@ -201,13 +201,7 @@ internal static class ChatRequestMapper
     {
         StructuredOutputs? c = null;
         if (o?.AdditionalProperties?.TryGetValue("structured_outputs", out var so) == true && so is not null)
-            c = so switch
-            {
-                StructuredOutputs given => given,
-                JsonElement e => StructuredOutputsJson.Parse(JsonNode.Parse(e.GetRawText())),
-                JsonNode n => StructuredOutputsJson.Parse(n),
-                _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {so.GetType().Name}.", nameof(o)),
-            };
+            c = StructuredOutputsJson.FromAdditionalProperty(so);
         else if (ToolCallFormats.ToolsOn(o) && (o!.ToolMode is RequiredChatToolMode || o.ResponseFormat is not ChatResponseFormatJson))
         {
             var required = o.ToolMode as RequiredChatToolMode;

@@ -11,7 +11,8 @@ namespace LocalVllm;
 /// The provider's remote mode: the same <see cref="IChatClient"/> contract over an OpenAI-compatible server (a
 /// LocalVllm server or vLLM) through Microsoft.Extensions.AI.OpenAI. vLLM's extra sampling fields
 /// (<c>AdditionalProperties</c> <c>top_k</c>, <c>min_p</c>, <c>repetition_penalty</c>, <c>min_tokens</c>, <c>ignore_eos</c>,
-/// <c>enable_thinking</c> as <c>chat_template_kwargs</c>) and <see cref="ChatOptions.TopK"/> travel in the request body;
+/// <c>enable_thinking</c> as <c>chat_template_kwargs</c>, <c>logit_bias</c>, <c>structured_outputs</c> in vLLM's form) and
+/// <see cref="ChatOptions.TopK"/> travel in the request body;
 /// unknown keys are refused as in-process.
 /// </summary>
 public sealed class RemoteChatClient : DelegatingChatClient
@@ -46,7 +47,12 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 if (!ChatRequestMapper.AdditionalPropertyNames.Contains(key, StringComparer.Ordinal))
                     throw new NotSupportedException($"ChatOptions.AdditionalProperties[\"{key}\"] is not supported; the keys LocalVllm reads are {string.Join(", ", ChatRequestMapper.AdditionalPropertyNames)}.");
                 if (key == "structured_outputs")
-                    throw new NotSupportedException("AdditionalProperties[\"structured_outputs\"] is not sent in remote mode; use ChatOptions.ResponseFormat (JSON or a JSON schema), which the OpenAI client sends as response_format.");
+                {
+                    // vLLM's structured_outputs object, which the server (ours or vLLM) reads as the in-process client does.
+                    if (StructuredOutputsJson.FromAdditionalProperty(value) is { } constraint)
+                        extras.Add(("$.structured_outputs", StructuredOutputsJson.ToJson(constraint)));
+                    continue;
+                }
                 if (key == "logit_bias")
                 {
                     // OpenAI's logit_bias, one member per token id.
@@ -84,6 +90,7 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 {
                     case bool b: raw.Patch.Set(utf8, b); break;
                     case int i: raw.Patch.Set(utf8, i); break;
+                    case System.Text.Json.Nodes.JsonNode json: raw.Patch.Set(utf8, BinaryData.FromString(json.ToJsonString())); break;
                     default: raw.Patch.Set(utf8, (float)value); break; // the remaining keys are floats
                 }
             }

@@ -39,6 +39,49 @@ public static class StructuredOutputsJson
         return c;
     }
 
+    /// <summary>
+    /// The constraint as a <c>structured_outputs</c> object, the form vLLM and the LocalVllm server read
+    /// (<see cref="Parse"/> reads it back to an equal constraint): a JSON schema goes as an object, whitespace inside
+    /// JSON as <c>disable_any_whitespace</c> (written either way, since vLLM's default allows whitespace and ours does
+    /// not). <see cref="StructuredOutputs.ReasoningEnd"/> is not written: a server applies its own reasoning parser.
+    /// <see cref="StructuredOutputs.StrictJson"/> false has no field there: a <see cref="NotSupportedException"/>.
+    /// </summary>
+    public static JsonObject ToJson(StructuredOutputs c)
+    {
+        string kind = c.Kind; // exactly one, or an ArgumentException
+        if (!c.StrictJson)
+            throw new NotSupportedException("StructuredOutputs.StrictJson = false has no field in vLLM's structured_outputs; a server reads a schema strictly (unlisted properties only where the schema allows them).");
+        var o = new JsonObject();
+        switch (kind)
+        {
+            case "json":
+                JsonNode? schema;
+                try { schema = JsonNode.Parse(c.Json!); }
+                catch (JsonException) { schema = c.Json; } // sent as it is: the server names what is wrong with it
+                o["json"] = schema;
+                break;
+            case "json_object": o["json_object"] = true; break;
+            case "regex": o["regex"] = c.Regex; break;
+            case "choice": o["choice"] = new JsonArray(c.Choice!.Select(x => (JsonNode?)x).ToArray()); break;
+            default: o["grammar"] = c.Grammar; break;
+        }
+        if (kind is "json" or "json_object" or "grammar") o["disable_any_whitespace"] = c.Whitespace == JsonWhitespace.Compact;
+        return o;
+    }
+
+    /// <summary>
+    /// <c>AdditionalProperties["structured_outputs"]</c> as a constraint: a <see cref="StructuredOutputs"/>, or vLLM's
+    /// object as a <see cref="JsonNode"/> or <see cref="JsonElement"/>; null when the key is absent.
+    /// </summary>
+    public static StructuredOutputs? FromAdditionalProperty(object? value) => value switch
+    {
+        null => null,
+        StructuredOutputs given => given,
+        JsonElement e => Parse(JsonNode.Parse(e.GetRawText())),
+        JsonNode n => Parse(n),
+        _ => throw new ArgumentException($"AdditionalProperties[\"structured_outputs\"] must be a StructuredOutputs or vLLM's structured_outputs object, not {value.GetType().Name}."),
+    };
+
     /// <summary>A constraint from the older <c>guided_*</c> fields of <paramref name="body"/>, or null when none is set.</summary>
     public static StructuredOutputs? FromGuidedFields(JsonObject body)
     {

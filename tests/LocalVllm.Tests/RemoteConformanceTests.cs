@@ -1,3 +1,4 @@
+using LocalVllm.Engine;
 using LocalVllm.Server;
 using Microsoft.Extensions.AI;
 
@@ -112,7 +113,7 @@ public sealed class RemoteConformanceTests
     }
 
     [Fact]
-    public async Task Logit_bias_travels_to_the_server_in_openais_shape_and_structured_outputs_is_refused_by_name()
+    public async Task Logit_bias_travels_to_the_server_in_openais_shape()
     {
         var engine = new ScriptedEngine(["ok"]);
         var (server, remote) = await Start(engine);
@@ -121,9 +122,56 @@ public sealed class RemoteConformanceTests
         await remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], options);
         var bias = Assert.Single(engine.Samplings).LogitBias!;
         Assert.Equal(new Dictionary<int, float> { [42] = 5.5f, [7] = -100 }, bias.ToDictionary());
-        // structured_outputs has no OpenAI field to travel in: refused by name, pointing at ResponseFormat.
-        var structured = new ChatOptions { AdditionalProperties = new() { ["structured_outputs"] = LocalVllm.Engine.StructuredOutputs.ForChoice(["a", "b"]) } };
-        var e = await Assert.ThrowsAsync<NotSupportedException>(() => remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], structured));
-        Assert.Contains("ResponseFormat", e.Message);
+    }
+
+    public static TheoryData<string> Constraints => ["schema", "schema-flexible", "object", "regex", "choice", "grammar", "vllm-json"];
+
+    private static object Constraint(string name) => name switch
+    {
+        "schema" => StructuredOutputs.ForJsonSchema("""{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}"""),
+        "schema-flexible" => StructuredOutputs.ForJsonSchema("""{"type": "array", "items": {"type": "string"}}""", JsonWhitespace.Flexible),
+        "object" => StructuredOutputs.ForJsonObject(),
+        "regex" => StructuredOutputs.ForRegex("(yes|no), [0-9]{2}"),
+        "choice" => StructuredOutputs.ForChoice("red", "green", "blue"),
+        "grammar" => StructuredOutputs.ForGrammar("root ::= \"a\" %json{\"type\": \"boolean\"}"),
+        _ => System.Text.Json.Nodes.JsonNode.Parse("""{"choice": ["x", "y"]}""")!, // vLLM's object as JSON, as settings files give it
+    };
+
+    [Theory]
+    [MemberData(nameof(Constraints))]
+    public async Task Structured_outputs_reach_the_server_as_the_same_constraint_the_in_process_client_would_apply(string name)
+    {
+        var engine = new ScriptedEngine(["ok"]);
+        var (server, remote) = await Start(engine);
+        await using var _ = server;
+        var options = new ChatOptions { AdditionalProperties = new() { ["structured_outputs"] = Constraint(name) } };
+        await remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], options);
+        // The same request in-process, on an engine of the same script: the constraint its sampling carries.
+        var local = new ScriptedEngine(["ok"]);
+        await new LocalVllmChatClient(local).GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], options);
+        var expected = Assert.Single(local.Samplings).StructuredOutputs!;
+        var received = Assert.Single(engine.Samplings).StructuredOutputs!;
+        Assert.Equal((expected.Kind, expected.Regex, expected.Grammar, expected.JsonObject, expected.Whitespace, expected.StrictJson, expected.ReasoningEnd),
+            (received.Kind, received.Regex, received.Grammar, received.JsonObject, received.Whitespace, received.StrictJson, received.ReasoningEnd));
+        Assert.Equal(expected.Choice, received.Choice);
+        // A schema travels as a JSON object: the same schema, not necessarily the same spacing.
+        Assert.True(System.Text.Json.Nodes.JsonNode.DeepEquals(Parsed(expected.Json), Parsed(received.Json)), $"{expected.Json} against {received.Json}");
+    }
+
+    private static System.Text.Json.Nodes.JsonNode? Parsed(string? json) => json is null ? null : System.Text.Json.Nodes.JsonNode.Parse(json);
+
+    [Fact]
+    public async Task A_constraint_that_vllms_fields_cannot_carry_is_refused_by_name_before_anything_is_sent()
+    {
+        var engine = new ScriptedEngine(["ok"]);
+        var (server, remote) = await Start(engine);
+        await using var _ = server;
+        var loose = new ChatOptions { AdditionalProperties = new() { ["structured_outputs"] = StructuredOutputs.ForJsonObject() with { StrictJson = false } } };
+        var e = await Assert.ThrowsAsync<NotSupportedException>(() => remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], loose));
+        Assert.Contains("StrictJson", e.Message);
+        var two = new ChatOptions { AdditionalProperties = new() { ["structured_outputs"] = new StructuredOutputs { Regex = "a", Choice = ["a"] } } };
+        var e2 = await Assert.ThrowsAsync<ArgumentException>(() => remote.GetResponseAsync([new ChatMessage(ChatRole.User, "Hi")], two));
+        Assert.Contains("exactly one", e2.Message);
+        Assert.Empty(engine.Samplings);
     }
 }

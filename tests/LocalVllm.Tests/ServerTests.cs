@@ -483,6 +483,27 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.True(Json.Schema.JsonSchema.FromText(schema).Evaluate(System.Text.Json.JsonDocument.Parse(json).RootElement).IsValid, $"{json} is not valid under {schema}");
 
     [Fact]
+    public async Task The_remote_mode_client_sends_structured_outputs_and_the_sampled_replies_keep_to_them()
+    {
+        var client = new RemoteChatClient(new Uri(fixture.Server.BaseAddress, "v1"), "tiny-qwen3-chat", ServerFixture.ApiKey);
+        Microsoft.Extensions.AI.ChatMessage[] question = [new(ChatRole.User, "Answer?")];
+        ChatOptions Sampled(object constraint, int seed) => new()
+        {
+            Temperature = 1, Seed = seed, MaxOutputTokens = 40,
+            AdditionalProperties = new() { ["enable_thinking"] = false, ["structured_outputs"] = constraint },
+        };
+        for (int seed = 1; seed <= 3; seed++)
+        {
+            // The random tiny model would not write these by chance: the constraint reached the server's engine.
+            var regex = await client.GetResponseAsync(question, Sampled(LocalVllm.Engine.StructuredOutputs.ForRegex("(yes|no), [0-9]{2}"), seed));
+            Assert.Matches("^(yes|no), [0-9]{2}$", regex.Text);
+            Assert.Equal(Microsoft.Extensions.AI.ChatFinishReason.Stop, regex.FinishReason);
+            var schema = await client.GetResponseAsync(question, Sampled(JsonNode.Parse($$"""{"json": {{ForecastSchema}}}""")!, seed));
+            AssertValid(ForecastSchema, schema.Text);
+        }
+    }
+
+    [Fact]
     public async Task Response_format_json_schema_gives_content_the_schema_accepts()
     {
         var body = SampledChat("Forecast?");
