@@ -230,11 +230,19 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         var core = engine.Engine.Engine;
         var prompts = OpenAiCompletionRequest.Prompts(body, text => core.EncodePrompt(text));
         var sampling = OpenAiCompletionRequest.Sampling(body);
+        bool echo = OpenAiCompletionRequest.Echo(body);
+        bool promptLogprobs = OpenAiChatRequest.Int(body, "prompt_logprobs") is not null;
         bool stream = body["stream"]?.GetValue<bool>() ?? false;
+        if (stream && promptLogprobs)
+            throw new ApiException(400, "'prompt_logprobs' is not available when 'stream' is true (as in vLLM); 'echo' with 'logprobs' streams the prompt's log-probabilities.", param: "prompt_logprobs");
         bool includeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false;
         foreach (var p in prompts) engine.Validator.Validate(p.Ids, sampling);
         string id = $"cmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        var tokenizer = core.Tokenizer!;
+        // What echo puts before each completion: the prompt as it was sent, or the decoded ids.
+        string[]? echoes = echo ? prompts.Select(p => p.Text ?? tokenizer.Decode(p.Ids, skipSpecialTokens: false)).ToArray() : null;
+        var logprobs = new CompletionLogprobs(t => tokenizer.Decode([t], skipSpecialTokens: false));
 
         if (!stream)
         {
@@ -250,11 +258,16 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
                 foreach (var c in o.Outputs)
                 {
                     completionTokens += c.TokenIds.Count;
-                    choices.Add(new JsonObject
+                    int index = i * sampling.N + c.Index;
+                    var choice = new JsonObject
                     {
-                        ["index"] = i * sampling.N + c.Index, ["text"] = c.Text, ["logprobs"] = CompletionLogprobs(c),
+                        ["index"] = index, ["text"] = echoes is null ? c.Text : echoes[i] + c.Text,
+                        ["logprobs"] = c.Logprobs is null ? null : echoes is null ? logprobs.Of(index, c.TokenIds, c.Logprobs)
+                            : logprobs.Of(index, [.. o.PromptTokenIds, .. c.TokenIds], [.. o.PromptLogprobs!, .. c.Logprobs]),
                         ["finish_reason"] = c.FinishReason, ["stop_reason"] = StopReason(c.StopReason),
-                    });
+                    };
+                    if (promptLogprobs) choice["prompt_logprobs"] = CompletionLogprobs.VllmPromptLogprobs(o.PromptTokenIds, o.PromptLogprobs!, t => tokenizer.Decode([t], skipSpecialTokens: false));
+                    choices.Add(choice);
                 }
             }
             await Json(ctx, new JsonObject
@@ -269,9 +282,9 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             return;
         }
 
-        if (prompts.Count != 1 || sampling.N != 1)
+        if (prompts.Count != 1 || sampling.N != 1 || echo)
         {
-            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), sampling, id, created, includeUsage);
+            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), echoes, sampling, logprobs, id, created, includeUsage);
             return;
         }
         var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
@@ -280,7 +293,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         bool any = await run.MoveNextAsync();
         StartEventStream(ctx);
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
-        var (last, generated) = await WriteCompletionEvents(run, any, chunks, CompletionLogprobs, () => Flush(ctx));
+        var (last, generated) = await WriteCompletionEvents(run, any, chunks, c => c.Logprobs is null ? null : logprobs.Of(c.Index, c.TokenIds, c.Logprobs), () => Flush(ctx));
         if (includeUsage && last is not null)
             await CompletionUsageEvent(ctx, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
@@ -298,12 +311,14 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         });
 
     /// <summary>
-    /// A streamed completion of several prompts, or of n completions each (vLLM streams both): one engine request per
-    /// prompt, their outputs written as they come, choice index = prompt index x n + completion index, as the
-    /// non-streamed response numbers them. Every request's first output comes before any byte is sent, so a refused
-    /// request still gets its status.
+    /// A streamed completion of several prompts, or of n completions each (vLLM streams both), or with the prompt
+    /// echoed: one engine request per prompt, their outputs written as they come, choice index = prompt index x n +
+    /// completion index, as the non-streamed response numbers them; with <paramref name="echoes"/>, a choice's first
+    /// event starts with its prompt (and, with logprobs, the prompt's). Every request's first output comes before any
+    /// byte is sent, so a refused request still gets its status.
     /// </summary>
-    private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, SamplingParams sampling, string id, long created, bool includeUsage)
+    private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, string[]? echoes, SamplingParams sampling,
+        CompletionLogprobs logprobs, string id, long created, bool includeUsage)
     {
         await using var runs = new MergedStreams<RequestOutput>(prompts
             .Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
@@ -312,6 +327,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         StartEventStream(ctx);
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
         var lasts = new RequestOutput?[runs.Count];
+        var started = new bool[runs.Count * sampling.N];
         long generated = 0;
         for (int open = runs.Count; open > 0;)
         {
@@ -326,8 +342,15 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             foreach (var c in output.Outputs)
             {
                 generated += c.TokenIds.Count;
-                if (c.Text.Length > 0 || c.FinishReason is not null)
-                    chunks.Write(prompt * sampling.N + c.Index, c.Text, CompletionLogprobs(c), c.FinishReason, StopReason(c.StopReason));
+                int index = prompt * sampling.N + c.Index;
+                bool first = !started[index];
+                started[index] = true;
+                if (first && echoes is not null)
+                    chunks.Write(index, echoes[prompt] + c.Text,
+                        c.Logprobs is null ? null : logprobs.Of(index, [.. output.PromptTokenIds, .. c.TokenIds], [.. output.PromptLogprobs!, .. c.Logprobs]),
+                        c.FinishReason, StopReason(c.StopReason));
+                else if (c.Text.Length > 0 || c.FinishReason is not null)
+                    chunks.Write(index, c.Text, c.Logprobs is null ? null : logprobs.Of(index, c.TokenIds, c.Logprobs), c.FinishReason, StopReason(c.StopReason));
             }
             if (!runs.MoreWaiting) await Flush(ctx);
         }
@@ -383,24 +406,6 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
     }
 
     private static JsonNode? StopReason(object? reason) => reason switch { int t => t, string s => s, _ => null };
-
-    private JsonObject? CompletionLogprobs(CompletionOutput c)
-    {
-        if (c.Logprobs is null) return null;
-        var tokenizer = Real.Engine.Engine.Tokenizer!;
-        var tokens = new JsonArray();
-        var logprobs = new JsonArray();
-        var top = new JsonArray();
-        foreach (var p in c.Logprobs)
-        {
-            tokens.Add(tokenizer.Decode([p.TokenId], skipSpecialTokens: false));
-            logprobs.Add(p.Logprob);
-            var alternatives = new JsonObject();
-            foreach (var t in p.Top) alternatives[tokenizer.Decode([t.TokenId], skipSpecialTokens: false)] = t.Logprob;
-            top.Add(alternatives);
-        }
-        return new JsonObject { ["tokens"] = tokens, ["token_logprobs"] = logprobs, ["top_logprobs"] = top };
-    }
 
     // ---------------------------------------------------------------- tokenize
 

@@ -213,7 +213,10 @@ internal sealed class OpenAiChatRequest
 /// <summary>A <c>/v1/completions</c> body: prompts (text or token ids, one or a batch) and the engine's sampling parameters.</summary>
 internal static class OpenAiCompletionRequest
 {
-    public readonly record struct Prompt(int[] Ids);
+    private static int? MaxOf(int? a, int? b) => a is null ? b : b is null ? a : Math.Max(a.Value, b.Value);
+
+    /// <summary>A prompt's token ids, and its text when it came as text (what <c>echo</c> gives back).</summary>
+    public readonly record struct Prompt(int[] Ids, string? Text = null);
 
     public static List<Prompt> Prompts(JsonObject body, Func<string, int[]> encode)
     {
@@ -222,11 +225,11 @@ internal static class OpenAiCompletionRequest
             : throw new ApiException(400, "'prompt' token ids must be integers.", param: "prompt")).ToArray();
         return p switch
         {
-            JsonValue v when v.GetValueKind() == JsonValueKind.String => [new Prompt(encode(v.GetValue<string>()))],
+            JsonValue v when v.GetValueKind() == JsonValueKind.String => [new Prompt(encode(v.GetValue<string>()), v.GetValue<string>())],
             JsonArray { Count: > 0 } a when a[0] is JsonValue first && first.GetValueKind() == JsonValueKind.Number => [new Prompt(Ids(a))],
             JsonArray { Count: > 0 } a => a.Select(x => x switch
             {
-                JsonValue v when v.GetValueKind() == JsonValueKind.String => new Prompt(encode(v.GetValue<string>())),
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => new Prompt(encode(v.GetValue<string>()), v.GetValue<string>()),
                 JsonArray ids => new Prompt(Ids(ids)),
                 _ => throw new ApiException(400, "'prompt' must be a string, an array of strings, token ids, or arrays of token ids.", param: "prompt"),
             }).ToList(),
@@ -234,9 +237,14 @@ internal static class OpenAiCompletionRequest
         };
     }
 
+    /// <summary>OpenAI's <c>echo</c>: the prompt comes back before each completion's text (and, with logprobs, its tokens' log-probabilities).</summary>
+    public static bool Echo(JsonObject body) => body["echo"] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
+        ? v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw new ApiException(400, "'echo' must be a boolean.", param: "echo")
+        : false;
+
     public static SamplingParams Sampling(JsonObject body)
     {
-        foreach (var unsupported in new[] { "echo", "suffix", "best_of" })
+        foreach (var unsupported in new[] { "suffix", "best_of" })
             if (body[unsupported] is JsonValue v && v.GetValueKind() is not (JsonValueKind.Null or JsonValueKind.False))
                 throw new ApiException(400, $"'{unsupported}' is not supported.", param: unsupported);
         var stop = body["stop"] switch
@@ -262,6 +270,8 @@ internal static class OpenAiCompletionRequest
             Seed = OpenAiChatRequest.Long(body, "seed"),
             Stop = stop,
             Logprobs = OpenAiChatRequest.Int(body, "logprobs"),
+            // vLLM's prompt_logprobs; echo with logprobs needs the prompt's too, at the same number of alternatives.
+            PromptLogprobs = MaxOf(OpenAiChatRequest.Int(body, "prompt_logprobs"), Echo(body) ? OpenAiChatRequest.Int(body, "logprobs") : null),
             StructuredOutputs = OpenAiChatRequest.Constraint(body),
             // vLLM's extra fields for completions.
             StopTokenIds = body["stop_token_ids"] is JsonArray stopIds ? [.. stopIds.Select(t => t!.GetValue<int>())] : [],

@@ -1,0 +1,158 @@
+using System.Net;
+using System.Text;
+using System.Text.Json.Nodes;
+using LocalVllm.Server;
+
+namespace LocalVllm.Tests;
+
+/// <summary>
+/// Completions with <c>echo</c>, <c>logprobs</c> and vLLM's <c>prompt_logprobs</c> on the trained stories260K model:
+/// the request shape evaluation harnesses use to score a text (echo, logprobs 1, max_tokens 1), checked against the
+/// fixture's reference continuation and logits and against a plain run that generated the same tokens.
+/// </summary>
+public sealed class CompletionEchoTests : IAsyncLifetime
+{
+    private static readonly JsonNode Case = Fixtures.Reference("stories260K")["cases"]![0]!; // "Once upon a time", llama2.c's continuation
+    private LocalVllmServer _server = null!;
+    private HttpClient _http = null!;
+
+    public async Task InitializeAsync()
+    {
+        _server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M"]));
+        await _server.StartAsync();
+        _http = new HttpClient { BaseAddress = _server.BaseAddress };
+    }
+
+    public async Task DisposeAsync()
+    {
+        _http.Dispose();
+        await _server.DisposeAsync();
+    }
+
+    private async Task<(HttpStatusCode Status, string Body)> Post(JsonObject body)
+    {
+        using var response = await _http.PostAsync("v1/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        return (response.StatusCode, await response.Content.ReadAsStringAsync());
+    }
+
+    private async Task<JsonNode> Choice(JsonObject body)
+    {
+        var (status, text) = await Post(body);
+        Assert.True(status == HttpStatusCode.OK, text);
+        return JsonNode.Parse(text)!["choices"]![0]!;
+    }
+
+    /// <summary>The choices' chunks of a streamed completion (the usage chunk and [DONE] left out).</summary>
+    private async Task<List<JsonNode>> StreamedChoices(JsonObject body)
+    {
+        body["stream"] = true;
+        var (status, text) = await Post(body);
+        Assert.True(status == HttpStatusCode.OK, text);
+        return text.Split("\n\n", StringSplitOptions.RemoveEmptyEntries).Where(e => e != "data: [DONE]")
+            .SelectMany(e => JsonNode.Parse(e["data: ".Length..])!["choices"]!.AsArray()).Select(c => c!).ToList();
+    }
+
+    [Fact]
+    public async Task Echo_returns_the_prompt_before_the_reference_continuation_streamed_and_not()
+    {
+        string prompt = Case["text"]!.GetValue<string>();
+        int tokens = Fixtures.Ints(Case["greedy_ids"]).Length;
+        JsonObject Body() => new() { ["prompt"] = prompt, ["max_tokens"] = tokens, ["temperature"] = 0, ["ignore_eos"] = true, ["echo"] = true };
+        Assert.Equal(Case["full_text"]!.GetValue<string>(), (await Choice(Body()))["text"]!.GetValue<string>());
+
+        var events = await StreamedChoices(Body());
+        Assert.StartsWith(prompt, events[0]["text"]!.GetValue<string>());
+        Assert.Equal(Case["full_text"]!.GetValue<string>(), string.Concat(events.Select(e => e["text"]!.GetValue<string>())));
+    }
+
+    [Fact]
+    public async Task Echo_with_logprobs_scores_the_prompt_as_the_generating_run_scored_the_same_tokens()
+    {
+        var prompt = Fixtures.Ints(Case["prompt_ids"]);
+        var greedy = Fixtures.Ints(Case["greedy_ids"]);
+        const int continued = 8;
+        // A plain run that generates greedy[0..continued] with their log-probabilities.
+        var plain = (await Choice(new JsonObject
+        {
+            ["prompt"] = new JsonArray(prompt.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = continued + 1, ["temperature"] = 0, ["logprobs"] = 2,
+        }))["logprobs"]!;
+        var plainLogprobs = plain["token_logprobs"]!.AsArray().Select(x => x!.GetValue<double>()).ToArray();
+        // Its first token's log-probability against the reference logits' log-softmax (transformers, independently).
+        var last = Fixtures.Floats(Case["last_logits"]).Select(x => (double)x).ToArray();
+        double max = last.Max(), lse = max + Math.Log(last.Sum(x => Math.Exp(x - max)));
+        Assert.True(Math.Abs(plainLogprobs[0] - (last[greedy[0]] - lse)) <= 1e-4, $"{plainLogprobs[0]} against {last[greedy[0]] - lse}");
+
+        // The harness's request: the prompt and the continuation as the text to score, echo, one generated token.
+        JsonObject Scored() => new()
+        {
+            ["prompt"] = new JsonArray(prompt.Concat(greedy.Take(continued)).Select(t => (JsonNode?)t).ToArray()),
+            ["max_tokens"] = 1, ["temperature"] = 0, ["logprobs"] = 2, ["echo"] = true,
+        };
+        var scored = (await Choice(Scored()))["logprobs"]!;
+        var tokenLogprobs = scored["token_logprobs"]!.AsArray();
+        var top = scored["top_logprobs"]!.AsArray();
+        Assert.Equal(prompt.Length + continued + 1, tokenLogprobs.Count);
+        Assert.Null(tokenLogprobs[0]);
+        Assert.Null(top[0]);
+        for (int j = 0; j <= continued; j++)
+        {
+            // Positions of the continuation (and the one generated token) score as the run that generated them did,
+            // and each is the most likely token there (the harness's is-greedy check).
+            double lp = tokenLogprobs[prompt.Length + j]!.GetValue<double>();
+            Assert.True(Math.Abs(lp - plainLogprobs[j]) <= 1e-4, $"position {prompt.Length + j}: {lp} against {plainLogprobs[j]}");
+            var alternatives = top[prompt.Length + j]!.AsObject().Select(kv => kv.Value!.GetValue<double>()).ToList();
+            Assert.Equal(2, alternatives.Count);
+            Assert.Equal(alternatives.Max(), lp, 5);
+        }
+        for (int i = 1; i < prompt.Length; i++) Assert.True(tokenLogprobs[i]!.GetValue<double>() <= 0);
+        // Text offsets run on by each token's text.
+        var tokens = scored["tokens"]!.AsArray().Select(t => t!.GetValue<string>()).ToArray();
+        var offsets = scored["text_offset"]!.AsArray().Select(o => o!.GetValue<int>()).ToArray();
+        Assert.Equal(0, offsets[0]);
+        for (int i = 1; i < tokens.Length; i++) Assert.Equal(offsets[i - 1] + tokens[i - 1].Length, offsets[i]);
+
+        // Streamed: the same log-probabilities, the prompt's in the first event.
+        var events = await StreamedChoices(Scored());
+        var streamed = events.SelectMany(e => e["logprobs"]!["token_logprobs"]!.AsArray()).Select(x => x?.GetValue<double>()).ToList();
+        Assert.Equal(tokenLogprobs.Select(x => x?.GetValue<double>()), streamed);
+        Assert.Equal(offsets, events.SelectMany(e => e["logprobs"]!["text_offset"]!.AsArray()).Select(o => o!.GetValue<int>()));
+    }
+
+    [Fact]
+    public async Task Prompt_logprobs_come_in_vllms_shape_and_are_refused_when_streaming_and_echo_must_be_a_boolean()
+    {
+        var prompt = Fixtures.Ints(Case["prompt_ids"]);
+        JsonObject Body() => new() { ["prompt"] = Case["text"]!.GetValue<string>(), ["max_tokens"] = 1, ["temperature"] = 0, ["prompt_logprobs"] = 1 };
+        var choice = await Choice(Body());
+        var positions = choice["prompt_logprobs"]!.AsArray();
+        Assert.Equal(prompt.Length, positions.Count);
+        Assert.Null(positions[0]);
+        // The same prompt scored through echo: the prompt token's entry holds the same log-probability.
+        var echoed = (await Choice(new JsonObject { ["prompt"] = Case["text"]!.GetValue<string>(), ["max_tokens"] = 1, ["temperature"] = 0, ["logprobs"] = 1, ["echo"] = true }))["logprobs"]!["token_logprobs"]!.AsArray();
+        for (int i = 1; i < prompt.Length; i++)
+        {
+            var entries = positions[i]!.AsObject();
+            Assert.InRange(entries.Count, 1, 2); // the prompt's token, and the top one when it is another
+            var own = entries[prompt[i].ToString()]!;
+            Assert.Equal(echoed[i]!.GetValue<double>(), own["logprob"]!.GetValue<double>(), 5);
+            Assert.True(own["rank"]!.GetValue<int>() >= 1);
+            Assert.False(string.IsNullOrEmpty(own["decoded_token"]!.GetValue<string>()));
+            Assert.Contains(entries, e => e.Value!["rank"]!.GetValue<int>() == 1);
+        }
+
+        var streamed = Body();
+        streamed["stream"] = true;
+        var (status, text) = await Post(streamed);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("prompt_logprobs", text);
+        var badEcho = Body();
+        badEcho.Remove("prompt_logprobs");
+        badEcho["echo"] = "yes";
+        (status, text) = await Post(badEcho);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("'echo' must be a boolean", text);
+        var engine = _server.Engine.Engine;
+        await engine.WhenIdleAsync().WaitAsync(TimeSpan.FromMinutes(2));
+        await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
+    }
+}
