@@ -114,6 +114,22 @@ public sealed class EngineOptions
     /// </summary>
     public int StreamInterval { get; set; } = 1;
 
+    /// <summary>
+    /// Where requests' sampling defaults come from (vLLM's <c>--generation-config</c>): <c>"auto"</c> (the default) reads
+    /// the model's generation_config.json; <c>"vllm"</c> uses none (temperature 1, no top-p or top-k cut, no repetition
+    /// penalty); anything else is a folder whose generation_config.json gives them. The EOS ids always come from the
+    /// model. The defaults fill what a request leaves unset (chat options, the server's fields, and
+    /// <see cref="Core.LlmEngine.DefaultSamplingParams"/> for <c>Llm.Generate</c> without sampling parameters).
+    /// </summary>
+    public string GenerationConfig { get; set; } = "auto";
+
+    /// <summary>
+    /// Sampling defaults laid over those of <see cref="GenerationConfig"/> (vLLM's <c>--override-generation-config</c>):
+    /// <c>temperature</c>, <c>top_p</c>, <c>top_k</c>, <c>min_p</c>, <c>repetition_penalty</c>, <c>max_new_tokens</c>.
+    /// Setting temperature, top_p, top_k or min_p makes the defaults sampled (generation_config's <c>do_sample</c>).
+    /// </summary>
+    public IReadOnlyDictionary<string, double>? OverrideGenerationConfig { get; set; }
+
     /// <summary>A copy of these options (lists and the hub settings are shared, not copied).</summary>
     public EngineOptions Clone() => (EngineOptions)MemberwiseClone();
 
@@ -128,6 +144,11 @@ public sealed class EngineOptions
         if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
         if (ChatTemplate is not null) Text.Templating.ChatTemplate.ReplacementSource(ChatTemplate); // a missing file fails here, by name
         if (MaxLogprobs < -1) throw new ArgumentOutOfRangeException(nameof(MaxLogprobs), MaxLogprobs, "MaxLogprobs must be -1 (no cap) or at least 0.");
+        if (string.IsNullOrWhiteSpace(GenerationConfig))
+            throw new ArgumentException("GenerationConfig must be \"auto\", \"vllm\" or a folder holding generation_config.json.", nameof(GenerationConfig));
+        if (GenerationConfig is not ("auto" or "vllm") && !File.Exists(System.IO.Path.Combine(GenerationConfig, "generation_config.json")))
+            throw new ArgumentException($"GenerationConfig '{GenerationConfig}' is neither \"auto\", \"vllm\" nor a folder holding generation_config.json.", nameof(GenerationConfig));
+        if (OverrideGenerationConfig is not null) Models.GenerationConfig.CheckOverrides(OverrideGenerationConfig);
         if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))

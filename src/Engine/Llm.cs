@@ -43,7 +43,7 @@ public sealed class Llm : IDisposable
         lock (_gate)
         {
             ObjectDisposedException.ThrowIf(_disposed || _disposeRequested, this);
-            sampling ??= new SamplingParams();
+            sampling ??= Engine.DefaultSamplingParams();
             Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
             // Only finished outputs are read: the engine builds nothing per step for these requests.
             var final = sampling with { OutputKind = RequestOutputKind.FinalOnly };

@@ -67,7 +67,7 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     /// </summary>
     public string? ToolCallParser => _chatTemplate is null ? null : ToolCallFormats.VllmParser(ToolCallFormats.Of(_chatTemplate.Source));
 
-    public GenerationConfig Defaults => Engine.Engine.Directory.Generation;
+    public GenerationConfig Defaults => Engine.Engine.SamplingDefaults;
     public int MaxModelLen => Engine.Engine.MaxModelLen;
     public RequestValidator Validator => Engine.Engine.Validator;
     public int[] EncodeChatPrompt(string renderedPrompt) => EncodeChatPrompt(renderedPrompt, Engine.Engine);

@@ -229,7 +229,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         var engine = Real;
         var core = engine.Engine.Engine;
         var prompts = OpenAiCompletionRequest.Prompts(body, text => core.EncodePrompt(text));
-        var sampling = OpenAiCompletionRequest.Sampling(body);
+        var sampling = OpenAiCompletionRequest.Sampling(body, core.DefaultSamplingParams());
         bool echo = OpenAiCompletionRequest.Echo(body);
         bool promptLogprobs = OpenAiChatRequest.Int(body, "prompt_logprobs") is not null;
         bool stream = body["stream"]?.GetValue<bool>() ?? false;

@@ -242,7 +242,8 @@ internal static class OpenAiCompletionRequest
         ? v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw new ApiException(400, "'echo' must be a boolean.", param: "echo")
         : false;
 
-    public static SamplingParams Sampling(JsonObject body)
+    /// <summary>The body's sampling parameters; what it leaves unset comes from <paramref name="defaults"/> (the engine's <c>DefaultSamplingParams</c>).</summary>
+    public static SamplingParams Sampling(JsonObject body, SamplingParams defaults)
     {
         foreach (var unsupported in new[] { "suffix", "best_of" })
             if (body[unsupported] is JsonValue v && v.GetValueKind() is not (JsonValueKind.Null or JsonValueKind.False))
@@ -256,15 +257,15 @@ internal static class OpenAiCompletionRequest
         return new SamplingParams
         {
             N = OpenAiChatRequest.Int(body, "n") ?? 1,
-            // OpenAI's completions defaults (temperature 1, 16 tokens), unless the request says otherwise.
-            Temperature = OpenAiChatRequest.Float(body, "temperature") ?? 1f,
-            TopP = OpenAiChatRequest.Float(body, "top_p") ?? 1f,
-            TopK = OpenAiChatRequest.Int(body, "top_k") ?? 0,
-            MinP = OpenAiChatRequest.Float(body, "min_p") ?? 0f,
-            RepetitionPenalty = OpenAiChatRequest.Float(body, "repetition_penalty") ?? 1f,
+            // The model's defaults (generation_config.json, as vLLM applies them) or OpenAI's (temperature 1, 16 tokens).
+            Temperature = OpenAiChatRequest.Float(body, "temperature") ?? defaults.Temperature,
+            TopP = OpenAiChatRequest.Float(body, "top_p") ?? defaults.TopP,
+            TopK = OpenAiChatRequest.Int(body, "top_k") ?? defaults.TopK,
+            MinP = OpenAiChatRequest.Float(body, "min_p") ?? defaults.MinP,
+            RepetitionPenalty = OpenAiChatRequest.Float(body, "repetition_penalty") ?? defaults.RepetitionPenalty,
             PresencePenalty = OpenAiChatRequest.Float(body, "presence_penalty") ?? 0f,
             FrequencyPenalty = OpenAiChatRequest.Float(body, "frequency_penalty") ?? 0f,
-            MaxTokens = OpenAiChatRequest.Int(body, "max_tokens") ?? 16,
+            MaxTokens = OpenAiChatRequest.Int(body, "max_tokens") ?? defaults.MaxTokens,
             MinTokens = OpenAiChatRequest.Int(body, "min_tokens") ?? 0,
             IgnoreEos = body["ignore_eos"]?.GetValue<bool>() ?? false,
             Seed = OpenAiChatRequest.Long(body, "seed"),

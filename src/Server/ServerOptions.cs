@@ -72,6 +72,10 @@ public sealed class ServerOptions
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --max-logprobs N            most log-probabilities per position a request may ask for (default 20; -1: no cap)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
+          --generation-config G       where unset sampling settings come from: auto (the model's generation_config.json,
+                                      the default), vllm (none: temperature 1, no cuts), or a folder holding one
+          --override-generation-config JSON  sampling defaults laid over those, e.g. '{"temperature": 0.5}'
+                                      (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
           --tool-call-parser P        hermes | llama3_json | mistral: checked against the format the chat template
                                       writes (<tool_call> blocks, Qwen's; a bare JSON call, Llama 3's; [TOOL_CALLS]
@@ -112,6 +116,8 @@ public sealed class ServerOptions
                 case "--stream-interval": o.Engine.StreamInterval = Int(); break;
                 case "--max-logprobs": o.Engine.MaxLogprobs = Int(); break;
                 case "--chat-template": o.Engine.ChatTemplate = Value(); break;
+                case "--generation-config": o.Engine.GenerationConfig = Value(); break;
+                case "--override-generation-config": o.Engine.OverrideGenerationConfig = JsonNumbers(flag, Value()); break;
                 // vLLM needs these to turn tool calls and reasoning on; here both are always on, in the one format each
                 // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.
                 case "--enable-auto-tool-choice": break;
@@ -169,6 +175,18 @@ public sealed class ServerOptions
         catch (System.Text.Json.JsonException)
         {
             throw new ArgumentException($"{flag} needs a JSON list of strings, e.g. '[\"http://localhost:3000\"]'.");
+        }
+    }
+
+    private static Dictionary<string, double> JsonNumbers(string flag, string text)
+    {
+        try
+        {
+            return System.Text.Json.JsonSerializer.Deserialize<Dictionary<string, double>>(text) ?? throw new System.Text.Json.JsonException();
+        }
+        catch (System.Text.Json.JsonException)
+        {
+            throw new ArgumentException($"{flag} needs a JSON object of numbers, e.g. '{{\"temperature\": 0.5, \"top_k\": 20}}'.");
         }
     }
 

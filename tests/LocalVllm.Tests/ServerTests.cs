@@ -665,6 +665,41 @@ public sealed class ServerOverloadTests
     }
 
     /// <summary>
+    /// --generation-config vllm with --override-generation-config: what a request leaves unset comes from the
+    /// overrides, on completions (temperature 0 and max_new_tokens give llama2.c's greedy continuation where OpenAI's
+    /// defaults would sample 16 tokens at temperature 1) and on chat (max_new_tokens caps a reply that sets no limit).
+    /// </summary>
+    [Fact]
+    public async Task Generation_config_flags_fill_what_completions_and_chat_requests_leave_unset()
+    {
+        var c = Fixtures.Reference("stories260K")["cases"]![0]!;
+        int tokens = Fixtures.Ints(c["greedy_ids"]).Length;
+        var template = Path.Combine(Fixtures.Root, "tokenizers", "chat_templates", "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja");
+        Assert.Contains("--override-generation-config needs a JSON object of numbers", Assert.Throws<ArgumentException>(() =>
+            ServerOptions.Parse(["--model", "m", "--override-generation-config", "temperature=0"])).Message);
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M",
+            "--chat-template", template, "--generation-config", "vllm", "--override-generation-config", $$"""{"temperature": 0, "max_new_tokens": {{tokens}}}"""]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        async Task<JsonNode> Post(string path, JsonObject body)
+        {
+            using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+            var text = await response.Content.ReadAsStringAsync();
+            Assert.True(response.IsSuccessStatusCode, $"{path}: {(int)response.StatusCode} {text}");
+            return JsonNode.Parse(text)!;
+        }
+
+        var completion = await Post("v1/completions", new JsonObject { ["prompt"] = c["text"]!.GetValue<string>(), ["ignore_eos"] = true });
+        Assert.Equal(c["greedy_text"]!.GetValue<string>(), completion["choices"]![0]!["text"]!.GetValue<string>());
+
+        var chat = await Post("v1/chat/completions", new JsonObject
+        {
+            ["messages"] = new JsonArray { new JsonObject { ["role"] = "user", ["content"] = "Tell me about a cat." } }, ["ignore_eos"] = true,
+        });
+        Assert.Equal(tokens, chat["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    /// <summary>
     /// CORS as vLLM serves it: by default a browser's preflight from any origin gets its answer before the API-key check
     /// and responses carry Access-Control-Allow-Origin; with --allowed-origins only the listed origins are answered.
     /// </summary>

@@ -39,6 +39,7 @@ public sealed class LlmEngine : IDisposable
         if (options.NumThreads is int threads) torch.set_num_threads(threads);
         Directory = ModelDirectory.Open(System.IO.Directory.Exists(options.Model) ? options.Model : ModelResolver.Resolve(options.Model, options.Hub));
         _runner = new ModelRunner(options, Directory, Counters);
+        SamplingDefaults = ResolveSamplingDefaults(options, Directory);
         var c = Model.Config;
         Blocks = new BlockManager(Cache.NumBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
@@ -60,6 +61,37 @@ public sealed class LlmEngine : IDisposable
     }
 
     private readonly Lazy<Structured.TokenVocabulary>? _vocabulary;
+
+    /// <summary>
+    /// The sampling defaults requests get where they leave a setting unset: the model's generation_config.json, or
+    /// none, or another folder's (<see cref="EngineOptions.GenerationConfig"/>), with
+    /// <see cref="EngineOptions.OverrideGenerationConfig"/> laid over them. Its ids are always the model's.
+    /// </summary>
+    public GenerationConfig SamplingDefaults { get; }
+
+    private static GenerationConfig ResolveSamplingDefaults(EngineOptions options, ModelDirectory directory)
+    {
+        var source = options.GenerationConfig switch
+        {
+            "auto" => directory.Generation,
+            "vllm" => new GenerationConfig(),
+            var folder => GenerationConfig.Load(System.IO.Path.Combine(folder, "generation_config.json")),
+        };
+        var defaults = directory.Generation.WithSamplingOf(source);
+        return options.OverrideGenerationConfig is { Count: > 0 } overrides ? defaults.Override(overrides) : defaults;
+    }
+
+    /// <summary>
+    /// Sampling parameters from <see cref="SamplingDefaults"/> (vLLM's <c>get_default_sampling_params</c>): with
+    /// <c>do_sample</c>, its temperature, top-p, top-k and min-p; its repetition penalty and <c>max_new_tokens</c> in any
+    /// case; the rest as <see cref="SamplingParams"/>' own defaults. What <c>Llm.Generate</c> uses when given none.
+    /// </summary>
+    public SamplingParams DefaultSamplingParams()
+    {
+        var d = SamplingDefaults;
+        var p = new SamplingParams { RepetitionPenalty = d.RepetitionPenalty ?? 1f, MaxTokens = d.MaxNewTokens ?? 16 };
+        return d.DoSample ? p with { Temperature = d.Temperature ?? 1f, TopP = d.TopP ?? 1f, TopK = d.TopK ?? 0, MinP = d.MinP ?? 0f } : p;
+    }
 
     /// <summary>The vocabulary as bytes for structured outputs (built on first use), or null without a tokenizer.</summary>
     public Structured.TokenVocabulary? Vocabulary => _vocabulary?.Value;

@@ -14,6 +14,45 @@ public sealed record GenerationConfig
     public int? TopK { get; init; }
     public float? TopP { get; init; }
     public float? RepetitionPenalty { get; init; }
+    public float? MinP { get; init; }
+    /// <summary>The default number of tokens to generate (<c>max_new_tokens</c>).</summary>
+    public int? MaxNewTokens { get; init; }
+
+    /// <summary>The fields <see cref="Override"/> takes, by their generation_config.json names.</summary>
+    public static readonly string[] OverridableFields = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens"];
+
+    /// <summary>These ids with the sampling settings of <paramref name="source"/>.</summary>
+    public GenerationConfig WithSamplingOf(GenerationConfig source) => this with
+    {
+        DoSample = source.DoSample, Temperature = source.Temperature, TopK = source.TopK, TopP = source.TopP,
+        RepetitionPenalty = source.RepetitionPenalty, MinP = source.MinP, MaxNewTokens = source.MaxNewTokens,
+    };
+
+    /// <summary>An <see cref="ArgumentException"/> naming an override key that is not one of <see cref="OverridableFields"/>.</summary>
+    public static void CheckOverrides(IReadOnlyDictionary<string, double> overrides)
+    {
+        foreach (var key in overrides.Keys)
+            if (!OverridableFields.Contains(key))
+                throw new ArgumentException($"OverrideGenerationConfig has '{key}', which is not one of {string.Join(", ", OverridableFields)}.", "OverrideGenerationConfig");
+    }
+
+    /// <summary>These settings with <paramref name="overrides"/> laid over them; a sampling field among them turns sampling on.</summary>
+    public GenerationConfig Override(IReadOnlyDictionary<string, double> overrides)
+    {
+        CheckOverrides(overrides);
+        var c = this;
+        foreach (var (key, value) in overrides)
+            c = key switch
+            {
+                "temperature" => c with { Temperature = (float)value, DoSample = true },
+                "top_p" => c with { TopP = (float)value, DoSample = true },
+                "top_k" => c with { TopK = checked((int)value), DoSample = true },
+                "min_p" => c with { MinP = (float)value, DoSample = true },
+                "repetition_penalty" => c with { RepetitionPenalty = (float)value },
+                _ => c with { MaxNewTokens = checked((int)value) },
+            };
+        return c;
+    }
 
     /// <summary>Reads <paramref name="path"/>, or returns an empty config when the file does not exist.</summary>
     public static GenerationConfig Load(string path)
@@ -31,6 +70,8 @@ public sealed record GenerationConfig
             TopK = f.Int("top_k", min: -1, required: false),
             TopP = (float?)f.Double("top_p", positive: true),
             RepetitionPenalty = (float?)f.Double("repetition_penalty", positive: true),
+            MinP = (float?)f.Double("min_p", positive: false),
+            MaxNewTokens = f.Int("max_new_tokens", min: 1, required: false),
         };
     }
 }
