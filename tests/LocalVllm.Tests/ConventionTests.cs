@@ -40,6 +40,7 @@ public sealed class ConventionTests
                 _ when t == typeof(string) => p.Name switch { "DType" => "bfloat16", "Device" => "cuda", _ => $"/x/{p.Name}" },
                 _ when t == typeof(IReadOnlyList<string>) => new[] { "head one", "head two" },
                 _ when t == typeof(IReadOnlyList<IReadOnlyList<int>>) => new[] { new[] { 5, 6 } },
+                _ when t == typeof(IReadOnlyDictionary<string, double>) => new Dictionary<string, double> { ["temperature"] = 0.5, ["top_k"] = 3 },
                 _ when t == typeof(HubOptions) => null,
                 _ => throw new InvalidOperationException($"{key}: no test value for type {t.Name}; extend this test."),
             };
@@ -56,6 +57,9 @@ public sealed class ConventionTests
                 case int[][] lists:
                     for (int i = 0; i < lists.Length; i++)
                         for (int j = 0; j < lists[i].Length; j++) config[$"{key}:{i}:{j}"] = lists[i][j].ToString();
+                    break;
+                case Dictionary<string, double> map:
+                    foreach (var (k, v) in map) config[$"{key}:{k}"] = v.ToString(System.Globalization.CultureInfo.InvariantCulture);
                     break;
                 default:
                     config[key] = Convert.ToString(value, System.Globalization.CultureInfo.InvariantCulture);
@@ -92,6 +96,7 @@ public sealed class ConventionTests
             {
                 case string[] list: Assert.Equal(list, (IEnumerable<string>)actual!); break;
                 case int[][] lists: Assert.Equal(lists, ((IEnumerable<IReadOnlyList<int>>)actual!).Select(l => l.ToArray())); break;
+                case Dictionary<string, double> map: Assert.Equal(map, ((IReadOnlyDictionary<string, double>)actual!).ToDictionary()); break;
                 default: Assert.True(Equals(value, actual), $"{key}: bound {value}, engine options hold {actual}"); break;
             }
         }
