@@ -16,7 +16,38 @@ internal sealed record MappedRequest(JsonArray Messages, JsonArray? Tools, Dicti
 internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
-    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias"];
+    public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
+        "continue_final_message", "add_generation_prompt"];
+
+    /// <summary>
+    /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
+    /// the final message open (the model goes on with it: a prefilled reply) and then adds no generation prompt;
+    /// otherwise the generation prompt is added unless <c>add_generation_prompt</c> is false. Both true is an
+    /// <see cref="ArgumentException"/>.
+    /// </summary>
+    public static (bool Continue, bool AddGenerationPrompt) PromptEnd(ChatOptions? o)
+    {
+        bool continuing = Extra<bool>(o, "continue_final_message") ?? false;
+        bool? generation = Extra<bool>(o, "add_generation_prompt");
+        if (continuing && generation == true)
+            throw new ArgumentException("AdditionalProperties[\"continue_final_message\"] and [\"add_generation_prompt\"] (continue_final_message, add_generation_prompt) cannot both be true: a continued final message takes no generation prompt after it.", nameof(o));
+        return (continuing, generation ?? !continuing);
+    }
+
+    /// <summary>
+    /// <paramref name="rendered"/> (the chat rendered without a generation prompt) cut right after the final message's
+    /// content, so the model continues that message: the final message's text (trimmed) must appear in the render.
+    /// </summary>
+    public static string ContinueFinalMessage(string rendered, JsonArray messages)
+    {
+        string content = messages.Count > 0 && messages[^1]?["content"] is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>().Trim() : "";
+        if (content.Length == 0)
+            throw new ArgumentException("continue_final_message needs a final message with text to continue.", "messages");
+        int at = rendered.LastIndexOf(content, StringComparison.Ordinal);
+        if (at < 0)
+            throw new ArgumentException("continue_final_message: the final message does not appear in the rendered chat (the chat template changed or dropped it), so it cannot be continued.", "messages");
+        return rendered[..(at + content.Length)];
+    }
 
     public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
     {

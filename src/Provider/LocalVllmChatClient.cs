@@ -90,14 +90,20 @@ public sealed partial class LocalVllmChatClient : IChatClient
 
     /// <summary>
     /// The prompt a call with <paramref name="messages"/> and <paramref name="options"/> sends to the model: the chat
-    /// template's render, with the generation prompt appended when <paramref name="addGenerationPrompt"/> is true, and
-    /// its token ids. Options are checked as a call checks them.
+    /// template's render, with the generation prompt appended when <paramref name="addGenerationPrompt"/> is true (null:
+    /// as the options say, <c>AdditionalProperties["add_generation_prompt"]</c>, true unless
+    /// <c>["continue_final_message"]</c> leaves the final message open for the model to continue), and its token ids.
+    /// Options are checked as a call checks them.
     /// </summary>
-    public (string Text, int[] TokenIds) RenderPrompt(IEnumerable<ChatMessage> messages, ChatOptions? options = null, bool addGenerationPrompt = true)
+    public (string Text, int[] TokenIds) RenderPrompt(IEnumerable<ChatMessage> messages, ChatOptions? options = null, bool? addGenerationPrompt = null)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
-        var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, addGenerationPrompt, request.ExtraContext);
+        var (continuing, generation) = ChatRequestMapper.PromptEnd(options);
+        if (continuing && addGenerationPrompt == true)
+            throw new ArgumentException("continue_final_message cannot be combined with a generation prompt.", nameof(addGenerationPrompt));
+        var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, !continuing && (addGenerationPrompt ?? generation), request.ExtraContext);
+        if (continuing) text = ChatRequestMapper.ContinueFinalMessage(text, request.Messages);
         return (text, _engine.EncodeChatPrompt(text));
     }
 

@@ -62,7 +62,7 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 }
                 object? v = key switch
                 {
-                    "enable_thinking" or "ignore_eos" => ChatRequestMapper.Extra<bool>(options, key),
+                    "enable_thinking" or "ignore_eos" or "continue_final_message" or "add_generation_prompt" => ChatRequestMapper.Extra<bool>(options, key),
                     "min_tokens" or "top_k" or "logprobs" => ChatRequestMapper.Extra<int>(options, key),
                     _ => ChatRequestMapper.Extra<float>(options, key),
                 };

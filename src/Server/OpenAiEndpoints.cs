@@ -416,12 +416,11 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         if (body["messages"] is JsonArray)
         {
             // The chat form: the messages rendered with the model's chat template, as a chat completion would send them.
-            bool generation = body["add_generation_prompt"]?.GetValue<bool>() ?? true;
             var chatBody = new JsonObject();
-            foreach (var key in new[] { "messages", "tools", "chat_template_kwargs" })
+            foreach (var key in new[] { "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message" })
                 if (body[key] is { } value) chatBody[key] = value.DeepClone();
             var chatRequest = OpenAiChatRequest.Parse(chatBody);
-            var (_, chatIds) = _chat.RenderPrompt(chatRequest.Messages, chatRequest.Options(0), generation);
+            var (_, chatIds) = _chat.RenderPrompt(chatRequest.Messages, chatRequest.Options(0));
             await Json(ctx, new JsonObject { ["count"] = chatIds.Length, ["max_model_len"] = chat.MaxModelLen, ["tokens"] = new JsonArray(chatIds.Select(i => (JsonNode?)i).ToArray()) });
             return;
         }

@@ -32,6 +32,7 @@ internal sealed class OpenAiChatRequest
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
+        "continue_final_message", "add_generation_prompt",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -56,7 +57,7 @@ internal sealed class OpenAiChatRequest
         o.TopK = Int(body, "top_k");
         if (body["stop"] is JsonNode stop)
             o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
-        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos" })
+        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt" })
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         if (body["chat_template_kwargs"] is JsonObject kwargs)

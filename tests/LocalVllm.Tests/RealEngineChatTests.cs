@@ -47,6 +47,46 @@ public sealed class RealEngineChatTests
     }
 
     /// <summary>
+    /// A prefilled reply (vLLM's continue_final_message): the final assistant message is left open, and the model goes on
+    /// with it. The render is the fixture's reference prompt followed by the prefill, and the model continues the
+    /// fixture's greedy reply from where the prefill ends.
+    /// </summary>
+    [Fact]
+    public async Task Continue_final_message_prefills_the_reply_and_the_model_continues_the_reference_greedy_reply()
+    {
+        using var engine = NewEngine();
+        var client = new LocalVllmChatClient(engine);
+        var tokenizer = engine.Engine.Engine.Tokenizer!;
+        var c = Fixtures.Reference("tiny-qwen3-chat")["cases"]![0]!;
+        var greedy = Fixtures.Ints(c["greedy_ids"]);
+        // The longest prefill of at most 8 reference tokens that has no whitespace at its ends (templates trim it).
+        int k = Enumerable.Range(1, 8).Last(n => tokenizer.Decode(greedy[..n]) is { Length: > 0 } t && t.Trim() == t);
+        string prefill = tokenizer.Decode(greedy[..k]);
+        var messages = c["messages"]!.AsArray().Select(m => new ChatMessage(new ChatRole(m!["role"]!.GetValue<string>()), m["content"]!.GetValue<string>()))
+            .Append(new ChatMessage(ChatRole.Assistant, prefill)).ToList();
+        var options = Greedy.Clone();
+        options.MaxOutputTokens = greedy.Length - k;
+        options.AdditionalProperties!["continue_final_message"] = true;
+
+        var (text, ids) = client.RenderPrompt(messages, options);
+        Assert.Equal(c["prompt_text"]!.GetValue<string>() + prefill, text);
+        Assert.Equal([.. Fixtures.Ints(c["prompt_ids"]), .. greedy[..k]], ids);
+        var response = await client.GetResponseAsync(messages, options);
+        Assert.Equal(tokenizer.Decode(greedy[k..]), response.Text);
+        Assert.Equal(greedy.Length - k, response.Usage!.OutputTokenCount);
+
+        // Without it the assistant message is a finished turn and a new one starts; both at once is refused by name.
+        var closed = client.RenderPrompt(messages, Greedy).Text;
+        Assert.StartsWith(text, closed);
+        Assert.EndsWith("<|im_start|>assistant\n<think>\n\n</think>\n\n", closed);
+        var both = options.Clone();
+        both.AdditionalProperties = new(options.AdditionalProperties) { ["add_generation_prompt"] = true };
+        var e = await Assert.ThrowsAsync<ArgumentException>(() => client.GetResponseAsync(messages, both));
+        Assert.Contains("continue_final_message", e.Message);
+        Assert.Contains("add_generation_prompt", e.Message);
+    }
+
+    /// <summary>
     /// Streaming against the fixture's independent greedy ids (every case), not against the non-streaming path built on
     /// it; also with the engine's StreamInterval, whose updates carry several tokens after the first.
     /// </summary>

@@ -503,6 +503,44 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         }
     }
 
+    /// <summary>vLLM's continue_final_message over HTTP, on /tokenize and from the remote-mode client: the prefilled reply goes on as the fixture's greedy reply does.</summary>
+    [Fact]
+    public async Task Continue_final_message_continues_a_prefilled_reply_over_HTTP_on_tokenize_and_in_remote_mode()
+    {
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        int k = Enumerable.Range(1, 8).Last(n => tokenizer.Decode(greedy[..n]) is { Length: > 0 } t && t.Trim() == t);
+        string prefill = tokenizer.Decode(greedy[..k]), rest = tokenizer.Decode(greedy[k..]);
+        var body = GreedyChat(greedy.Length - k);
+        body["messages"]!.AsArray().Add(new JsonObject { ["role"] = "assistant", ["content"] = prefill });
+        body["continue_final_message"] = true;
+        body["add_generation_prompt"] = false;
+        var (status, json, _) = await Post("v1/chat/completions", body);
+        Assert.True(status == HttpStatusCode.OK, json.ToJsonString());
+        Assert.Equal(rest, json["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+
+        var tokenize = new JsonObject { ["model"] = "tiny-qwen3-chat", ["messages"] = body["messages"]!.DeepClone(), ["continue_final_message"] = true,
+            ["add_generation_prompt"] = false, ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false } };
+        (status, json, _) = await Post("tokenize", tokenize);
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Equal([.. Fixtures.Ints(Case0["prompt_ids"]), .. greedy[..k]], Fixtures.Ints(json["tokens"]));
+
+        var remote = new RemoteChatClient(new Uri(fixture.Server.BaseAddress, "v1"), "tiny-qwen3-chat", ServerFixture.ApiKey);
+        var messages = Case0["messages"]!.AsArray().Select(m => new Microsoft.Extensions.AI.ChatMessage(new ChatRole(m!["role"]!.GetValue<string>()), m["content"]!.GetValue<string>()))
+            .Append(new Microsoft.Extensions.AI.ChatMessage(ChatRole.Assistant, prefill)).ToList();
+        var options = new ChatOptions
+        {
+            Temperature = 0, MaxOutputTokens = greedy.Length - k,
+            AdditionalProperties = new() { ["enable_thinking"] = false, ["ignore_eos"] = true, ["continue_final_message"] = true },
+        };
+        Assert.Equal(rest, (await remote.GetResponseAsync(messages, options)).Text);
+
+        body["add_generation_prompt"] = true;
+        (status, json, _) = await Post("v1/chat/completions", body);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("cannot both be true", json["error"]!["message"]!.GetValue<string>());
+    }
+
     [Fact]
     public async Task Response_format_json_schema_gives_content_the_schema_accepts()
     {
