@@ -49,13 +49,13 @@ public sealed class ServerOptions
     public string? RootPath { get; set; }
 
     public const string Usage = """
-        usage: dotnet run --project src/Server -- --model <dir or owner/name> [options]
+        usage: dotnet run --project src/Server -- [--model] <dir or owner/name> [options]
 
           --model M                   a Hugging Face model directory or hub repository id (required)
           --served-model-name N       the model name clients send and see (default: the directory or repo name)
           --host H                    address to listen on (default 127.0.0.1)
           --port P                    port (default 8000)
-          --api-key KEY               require 'Authorization: Bearer KEY'
+          --api-key KEY               require 'Authorization: Bearer KEY' (default: $VLLM_API_KEY when set)
           --max-num-seqs N            sequences running at once (default 128)
           --max-num-batched-tokens N  token budget per engine step (default 2048)
           --block-size N              tokens per KV block (default 16)
@@ -88,11 +88,21 @@ public sealed class ServerOptions
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
 
-    /// <summary>Parses <paramref name="args"/>; throws <see cref="ArgumentException"/> naming the flag that is wrong.</summary>
-    public static ServerOptions Parse(IReadOnlyList<string> args)
+    /// <summary>
+    /// Parses <paramref name="args"/>; throws <see cref="ArgumentException"/> naming the flag that is wrong. As in
+    /// <c>vllm serve</c>, the model may come first without <c>--model</c>, and without <c>--api-key</c> the key is read
+    /// from the environment variable <c>VLLM_API_KEY</c> (through <paramref name="environment"/>; the process's by default).
+    /// </summary>
+    public static ServerOptions Parse(IReadOnlyList<string> args, Func<string, string?>? environment = null)
     {
         var o = new ServerOptions();
-        for (int i = 0; i < args.Count; i++)
+        int first = 0;
+        if (args.Count > 0 && !args[0].StartsWith('-'))
+        {
+            o.Model = args[0];
+            first = 1;
+        }
+        for (int i = first; i < args.Count; i++)
         {
             string flag = args[i];
             string? inline = null;
@@ -157,6 +167,7 @@ public sealed class ServerOptions
                 default: throw new ArgumentException($"Unknown option '{args[i]}'.");
             }
         }
+        if (o.ApiKey is null && (environment ?? Environment.GetEnvironmentVariable)("VLLM_API_KEY") is { Length: > 0 } key) o.ApiKey = key;
         if (string.IsNullOrWhiteSpace(o.Model)) throw new ArgumentException("--model is required: give a Hugging Face model directory or a hub repository id (owner/name).");
         if (o.Port is < 0 or > 65535) throw new ArgumentException($"--port {o.Port} is not a port.");
         if ((o.SslCertFile is null) != (o.SslKeyFile is null)) throw new ArgumentException("HTTPS needs both --ssl-certfile and --ssl-keyfile.");

@@ -865,6 +865,17 @@ public sealed class ServerOverloadTests
         Assert.Contains(message, Assert.Throws<ArgumentException>(() => ServerOptions.Parse(args)).Message);
 
     [Fact]
+    public void The_model_may_come_first_as_in_vllm_serve_and_the_api_key_from_VLLM_API_KEY()
+    {
+        var env = new Dictionary<string, string?> { ["VLLM_API_KEY"] = "from-env" };
+        var o = ServerOptions.Parse(["Qwen/Qwen3-0.6B", "--port", "9001"], env.GetValueOrDefault);
+        Assert.Equal(("Qwen/Qwen3-0.6B", 9001, "from-env"), (o.Model, o.Port, o.ApiKey));
+        Assert.Equal("given", ServerOptions.Parse(["--model", "m", "--api-key", "given"], env.GetValueOrDefault).ApiKey); // the flag wins
+        Assert.Null(ServerOptions.Parse(["m"], _ => null).ApiKey);
+        Assert.Contains("Unknown option 'extra'", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["m", "extra"], _ => null)).Message);
+    }
+
+    [Fact]
     public void The_command_line_takes_vllm_flags()
     {
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
