@@ -122,6 +122,12 @@ public sealed class RequestValidator
                 if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.LogitBias), id, $"Token id {id} in LogitBias (logit_bias) is outside the vocabulary [0, {VocabSize}).");
                 if (!(value >= -100 && value <= 100)) throw new ArgumentOutOfRangeException(nameof(p.LogitBias), value, $"LogitBias (logit_bias) for token {id} is {value}; each bias must be in [-100, 100].");
             }
+        if (p.AllowedTokenIds is { } allowed)
+        {
+            if (allowed.Count == 0) throw new ArgumentException("AllowedTokenIds (allowed_token_ids) must hold at least one token id; null allows any.", nameof(p.AllowedTokenIds));
+            foreach (var id in allowed)
+                if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.AllowedTokenIds), id, $"Token id {id} in AllowedTokenIds (allowed_token_ids) is outside the vocabulary [0, {VocabSize}).");
+        }
         foreach (var id in p.StopTokenIds)
             if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.StopTokenIds), id, $"Stop token id {id} (StopTokenIds, stop_token_ids) is outside the vocabulary [0, {VocabSize}).");
         foreach (var s in p.Stop)

@@ -28,9 +28,16 @@ public sealed record SamplingParams
     public int MaxTokens { get; init; } = 16;
     /// <summary>Tokens to generate before EOS or stop tokens may end the request.</summary>
     public int MinTokens { get; init; }
-    /// <summary>Strings that end generation; the matched string is not included in the text.</summary>
+    /// <summary>Strings that end generation; the matched string is not included in the text unless <see cref="IncludeStopStrInOutput"/>.</summary>
     public IReadOnlyList<string> Stop { get; init; } = [];
-    /// <summary>Token ids that end generation (besides EOS).</summary>
+    /// <summary>Keep the stop string, stop token or EOS that ended the text at its end (vLLM's <c>include_stop_str_in_output</c>).</summary>
+    public bool IncludeStopStrInOutput { get; init; }
+    /// <summary>
+    /// Only these token ids may be generated (vLLM's <c>allowed_token_ids</c>): every other logit is masked before the
+    /// bias, the penalties and sampling. Null: any token.
+    /// </summary>
+    public IReadOnlyList<int>? AllowedTokenIds { get; init; }
+    /// <summary>Token ids that end generation (besides EOS); like EOS, the token is in the output's ids but not in its text unless <see cref="IncludeStopStrInOutput"/>.</summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];
     /// <summary>
     /// Added to the logits of these token ids before sampling (OpenAI's and vLLM's <c>logit_bias</c>): each in

@@ -17,7 +17,7 @@ internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
     public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
-        "continue_final_message", "add_generation_prompt"];
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids"];
 
     /// <summary>
     /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
@@ -188,6 +188,9 @@ internal static class ChatRequestMapper
             Logprobs = Extra<int>("logprobs"),
             LogitBias = LogitBias(o),
             Stop = o?.StopSequences?.ToArray() ?? [],
+            IncludeStopStrInOutput = Extra<bool>("include_stop_str_in_output") ?? false,
+            StopTokenIds = TokenIds(o, "stop_token_ids") ?? [],
+            AllowedTokenIds = TokenIds(o, "allowed_token_ids"),
             OutputKind = RequestOutputKind.Delta,
         };
     }
@@ -300,6 +303,29 @@ internal static class ChatRequestMapper
         {
             string expected = typeof(T) == typeof(bool) ? "true or false" : typeof(T) == typeof(int) ? "an integer" : "a number";
             throw new ArgumentException($"AdditionalProperties[\"{key}\"] = '{value}' is not valid: it must be {expected}.", nameof(o), ex);
+        }
+    }
+
+    /// <summary>
+    /// A list of token ids from <see cref="ChatOptions.AdditionalProperties"/> (<c>stop_token_ids</c>,
+    /// <c>allowed_token_ids</c>): a collection of ints, or a JSON array of them; anything else names the key.
+    /// </summary>
+    internal static int[]? TokenIds(ChatOptions? o, string key)
+    {
+        if (o?.AdditionalProperties?.TryGetValue(key, out var v) != true || v is null) return null;
+        try
+        {
+            return v switch
+            {
+                IEnumerable<int> ids => ids.ToArray(),
+                JsonElement { ValueKind: JsonValueKind.Array } e => e.EnumerateArray().Select(x => x.GetInt32()).ToArray(),
+                JsonArray a => a.Select(x => x!.GetValue<int>()).ToArray(),
+                _ => throw new FormatException(),
+            };
+        }
+        catch (Exception ex) when (ex is FormatException or InvalidOperationException or NullReferenceException)
+        {
+            throw new ArgumentException($"AdditionalProperties[\"{key}\"] must be a list of token ids (integers).", nameof(o), ex);
         }
     }
 

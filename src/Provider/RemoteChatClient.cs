@@ -53,6 +53,12 @@ public sealed class RemoteChatClient : DelegatingChatClient
                         extras.Add(("$.structured_outputs", StructuredOutputsJson.ToJson(constraint)));
                     continue;
                 }
+                if (key is "stop_token_ids" or "allowed_token_ids")
+                {
+                    if (ChatRequestMapper.TokenIds(options, key) is { } ids)
+                        extras.Add(("$." + key, new System.Text.Json.Nodes.JsonArray(ids.Select(id => (System.Text.Json.Nodes.JsonNode?)id).ToArray())));
+                    continue;
+                }
                 if (key == "logit_bias")
                 {
                     // OpenAI's logit_bias, one member per token id.
@@ -62,7 +68,7 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 }
                 object? v = key switch
                 {
-                    "enable_thinking" or "ignore_eos" or "continue_final_message" or "add_generation_prompt" => ChatRequestMapper.Extra<bool>(options, key),
+                    "enable_thinking" or "ignore_eos" or "continue_final_message" or "add_generation_prompt" or "include_stop_str_in_output" => ChatRequestMapper.Extra<bool>(options, key),
                     "min_tokens" or "top_k" or "logprobs" => ChatRequestMapper.Extra<int>(options, key),
                     _ => ChatRequestMapper.Extra<float>(options, key),
                 };

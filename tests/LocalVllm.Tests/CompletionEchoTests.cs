@@ -119,6 +119,31 @@ public sealed class CompletionEchoTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Completions_take_include_stop_str_in_output_and_allowed_token_ids()
+    {
+        string reference = Case["greedy_text"]!.GetValue<string>();
+        const string stop = "little girl";
+        JsonObject Body() => new() { ["prompt"] = Case["text"]!.GetValue<string>(), ["max_tokens"] = 64, ["temperature"] = 0, ["ignore_eos"] = true, ["stop"] = stop };
+        var kept = Body();
+        kept["include_stop_str_in_output"] = true;
+        var choice = await Choice(kept);
+        Assert.Equal(reference[..(reference.IndexOf(stop, StringComparison.Ordinal) + stop.Length)], choice["text"]!.GetValue<string>());
+        Assert.Equal(reference[..reference.IndexOf(stop, StringComparison.Ordinal)], (await Choice(Body()))["text"]!.GetValue<string>());
+
+        // One allowed token: the completion is that token, again and again.
+        var tokenizer = _server.Engine.Engine.Engine.Tokenizer!;
+        int only = Fixtures.Ints(Case["greedy_ids"])[5];
+        var allowed = new JsonObject { ["prompt"] = Case["text"]!.GetValue<string>(), ["max_tokens"] = 4, ["temperature"] = 1, ["seed"] = 2, ["allowed_token_ids"] = new JsonArray(only) };
+        var prompt = _server.Engine.Engine.Engine.EncodePrompt(Case["text"]!.GetValue<string>());
+        string expected = tokenizer.Decode([.. prompt, only, only, only, only])[tokenizer.Decode(prompt).Length..]; // in the prompt's context (SentencePiece spaces)
+        Assert.Equal(expected, (await Choice(allowed))["text"]!.GetValue<string>());
+        allowed["allowed_token_ids"] = new JsonArray();
+        var (status, text) = await Post(allowed);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("allowed_token_ids", text);
+    }
+
+    [Fact]
     public async Task Prompt_logprobs_come_in_vllms_shape_and_are_refused_when_streaming_and_echo_must_be_a_boolean()
     {
         var prompt = Fixtures.Ints(Case["prompt_ids"]);

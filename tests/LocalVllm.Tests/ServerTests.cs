@@ -541,6 +541,36 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Contains("cannot both be true", json["error"]!["message"]!.GetValue<string>());
     }
 
+    /// <summary>vLLM's allowed_token_ids, stop_token_ids and include_stop_str_in_output on chat, sent by the remote-mode client.</summary>
+    [Fact]
+    public async Task Allowed_and_stop_token_ids_and_kept_stop_strings_reach_chat_from_the_remote_client()
+    {
+        var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
+        var remote = new RemoteChatClient(new Uri(fixture.Server.BaseAddress, "v1"), "tiny-qwen3-chat", ServerFixture.ApiKey);
+        Microsoft.Extensions.AI.ChatMessage[] question = [new(ChatRole.User, "Hi")];
+        int a = tokenizer.Encode("hello", addSpecialTokens: false)[0], b = tokenizer.Encode(" world", addSpecialTokens: false)[0];
+        ChatOptions Options(params (string Key, object Value)[] extras)
+        {
+            var o = new ChatOptions { Temperature = 1, Seed = 5, MaxOutputTokens = 6, AdditionalProperties = new() { ["enable_thinking"] = false, ["ignore_eos"] = true } };
+            foreach (var (key, value) in extras) o.AdditionalProperties[key] = value;
+            return o;
+        }
+        // Only one token allowed: the reply is that token six times.
+        var only = await remote.GetResponseAsync(question, Options(("allowed_token_ids", new[] { a })));
+        Assert.Equal(tokenizer.Decode([a, a, a, a, a, a]), only.Text);
+        // Two allowed, the second a stop token: the reply ends at its first appearance (at the latest after six tokens).
+        var stopped = await remote.GetResponseAsync(question, Options(("allowed_token_ids", new[] { a, b }), ("stop_token_ids", new List<int> { b })));
+        Assert.DoesNotContain(" world", stopped.Text);
+        Assert.True(stopped.FinishReason == Microsoft.Extensions.AI.ChatFinishReason.Stop || stopped.Usage!.OutputTokenCount == 6, $"{stopped.FinishReason} after {stopped.Usage!.OutputTokenCount}");
+        // A stop string kept in the reply.
+        var stopString = tokenizer.Decode([a, a]);
+        var kept = Options(("allowed_token_ids", new[] { a }), ("include_stop_str_in_output", true));
+        kept.StopSequences = [stopString];
+        var keptReply = await remote.GetResponseAsync(question, kept);
+        Assert.Equal(stopString, keptReply.Text);
+        Assert.Equal(Microsoft.Extensions.AI.ChatFinishReason.Stop, keptReply.FinishReason);
+    }
+
     [Fact]
     public async Task Response_format_json_schema_gives_content_the_schema_accepts()
     {

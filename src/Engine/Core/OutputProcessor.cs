@@ -46,7 +46,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now);
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
-            if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop);
+            if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop, sampling.IncludeStopStrInOutput);
             if (grammar is not null) s.Constraint = new SequenceConstraint(new GrammarMatcher(grammar, vocab!), endTokens, sampling.StructuredOutputs!.ReasoningEnd);
         }
         _requests[requestId] = new Request(requestId, prompt, ids, sampling, seqs, deadline);
@@ -160,17 +160,16 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             if (!constraint.Accept(token))
                 throw new InvalidOperationException($"token {token} at output position {generated - 1} is not allowed by the structured-output constraint");
         }
-        if (seq.Detokenizer is { } detok)
+        // A token that ends the sequence (EOS, a stop token id) is kept in the token ids but, as vLLM does, left out of
+        // the text unless IncludeStopStrInOutput asks for it.
+        bool stopToken = generated >= p.MinTokens && ((!p.IgnoreEos && eos.Contains(token)) || p.StopTokenIds.Contains(token));
+        if (seq.Detokenizer is { } detok && (!stopToken || p.IncludeStopStrInOutput))
         {
             detok.Add(token);
             if (detok.MatchedStop is string matched) { scheduler.Finish(seq, FinishReasons.Stop, matched); return; }
             if (p.StopCondition is { } stop && stop(detok.Text)) { scheduler.Finish(seq, FinishReasons.Stop, "StopCondition"); return; }
         }
-        if (generated >= p.MinTokens)
-        {
-            if (!p.IgnoreEos && eos.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
-            if (p.StopTokenIds.Contains(token)) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
-        }
+        if (stopToken) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
         if (seq.Constraint is { Active: true } c && c.Matcher.IsTerminated) { scheduler.Finish(seq, FinishReasons.Stop); return; }
         if (generated >= p.MaxTokens || seq.NumTokens >= maxModelLen) scheduler.Finish(seq, FinishReasons.Length);
     }

@@ -172,7 +172,8 @@ public sealed class Sampler
     [ThreadStatic] private static ulong[]? t_words;
 
     /// <summary>
-    /// Logit bias, then repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.
+    /// The allowed-token mask, logit bias, then repetition (prompt and output), presence and frequency (output)
+    /// penalties, applied to a copy.
     /// </summary>
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
     {
@@ -181,9 +182,17 @@ public sealed class Sampler
         {
             var p = seqs[i].Sampling;
             bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f, bias = p.LogitBias is { Count: > 0 };
-            if (!rep && !pres && !freq && !bias) continue;
+            bool allowed = p.AllowedTokenIds is { Count: > 0 };
+            if (!rep && !pres && !freq && !bias && !allowed) continue;
             result ??= logits.clone();
             using var row = result[i];
+            if (allowed)
+            {
+                using var ids = tensor(p.AllowedTokenIds!.Select(t => (long)t).ToArray(), device: logits.device);
+                using var keep = row.index_select(0, ids);
+                row.fill_(NegativeInfinity);
+                row.index_copy_(0, ids, keep);
+            }
             if (bias)
             {
                 var pairs = p.LogitBias!.ToArray(); // one pass: ids and biases in the same order whatever the dictionary

@@ -7,13 +7,15 @@ namespace LocalVllm.Engine.Text.Tokenization;
 /// Turns one sequence's generated ids into text as they arrive, emitting only complete text: bytes of a UTF-8
 /// character split across tokens wait for the rest (never a U+FFFD mid-stream), SentencePiece's dummy-prefix space
 /// is dropped only at the very start of the text, special tokens are skipped by default, and text that could be the
-/// start of a stop string is held back until it is decided. A matched stop string is not part of the text.
+/// start of a stop string is held back until it is decided. A matched stop string is not part of the text unless the
+/// detokenizer was asked to keep it.
 /// </summary>
 public sealed class IncrementalDetokenizer
 {
     private readonly ModelTokenizer _tokenizer;
     private readonly bool _skipSpecial;
     private readonly IReadOnlyList<string> _stop;
+    private readonly bool _includeStop;
     private readonly List<byte> _pending = [];
     // Decided text (emitted), and decoded text held back because it could start a stop string. Each token's work
     // touches only the held-back text and the new bytes, never the whole text, so a long generation costs the same
@@ -28,11 +30,12 @@ public sealed class IncrementalDetokenizer
     /// output starts the text, for SentencePiece's leading space).
     /// </summary>
     public IncrementalDetokenizer(ModelTokenizer tokenizer, IReadOnlyList<int> promptIds, bool skipSpecialTokens = true,
-        IReadOnlyList<string>? stop = null)
+        IReadOnlyList<string>? stop = null, bool includeStop = false)
     {
         _tokenizer = tokenizer;
         _skipSpecial = skipSpecialTokens;
         _stop = stop ?? [];
+        _includeStop = includeStop;
         _atStart = !promptIds.Any(id => !tokenizer.IsSpecial(id) && tokenizer.TokenBytes(id).Length > 0);
     }
 
@@ -99,7 +102,7 @@ public sealed class IncrementalDetokenizer
             int i = held.IndexOf(stop, StringComparison.Ordinal);
             if (i >= 0 && (at < 0 || i < at)) { at = i; MatchedStop = stop; }
         }
-        int safe = at >= 0 ? at : held.Length;
+        int safe = at < 0 ? held.Length : _includeStop ? at + MatchedStop!.Length : at;
         if (at < 0 && !final)
             foreach (var stop in _stop)
                 for (int k = Math.Min(stop.Length - 1, held.Length); k > 0; k--)
