@@ -130,6 +130,14 @@ public sealed class EngineOptions
     /// </summary>
     public IReadOnlyDictionary<string, double>? OverrideGenerationConfig { get; set; }
 
+    /// <summary>
+    /// How waiting requests are ordered and which running one is preempted when blocks run out (vLLM's
+    /// <c>--scheduling-policy</c>): <c>"fcfs"</c> (the default: arrival order; the latest admitted is preempted) or
+    /// <c>"priority"</c> (by <see cref="SamplingParams.Priority"/>, lower first, then arrival; the lowest-priority, latest
+    /// running request is preempted).
+    /// </summary>
+    public string SchedulingPolicy { get; set; } = "fcfs";
+
     /// <summary>A copy of these options (lists and the hub settings are shared, not copied).</summary>
     public EngineOptions Clone() => (EngineOptions)MemberwiseClone();
 
@@ -149,6 +157,8 @@ public sealed class EngineOptions
         if (GenerationConfig is not ("auto" or "vllm") && !File.Exists(System.IO.Path.Combine(GenerationConfig, "generation_config.json")))
             throw new ArgumentException($"GenerationConfig '{GenerationConfig}' is neither \"auto\", \"vllm\" nor a folder holding generation_config.json.", nameof(GenerationConfig));
         if (OverrideGenerationConfig is not null) Models.GenerationConfig.CheckOverrides(OverrideGenerationConfig);
+        if (SchedulingPolicy is not ("fcfs" or "priority"))
+            throw new ArgumentException($"Unknown scheduling policy '{SchedulingPolicy}'; use \"fcfs\" or \"priority\".", nameof(SchedulingPolicy));
         if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))

@@ -17,9 +17,11 @@ public sealed class RequestValidator
     /// <param name="kvCacheOption">The option that set the cache's size (named in capacity messages).</param>
     /// <param name="contextLimitedByCache">Whether <paramref name="maxModelLen"/> was lowered to what the cache holds.</param>
     /// <param name="maxLogprobs">The most log-probabilities a request may ask for per position; -1: up to the vocabulary.</param>
+    /// <param name="priorityScheduling">Whether requests may carry a priority (the engine schedules by priority).</param>
     public RequestValidator(int vocabSize, int maxModelLen, int kvCacheBlocks, int blockSize, int maxWaitingRequests = int.MaxValue,
-        string kvCacheOption = "KvCacheMemoryBytes", bool contextLimitedByCache = false, int maxLogprobs = -1)
+        string kvCacheOption = "KvCacheMemoryBytes", bool contextLimitedByCache = false, int maxLogprobs = -1, bool priorityScheduling = false)
     {
+        PriorityScheduling = priorityScheduling;
         ArgumentOutOfRangeException.ThrowIfLessThan(vocabSize, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxModelLen, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(kvCacheBlocks, 1);
@@ -97,10 +99,15 @@ public sealed class RequestValidator
 
     private int BlocksFor(int tokens) => (tokens + BlockSize - 1) / BlockSize;
 
+    /// <summary>Whether requests may carry a <see cref="SamplingParams.Priority"/> (the engine schedules by priority).</summary>
+    public bool PriorityScheduling { get; }
+
     /// <summary>Every sampling field is within its range; throws <see cref="ArgumentException"/> naming the field.</summary>
     public void ValidateSampling(SamplingParams p)
     {
         ArgumentNullException.ThrowIfNull(p);
+        if (p.Priority != 0 && !PriorityScheduling)
+            throw new ArgumentException($"Priority (priority) is {p.Priority}, but the engine schedules first come, first served: set EngineOptions.SchedulingPolicy (--scheduling-policy) to \"priority\".", nameof(p.Priority));
         if (p.N < 1) throw new ArgumentOutOfRangeException(nameof(p.N), p.N, "N (n) must be at least 1.");
         if (p.N > MaxWaitingRequests)
             throw new ArgumentOutOfRangeException(nameof(p.N), p.N,

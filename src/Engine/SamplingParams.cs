@@ -63,6 +63,12 @@ public sealed record SamplingParams
     /// a match are masked before sampling, and EOS is allowed only where the match is complete. Null: unconstrained.
     /// </summary>
     public StructuredOutputs? StructuredOutputs { get; init; }
+    /// <summary>
+    /// The request's place in line when the engine schedules by priority (vLLM's request <c>priority</c>, with
+    /// <see cref="EngineOptions.SchedulingPolicy"/> <c>"priority"</c>): lower values are admitted first and preempted
+    /// last; equal values go by arrival. Must stay 0 under first-come-first-served scheduling.
+    /// </summary>
+    public int Priority { get; init; }
     /// <summary>Leave special tokens out of the returned text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

@@ -69,6 +69,7 @@ public sealed class ServerOptions
           --quantization Q            int8: quantize the matrices at load (groups of 32, as llama.cpp's Q8_0)
           --device D                  cpu | cuda (default cpu)
           --no-enable-prefix-caching  turn the prefix cache off
+          --scheduling-policy P       fcfs (default) | priority: requests' "priority" field orders admission and preemption
           --stream-interval N         tokens a stream gathers per event after its first (default 1: every token at once)
           --max-logprobs N            most log-probabilities per position a request may ask for (default 20; -1: no cap)
           --chat-template T           a Jinja chat template file, or the template itself, instead of the model's own
@@ -127,6 +128,7 @@ public sealed class ServerOptions
                 case "--max-logprobs": o.Engine.MaxLogprobs = Int(); break;
                 case "--chat-template": o.Engine.ChatTemplate = Value(); break;
                 case "--generation-config": o.Engine.GenerationConfig = Value(); break;
+                case "--scheduling-policy": o.Engine.SchedulingPolicy = Value(); break;
                 case "--override-generation-config": o.Engine.OverrideGenerationConfig = JsonNumbers(flag, Value()); break;
                 // vLLM needs these to turn tool calls and reasoning on; here both are always on, in the one format each
                 // that the chat client parses, so a vLLM command line for Qwen works as it is and any other format is refused.

@@ -609,6 +609,19 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task A_priority_under_first_come_first_served_scheduling_is_refused_by_name()
+    {
+        var (status, json, _) = await Post("v1/completions", new JsonObject { ["model"] = "tiny-qwen3-chat", ["prompt"] = "Hi", ["max_tokens"] = 2, ["priority"] = 1 });
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("--scheduling-policy", json["error"]!["message"]!.GetValue<string>());
+        var chat = GreedyChat(2);
+        chat["priority"] = -3;
+        (status, json, _) = await Post("v1/chat/completions", chat);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("Priority (priority) is -3", json["error"]!["message"]!.GetValue<string>());
+    }
+
+    [Fact]
     public async Task Completions_take_vllm_structured_outputs_and_the_older_guided_fields()
     {
         var body = new JsonObject { ["model"] = "tiny-qwen3-chat", ["prompt"] = "The answer:", ["max_tokens"] = 30, ["seed"] = 1, ["structured_outputs"] = new JsonObject { ["regex"] = "(yes|no), [0-9]{2}" } };
@@ -637,6 +650,46 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 /// <summary>A server that runs one sequence and queues one more: a third request is refused with 429 and Retry-After.</summary>
 public sealed class ServerOverloadTests
 {
+    /// <summary>
+    /// --scheduling-policy priority: with one sequence at a time, a request with priority 0 that arrived after one with
+    /// priority 5 is served first; under the default policy a priority is refused by name.
+    /// </summary>
+    [Fact]
+    public async Task Under_priority_scheduling_a_more_urgent_request_is_served_before_an_earlier_one()
+    {
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("tiny-qwen3-chat"), "--port", "0", "--kv-cache-memory", "32M",
+            "--max-num-seqs", "1", "--scheduling-policy", "priority"]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        static StringContent Body(int maxTokens, int priority, bool stream = false) => new(new JsonObject
+        {
+            ["prompt"] = "Hi", ["max_tokens"] = maxTokens, ["ignore_eos"] = true, ["temperature"] = 0, ["priority"] = priority, ["stream"] = stream,
+        }.ToJsonString(), Encoding.UTF8, "application/json");
+        var engine = server.Engine.Engine;
+        async Task<int> Waiting()
+        {
+            int waiting = 0;
+            await engine.InvokeAsync(e => waiting = e.Scheduler.NumWaiting);
+            return waiting;
+        }
+
+        // A holds the one slot (its first event has arrived) while B (priority 5) and then C (priority 0) queue.
+        var a = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = Body(3000, 9, stream: true) }, HttpCompletionOption.ResponseHeadersRead);
+        Assert.Equal(HttpStatusCode.OK, a.StatusCode);
+        var order = new List<string>();
+        var b = http.PostAsync("v1/completions", Body(8, 5)).ContinueWith(t => { lock (order) order.Add("B"); return t.Result; });
+        var deadline = DateTime.UtcNow + ServerTests.HangGuard;
+        while (await Waiting() < 1) { Assert.True(DateTime.UtcNow < deadline && !b.IsCompleted, b.IsCompleted ? await (await b).Content.ReadAsStringAsync() : "B never queued"); await Task.Delay(5); }
+        var c = http.PostAsync("v1/completions", Body(8, 0)).ContinueWith(t => { lock (order) order.Add("C"); return t.Result; });
+        while (await Waiting() < 2) { Assert.True(DateTime.UtcNow < deadline && !c.IsCompleted, c.IsCompleted ? await (await c).Content.ReadAsStringAsync() : "C never queued"); await Task.Delay(5); }
+        a.Dispose(); // A's client goes: its request is aborted and the slot is free
+        var responses = await Task.WhenAll(b, c).WaitAsync(ServerTests.HangGuard);
+        Assert.All(responses, r => Assert.Equal(HttpStatusCode.OK, r.StatusCode));
+        Assert.Equal(["C", "B"], order);
+        await engine.WhenIdleAsync().WaitAsync(ServerTests.HangGuard);
+        await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
+    }
+
     [Fact]
     public async Task A_full_queue_answers_429_with_retry_after()
     {

@@ -42,9 +42,10 @@ public sealed class LlmEngine : IDisposable
         SamplingDefaults = ResolveSamplingDefaults(options, Directory);
         var c = Model.Config;
         Blocks = new BlockManager(Cache.NumBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
-        Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling);
+        Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling,
+            options.SchedulingPolicy == "priority");
         Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests,
-            _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null, options.MaxLogprobs);
+            _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null, options.MaxLogprobs, options.SchedulingPolicy == "priority");
         EngineLog.KvCache(_logger, Cache.NumBlocks, (long)Cache.NumBlocks * options.BlockSize, ModelRunner.FormatBytes(_runner.KvCacheBytes), _runner.KvCacheSizedBy);
         if (_runner.MaxModelLenLoweredTo is int lowered)
             EngineLog.MaxModelLenLowered(_logger, c.MaxPositionEmbeddings, lowered, _runner.KvCacheSizedBy,

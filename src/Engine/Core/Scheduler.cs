@@ -9,6 +9,8 @@ public readonly record struct ScheduledSequence(Sequence Sequence, int NumNewTok
 /// Token-level scheduling in the style of vLLM V1: each step spends a budget of <c>MaxNumBatchedTokens</c> on running
 /// sequences first (decodes and the next chunk of long prompts), then admits waiting ones in arrival order. When blocks
 /// run out, the most recently admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+/// With priority scheduling, waiting sequences are kept in order of (priority, arrival), and the running sequence
+/// preempted is the one last in that order (which may be one already given work this step: that work is undone).
 /// </summary>
 public sealed class Scheduler
 {
@@ -16,8 +18,10 @@ public sealed class Scheduler
     private readonly LinkedList<Sequence> _waiting = new();
     private readonly List<Sequence> _running = [];
 
-    public Scheduler(BlockManager blocks, int maxNumBatchedTokens, int maxNumSeqs, bool deduplicateSharedPrefixes = false, bool cacheAwareOrdering = false)
+    public Scheduler(BlockManager blocks, int maxNumBatchedTokens, int maxNumSeqs, bool deduplicateSharedPrefixes = false, bool cacheAwareOrdering = false,
+        bool priorityScheduling = false)
     {
+        PriorityScheduling = priorityScheduling;
         _blocks = blocks;
         MaxNumBatchedTokens = maxNumBatchedTokens;
         MaxNumSeqs = maxNumSeqs;
@@ -29,6 +33,31 @@ public sealed class Scheduler
     public const int AdmissionWindow = 64;
     /// <summary>How often a waiting request may be passed over (by cache-aware ordering or shared-head deferral) before it goes first.</summary>
     public const int MaxTimesPassedOver = 32;
+
+    /// <summary>Order waiting sequences by (priority, arrival) and preempt the last of the running ones in that order.</summary>
+    public bool PriorityScheduling { get; }
+
+    /// <summary>Whether <paramref name="a"/> goes after <paramref name="b"/> in priority order (lower priority value first, then arrival).</summary>
+    private static bool After(Sequence a, Sequence b) =>
+        a.Sampling.Priority != b.Sampling.Priority ? a.Sampling.Priority > b.Sampling.Priority : a.ArrivalTicks > b.ArrivalTicks;
+
+    /// <summary>Into the waiting line by priority: after every sequence it does not go before (so equals keep their order).</summary>
+    private void InsertByPriority(Sequence seq)
+    {
+        var node = _waiting.Last;
+        while (node is not null && After(node.Value, seq)) node = node.Previous;
+        if (node is null) _waiting.AddFirst(seq); else _waiting.AddAfter(node, seq);
+    }
+
+    /// <summary>The running sequence to preempt: the latest admitted, or with priority scheduling the last in priority order.</summary>
+    private Sequence Victim()
+    {
+        if (!PriorityScheduling) return _running[^1];
+        var victim = _running[0];
+        foreach (var s in _running)
+            if (!After(victim, s)) victim = s; // the later of equals: the most recently admitted
+        return victim;
+    }
 
     /// <summary>Hold back a request whose next uncached block another request is computing in this step.</summary>
     public bool DeduplicateSharedPrefixes { get; }
@@ -61,9 +90,15 @@ public sealed class Scheduler
     public long CachedPromptTokens { get; private set; }
     /// <summary>Preemptions since start.</summary>
     public long NumPreemptions { get; private set; }
+    /// <summary>Preemptions (priority scheduling) of a sequence already given work in the same step, whose work was undone.</summary>
+    internal long NumPreemptedAfterScheduling { get; private set; }
 
     /// <summary>Queues a new sequence.</summary>
-    public void Add(Sequence seq) => _waiting.AddLast(seq);
+    public void Add(Sequence seq)
+    {
+        if (PriorityScheduling) InsertByPriority(seq);
+        else _waiting.AddLast(seq);
+    }
 
     /// <summary>Picks this step's work within the token budget.</summary>
     public List<ScheduledSequence> Schedule()
@@ -79,12 +114,22 @@ public sealed class Scheduler
             bool selfPreempted = false;
             while (!_blocks.CanAllocate(seq, [], seq.NumComputedTokens + numNew))
             {
-                var victim = _running[^1];
+                var victim = Victim();
+                int at = _running.IndexOf(victim);
                 Preempt(victim);
                 preempted = true;
                 if (victim == seq) { selfPreempted = true; break; }
+                if (at < i)
+                {
+                    // Already given work this step (priority scheduling only): undo it, its blocks are freed.
+                    NumPreemptedAfterScheduling++;
+                    int k = scheduled.FindIndex(x => x.Sequence == victim);
+                    budget += scheduled[k].NumNewTokens;
+                    scheduled.RemoveAt(k);
+                    i--;
+                }
             }
-            if (selfPreempted) break;
+            if (selfPreempted) continue; // the rest of the line (with priorities, more urgent ones may follow) still gets its turn
             _blocks.Allocate(seq, [], seq.NumComputedTokens + numNew);
             scheduled.Add(new ScheduledSequence(seq, numNew));
             budget -= numNew;
@@ -98,7 +143,9 @@ public sealed class Scheduler
         var pending = DeduplicateSharedPrefixes && _blocks.EnablePrefixCaching ? PendingBlockHashes() : null;
         var candidates = _waiting.Take(AdmissionWindow).ToList();
         if (CacheAwareOrdering && candidates.Count > 1 && candidates[0].TimesPassedOver < MaxTimesPassedOver)
-            candidates = candidates.OrderByDescending(seq => CachedHits(seq).Count).ToList(); // stable: arrival order among equals
+            candidates = PriorityScheduling
+                ? candidates.OrderBy(seq => seq.Sampling.Priority).ThenByDescending(seq => CachedHits(seq).Count).ToList() // within a priority only
+                : candidates.OrderByDescending(seq => CachedHits(seq).Count).ToList(); // stable: arrival order among equals
 
         bool admittedAny = false;
         foreach (var seq in candidates)
@@ -176,7 +223,8 @@ public sealed class Scheduler
         _blocks.Free(seq);
         seq.NumComputedTokens = 0;
         seq.Status = SequenceStatus.Waiting;
-        _waiting.AddFirst(seq);
+        if (PriorityScheduling) InsertByPriority(seq);
+        else _waiting.AddFirst(seq);
         NumPreemptions++;
     }
 }
