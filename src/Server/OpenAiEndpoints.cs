@@ -232,10 +232,10 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         var sampling = OpenAiCompletionRequest.Sampling(body, core.DefaultSamplingParams());
         bool echo = OpenAiCompletionRequest.Echo(body);
         bool promptLogprobs = OpenAiChatRequest.Int(body, "prompt_logprobs") is not null;
-        bool stream = body["stream"]?.GetValue<bool>() ?? false;
+        bool stream = OpenAiChatRequest.Bool(body, "stream") ?? false;
         if (stream && promptLogprobs)
             throw new ApiException(400, "'prompt_logprobs' is not available when 'stream' is true (as in vLLM); 'echo' with 'logprobs' streams the prompt's log-probabilities.", param: "prompt_logprobs");
-        bool includeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false;
+        bool includeUsage = OpenAiChatRequest.IncludeUsageOf(body);
         foreach (var p in prompts) engine.Validator.Validate(p.Ids, sampling);
         string id = $"cmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
@@ -426,7 +426,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         }
         if (body["prompt"] is not JsonValue prompt || prompt.GetValueKind() != JsonValueKind.String)
             throw new ApiException(400, "'prompt' (a string) or 'messages' (a chat) is required.", param: "prompt");
-        bool special = body["add_special_tokens"]?.GetValue<bool>() ?? true;
+        bool special = OpenAiChatRequest.Bool(body, "add_special_tokens") ?? true;
         var engine = Real;
         var tokenizer = engine.Engine.Engine.Tokenizer!;
         var ids = special ? engine.Engine.Engine.EncodePrompt(prompt.GetValue<string>()) : tokenizer.Encode(prompt.GetValue<string>(), addSpecialTokens: false);

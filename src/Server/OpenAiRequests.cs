@@ -61,9 +61,7 @@ internal sealed class OpenAiChatRequest
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         foreach (var list in new[] { "stop_token_ids", "allowed_token_ids" })
-            if (body[list] is { } ids)
-                o.AdditionalProperties[list] = ids is JsonArray ? JsonSerializer.SerializeToElement(ids)
-                    : throw new ApiException(400, $"'{list}' must be an array of token ids.", param: list);
+            if (Ids(body, list) is { } ids) o.AdditionalProperties[list] = ids;
         if (body["chat_template_kwargs"] is JsonObject kwargs)
             foreach (var (key, value) in kwargs)
             {
@@ -84,10 +82,10 @@ internal sealed class OpenAiChatRequest
                     var other => throw new ApiException(400, $"'reasoning_effort' '{other}' is not one of none, minimal, low, medium, high, xhigh.", param: "reasoning_effort"),
                 },
             };
-        bool logprobs = body["logprobs"]?.GetValue<bool>() ?? false;
+        bool logprobs = Bool(body, "logprobs") ?? false;
         if (logprobs) o.AdditionalProperties["logprobs"] = Int(body, "top_logprobs") ?? 0;
         else if (body["top_logprobs"] is not null) throw new ApiException(400, "'top_logprobs' needs 'logprobs': true.", param: "top_logprobs");
-        if (body["parallel_tool_calls"] is JsonValue parallel) o.AllowMultipleToolCalls = parallel.GetValue<bool>();
+        if (Bool(body, "parallel_tool_calls") is bool parallel) o.AllowMultipleToolCalls = parallel;
 
         if (body["tools"] is JsonArray tools)
         {
@@ -129,8 +127,8 @@ internal sealed class OpenAiChatRequest
         return new OpenAiChatRequest
         {
             Messages = messages.Select((m, i) => Message(m, i)).ToList(),
-            Stream = body["stream"]?.GetValue<bool>() ?? false,
-            IncludeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false,
+            Stream = Bool(body, "stream") ?? false,
+            IncludeUsage = IncludeUsageOf(body),
             N = n,
             Logprobs = logprobs,
             _options = o,
@@ -202,6 +200,29 @@ internal sealed class OpenAiChatRequest
         ? v.GetValueKind() == JsonValueKind.Number ? (float)v.GetValue<double>() : throw new ApiException(400, $"'{key}' must be a number.", param: key)
         : null;
 
+    /// <summary><c>stream_options.include_usage</c>.</summary>
+    internal static bool IncludeUsageOf(JsonObject body) => body["stream_options"] switch
+    {
+        null => false,
+        JsonObject options => Bool(options, "include_usage") ?? false,
+        JsonValue v when v.GetValueKind() == JsonValueKind.Null => false,
+        _ => throw new ApiException(400, "'stream_options' must be an object.", param: "stream_options"),
+    };
+
+    internal static bool? Bool(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
+        ? v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw new ApiException(400, $"'{key}' must be true or false.", param: key)
+        : null;
+
+    /// <summary>A list of token ids (<c>stop_token_ids</c>, <c>allowed_token_ids</c>), or null when absent.</summary>
+    internal static int[]? Ids(JsonObject body, string key) => body[key] switch
+    {
+        null => null,
+        JsonValue v when v.GetValueKind() == JsonValueKind.Null => null,
+        JsonArray a => a.Select(x => x is JsonValue t && t.TryGetValue<int>(out var id) ? id
+            : throw new ApiException(400, $"'{key}' must be an array of token ids (integers).", param: key)).ToArray(),
+        _ => throw new ApiException(400, $"'{key}' must be an array of token ids (integers).", param: key),
+    };
+
     internal static int? Int(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
         ? v.TryGetValue<int>(out var i) ? i : throw new ApiException(400, $"'{key}' must be an integer.", param: key)
         : null;
@@ -243,9 +264,7 @@ internal static class OpenAiCompletionRequest
     }
 
     /// <summary>OpenAI's <c>echo</c>: the prompt comes back before each completion's text (and, with logprobs, its tokens' log-probabilities).</summary>
-    public static bool Echo(JsonObject body) => body["echo"] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
-        ? v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw new ApiException(400, "'echo' must be a boolean.", param: "echo")
-        : false;
+    public static bool Echo(JsonObject body) => OpenAiChatRequest.Bool(body, "echo") ?? false;
 
     /// <summary>The body's sampling parameters; what it leaves unset comes from <paramref name="defaults"/> (the engine's <c>DefaultSamplingParams</c>).</summary>
     public static SamplingParams Sampling(JsonObject body, SamplingParams defaults)
@@ -272,7 +291,7 @@ internal static class OpenAiCompletionRequest
             FrequencyPenalty = OpenAiChatRequest.Float(body, "frequency_penalty") ?? 0f,
             MaxTokens = OpenAiChatRequest.Int(body, "max_tokens") ?? defaults.MaxTokens,
             MinTokens = OpenAiChatRequest.Int(body, "min_tokens") ?? 0,
-            IgnoreEos = body["ignore_eos"]?.GetValue<bool>() ?? false,
+            IgnoreEos = OpenAiChatRequest.Bool(body, "ignore_eos") ?? false,
             Seed = OpenAiChatRequest.Long(body, "seed"),
             Stop = stop,
             Logprobs = OpenAiChatRequest.Int(body, "logprobs"),
@@ -280,15 +299,15 @@ internal static class OpenAiCompletionRequest
             PromptLogprobs = MaxOf(OpenAiChatRequest.Int(body, "prompt_logprobs"), Echo(body) ? OpenAiChatRequest.Int(body, "logprobs") : null),
             StructuredOutputs = OpenAiChatRequest.Constraint(body),
             // vLLM's extra fields for completions.
-            StopTokenIds = body["stop_token_ids"] is JsonArray stopIds ? [.. stopIds.Select(t => t!.GetValue<int>())] : [],
-            IncludeStopStrInOutput = body["include_stop_str_in_output"]?.GetValue<bool>() ?? false,
+            StopTokenIds = OpenAiChatRequest.Ids(body, "stop_token_ids") ?? [],
+            IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
             Priority = OpenAiChatRequest.Int(body, "priority") ?? 0,
-            AllowedTokenIds = body["allowed_token_ids"] is JsonArray allowed ? [.. allowed.Select(t => t!.GetValue<int>())] : null,
+            AllowedTokenIds = OpenAiChatRequest.Ids(body, "allowed_token_ids"),
             LogitBias = body["logit_bias"] is JsonObject bias
                 ? bias.ToDictionary(kv => int.TryParse(kv.Key, out var id) ? id : throw new ApiException(400, $"'logit_bias' key '{kv.Key}' is not a token id.", param: "logit_bias"),
                     kv => kv.Value!.GetValue<float>())
                 : null,
-            SkipSpecialTokens = body["skip_special_tokens"]?.GetValue<bool>() ?? true,
+            SkipSpecialTokens = OpenAiChatRequest.Bool(body, "skip_special_tokens") ?? true,
         };
     }
 }

@@ -175,7 +175,12 @@ public sealed class CompletionEchoTests : IAsyncLifetime
         badEcho["echo"] = "yes";
         (status, text) = await Post(badEcho);
         Assert.Equal(HttpStatusCode.BadRequest, status);
-        Assert.Contains("'echo' must be a boolean", text);
+        Assert.Contains("'echo' must be true or false", text);
+        badEcho.Remove("echo");
+        badEcho["allowed_token_ids"] = new JsonArray("one");
+        (status, text) = await Post(badEcho);
+        Assert.Equal(HttpStatusCode.BadRequest, status);
+        Assert.Contains("'allowed_token_ids' must be an array of token ids", text);
         var engine = _server.Engine.Engine;
         await engine.WhenIdleAsync().WaitAsync(TimeSpan.FromMinutes(2));
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));

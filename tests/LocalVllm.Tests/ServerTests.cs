@@ -345,6 +345,13 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         var (s1, b1, _) = await Post("v1/chat/completions", unknown);
         Assert.Equal(HttpStatusCode.BadRequest, s1);
         Assert.Equal("frobnicate", b1["error"]!["param"]!.GetValue<string>());
+        // A field of the wrong type is a 400 naming it, on chat and completions alike.
+        var wrongType = GreedyChat(4);
+        wrongType["stream"] = "yes";
+        var (typeStatus, typeError, _) = await Post("v1/chat/completions", wrongType);
+        Assert.Equal((HttpStatusCode.BadRequest, "stream"), (typeStatus, typeError["error"]!["param"]!.GetValue<string>()));
+        (typeStatus, typeError, _) = await Post("v1/completions", new JsonObject { ["model"] = "tiny-qwen3-chat", ["prompt"] = "Hi", ["ignore_eos"] = 1 });
+        Assert.Equal((HttpStatusCode.BadRequest, "ignore_eos"), (typeStatus, typeError["error"]!["param"]!.GetValue<string>()));
         // OpenAI's bookkeeping fields that clients send along are accepted; a modality other than text is not.
         var bookkeeping = GreedyChat(4);
         bookkeeping["store"] = false;
