@@ -113,6 +113,15 @@ public sealed class LocalVllmServer : IAsyncDisposable
         ("localvllm.time_to_first_token", "vllm:time_to_first_token_seconds"),
         ("localvllm.time_per_output_token", "vllm:time_per_output_token_seconds"),
         ("localvllm.prefix_cache_hit_rate", "vllm:gpu_prefix_cache_hit_rate"),
+        ("localvllm.prefix_cache_query_tokens", "vllm:prefix_cache_queries"),
+        ("localvllm.prefix_cache_hit_tokens", "vllm:prefix_cache_hits"),
+        ("localvllm.preemptions", "vllm:num_preemptions"),
+        ("localvllm.kv_cache_usage", "vllm:kv_cache_usage_perc"),
+        ("localvllm.requests_finished", "vllm:request_success"),
+        ("localvllm.e2e_request_latency", "vllm:e2e_request_latency_seconds"),
+        ("localvllm.request_queue_time", "vllm:request_queue_time_seconds"),
+        ("localvllm.request_prompt_tokens", "vllm:request_prompt_tokens"),
+        ("localvllm.request_generation_tokens", "vllm:request_generation_tokens"),
     ];
 
     /// <summary>Starts listening; returns once Kestrel is bound.</summary>

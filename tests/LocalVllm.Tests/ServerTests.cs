@@ -325,10 +325,20 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal("text/plain", response.Content.Headers.ContentType!.MediaType);
         var text = await response.Content.ReadAsStringAsync();
         foreach (var series in new[] { "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
-                     "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket", "vllm:gpu_prefix_cache_hit_rate", "localvllm_kv_blocks_free" })
+                     "vllm:time_to_first_token_seconds_bucket", "vllm:time_per_output_token_seconds_bucket", "vllm:gpu_prefix_cache_hit_rate", "localvllm_kv_blocks_free",
+                     "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total", "vllm:kv_cache_usage_perc",
+                     "vllm:request_success_total", "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+                     "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_bucket" })
             Assert.Contains("\n" + series + "{", text);
-        var generated = text.Split('\n').Single(l => l.StartsWith("vllm:generation_tokens_total{", StringComparison.Ordinal));
-        Assert.True(double.Parse(generated[(generated.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) >= 2);
+        double Value(string prefix) => text.Split('\n').Where(l => l.StartsWith(prefix, StringComparison.Ordinal))
+            .Sum(l => double.Parse(l[(l.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture));
+        Assert.True(Value("vllm:generation_tokens_total{") >= 2);
+        Assert.True(Value("vllm:request_generation_tokens_sum{") >= 3); // this request's 3, at least
+        Assert.True(Value("vllm:request_success_total{") >= 1);
+        Assert.Contains("finished_reason=\"length\"", text.Split('\n').First(l => l.StartsWith("vllm:request_success_total{", StringComparison.Ordinal) && l.Contains("length")));
+        Assert.InRange(Value("vllm:kv_cache_usage_perc{"), 0, 1);
+        // vLLM's bucket boundaries: the first time-to-first-token bucket is 1 ms.
+        Assert.Contains("vllm:time_to_first_token_seconds_bucket{", text.Split('\n').First(l => l.Contains("le=\"0.001\"")));
     }
 
     [Fact]

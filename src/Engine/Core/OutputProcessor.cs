@@ -200,7 +200,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             {
                 _requests.Remove(id);
                 counters.FinishedRequests++;
-                EngineMetrics.FinishedRequests.Add(1);
+                EngineMetrics.RecordFinished(request);
             }
             else if (request.Sampling.OutputKind == RequestOutputKind.FinalOnly || (streamInterval > 1 && !DueForOutput(request))) continue;
             yield return BuildOutput(request);

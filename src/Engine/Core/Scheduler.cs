@@ -164,6 +164,7 @@ public sealed class Scheduler
             int numNew = Math.Min(seq.NumTokens - computed, budget);
             if (!_blocks.CanAllocate(seq, hits, computed + numNew)) break; // out of blocks: admit nobody else this step
             _blocks.Allocate(seq, hits, computed + numNew);
+            seq.FirstScheduledTicks ??= System.Diagnostics.Stopwatch.GetTimestamp();
             if (seq.NumOutputTokens == 0 && seq.NumCachedPromptTokens == 0)
             {
                 seq.NumCachedPromptTokens = computed;

@@ -65,6 +65,8 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
+    /// <summary>When the scheduler first admitted the sequence (the end of its time in the queue).</summary>
+    internal long? FirstScheduledTicks { get; set; }
     /// <summary>Output tokens already handed out in an output (and, for delta outputs, their log-probabilities).</summary>
     internal int NumOutputTokensSent { get; set; }
     /// <summary>Whether an output has already reported this sequence's finish.</summary>
