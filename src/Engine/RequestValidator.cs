@@ -137,6 +137,8 @@ public sealed class RequestValidator
         }
         foreach (var id in p.StopTokenIds)
             if (id < 0 || id >= VocabSize) throw new ArgumentOutOfRangeException(nameof(p.StopTokenIds), id, $"Stop token id {id} (StopTokenIds, stop_token_ids) is outside the vocabulary [0, {VocabSize}).");
+        foreach (var w in p.BadWords)
+            if (string.IsNullOrWhiteSpace(w)) throw new ArgumentException("Bad words (BadWords, bad_words) must not be empty.", nameof(p.BadWords));
         foreach (var s in p.Stop)
             if (string.IsNullOrEmpty(s)) throw new ArgumentException("Stop strings (Stop, ChatOptions.StopSequences, stop) must not be empty.", nameof(p.Stop));
         if (!Enum.IsDefined(p.OutputKind)) throw new ArgumentOutOfRangeException(nameof(p.OutputKind), p.OutputKind, "OutputKind must be Cumulative, Delta or FinalOnly.");

@@ -30,6 +30,12 @@ public sealed record SamplingParams
     public int MinTokens { get; init; }
     /// <summary>Strings that end generation; the matched string is not included in the text unless <see cref="IncludeStopStrInOutput"/>.</summary>
     public IReadOnlyList<string> Stop { get; init; } = [];
+    /// <summary>
+    /// Words that must not be generated (vLLM's <c>bad_words</c>): each is tokenized as it stands and with a leading
+    /// space; a one-token form is never sampled, and the last token of a longer form is masked whenever the output
+    /// ends with the tokens before it. Needs the model's tokenizer.
+    /// </summary>
+    public IReadOnlyList<string> BadWords { get; init; } = [];
     /// <summary>Keep the stop string, stop token or EOS that ended the text at its end (vLLM's <c>include_stop_str_in_output</c>).</summary>
     public bool IncludeStopStrInOutput { get; init; }
     /// <summary>

@@ -17,7 +17,7 @@ internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
     public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority"];
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words"];
 
     /// <summary>
     /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
@@ -192,6 +192,7 @@ internal static class ChatRequestMapper
             StopTokenIds = TokenIds(o, "stop_token_ids") ?? [],
             AllowedTokenIds = TokenIds(o, "allowed_token_ids"),
             Priority = Extra<int>("priority") ?? 0,
+            BadWords = Words(o, "bad_words") ?? [],
             OutputKind = RequestOutputKind.Delta,
         };
     }
@@ -328,6 +329,20 @@ internal static class ChatRequestMapper
         {
             throw new ArgumentException($"AdditionalProperties[\"{key}\"] must be a list of token ids (integers).", nameof(o), ex);
         }
+    }
+
+    /// <summary>A list of strings from <see cref="ChatOptions.AdditionalProperties"/> (<c>bad_words</c>): strings, or a JSON array of them.</summary>
+    internal static string[]? Words(ChatOptions? o, string key)
+    {
+        if (o?.AdditionalProperties?.TryGetValue(key, out var v) != true || v is null) return null;
+        return v switch
+        {
+            string one => [one],
+            IEnumerable<string> words => words.ToArray(),
+            JsonElement { ValueKind: JsonValueKind.Array } e when e.EnumerateArray().All(x => x.ValueKind == JsonValueKind.String) => e.EnumerateArray().Select(x => x.GetString()!).ToArray(),
+            JsonArray a when a.All(x => x is JsonValue t && t.GetValueKind() == JsonValueKind.String) => a.Select(x => x!.GetValue<string>()).ToArray(),
+            _ => throw new ArgumentException($"AdditionalProperties[\"{key}\"] must be a list of strings.", nameof(o)),
+        };
     }
 
     private static string ResultText(object? result) => result switch

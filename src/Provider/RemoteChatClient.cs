@@ -53,6 +53,12 @@ public sealed class RemoteChatClient : DelegatingChatClient
                         extras.Add(("$.structured_outputs", StructuredOutputsJson.ToJson(constraint)));
                     continue;
                 }
+                if (key == "bad_words")
+                {
+                    if (ChatRequestMapper.Words(options, key) is { } words)
+                        extras.Add(("$.bad_words", new System.Text.Json.Nodes.JsonArray(words.Select(w => (System.Text.Json.Nodes.JsonNode?)w).ToArray())));
+                    continue;
+                }
                 if (key is "stop_token_ids" or "allowed_token_ids")
                 {
                     if (ChatRequestMapper.TokenIds(options, key) is { } ids)

@@ -32,7 +32,7 @@ internal sealed class OpenAiChatRequest
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority",
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -62,6 +62,7 @@ internal sealed class OpenAiChatRequest
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         foreach (var list in new[] { "stop_token_ids", "allowed_token_ids" })
             if (Ids(body, list) is { } ids) o.AdditionalProperties[list] = ids;
+        if (Words(body, "bad_words") is { } badWords) o.AdditionalProperties["bad_words"] = badWords;
         if (body["chat_template_kwargs"] is JsonObject kwargs)
             foreach (var (key, value) in kwargs)
             {
@@ -223,6 +224,16 @@ internal sealed class OpenAiChatRequest
         _ => throw new ApiException(400, $"'{key}' must be an array of token ids (integers).", param: key),
     };
 
+    /// <summary>A list of strings (<c>bad_words</c>), or null when absent.</summary>
+    internal static string[]? Words(JsonObject body, string key) => body[key] switch
+    {
+        null => null,
+        JsonValue v when v.GetValueKind() == JsonValueKind.Null => null,
+        JsonArray a => a.Select(x => x is JsonValue t && t.GetValueKind() == JsonValueKind.String ? t.GetValue<string>()
+            : throw new ApiException(400, $"'{key}' must be an array of strings.", param: key)).ToArray(),
+        _ => throw new ApiException(400, $"'{key}' must be an array of strings.", param: key),
+    };
+
     internal static int? Int(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
         ? v.TryGetValue<int>(out var i) ? i : throw new ApiException(400, $"'{key}' must be an integer.", param: key)
         : null;
@@ -303,6 +314,7 @@ internal static class OpenAiCompletionRequest
             IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
             Priority = OpenAiChatRequest.Int(body, "priority") ?? 0,
             AllowedTokenIds = OpenAiChatRequest.Ids(body, "allowed_token_ids"),
+            BadWords = OpenAiChatRequest.Words(body, "bad_words") ?? [],
             LogitBias = body["logit_bias"] is JsonObject bias
                 ? bias.ToDictionary(kv => int.TryParse(kv.Key, out var id) ? id : throw new ApiException(400, $"'logit_bias' key '{kv.Key}' is not a token id.", param: "logit_bias"),
                     kv => kv.Value!.GetValue<float>())

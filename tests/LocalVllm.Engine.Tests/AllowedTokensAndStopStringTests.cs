@@ -36,6 +36,32 @@ public sealed class AllowedTokensAndStopStringTests
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
 
+    /// <summary>
+    /// vLLM's bad_words: the reference continuation (", there was a little girl named Lily...") with "girl" banned keeps
+    /// the same text up to where " girl" came and never writes it; with "little girl" banned, " little" may still come
+    /// but not followed by " girl".
+    /// </summary>
+    [Theory]
+    [InlineData("girl", " girl")]
+    [InlineData("little girl", " little girl")]
+    public void Bad_words_are_never_written_and_the_text_before_them_is_the_reference(string bad, string form)
+    {
+        using var llm = new Llm(EngineHarness.Options("stories260K"));
+        string reference = Case["greedy_text"]!.GetValue<string>();
+        int at = reference.IndexOf(form, StringComparison.Ordinal);
+        Assert.True(at > 0);
+        int tokens = Fixtures.Ints(Case["greedy_ids"]).Length;
+        foreach (var sampling in new[] { EngineHarness.Greedy(tokens), new SamplingParams { Temperature = 1, Seed = 7, MaxTokens = tokens, IgnoreEos = true, N = 4 } })
+        {
+            var outputs = llm.Generate([Case["text"]!.GetValue<string>()], sampling with { BadWords = [bad] })[0].Outputs;
+            Assert.All(outputs, o => Assert.DoesNotContain(form, o.Text));
+            if (sampling.IsGreedy) Assert.StartsWith(reference[..at], outputs[0].Text);
+        }
+        Assert.Contains("must not be empty", Assert.Throws<ArgumentException>(() =>
+            llm.Generate(["Once"], EngineHarness.Greedy(2) with { BadWords = [" "] })).Message);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
     [Fact]
     public void A_stop_token_ends_the_output_in_its_ids_but_not_its_text_unless_include_stop_str_in_output()
     {

@@ -119,7 +119,7 @@ public sealed class CompletionEchoTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Completions_take_include_stop_str_in_output_and_allowed_token_ids()
+    public async Task Completions_take_include_stop_str_in_output_bad_words_and_allowed_token_ids()
     {
         string reference = Case["greedy_text"]!.GetValue<string>();
         const string stop = "little girl";
@@ -129,6 +129,14 @@ public sealed class CompletionEchoTests : IAsyncLifetime
         var choice = await Choice(kept);
         Assert.Equal(reference[..(reference.IndexOf(stop, StringComparison.Ordinal) + stop.Length)], choice["text"]!.GetValue<string>());
         Assert.Equal(reference[..reference.IndexOf(stop, StringComparison.Ordinal)], (await Choice(Body()))["text"]!.GetValue<string>());
+
+        // bad_words: the reference text up to where " girl" came, and no " girl" after.
+        var clean = Body();
+        clean.Remove("stop");
+        clean["bad_words"] = new JsonArray("girl");
+        string cleaned = (await Choice(clean))["text"]!.GetValue<string>();
+        Assert.StartsWith(reference[..reference.IndexOf(" girl", StringComparison.Ordinal)], cleaned);
+        Assert.DoesNotContain(" girl", cleaned);
 
         // One allowed token: the completion is that token, again and again.
         var tokenizer = _server.Engine.Engine.Engine.Tokenizer!;

@@ -558,9 +558,9 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Contains("cannot both be true", json["error"]!["message"]!.GetValue<string>());
     }
 
-    /// <summary>vLLM's allowed_token_ids, stop_token_ids and include_stop_str_in_output on chat, sent by the remote-mode client.</summary>
+    /// <summary>vLLM's allowed_token_ids, stop_token_ids, bad_words and include_stop_str_in_output on chat, sent by the remote-mode client.</summary>
     [Fact]
-    public async Task Allowed_and_stop_token_ids_and_kept_stop_strings_reach_chat_from_the_remote_client()
+    public async Task Allowed_and_stop_token_ids_bad_words_and_kept_stop_strings_reach_chat_from_the_remote_client()
     {
         var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
         var remote = new RemoteChatClient(new Uri(fixture.Server.BaseAddress, "v1"), "tiny-qwen3-chat", ServerFixture.ApiKey);
@@ -579,6 +579,9 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         var stopped = await remote.GetResponseAsync(question, Options(("allowed_token_ids", new[] { a, b }), ("stop_token_ids", new List<int> { b })));
         Assert.DoesNotContain(" world", stopped.Text);
         Assert.True(stopped.FinishReason == Microsoft.Extensions.AI.ChatFinishReason.Stop || stopped.Usage!.OutputTokenCount == 6, $"{stopped.FinishReason} after {stopped.Usage!.OutputTokenCount}");
+        // A bad word that is one of the two allowed tokens: only the other remains.
+        var clean = await remote.GetResponseAsync(question, Options(("allowed_token_ids", new[] { a, b }), ("bad_words", new[] { " world" })));
+        Assert.Equal(tokenizer.Decode([a, a, a, a, a, a]), clean.Text);
         // A stop string kept in the reply.
         var stopString = tokenizer.Decode([a, a]);
         var kept = Options(("allowed_token_ids", new[] { a }), ("include_stop_str_in_output", true));

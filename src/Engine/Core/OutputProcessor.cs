@@ -40,10 +40,19 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             grammar = ConstraintCompiler.Compile(constraint);
             endTokens = [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()];
         }
+        int[][]? badWords = null;
+        if (sampling.BadWords.Count > 0)
+        {
+            if (tokenizer is null) throw new ArgumentException("BadWords (bad_words) needs the model's tokenizer, and this model directory has none.", nameof(sampling));
+            // Each word as it stands and after a space (mid-text), as vLLM tokenizes them; duplicates dropped.
+            badWords = sampling.BadWords.SelectMany(w => new[] { w.TrimStart(), " " + w.TrimStart() })
+                .Select(w => tokenizer.Encode(w, addSpecialTokens: false)).Where(t => t.Length > 0)
+                .DistinctBy(t => string.Join(",", t)).ToArray();
+        }
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
-            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now);
+            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now) { BadWordIds = badWords };
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
             if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop, sampling.IncludeStopStrInOutput);

@@ -65,6 +65,8 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
+    /// <summary>The token sequences of <see cref="SamplingParams.BadWords"/> (shared by a request's sequences), or null.</summary>
+    internal int[][]? BadWordIds { get; set; }
     /// <summary>When the scheduler first admitted the sequence (the end of its time in the queue).</summary>
     internal long? FirstScheduledTicks { get; set; }
     /// <summary>Output tokens already handed out in an output (and, for delta outputs, their log-probabilities).</summary>

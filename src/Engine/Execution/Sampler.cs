@@ -183,7 +183,8 @@ public sealed class Sampler
             var p = seqs[i].Sampling;
             bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f, bias = p.LogitBias is { Count: > 0 };
             bool allowed = p.AllowedTokenIds is { Count: > 0 };
-            if (!rep && !pres && !freq && !bias && !allowed) continue;
+            var banned = seqs[i].BadWordIds is { } badWords ? BannedNext(badWords, seqs[i].OutputTokens()) : null;
+            if (!rep && !pres && !freq && !bias && !allowed && banned is null) continue;
             result ??= logits.clone();
             using var row = result[i];
             if (allowed)
@@ -192,6 +193,11 @@ public sealed class Sampler
                 using var keep = row.index_select(0, ids);
                 row.fill_(NegativeInfinity);
                 row.index_copy_(0, ids, keep);
+            }
+            if (banned is not null)
+            {
+                using var ids = tensor(banned.Select(t => (long)t).ToArray(), device: logits.device);
+                row.index_fill_(0, ids, NegativeInfinity);
             }
             if (bias)
             {
@@ -221,6 +227,24 @@ public sealed class Sampler
             }
         }
         return result ?? logits;
+    }
+
+    /// <summary>
+    /// The tokens a bad word forbids next: the last token of each form whose earlier tokens end the output (all of a
+    /// one-token form). Null when none.
+    /// </summary>
+    internal static List<int>? BannedNext(int[][] badWords, IReadOnlyList<int> output)
+    {
+        List<int>? banned = null;
+        foreach (var word in badWords)
+        {
+            int prefix = word.Length - 1;
+            if (prefix > output.Count) continue;
+            bool match = true;
+            for (int j = 0; j < prefix && match; j++) match = output[output.Count - prefix + j] == word[j];
+            if (match) (banned ??= []).Add(word[^1]);
+        }
+        return banned;
     }
 
     /// <summary>The log-probability of <paramref name="token"/> in <paramref name="row"/> ([vocab] log-softmax), its rank and the top-k.</summary>
