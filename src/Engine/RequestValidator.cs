@@ -62,11 +62,28 @@ public sealed class RequestValidator
     /// <summary>Requests that may wait for admission before new ones are refused.</summary>
     public int MaxWaitingRequests { get; }
 
-    /// <summary>Checks the prompt, then the sampling parameters; throws <see cref="ArgumentException"/> naming the first bad value.</summary>
+    /// <summary>
+    /// The prompt the engine runs: its last <see cref="SamplingParams.TruncatePromptTokens"/> tokens when that is set
+    /// (-1: as many as fit before <see cref="SamplingParams.MaxTokens"/>), else the prompt as given.
+    /// </summary>
+    public IReadOnlyList<int> Truncate(IReadOnlyList<int> promptTokenIds, SamplingParams sampling)
+    {
+        if (sampling.TruncatePromptTokens is not int k) return promptTokenIds;
+        if (k == 0 || k < -1)
+            throw new ArgumentOutOfRangeException(nameof(sampling.TruncatePromptTokens), k, "TruncatePromptTokens (truncate_prompt_tokens) must be at least 1, or -1 for as many as the context holds.");
+        int keep = k == -1 ? Math.Max(1, MaxModelLen - sampling.MaxTokens) : k;
+        return promptTokenIds.Count <= keep ? promptTokenIds : promptTokenIds.Skip(promptTokenIds.Count - keep).ToArray();
+    }
+
+    /// <summary>
+    /// Checks the prompt (as <see cref="Truncate"/> leaves it), then the sampling parameters; throws
+    /// <see cref="ArgumentException"/> naming the first bad value.
+    /// </summary>
     public void Validate(IReadOnlyList<int> promptTokenIds, SamplingParams sampling)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
         ArgumentNullException.ThrowIfNull(sampling);
+        promptTokenIds = Truncate(promptTokenIds, sampling);
         ValidatePrompt(promptTokenIds);
         ValidateSampling(sampling);
         if ((long)promptTokenIds.Count + sampling.MaxTokens > MaxModelLen)

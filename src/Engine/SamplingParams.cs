@@ -36,6 +36,12 @@ public sealed record SamplingParams
     /// ends with the tokens before it. Needs the model's tokenizer.
     /// </summary>
     public IReadOnlyList<string> BadWords { get; init; } = [];
+    /// <summary>
+    /// Keep only the last k prompt tokens (vLLM's <c>truncate_prompt_tokens</c>, a left truncation for prompts that may
+    /// outgrow the context); -1 keeps as many as the context holds with room for <see cref="MaxTokens"/>. Null: the
+    /// whole prompt, which must fit.
+    /// </summary>
+    public int? TruncatePromptTokens { get; init; }
     /// <summary>Keep the stop string, stop token or EOS that ended the text at its end (vLLM's <c>include_stop_str_in_output</c>).</summary>
     public bool IncludeStopStrInOutput { get; init; }
     /// <summary>

@@ -17,7 +17,7 @@ internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
     public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words"];
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens"];
 
     /// <summary>
     /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
@@ -166,6 +166,8 @@ internal static class ChatRequestMapper
     {
         // Value ranges are the engine's RequestValidator's to check (the same rules and messages on every path); here
         // only what is chat-specific: the room the rendered prompt leaves in the context.
+        int? truncate = ChatRequestMapper.Extra<int>(o, "truncate_prompt_tokens");
+        if (truncate > 0) promptTokens = Math.Min(promptTokens, truncate.Value); // what the engine will keep
         int room = Math.Max(1, maxModelLen - promptTokens);
 
         T? Extra<T>(string key) where T : struct => ChatRequestMapper.Extra<T>(o, key);
@@ -193,6 +195,7 @@ internal static class ChatRequestMapper
             AllowedTokenIds = TokenIds(o, "allowed_token_ids"),
             Priority = Extra<int>("priority") ?? 0,
             BadWords = Words(o, "bad_words") ?? [],
+            TruncatePromptTokens = truncate,
             OutputKind = RequestOutputKind.Delta,
         };
     }

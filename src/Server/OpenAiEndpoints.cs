@@ -241,7 +241,9 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         var tokenizer = core.Tokenizer!;
         // What echo puts before each completion: the prompt as it was sent, or the decoded ids.
-        string[]? echoes = echo ? prompts.Select(p => p.Text ?? tokenizer.Decode(p.Ids, skipSpecialTokens: false)).ToArray() : null;
+        // (A prompt cut by truncate_prompt_tokens comes back as what the engine kept.)
+        string[]? echoes = echo ? prompts.Select(p => engine.Validator.Truncate(p.Ids, sampling) is var kept && kept.Count == p.Ids.Length && p.Text is { } text
+            ? text : tokenizer.Decode(kept, skipSpecialTokens: false)).ToArray() : null;
         var logprobs = new CompletionLogprobs(t => tokenizer.Decode([t], skipSpecialTokens: false));
 
         if (!stream)

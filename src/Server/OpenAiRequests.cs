@@ -32,7 +32,7 @@ internal sealed class OpenAiChatRequest
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words",
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -57,7 +57,7 @@ internal sealed class OpenAiChatRequest
         o.TopK = Int(body, "top_k");
         if (body["stop"] is JsonNode stop)
             o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
-        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority" })
+        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority", "truncate_prompt_tokens" })
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         foreach (var list in new[] { "stop_token_ids", "allowed_token_ids" })
@@ -315,6 +315,7 @@ internal static class OpenAiCompletionRequest
             Priority = OpenAiChatRequest.Int(body, "priority") ?? 0,
             AllowedTokenIds = OpenAiChatRequest.Ids(body, "allowed_token_ids"),
             BadWords = OpenAiChatRequest.Words(body, "bad_words") ?? [],
+            TruncatePromptTokens = OpenAiChatRequest.Int(body, "truncate_prompt_tokens"),
             LogitBias = body["logit_bias"] is JsonObject bias
                 ? bias.ToDictionary(kv => int.TryParse(kv.Key, out var id) ? id : throw new ApiException(400, $"'logit_bias' key '{kv.Key}' is not a token id.", param: "logit_bias"),
                     kv => kv.Value!.GetValue<float>())

@@ -152,6 +152,22 @@ public sealed class CompletionEchoTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Truncate_prompt_tokens_runs_the_last_tokens_and_echo_returns_what_was_kept()
+    {
+        var c = Fixtures.Reference("stories260K")["cases"]!.AsArray().First(x => x!["name"]!.GetValue<string>() == "long_100")!;
+        var ids = Fixtures.Ints(c["prompt_ids"]);
+        var tail = ids[^20..];
+        var tokenizer = _server.Engine.Engine.Engine.Tokenizer!;
+        var truncated = JsonNode.Parse((await Post(new JsonObject
+        {
+            ["prompt"] = c["text"]!.GetValue<string>(), ["max_tokens"] = 10, ["temperature"] = 0, ["ignore_eos"] = true, ["truncate_prompt_tokens"] = 20, ["echo"] = true,
+        })).Body)!;
+        var alone = await Choice(new JsonObject { ["prompt"] = new JsonArray(tail.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = 10, ["temperature"] = 0, ["ignore_eos"] = true });
+        Assert.Equal(20, truncated["usage"]!["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(tokenizer.Decode(tail, skipSpecialTokens: false) + alone["text"]!.GetValue<string>(), truncated["choices"]![0]!["text"]!.GetValue<string>());
+    }
+
+    [Fact]
     public async Task Prompt_logprobs_come_in_vllms_shape_and_are_refused_when_streaming_and_echo_must_be_a_boolean()
     {
         var prompt = Fixtures.Ints(Case["prompt_ids"]);

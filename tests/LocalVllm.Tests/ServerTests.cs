@@ -560,7 +560,7 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 
     /// <summary>vLLM's allowed_token_ids, stop_token_ids, bad_words and include_stop_str_in_output on chat, sent by the remote-mode client.</summary>
     [Fact]
-    public async Task Allowed_and_stop_token_ids_bad_words_and_kept_stop_strings_reach_chat_from_the_remote_client()
+    public async Task Allowed_and_stop_token_ids_bad_words_truncation_and_kept_stop_strings_reach_chat_from_the_remote_client()
     {
         var tokenizer = fixture.Server.Engine.Engine.Engine.Tokenizer!;
         var remote = new RemoteChatClient(new Uri(fixture.Server.BaseAddress, "v1"), "tiny-qwen3-chat", ServerFixture.ApiKey);
@@ -582,6 +582,9 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         // A bad word that is one of the two allowed tokens: only the other remains.
         var clean = await remote.GetResponseAsync(question, Options(("allowed_token_ids", new[] { a, b }), ("bad_words", new[] { " world" })));
         Assert.Equal(tokenizer.Decode([a, a, a, a, a, a]), clean.Text);
+        // The rendered prompt cut to its last five tokens.
+        var cut = await remote.GetResponseAsync(question, Options(("truncate_prompt_tokens", 5)));
+        Assert.Equal(5, cut.Usage!.InputTokenCount);
         // A stop string kept in the reply.
         var stopString = tokenizer.Decode([a, a]);
         var kept = Options(("allowed_token_ids", new[] { a }), ("include_stop_str_in_output", true));

@@ -133,6 +133,9 @@ public sealed class LlmEngine : IDisposable
         requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
         try
         {
+            var truncated = Validator.Truncate(promptTokenIds, sampling);
+            if (truncated.Count != promptTokenIds.Count) prompt = null; // the text no longer matches the ids
+            promptTokenIds = truncated;
             Validator.Validate(promptTokenIds, sampling);
             if (_outputs.Contains(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
             Validator.CheckQueue(Scheduler.NumWaiting, sampling, requestId);
