@@ -78,5 +78,7 @@ public sealed class GenerationConfigTests
             o.OverrideGenerationConfig = new Dictionary<string, double> { ["temp"] = 0.5 })));
         Assert.Contains("'temp'", o2.Message);
         Assert.Contains("temperature", o2.Message);
+        Assert.Contains("whole number", Assert.Throws<ArgumentException>(() => new Llm(EngineHarness.Options("stories260K", o =>
+            o.OverrideGenerationConfig = new Dictionary<string, double> { ["top_k"] = 2.5 }))).Message);
     }
 }

@@ -673,6 +673,15 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
 /// <summary>A server that runs one sequence and queues one more: a third request is refused with 429 and Retry-After.</summary>
 public sealed class ServerOverloadTests
 {
+    /// <summary>Posts <paramref name="body"/> and returns the JSON answer, which must be a success.</summary>
+    private static async Task<JsonNode> PostOk(HttpClient http, string path, JsonObject body)
+    {
+        using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var text = await response.Content.ReadAsStringAsync();
+        Assert.True(response.IsSuccessStatusCode, $"{path}: {(int)response.StatusCode} {text}");
+        return JsonNode.Parse(text)!;
+    }
+
     /// <summary>
     /// --scheduling-policy priority: with one sequence at a time, a request with priority 0 that arrived after one with
     /// priority 5 is served first; under the default policy a priority is refused by name.
@@ -791,13 +800,7 @@ public sealed class ServerOverloadTests
             "--chat-template", template, "--tool-call-parser", "hermes"]));
         await server.StartAsync();
         using var http = new HttpClient { BaseAddress = server.BaseAddress };
-        async Task<JsonNode> Post(string path, JsonObject body)
-        {
-            using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
-            var text = await response.Content.ReadAsStringAsync();
-            Assert.True(response.IsSuccessStatusCode, $"{path}: {(int)response.StatusCode} {text}");
-            return JsonNode.Parse(text)!;
-        }
+        Task<JsonNode> Post(string path, JsonObject body) => PostOk(http, path, body);
         JsonArray Messages() => [new JsonObject { ["role"] = "system", ["content"] = "You tell stories." }, new JsonObject { ["role"] = "user", ["content"] = "Tell me about a cat." }];
 
         var rendered = await Post("tokenize", new JsonObject { ["messages"] = Messages() });
@@ -825,13 +828,7 @@ public sealed class ServerOverloadTests
             "--chat-template", template, "--generation-config", "vllm", "--override-generation-config", $$"""{"temperature": 0, "max_new_tokens": {{tokens}}}"""]));
         await server.StartAsync();
         using var http = new HttpClient { BaseAddress = server.BaseAddress };
-        async Task<JsonNode> Post(string path, JsonObject body)
-        {
-            using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
-            var text = await response.Content.ReadAsStringAsync();
-            Assert.True(response.IsSuccessStatusCode, $"{path}: {(int)response.StatusCode} {text}");
-            return JsonNode.Parse(text)!;
-        }
+        Task<JsonNode> Post(string path, JsonObject body) => PostOk(http, path, body);
 
         var completion = await Post("v1/completions", new JsonObject { ["prompt"] = c["text"]!.GetValue<string>(), ["ignore_eos"] = true });
         Assert.Equal(c["greedy_text"]!.GetValue<string>(), completion["choices"]![0]!["text"]!.GetValue<string>());

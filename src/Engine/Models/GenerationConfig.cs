@@ -31,9 +31,13 @@ public sealed record GenerationConfig
     /// <summary>An <see cref="ArgumentException"/> naming an override key that is not one of <see cref="OverridableFields"/>.</summary>
     public static void CheckOverrides(IReadOnlyDictionary<string, double> overrides)
     {
-        foreach (var key in overrides.Keys)
+        foreach (var (key, value) in overrides)
+        {
             if (!OverridableFields.Contains(key))
                 throw new ArgumentException($"OverrideGenerationConfig has '{key}', which is not one of {string.Join(", ", OverridableFields)}.", "OverrideGenerationConfig");
+            if (key is "top_k" or "max_new_tokens" && (value != Math.Floor(value) || value < -1 || value > int.MaxValue))
+                throw new ArgumentException($"OverrideGenerationConfig '{key}' is {value}; it must be a whole number.", "OverrideGenerationConfig");
+        }
     }
 
     /// <summary>These settings with <paramref name="overrides"/> laid over them; a sampling field among them turns sampling on.</summary>
@@ -46,10 +50,10 @@ public sealed record GenerationConfig
             {
                 "temperature" => c with { Temperature = (float)value, DoSample = true },
                 "top_p" => c with { TopP = (float)value, DoSample = true },
-                "top_k" => c with { TopK = checked((int)value), DoSample = true },
+                "top_k" => c with { TopK = (int)value, DoSample = true },
                 "min_p" => c with { MinP = (float)value, DoSample = true },
                 "repetition_penalty" => c with { RepetitionPenalty = (float)value },
-                _ => c with { MaxNewTokens = checked((int)value) },
+                _ => c with { MaxNewTokens = (int)value },
             };
         return c;
     }
