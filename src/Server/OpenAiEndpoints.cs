@@ -55,6 +55,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             }
         });
         app.MapGet("/health", () => Results.Ok());
+        app.MapMethods("/ping", ["GET", "POST"], () => Results.Ok()); // vLLM's (SageMaker's) health probe
         app.MapGet("/version", () => Results.Json(new { version = Version }));
         app.MapGet("/v1/models", ListModels);
         app.MapPost("/v1/chat/completions", ChatCompletions);

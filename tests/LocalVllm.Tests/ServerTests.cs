@@ -294,6 +294,9 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     {
         using var health = await fixture.Http.GetAsync("health");
         Assert.Equal(HttpStatusCode.OK, health.StatusCode);
+        using var anonymous = new HttpClient { BaseAddress = fixture.Server.BaseAddress }; // probes need no key
+        Assert.Equal(HttpStatusCode.OK, (await anonymous.GetAsync("ping")).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await anonymous.PostAsync("ping", null)).StatusCode);
         var version = JsonNode.Parse(await fixture.Http.GetStringAsync("version"))!["version"]!.GetValue<string>();
         Assert.Equal(typeof(LocalVllmServer).Assembly.GetName().Version!.ToString(3), version.Split('+', '-')[0]);
         var models = JsonNode.Parse(await fixture.Http.GetStringAsync("v1/models"))!;
