@@ -15,12 +15,18 @@ internal sealed class MergedStreams<T>(IReadOnlyList<IAsyncEnumerator<T>> stream
     private List<Task>? _pumps;
 
     public int Count => streams.Count;
+    private T?[] _firstItems = [];
+
+    /// <summary>Stream <paramref name="index"/>'s first item, read by <see cref="StartAsync"/> (null when it had none); it still comes through <see cref="ReadAsync"/>.</summary>
+    public T? First(int index) => _firstItems[index];
 
     /// <summary>Reads each stream's first item, then starts reading them all into the queue.</summary>
     public async Task StartAsync()
     {
         var firsts = new bool[streams.Count];
-        for (int i = 0; i < streams.Count; i++) firsts[i] = await streams[i].MoveNextAsync();
+        _firstItems = new T?[streams.Count];
+        for (int i = 0; i < streams.Count; i++)
+            if (firsts[i] = await streams[i].MoveNextAsync()) _firstItems[i] = streams[i].Current;
         _pumps = streams.Select(async (stream, i) =>
         {
             try

@@ -168,6 +168,13 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         StartEventStream(ctx);
         var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
         var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        if (request.ContinuousUsage)
+        {
+            // The prompt's length is known from each completion's first output, which the role event precedes.
+            for (int i = 0; i < streams.Count; i++)
+                if (streams.First(i)?.RawRepresentation is RequestOutput first) turns[i].PromptTokens = first.PromptTokenIds.Count;
+            chunks.ContinuousUsage = i => (turns[i].PromptTokens, turns[i].CompletionTokens);
+        }
         for (int i = 0; i < streams.Count; i++) chunks.WriteRole(i);
         await Flush(ctx);
 
@@ -236,7 +243,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         bool stream = OpenAiChatRequest.Bool(body, "stream") ?? false;
         if (stream && promptLogprobs)
             throw new ApiException(400, "'prompt_logprobs' is not available when 'stream' is true (as in vLLM); 'echo' with 'logprobs' streams the prompt's log-probabilities.", param: "prompt_logprobs");
-        bool includeUsage = OpenAiChatRequest.IncludeUsageOf(body);
+        bool includeUsage = OpenAiChatRequest.IncludeUsageOf(body), continuousUsage = OpenAiChatRequest.ContinuousUsageOf(body);
         foreach (var p in prompts) engine.Validator.Validate(p.Ids, sampling);
         string id = $"cmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
@@ -287,7 +294,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
 
         if (prompts.Count != 1 || sampling.N != 1 || echo)
         {
-            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), echoes, sampling, logprobs, id, created, includeUsage);
+            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), echoes, sampling, logprobs, id, created, includeUsage, continuousUsage);
             return;
         }
         var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
@@ -296,6 +303,12 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         bool any = await run.MoveNextAsync();
         StartEventStream(ctx);
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        if (continuousUsage)
+        {
+            long promptSoFar = run.Current?.PromptTokenIds.Count ?? 0, generatedSoFar = 0;
+            chunks.ContinuousUsage = _ => (promptSoFar, generatedSoFar);
+            chunks.Progress = (_, generatedNow) => generatedSoFar = generatedNow;
+        }
         var (last, generated) = await WriteCompletionEvents(run, any, chunks, c => c.Logprobs is null ? null : logprobs.Of(c.Index, c.TokenIds, c.Logprobs), () => Flush(ctx));
         if (includeUsage && last is not null)
             await CompletionUsageEvent(ctx, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
@@ -321,7 +334,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
     /// byte is sent, so a refused request still gets its status.
     /// </summary>
     private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, string[]? echoes, SamplingParams sampling,
-        CompletionLogprobs logprobs, string id, long created, bool includeUsage)
+        CompletionLogprobs logprobs, string id, long created, bool includeUsage, bool continuousUsage)
     {
         await using var runs = new MergedStreams<RequestOutput>(prompts
             .Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
@@ -331,7 +344,9 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
         var lasts = new RequestOutput?[runs.Count];
         var started = new bool[runs.Count * sampling.N];
+        var done = new long[started.Length];
         long generated = 0;
+        if (continuousUsage) chunks.ContinuousUsage = i => (lasts[i / sampling.N]?.PromptTokenIds.Count ?? 0, done[i]);
         for (int open = runs.Count; open > 0;)
         {
             var (prompt, output) = await runs.ReadAsync(ctx.RequestAborted);
@@ -346,6 +361,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             {
                 generated += c.TokenIds.Count;
                 int index = prompt * sampling.N + c.Index;
+                done[index] += c.TokenIds.Count;
                 bool first = !started[index];
                 started[index] = true;
                 if (first && echoes is not null)
@@ -382,6 +398,7 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             if (o.Error is { } error) throw error;
             var outputs = o.Outputs;
             foreach (var c in outputs) generated += c.TokenIds.Count;
+            chunks.Progress?.Invoke(0, generated);
             var next = run.MoveNextAsync();
             if (next.IsCompleted && outputs is [{ FinishReason: null, Logprobs: null } only])
             {
@@ -495,6 +512,10 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
 
     public UsageDetails? Usage { get; private set; }
     public string FinishReason { get; private set; } = "stop";
+    /// <summary>The prompt's tokens and the tokens generated so far, from the engine's outputs behind the updates.</summary>
+    public long PromptTokens { get; set; }
+    public long CompletionTokens { get; private set; }
+    private object? _counted;
 
     /// <summary>One stream delta: a text field (<c>content</c> or <c>reasoning_content</c>) or tool calls, with the logprobs that came with it (all absent: an empty delta).</summary>
     public readonly record struct DeltaEvent(string? Field, string? Text, JsonArray? ToolCalls, JsonObject? Logprobs);
@@ -504,6 +525,12 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
     {
         var events = new List<DeltaEvent>();
         JsonObject? lp = null;
+        if (u.RawRepresentation is RequestOutput counted && !ReferenceEquals(counted, _counted))
+        {
+            _counted = counted; // several updates may come from one engine output: its tokens count once
+            PromptTokens = counted.PromptTokenIds.Count;
+            if (counted.Outputs.Count > 0) CompletionTokens += counted.Outputs[0].TokenIds.Count;
+        }
         if (logprobs && u.RawRepresentation is RequestOutput raw && !ReferenceEquals(raw, _lastRaw))
         {
             _lastRaw = raw;
@@ -602,10 +629,18 @@ internal abstract class StreamChunkWriter(System.IO.Pipelines.PipeWriter pipe, s
     private readonly JsonEncodedText _model = JsonEncodedText.Encode(model, Encoder);
     private readonly JsonEncodedText _object = JsonEncodedText.Encode(objectType, Encoder);
     protected readonly Utf8JsonWriter Json = new(pipe, new JsonWriterOptions { Encoder = Encoder });
+    private int _choice;
+
+    /// <summary>
+    /// vLLM's <c>continuous_usage_stats</c>: when set, every event also carries the usage so far (prompt and generated
+    /// tokens) of its choice, read from this when the event is written.
+    /// </summary>
+    public Func<int, (long Prompt, long Completion)>? ContinuousUsage { get; set; }
 
     /// <summary>Starts an event, up to and including the choice's <c>index</c>.</summary>
     protected void BeginChoice(int index)
     {
+        _choice = index;
         pipe.Write("data: "u8);
         Json.Reset(pipe);
         Json.WriteStartObject();
@@ -630,6 +665,15 @@ internal abstract class StreamChunkWriter(System.IO.Pipelines.PipeWriter pipe, s
     {
         Json.WriteEndObject();
         Json.WriteEndArray();
+        if (ContinuousUsage is { } usage)
+        {
+            var (prompt, completion) = usage(_choice);
+            Json.WriteStartObject("usage"u8);
+            Json.WriteNumber("prompt_tokens"u8, prompt);
+            Json.WriteNumber("completion_tokens"u8, completion);
+            Json.WriteNumber("total_tokens"u8, prompt + completion);
+            Json.WriteEndObject();
+        }
         Json.WriteEndObject();
         Json.Flush();
         pipe.Write("\n\n"u8);
@@ -662,6 +706,9 @@ internal sealed class ChatChunkWriter(System.IO.Pipelines.PipeWriter pipe, strin
 internal sealed class CompletionChunkWriter(System.IO.Pipelines.PipeWriter pipe, string id, long created, string model)
     : StreamChunkWriter(pipe, id, created, model, "text_completion")
 {
+    /// <summary>Told (choice, tokens generated so far) as a single stream's outputs arrive, before their events are written.</summary>
+    public Action<int, long>? Progress { get; set; }
+
     public void Write(int index, string text, JsonObject? logprobs, string? finishReason, JsonNode? stopReason)
     {
         BeginChoice(index);

@@ -15,6 +15,8 @@ internal sealed class OpenAiChatRequest
     public required List<ChatMessage> Messages { get; init; }
     public required bool Stream { get; init; }
     public required bool IncludeUsage { get; init; }
+    /// <summary>vLLM's <c>stream_options.continuous_usage_stats</c> (with <c>include_usage</c>): every chunk carries its choice's usage so far.</summary>
+    public bool ContinuousUsage { get; init; }
     public required int N { get; init; }
     public required bool Logprobs { get; init; }
     private ChatOptions _options = new();
@@ -130,6 +132,7 @@ internal sealed class OpenAiChatRequest
             Messages = messages.Select((m, i) => Message(m, i)).ToList(),
             Stream = Bool(body, "stream") ?? false,
             IncludeUsage = IncludeUsageOf(body),
+            ContinuousUsage = ContinuousUsageOf(body),
             N = n,
             Logprobs = logprobs,
             _options = o,
@@ -209,6 +212,10 @@ internal sealed class OpenAiChatRequest
         JsonValue v when v.GetValueKind() == JsonValueKind.Null => false,
         _ => throw new ApiException(400, "'stream_options' must be an object.", param: "stream_options"),
     };
+
+    /// <summary><c>stream_options.continuous_usage_stats</c>, which (as in vLLM) takes effect with <c>include_usage</c>.</summary>
+    internal static bool ContinuousUsageOf(JsonObject body) =>
+        IncludeUsageOf(body) && body["stream_options"] is JsonObject options && (Bool(options, "continuous_usage_stats") ?? false);
 
     internal static bool? Bool(JsonObject body, string key) => body[key] is JsonValue v && v.GetValueKind() != JsonValueKind.Null
         ? v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw new ApiException(400, $"'{key}' must be true or false.", param: key)

@@ -167,6 +167,49 @@ public sealed class CompletionEchoTests : IAsyncLifetime
         Assert.Equal(tokenizer.Decode(tail, skipSpecialTokens: false) + alone["text"]!.GetValue<string>(), truncated["choices"]![0]!["text"]!.GetValue<string>());
     }
 
+    /// <summary>vLLM's stream_options.continuous_usage_stats: each chunk carries its choice's usage so far; without it, only the last chunk has usage.</summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    public async Task Continuous_usage_stats_put_each_choices_running_usage_on_every_chunk(int n)
+    {
+        int prompt = Fixtures.Ints(Case["prompt_ids"]).Length;
+        JsonObject Body(bool continuous) => new()
+        {
+            ["prompt"] = Case["text"]!.GetValue<string>(), ["max_tokens"] = 20, ["temperature"] = 1, ["seed"] = 3, ["ignore_eos"] = true, ["n"] = n,
+            ["stream_options"] = new JsonObject { ["include_usage"] = true, ["continuous_usage_stats"] = continuous },
+        };
+        var (status, text) = await Post(WithStream(Body(true)));
+        Assert.Equal(HttpStatusCode.OK, status);
+        var chunks = Events(text);
+        var choiceChunks = chunks.Where(c => c["choices"]!.AsArray().Count > 0).ToList();
+        var seen = new long[n];
+        foreach (var chunk in choiceChunks)
+        {
+            var usage = chunk["usage"]!;
+            int index = chunk["choices"]![0]!["index"]!.GetValue<int>();
+            long completion = usage["completion_tokens"]!.GetValue<long>();
+            Assert.Equal(prompt, usage["prompt_tokens"]!.GetValue<int>());
+            Assert.Equal(prompt + completion, usage["total_tokens"]!.GetValue<long>());
+            Assert.True(completion >= seen[index], $"choice {index}: {completion} after {seen[index]}");
+            seen[index] = completion;
+        }
+        Assert.All(seen, s => Assert.Equal(20, s));
+
+        (status, text) = await Post(WithStream(Body(false)));
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.All(Events(text).Where(c => c["choices"]!.AsArray().Count > 0), c => Assert.Null(c["usage"]));
+    }
+
+    private static JsonObject WithStream(JsonObject body)
+    {
+        body["stream"] = true;
+        return body;
+    }
+
+    private static List<JsonNode> Events(string text) => text.Split("\n\n", StringSplitOptions.RemoveEmptyEntries)
+        .Where(e => e != "data: [DONE]").Select(e => JsonNode.Parse(e["data: ".Length..])!).ToList();
+
     [Fact]
     public async Task Prompt_logprobs_come_in_vllms_shape_and_are_refused_when_streaming_and_echo_must_be_a_boolean()
     {

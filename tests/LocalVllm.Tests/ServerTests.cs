@@ -109,6 +109,30 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
     }
 
     [Fact]
+    public async Task Chat_chunks_carry_running_usage_with_continuous_usage_stats()
+    {
+        var greedy = Fixtures.Ints(Case0["greedy_ids"]);
+        var body = GreedyChat(greedy.Length);
+        body["stream"] = true;
+        body["stream_options"] = new JsonObject { ["include_usage"] = true, ["continuous_usage_stats"] = true };
+        using var response = await fixture.Http.PostAsync("v1/chat/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var chunks = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries)
+            .Where(e => e != "data: [DONE]").Select(e => JsonNode.Parse(e["data: ".Length..])!).Where(c => c["choices"]!.AsArray().Count > 0).ToList();
+        int prompt = Fixtures.Ints(Case0["prompt_ids"]).Length;
+        long previous = 0;
+        foreach (var chunk in chunks)
+        {
+            var usage = chunk["usage"]!;
+            Assert.Equal(prompt, usage["prompt_tokens"]!.GetValue<int>());
+            long completion = usage["completion_tokens"]!.GetValue<long>();
+            Assert.True(completion >= previous);
+            previous = completion;
+        }
+        Assert.Equal(0, chunks[0]["usage"]!["completion_tokens"]!.GetValue<long>()); // the role chunk
+        Assert.Equal(greedy.Length, previous);
+    }
+
+    [Fact]
     public async Task Completions_on_token_ids_return_the_reference_continuation_streamed_and_not()
     {
         var greedy = Fixtures.Ints(Case0["greedy_ids"]);
