@@ -80,6 +80,21 @@ var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback 
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
     r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json))));
 
+var prSize = new Option<string>("--size") { Description = "stories (default), qwen3-0.6b or a model directory", DefaultValueFactory = _ => "stories" };
+var prBackground = new Option<int>("--background") { Description = "background requests, all sent at the start", DefaultValueFactory = _ => 64 };
+var prBackgroundTokens = new Option<int>("--background-tokens") { DefaultValueFactory = _ => 300 };
+var prInteractive = new Option<int>("--interactive") { Description = "interactive requests, one every --interval-ms", DefaultValueFactory = _ => 16 };
+var prInteractiveTokens = new Option<int>("--interactive-tokens") { DefaultValueFactory = _ => 16 };
+var prInterval = new Option<int>("--interval-ms") { DefaultValueFactory = _ => 25 };
+var prMaxNumSeqs = new Option<int>("--max-num-seqs") { DefaultValueFactory = _ => 8 };
+var prRepeat = new Option<int>("--repeat") { Description = "rounds of both policies, taking turns going first; medians", DefaultValueFactory = _ => 3 };
+var priorityCmd = new Command("priority", "interactive requests behind a background batch: latency and background throughput under fcfs and priority scheduling")
+{
+    prSize, prBackground, prBackgroundTokens, prInteractive, prInteractiveTokens, prInterval, prMaxNumSeqs, prRepeat, json,
+};
+priorityCmd.SetAction(r => PriorityBench.Execute(new PriorityBench.Settings(r.GetValue(prSize)!, r.GetValue(prBackground), r.GetValue(prBackgroundTokens),
+    r.GetValue(prInteractive), r.GetValue(prInteractiveTokens), r.GetValue(prInterval), r.GetValue(prMaxNumSeqs), r.GetValue(prRepeat), r.GetValue(json))));
+
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };
 var mbVerbose = new Option<bool>("--verbose") { Description = "print every compile, validation and invalidation error" };
@@ -107,5 +122,5 @@ var memoryChild = new Command("memory-child", "(internal) one load for the memor
 memoryChild.Hidden = true;
 memoryChild.SetAction(r => MemoryBench.Child(r.GetValue(childArgs)!));
 
-var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, maskbenchCmd, structuredCmd, qualityCmd };
+var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, priorityCmd, maskbenchCmd, structuredCmd, qualityCmd };
 return root.Parse(args).Invoke();
