@@ -43,7 +43,7 @@ internal static class PriorityBench
                           $"every {s.IntervalMs} ms, MaxNumSeqs {s.MaxNumSeqs} (median of {s.Repeat}):");
         foreach (var m in new[] { fcfs, priority })
             Console.WriteLine($"  {m.Policy,-8}: interactive TTFT p50 {m.InteractiveTtftP50Ms:F0} ms, p90 {m.InteractiveTtftP90Ms:F0} ms, end to end p50 {m.InteractiveE2eP50Ms:F0} ms; background {m.BackgroundTokensPerSecond:F0} tok/s");
-        Console.WriteLine($"  priority / fcfs: interactive TTFT p50 x{priority.InteractiveTtftP50Ms / fcfs.InteractiveTtftP50Ms:F2}, end to end p50 x{priority.InteractiveE2eP50Ms / fcfs.InteractiveE2eP50Ms:F2}, " +
+        Console.WriteLine($"  priority / fcfs: interactive TTFT p50 x{priority.InteractiveTtftP50Ms / fcfs.InteractiveTtftP50Ms:F3}, end to end p50 x{priority.InteractiveE2eP50Ms / fcfs.InteractiveE2eP50Ms:F3}, " +
                           $"background throughput x{priority.BackgroundTokensPerSecond / fcfs.BackgroundTokensPerSecond:F2}");
         if (s.Json is not null)
             File.WriteAllText(s.Json, JsonSerializer.Serialize(new { settings = s, runs, fcfs, priority }, new JsonSerializerOptions { WriteIndented = true }));

@@ -77,6 +77,36 @@ public sealed class PrioritySchedulingTests
         EngineHarness.AssertNoLeaks(engine);
     }
 
+    /// <summary>
+    /// Every slot taken (MaxNumSeqs 1) by a long background request: by priority, a more urgent arrival displaces it at
+    /// once (it goes back to wait and is recomputed), while a peer of equal priority waits its turn; first come first
+    /// served, both wait. Tokens are the greedy reference's either way.
+    /// </summary>
+    [Theory]
+    [InlineData("fcfs")]
+    [InlineData("priority")]
+    public void A_more_urgent_request_takes_a_full_engines_slot_from_the_least_urgent_one(string policy)
+    {
+        var greedy = Fixtures.Ints(Case["greedy_ids"]);
+        using var llm = new Llm(EngineHarness.Options("stories260K", o => { o.MaxNumSeqs = 1; o.SchedulingPolicy = policy; }));
+        var engine = llm.Engine;
+        var prompt = engine.EncodePrompt(Case["text"]!.GetValue<string>());
+        bool byPriority = policy == "priority";
+        engine.AddRequest(prompt, EngineHarness.Greedy(40) with { Priority = byPriority ? 1 : 0 }, requestId: "background");
+        for (int i = 0; i < 3; i++) engine.Step();
+        engine.AddRequest(prompt, EngineHarness.Greedy(40) with { Priority = byPriority ? 1 : 0 }, requestId: "peer");
+        engine.AddRequest(prompt, EngineHarness.Greedy(5), requestId: "urgent");
+        var tokens = new Dictionary<string, IReadOnlyList<int>>();
+        var order = RunToEnd(engine, tokens);
+
+        Assert.Equal(byPriority ? ["urgent", "background", "peer"] : ["background", "peer", "urgent"], order);
+        Assert.Equal(byPriority ? 1 : 0, engine.Scheduler.NumPreemptions); // only the urgent one displaces anybody
+        Assert.Equal(greedy[..40], tokens["background"]);
+        Assert.Equal(greedy[..40], tokens["peer"]);
+        Assert.Equal(greedy[..5], tokens["urgent"]);
+        EngineHarness.AssertNoLeaks(engine);
+    }
+
     [Fact]
     public void A_priority_without_priority_scheduling_or_an_unknown_policy_is_refused_by_name()
     {

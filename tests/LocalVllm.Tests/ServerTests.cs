@@ -710,11 +710,11 @@ public sealed class ServerOverloadTests
     }
 
     /// <summary>
-    /// --scheduling-policy priority: with one sequence at a time, a request with priority 0 that arrived after one with
-    /// priority 5 is served first; under the default policy a priority is refused by name.
+    /// --scheduling-policy priority with one slot: a long request A (priority 9) runs; B, of the same priority, waits
+    /// behind it (no preemption); C (priority 0) takes A's slot at once and finishes while A and B are still waiting.
     /// </summary>
     [Fact]
-    public async Task Under_priority_scheduling_a_more_urgent_request_is_served_before_an_earlier_one()
+    public async Task Under_priority_scheduling_a_more_urgent_request_takes_the_slot_and_an_equal_one_waits()
     {
         await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("tiny-qwen3-chat"), "--port", "0", "--kv-cache-memory", "32M",
             "--max-num-seqs", "1", "--scheduling-policy", "priority"]));
@@ -725,26 +725,29 @@ public sealed class ServerOverloadTests
             ["prompt"] = "Hi", ["max_tokens"] = maxTokens, ["ignore_eos"] = true, ["temperature"] = 0, ["priority"] = priority, ["stream"] = stream,
         }.ToJsonString(), Encoding.UTF8, "application/json");
         var engine = server.Engine.Engine;
-        async Task<int> Waiting()
+        async Task<(int Waiting, long Preemptions)> State()
         {
-            int waiting = 0;
-            await engine.InvokeAsync(e => waiting = e.Scheduler.NumWaiting);
-            return waiting;
+            (int, long) state = default;
+            await engine.InvokeAsync(e => state = (e.Scheduler.NumWaiting, e.Scheduler.NumPreemptions));
+            return state;
         }
 
-        // A holds the one slot (its first event has arrived) while B (priority 5) and then C (priority 0) queue.
         var a = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = Body(3000, 9, stream: true) }, HttpCompletionOption.ResponseHeadersRead);
-        Assert.Equal(HttpStatusCode.OK, a.StatusCode);
-        var order = new List<string>();
-        var b = http.PostAsync("v1/completions", Body(8, 5)).ContinueWith(t => { lock (order) order.Add("B"); return t.Result; });
+        Assert.Equal(HttpStatusCode.OK, a.StatusCode); // A runs (its first event has arrived)
+        var b = http.PostAsync("v1/completions", Body(8, 9));
         var deadline = DateTime.UtcNow + ServerTests.HangGuard;
-        while (await Waiting() < 1) { Assert.True(DateTime.UtcNow < deadline && !b.IsCompleted, b.IsCompleted ? await (await b).Content.ReadAsStringAsync() : "B never queued"); await Task.Delay(5); }
-        var c = http.PostAsync("v1/completions", Body(8, 0)).ContinueWith(t => { lock (order) order.Add("C"); return t.Result; });
-        while (await Waiting() < 2) { Assert.True(DateTime.UtcNow < deadline && !c.IsCompleted, c.IsCompleted ? await (await c).Content.ReadAsStringAsync() : "C never queued"); await Task.Delay(5); }
-        a.Dispose(); // A's client goes: its request is aborted and the slot is free
-        var responses = await Task.WhenAll(b, c).WaitAsync(ServerTests.HangGuard);
-        Assert.All(responses, r => Assert.Equal(HttpStatusCode.OK, r.StatusCode));
-        Assert.Equal(["C", "B"], order);
+        while ((await State()).Waiting < 1) { Assert.True(DateTime.UtcNow < deadline && !b.IsCompleted, "B never queued"); await Task.Delay(5); }
+        Assert.Equal(0, (await State()).Preemptions); // an equal priority does not displace A
+
+        using var c = await http.PostAsync("v1/completions", Body(8, 0)).WaitAsync(ServerTests.HangGuard);
+        Assert.Equal(HttpStatusCode.OK, c.StatusCode);
+        Assert.Equal(1, (await State()).Preemptions); // C took A's slot
+        string queue = "";
+        await engine.InvokeAsync(e => queue = string.Join("; ", e.Scheduler.Unfinished.Select(q => $"{q.RequestId} priority {q.Sampling.Priority} {q.Status} {q.NumTokens} tokens")));
+        Assert.False(b.IsCompleted, $"B finished before A got its slot back; the engine holds: {queue}"); // B is still behind A
+        a.Dispose(); // A's client goes: its request is aborted
+        using var bResponse = await b.WaitAsync(ServerTests.HangGuard);
+        Assert.Equal(HttpStatusCode.OK, bResponse.StatusCode);
         await engine.WhenIdleAsync().WaitAsync(ServerTests.HangGuard);
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }

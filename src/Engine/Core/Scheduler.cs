@@ -9,8 +9,9 @@ public readonly record struct ScheduledSequence(Sequence Sequence, int NumNewTok
 /// Token-level scheduling in the style of vLLM V1: each step spends a budget of <c>MaxNumBatchedTokens</c> on running
 /// sequences first (decodes and the next chunk of long prompts), then admits waiting ones in arrival order. When blocks
 /// run out, the most recently admitted running sequence is preempted: its blocks are freed and it is recomputed later.
-/// With priority scheduling, waiting sequences are kept in order of (priority, arrival), and the running sequence
-/// preempted is the one last in that order (which may be one already given work this step: that work is undone).
+/// With priority scheduling, waiting sequences are kept in order of (priority, arrival), the running sequence
+/// preempted is the one last in that order (which may be one already given work this step: that work is undone), and
+/// when every slot (<c>MaxNumSeqs</c>) is taken a strictly more urgent waiting sequence displaces that one.
 /// </summary>
 public sealed class Scheduler
 {
@@ -57,6 +58,23 @@ public sealed class Scheduler
         foreach (var s in _running)
             if (!After(victim, s)) victim = s; // the later of equals: the most recently admitted
         return victim;
+    }
+
+    /// <summary>
+    /// Whether waiting <paramref name="seq"/> may take a running sequence's slot: only with priority scheduling, and only
+    /// when strictly more urgent than the least urgent running one (equal priorities never displace each other, so
+    /// nothing goes back and forth between two requests).
+    /// </summary>
+    private bool CanDisplace(Sequence seq) => PriorityScheduling && _running.Count > 0 && seq.Sampling.Priority < Victim().Sampling.Priority;
+
+    /// <summary>Takes back the work <paramref name="seq"/> was given earlier in this step, if any (before it is preempted).</summary>
+    private void Unschedule(Sequence seq, List<ScheduledSequence> scheduled, ref int budget)
+    {
+        int k = scheduled.FindIndex(x => x.Sequence == seq);
+        if (k < 0) return;
+        NumPreemptedAfterScheduling++;
+        budget += scheduled[k].NumNewTokens;
+        scheduled.RemoveAt(k);
     }
 
     /// <summary>Hold back a request whose next uncached block another request is computing in this step.</summary>
@@ -122,10 +140,7 @@ public sealed class Scheduler
                 if (at < i)
                 {
                     // Already given work this step (priority scheduling only): undo it, its blocks are freed.
-                    NumPreemptedAfterScheduling++;
-                    int k = scheduled.FindIndex(x => x.Sequence == victim);
-                    budget += scheduled[k].NumNewTokens;
-                    scheduled.RemoveAt(k);
+                    Unschedule(victim, scheduled, ref budget);
                     i--;
                 }
             }
@@ -136,7 +151,7 @@ public sealed class Scheduler
             i++;
         }
 
-        if (preempted || budget <= 0 || _waiting.Count == 0 || _running.Count >= MaxNumSeqs) return scheduled;
+        if (preempted || budget <= 0 || _waiting.Count == 0 || (_running.Count >= MaxNumSeqs && !CanDisplace(_waiting.First!.Value))) return scheduled;
 
         // Hashes of uncached prompt blocks that sequences in prefill are computing right now: a waiting request whose
         // next block is among them waits a step and then finds the block cached, instead of computing it again.
@@ -150,7 +165,16 @@ public sealed class Scheduler
         bool admittedAny = false;
         foreach (var seq in candidates)
         {
-            if (budget <= 0 || _running.Count >= MaxNumSeqs) break;
+            if (_running.Count >= MaxNumSeqs)
+            {
+                // All slots taken: with priority scheduling a strictly more urgent request takes the least urgent one's
+                // slot (that one goes back to wait, its work for this step undone); otherwise nobody else gets in.
+                if (!CanDisplace(seq)) break;
+                var victim = Victim();
+                Unschedule(victim, scheduled, ref budget);
+                Preempt(victim);
+            }
+            if (budget <= 0) break;
             // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
             var hits = CachedHits(seq);
             if (pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
