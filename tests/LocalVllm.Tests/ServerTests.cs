@@ -732,8 +732,12 @@ public sealed class ServerOverloadTests
             return state;
         }
 
-        var a = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = Body(3000, 9, stream: true) }, HttpCompletionOption.ResponseHeadersRead);
+        // A is long enough (30,000 tokens) to outlast the test by far, and its events are read as they come (an unread
+        // stream could be cut by Kestrel's minimum data rate, freeing the slot).
+        var a = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = Body(30000, 9, stream: true) }, HttpCompletionOption.ResponseHeadersRead);
         Assert.Equal(HttpStatusCode.OK, a.StatusCode); // A runs (its first event has arrived)
+        var aStream = await a.Content.ReadAsStreamAsync();
+        var drain = Task.Run(async () => { try { await aStream.CopyToAsync(Stream.Null); } catch (Exception e) when (e is IOException or ObjectDisposedException or HttpRequestException) { } });
         var b = http.PostAsync("v1/completions", Body(8, 9));
         var deadline = DateTime.UtcNow + ServerTests.HangGuard;
         while ((await State()).Waiting < 1) { Assert.True(DateTime.UtcNow < deadline && !b.IsCompleted, "B never queued"); await Task.Delay(5); }
@@ -746,6 +750,7 @@ public sealed class ServerOverloadTests
         await engine.InvokeAsync(e => queue = string.Join("; ", e.Scheduler.Unfinished.Select(q => $"{q.RequestId} priority {q.Sampling.Priority} {q.Status} {q.NumTokens} tokens")));
         Assert.False(b.IsCompleted, $"B finished before A got its slot back; the engine holds: {queue}"); // B is still behind A
         a.Dispose(); // A's client goes: its request is aborted
+        await drain.WaitAsync(ServerTests.HangGuard);
         using var bResponse = await b.WaitAsync(ServerTests.HangGuard);
         Assert.Equal(HttpStatusCode.OK, bResponse.StatusCode);
         await engine.WhenIdleAsync().WaitAsync(ServerTests.HangGuard);
