@@ -658,6 +658,29 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         }
     }
 
+    /// <summary>Clients that send every field, unset ones as JSON null (as some frameworks do), get the defaults.</summary>
+    [Fact]
+    public async Task Fields_sent_as_null_mean_unset_on_chat_and_completions()
+    {
+        var chat = GreedyChat(4);
+        foreach (var key in new[] { "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "user", "tools", "tool_choice",
+                     "response_format", "seed", "logprobs", "top_logprobs", "stream_options", "parallel_tool_calls", "max_completion_tokens", "min_p", "top_k",
+                     "stop_token_ids", "allowed_token_ids", "bad_words", "priority", "truncate_prompt_tokens", "reasoning_effort", "metadata", "store" })
+            chat[key] = null;
+        var (status, json, _) = await Post("v1/chat/completions", chat);
+        Assert.True(status == HttpStatusCode.OK, json.ToJsonString());
+        Assert.Equal(4, json["usage"]!["completion_tokens"]!.GetValue<int>());
+
+        var completion = new JsonObject { ["model"] = "tiny-qwen3-chat", ["prompt"] = "Hi", ["max_tokens"] = 3, ["ignore_eos"] = true };
+        foreach (var key in new[] { "temperature", "top_p", "n", "stop", "logprobs", "echo", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+                     "user", "stream", "stream_options", "suffix", "best_of", "stop_token_ids", "allowed_token_ids", "bad_words", "priority", "truncate_prompt_tokens",
+                     "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs", "min_tokens" })
+            completion[key] = null;
+        (status, json, _) = await Post("v1/completions", completion);
+        Assert.True(status == HttpStatusCode.OK, json.ToJsonString());
+        Assert.Equal(3, json["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
     [Fact]
     public async Task A_priority_under_first_come_first_served_scheduling_is_refused_by_name()
     {
