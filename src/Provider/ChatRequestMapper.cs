@@ -17,7 +17,7 @@ internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
     public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens"];
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs"];
 
     /// <summary>
     /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
@@ -196,6 +196,7 @@ internal static class ChatRequestMapper
             Priority = Extra<int>("priority") ?? 0,
             BadWords = Words(o, "bad_words") ?? [],
             TruncatePromptTokens = truncate,
+            PromptLogprobs = Extra<int>("prompt_logprobs"),
             OutputKind = RequestOutputKind.Delta,
         };
     }

@@ -75,7 +75,7 @@ public sealed class RemoteChatClient : DelegatingChatClient
                 object? v = key switch
                 {
                     "enable_thinking" or "ignore_eos" or "continue_final_message" or "add_generation_prompt" or "include_stop_str_in_output" => ChatRequestMapper.Extra<bool>(options, key),
-                    "min_tokens" or "top_k" or "logprobs" or "priority" or "truncate_prompt_tokens" => ChatRequestMapper.Extra<int>(options, key),
+                    "min_tokens" or "top_k" or "logprobs" or "priority" or "truncate_prompt_tokens" or "prompt_logprobs" => ChatRequestMapper.Extra<int>(options, key),
                     _ => ChatRequestMapper.Extra<float>(options, key),
                 };
                 if (v is null) continue;

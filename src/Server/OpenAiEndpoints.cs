@@ -143,6 +143,8 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         if (request.Options(0).MaxOutputTokens is int max && max >= chat.MaxModelLen)
             throw new ApiException(400, $"max_tokens = {max} does not fit in this model's context of {chat.MaxModelLen} tokens (prompt included).", param: "max_tokens");
         if (request.Logprobs && engine is null) throw new ApiException(400, "logprobs are not available from this server's engine.", param: "logprobs");
+        if (request.PromptLogprobs && request.Stream)
+            throw new ApiException(400, "'prompt_logprobs' is not available when 'stream' is true (as in vLLM).", param: "prompt_logprobs");
         string id = $"chatcmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         if (!request.Stream)
@@ -155,6 +157,10 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
             {
                 ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices, ["usage"] = usage,
             };
+            if (request.PromptLogprobs)
+                response["prompt_logprobs"] = completed[0] is { PromptIds: { } ids, PromptLogprobs: { } positions } && engine is not null
+                    ? CompletionLogprobs.VllmPromptLogprobs(ids, positions, t => engine.Engine.Engine.Tokenizer!.Decode([t], skipSpecialTokens: false))
+                    : null;
             await Json(ctx, response);
             return;
         }
@@ -515,6 +521,9 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
     /// <summary>The prompt's tokens and the tokens generated so far, from the engine's outputs behind the updates.</summary>
     public long PromptTokens { get; set; }
     public long CompletionTokens { get; private set; }
+    /// <summary>The prompt's ids and log-probabilities, when the request asked for them (vLLM's <c>prompt_logprobs</c>).</summary>
+    public IReadOnlyList<int>? PromptIds { get; private set; }
+    public IReadOnlyList<PositionLogprobs?>? PromptLogprobs { get; private set; }
     private object? _counted;
 
     /// <summary>One stream delta: a text field (<c>content</c> or <c>reasoning_content</c>) or tool calls, with the logprobs that came with it (all absent: an empty delta).</summary>
@@ -529,6 +538,7 @@ internal sealed class ChatTurn(LocalVllmEngine? engine, bool logprobs, int index
         {
             _counted = counted; // several updates may come from one engine output: its tokens count once
             PromptTokens = counted.PromptTokenIds.Count;
+            if (counted.PromptLogprobs is { } promptLogprobs) (PromptIds, PromptLogprobs) = (counted.PromptTokenIds, promptLogprobs);
             if (counted.Outputs.Count > 0) CompletionTokens += counted.Outputs[0].TokenIds.Count;
         }
         if (logprobs && u.RawRepresentation is RequestOutput raw && !ReferenceEquals(raw, _lastRaw))

@@ -17,6 +17,8 @@ internal sealed class OpenAiChatRequest
     public required bool IncludeUsage { get; init; }
     /// <summary>vLLM's <c>stream_options.continuous_usage_stats</c> (with <c>include_usage</c>): every chunk carries its choice's usage so far.</summary>
     public bool ContinuousUsage { get; init; }
+    /// <summary>vLLM's <c>prompt_logprobs</c> was asked for (returned at the top of a non-streamed response).</summary>
+    public bool PromptLogprobs { get; init; }
     public required int N { get; init; }
     public required bool Logprobs { get; init; }
     private ChatOptions _options = new();
@@ -34,7 +36,7 @@ internal sealed class OpenAiChatRequest
         "model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens",
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -59,7 +61,7 @@ internal sealed class OpenAiChatRequest
         o.TopK = Int(body, "top_k");
         if (body["stop"] is JsonNode stop)
             o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
-        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority", "truncate_prompt_tokens" })
+        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority", "truncate_prompt_tokens", "prompt_logprobs" })
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         foreach (var list in new[] { "stop_token_ids", "allowed_token_ids" })
@@ -133,6 +135,7 @@ internal sealed class OpenAiChatRequest
             Stream = Bool(body, "stream") ?? false,
             IncludeUsage = IncludeUsageOf(body),
             ContinuousUsage = ContinuousUsageOf(body),
+            PromptLogprobs = Int(body, "prompt_logprobs") is not null,
             N = n,
             Logprobs = logprobs,
             _options = o,

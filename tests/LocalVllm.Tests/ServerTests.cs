@@ -658,6 +658,30 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         }
     }
 
+    /// <summary>vLLM's prompt_logprobs on chat: the rendered prompt's, as /v1/completions gives them for the same ids; refused when streaming.</summary>
+    [Fact]
+    public async Task Chat_prompt_logprobs_are_those_of_the_rendered_prompt()
+    {
+        var chat = GreedyChat(2);
+        chat["prompt_logprobs"] = 2;
+        var (status, json, _) = await Post("v1/chat/completions", chat);
+        Assert.True(status == HttpStatusCode.OK, json.ToJsonString());
+        var positions = json["prompt_logprobs"]!.AsArray();
+        var ids = Fixtures.Ints(Case0["prompt_ids"]);
+        Assert.Equal(ids.Length, positions.Count);
+        Assert.Null(positions[0]);
+        var (_, completion, _) = await Post("v1/completions", new JsonObject
+        {
+            ["model"] = "tiny-qwen3-chat", ["prompt"] = new JsonArray(ids.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = 1, ["prompt_logprobs"] = 2,
+        });
+        var reference = completion["choices"]![0]!["prompt_logprobs"]!.AsArray();
+        for (int i = 1; i < ids.Length; i++)
+            Assert.Equal(reference[i]![ids[i].ToString()]!["logprob"]!.GetValue<double>(), positions[i]![ids[i].ToString()]!["logprob"]!.GetValue<double>(), 5);
+        chat["stream"] = true;
+        (status, json, _) = await Post("v1/chat/completions", chat);
+        Assert.Equal((HttpStatusCode.BadRequest, "prompt_logprobs"), (status, json["error"]!["param"]!.GetValue<string>()));
+    }
+
     /// <summary>Clients that send every field, unset ones as JSON null (as some frameworks do), get the defaults.</summary>
     [Fact]
     public async Task Fields_sent_as_null_mean_unset_on_chat_and_completions()
