@@ -27,30 +27,53 @@ public sealed class Llm : IDisposable
     public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null)
     {
         ArgumentNullException.ThrowIfNull(prompts);
+        return Generate(prompts, Repeat(sampling, prompts.Count));
+    }
+
+    /// <summary>Generates for each text prompt with its own sampling parameters (one per prompt, as vLLM's list form).</summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, IReadOnlyList<SamplingParams> samplings)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
         ObjectDisposedException.ThrowIf(_disposeRequested, this);
-        return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), sampling);
+        return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), samplings);
     }
 
     /// <summary>Generates for each token-id prompt; outputs come back in prompt order.</summary>
     public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, SamplingParams? sampling = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
-        return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), sampling);
+        return Generate(promptTokenIds, Repeat(sampling, promptTokenIds.Count));
     }
 
-    private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, SamplingParams? sampling)
+    /// <summary>Generates for each token-id prompt with its own sampling parameters (one per prompt).</summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, IReadOnlyList<SamplingParams> samplings)
     {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), samplings);
+    }
+
+    private IReadOnlyList<SamplingParams> Repeat(SamplingParams? sampling, int count)
+    {
+        ObjectDisposedException.ThrowIf(_disposeRequested, this);
+        var one = sampling ?? Engine.DefaultSamplingParams();
+        return Enumerable.Repeat(one, count).ToArray();
+    }
+
+    private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, IReadOnlyList<SamplingParams> samplings)
+    {
+        ArgumentNullException.ThrowIfNull(samplings);
+        if (samplings.Count != prompts.Count)
+            throw new ArgumentException($"{samplings.Count} sampling parameters for {prompts.Count} prompts: give one per prompt, or one for all.", nameof(samplings));
         lock (_gate)
         {
             ObjectDisposedException.ThrowIf(_disposed || _disposeRequested, this);
-            sampling ??= Engine.DefaultSamplingParams();
-            Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
-            // Only finished outputs are read: the engine builds nothing per step for these requests.
-            var final = sampling with { OutputKind = RequestOutputKind.FinalOnly };
+            foreach (var sampling in samplings.Distinct()) Engine.Validator.ValidateSampling(sampling); // as given, before the output kind is replaced
             var ids = new List<string>(prompts.Count);
             try
             {
-                foreach (var (p, text) in prompts) ids.Add(Engine.AddRequest(p, final, prompt: text));
+                // Only finished outputs are read: the engine builds nothing per step for these requests.
+                for (int i = 0; i < prompts.Count; i++)
+                    ids.Add(Engine.AddRequest(prompts[i].Ids, samplings[i] with { OutputKind = RequestOutputKind.FinalOnly }, prompt: prompts[i].Text));
                 var results = new Dictionary<string, RequestOutput>();
                 using var progress = ProgressBar.Create(Engine.Options.UseProgressBar, ids.Count);
                 while (results.Count < ids.Count)
