@@ -107,6 +107,32 @@ public sealed class PrioritySchedulingTests
         EngineHarness.AssertNoLeaks(engine);
     }
 
+    /// <summary>
+    /// The urgent request shares the prompt the running one is still prefilling (chunks of 64 tokens: its last 38 leave
+    /// room in the step's budget): it waits for the shared blocks instead of displacing the request computing them
+    /// (which would leave the only slot empty, and the step with nothing to run), then displaces it; both end with the
+    /// prompt's greedy continuation.
+    /// </summary>
+    [Fact]
+    public void A_more_urgent_request_waiting_for_a_shared_head_does_not_empty_the_slot()
+    {
+        var c = Fixtures.Reference("stories260K")["cases"]!.AsArray().First(x => x!["name"]!.GetValue<string>() == "long_100")!;
+        var prompt = Fixtures.Ints(c["prompt_ids"]);
+        var greedy = Fixtures.Ints(c["greedy_ids"])[..12];
+        using var llm = new Llm(EngineHarness.Options("stories260K", o => { o.MaxNumSeqs = 1; o.MaxNumBatchedTokens = 64; o.SchedulingPolicy = "priority"; }));
+        var engine = llm.Engine;
+        engine.AddRequest(prompt, EngineHarness.Greedy(12) with { Priority = 1 }, requestId: "background");
+        engine.Step(); // the first 64 of its 102 prompt tokens
+        engine.AddRequest(prompt, EngineHarness.Greedy(12), requestId: "urgent");
+        var tokens = new Dictionary<string, IReadOnlyList<int>>();
+        var order = RunToEnd(engine, tokens);
+        Assert.Equal(["urgent", "background"], order);
+        Assert.Equal(greedy, tokens["urgent"]);
+        Assert.Equal(greedy, tokens["background"]);
+        Assert.True(engine.Scheduler.NumDeferredForSharedPrefix > 0);
+        EngineHarness.AssertNoLeaks(engine);
+    }
+
     [Fact]
     public void A_priority_without_priority_scheduling_or_an_unknown_policy_is_refused_by_name()
     {

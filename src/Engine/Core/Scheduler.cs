@@ -165,20 +165,24 @@ public sealed class Scheduler
         bool admittedAny = false;
         foreach (var seq in candidates)
         {
-            if (_running.Count >= MaxNumSeqs)
+            bool full = _running.Count >= MaxNumSeqs;
+            if (full && !CanDisplace(seq)) break; // all slots taken, and (without a more urgent request) nobody else gets in
+            // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
+            var hits = CachedHits(seq);
+            bool deferred = pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
+                && seq.TimesDeferred < MaxTimesPassedOver;
+            if (full && !deferred)
             {
-                // All slots taken: with priority scheduling a strictly more urgent request takes the least urgent one's
-                // slot (that one goes back to wait, its work for this step undone); otherwise nobody else gets in.
-                if (!CanDisplace(seq)) break;
+                // Priority scheduling, all slots taken: a strictly more urgent request takes the least urgent one's slot
+                // (that one goes back to wait, its work for this step undone). Not for a request held back below: it
+                // would leave the slot empty this step.
                 var victim = Victim();
                 Unschedule(victim, scheduled, ref budget);
                 Preempt(victim);
+                hits = CachedHits(seq);
             }
             if (budget <= 0) break;
-            // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
-            var hits = CachedHits(seq);
-            if (pending is not null && seq.BlockHashes.Count > hits.Count && pending.Contains(seq.BlockHashes[hits.Count])
-                && seq.TimesDeferred < MaxTimesPassedOver)
+            if (deferred)
             {
                 seq.TimesDeferred++;
                 NumDeferredForSharedPrefix++;
