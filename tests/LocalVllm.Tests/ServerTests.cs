@@ -758,7 +758,7 @@ public sealed class ServerOverloadTests
 
     /// <summary>
     /// --scheduling-policy priority with one slot: a long request A (priority 9) runs; B, of the same priority, waits
-    /// behind it (no preemption); C (priority 0) takes A's slot at once and finishes while A and B are still waiting.
+    /// behind it (no preemption); C (priority 0, over HTTP) takes A's slot at once and finishes while A and B wait.
     /// </summary>
     [Fact]
     public async Task Under_priority_scheduling_a_more_urgent_request_takes_the_slot_and_an_equal_one_waits()
@@ -786,21 +786,24 @@ public sealed class ServerOverloadTests
         var aStream = await a.Content.ReadAsStreamAsync();
         // (Disposing A's response below ends this read with whichever exception the client raises for a closed stream.)
         var drain = Task.Run(async () => { try { await aStream.CopyToAsync(Stream.Null); } catch (Exception) { } });
-        var b = http.PostAsync("v1/completions", Body(8, 9));
-        var deadline = DateTime.UtcNow + ServerTests.HangGuard;
-        while ((await State()).Waiting < 1) { Assert.True(DateTime.UtcNow < deadline && !b.IsCompleted, "B never queued"); await Task.Delay(5); }
-        Assert.Equal(0, (await State()).Preemptions); // an equal priority does not displace A
+        // B, of A's priority, is added on the engine thread itself: queued once this call returns, with no waiting on time.
+        string b = "";
+        await engine.InvokeAsync(e => b = e.AddRequest(e.EncodePrompt("Hi"), new Engine.SamplingParams { Temperature = 0, MaxTokens = 8, IgnoreEos = true, Priority = 9 }));
+        Assert.Equal((1, 0L), await State()); // an equal priority does not displace A
 
         using var c = await http.PostAsync("v1/completions", Body(8, 0)).WaitAsync(ServerTests.HangGuard);
         Assert.Equal(HttpStatusCode.OK, c.StatusCode);
         Assert.True((await State()).Preemptions >= 1); // C took A's slot
         string queue = "";
-        await engine.InvokeAsync(e => queue = string.Join("; ", e.Scheduler.Unfinished.Select(q => $"{q.RequestId} priority {q.Sampling.Priority} {q.Status} {q.NumTokens} tokens")));
-        Assert.False(b.IsCompleted, $"B finished before A got its slot back; the engine holds: {queue}"); // B is still behind A
-        a.Dispose(); // A's client goes: its request is aborted
+        bool bWaiting = false;
+        await engine.InvokeAsync(e =>
+        {
+            queue = string.Join("; ", e.Scheduler.Unfinished.Select(q => $"{q.RequestId} priority {q.Sampling.Priority} {q.Status} {q.NumTokens} tokens"));
+            bWaiting = e.Scheduler.Unfinished.Any(q => q.RequestId == b && q.Status == Engine.Core.SequenceStatus.Waiting);
+        });
+        Assert.True(bWaiting, $"B is not waiting behind A, which got its slot back; the engine holds: {queue}");
+        a.Dispose(); // A's client goes: its request is aborted, and B runs to its end
         await drain.WaitAsync(ServerTests.HangGuard);
-        using var bResponse = await b.WaitAsync(ServerTests.HangGuard);
-        Assert.Equal(HttpStatusCode.OK, bResponse.StatusCode);
         await engine.WhenIdleAsync().WaitAsync(ServerTests.HangGuard);
         await engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
