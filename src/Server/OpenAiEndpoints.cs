@@ -24,7 +24,7 @@ internal sealed class ApiException(int status, string message, string type = "in
 /// <see cref="LocalVllmChatClient"/> in-process apps use, so templates, tool calls and reasoning behave alike),
 /// completions (straight on the engine), models, health, tokenize and detokenize. Errors use OpenAI's error JSON.
 /// </summary>
-internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? engine, ServerOptions options, ILogger logger)
+internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? engine, ServerOptions options, ILogger logger)
 {
     private readonly LocalVllmChatClient _chat = new(chat, logger);
 
@@ -60,6 +60,10 @@ internal sealed class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEngine? en
         app.MapGet("/v1/models", ListModels);
         app.MapPost("/v1/chat/completions", ChatCompletions);
         app.MapPost("/v1/completions", Completions);
+        app.MapPost("/v1/responses", Responses);
+        app.MapGet("/v1/responses/{id}", StoredResponse);
+        app.MapMethods("/v1/responses/{id}/{action}", ["GET", "POST", "DELETE"], StoredResponse);
+        app.MapDelete("/v1/responses/{id}", StoredResponse);
         app.MapPost("/tokenize", Tokenize);
         app.MapPost("/detokenize", Detokenize);
     }
