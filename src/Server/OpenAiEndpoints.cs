@@ -53,6 +53,14 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
             {
                 await WriteError(ctx, Classify(e));
             }
+            catch (Exception e) when (ctx.Response.ContentType == "text/event-stream" && !ctx.RequestAborted.IsCancellationRequested)
+            {
+                // A stream that fails after its first event (the engine failed the request, or its deadline passed) ends
+                // with an error event and [DONE], as vLLM's do, instead of a connection cut mid-response.
+                var error = e is OperationCanceledException ? new ApiException(500, "The request was cancelled by the server.", "internal_server_error") : Classify(e);
+                await Event(ctx, new JsonObject { ["error"] = new JsonObject { ["message"] = error.Message, ["type"] = error.Type, ["param"] = error.Param, ["code"] = error.Status } });
+                await ctx.Response.WriteAsync("data: [DONE]\n\n");
+            }
         });
         app.MapGet("/health", () => Results.Ok());
         app.MapMethods("/ping", ["GET", "POST"], () => Results.Ok()); // vLLM's (SageMaker's) health probe
@@ -81,6 +89,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         switch (e)
         {
             case ApiException api: return api;
+            case System.Threading.Channels.ChannelClosedException { InnerException: { } inner }: return Classify(inner); // a merged stream's failure
             case EngineOverloadedException: return new ApiException(429, e.Message, "server_overloaded");
             case BadHttpRequestException bad: return new ApiException(bad.StatusCode, bad.Message); // e.g. 413 for a body over the limit
             case JsonException: return new ApiException(400, $"The request body is not valid JSON: {e.Message}");

@@ -49,12 +49,22 @@ internal sealed partial class OpenAiEndpoints
         };
         response.Start();
         await Flush(ctx);
-        for (; any; any = await updates.MoveNextAsync())
+        try
         {
-            foreach (var delta in turn.Add(updates.Current)) response.Add(delta);
-            await Flush(ctx);
+            for (; any; any = await updates.MoveNextAsync())
+            {
+                foreach (var delta in turn.Add(updates.Current)) response.Add(delta);
+                await Flush(ctx);
+            }
+            response.Finish(turn);
         }
-        response.Finish(turn);
+        catch (Exception e) when (!ctx.RequestAborted.IsCancellationRequested)
+        {
+            // Failed after the stream began (the engine failed the request, or its deadline passed): the stream ends
+            // with response.failed carrying the error, as OpenAI's does, instead of a connection cut mid-response.
+            var error = e is OperationCanceledException ? new ApiException(500, "The request was cancelled by the server.", "internal_server_error") : Classify(e);
+            response.Fail(error.Status >= 500 ? "server_error" : error.Type, error.Message);
+        }
         await Flush(ctx);
     }
 
@@ -425,6 +435,15 @@ internal sealed class ResponseAssembler(string id, long createdAt, string model,
         _open = null;
         _openText.Clear();
         _openLogprobs = [];
+    }
+
+    /// <summary>Ends a stream that failed part-way: the items so far, status failed and the error, as <c>response.failed</c>.</summary>
+    public void Fail(string code, string message)
+    {
+        Close();
+        var response = Response("failed", null, null);
+        response["error"] = new JsonObject { ["code"] = code, ["message"] = message };
+        Event("response.failed", new JsonObject { ["response"] = response });
     }
 
     /// <summary>Closes the open item and returns the finished response (and, when streaming, sends it as the last event).</summary>

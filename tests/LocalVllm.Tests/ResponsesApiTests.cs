@@ -397,4 +397,40 @@ public sealed class ScriptedResponsesApiTests
         Assert.Equal("get_weather", body["tools"]![0]!["name"]!.GetValue<string>()); // the request's tools, repeated as sent
         Assert.Contains("\"description\": \"The weather.\"", engine.Prompts[0]);
     }
+    /// <summary>
+    /// The engine fails a request after its first tokens went out: the stream ends with an error the client can read
+    /// (chat: an error event and [DONE], as vLLM's; responses: response.failed), not with a cut connection.
+    /// </summary>
+    [Fact]
+    public async Task A_stream_that_fails_part_way_ends_with_an_error_event_on_chat_and_responses()
+    {
+        var failure = new LocalVllm.Engine.RequestFailedException("Request 'r' failed while processing its output: boom", new InvalidOperationException("boom"));
+        var engine = new ScriptedEngine(["It is ", "sun"], ["It is ", "sun"]) { FailWith = failure };
+        var server = LocalVllmServer.CreateOverChatEngine(new ServerOptions { Model = "scripted", Port = 0 }, engine);
+        await server.StartAsync();
+        await using var _ = server;
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+
+        var chat = new JsonObject { ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = "Weather?" }), ["stream"] = true };
+        var chatResponse = await http.PostAsync("v1/chat/completions", new StringContent(chat.ToJsonString(), Encoding.UTF8, "application/json"));
+        var chatEvents = (await chatResponse.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", chatEvents[^1]);
+        var error = JsonNode.Parse(chatEvents[^2]["data: ".Length..])!["error"]!;
+        Assert.Contains("boom", error["message"]!.GetValue<string>());
+        Assert.Equal(500, error["code"]!.GetValue<int>());
+        Assert.Equal("It is sun", string.Concat(chatEvents.SkipLast(2).Select(e => JsonNode.Parse(e["data: ".Length..])!["choices"]![0]!["delta"]!["content"]?.GetValue<string>())));
+
+        var request = new JsonObject { ["input"] = "Weather?", ["stream"] = true };
+        var response = await http.PostAsync("v1/responses", new StringContent(request.ToJsonString(), Encoding.UTF8, "application/json"));
+        var events = (await response.Content.ReadAsStringAsync()).Split('\n').Where(l => l.StartsWith("data: ", StringComparison.Ordinal))
+            .Select(l => JsonNode.Parse(l[6..])!).ToList();
+        Assert.Equal("response.failed", events[^1]["type"]!.GetValue<string>());
+        var failed = events[^1]["response"]!;
+        Assert.Equal("failed", failed["status"]!.GetValue<string>());
+        Assert.Equal("server_error", failed["error"]!["code"]!.GetValue<string>());
+        Assert.Contains("boom", failed["error"]!["message"]!.GetValue<string>());
+        // The text that went out before the failure is in the failed response's message item, closed.
+        Assert.Equal("It is sun", failed["output"]![0]!["content"]![0]!["text"]!.GetValue<string>());
+        Assert.Equal("response.output_item.done", events[^2]["type"]!.GetValue<string>());
+    }
 }

@@ -29,6 +29,8 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
     public List<string> Prompts { get; } = [];
     /// <summary>When set, a stream stays open after its last chunk (no finish) until it is cancelled.</summary>
     public bool HoldOpen { get; init; }
+    /// <summary>When set, a stream throws this after its chunks instead of finishing (the engine failed the request mid-stream).</summary>
+    public Exception? FailWith { get; init; }
     /// <summary>Completed when a held-open stream was cancelled (the request was aborted).</summary>
     public TaskCompletionSource Cancelled { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
     public List<SamplingParams> Samplings { get; } = [];
@@ -60,7 +62,7 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
         {
             cancellationToken.ThrowIfCancellationRequested();
             await Task.Yield();
-            bool last = i == chunks.Length - 1 && !HoldOpen;
+            bool last = i == chunks.Length - 1 && !HoldOpen && FailWith is null;
             // One chunk per output, as the engine's delta outputs carry it.
             yield return new RequestOutput
             {
@@ -71,6 +73,7 @@ internal sealed class ScriptedEngine : ILocalVllmEngine
                 NumCachedTokens = 16,
             };
         }
+        if (FailWith is not null) throw FailWith;
         if (HoldOpen)
         {
             using var registration = cancellationToken.Register(() => Cancelled.TrySetResult());
