@@ -138,6 +138,12 @@ public sealed class EngineOptions
     /// </summary>
     public string SchedulingPolicy { get; set; } = "fcfs";
 
+    /// <summary>
+    /// Speculative decoding by prompt lookup (vLLM's <c>--speculative-config '{"method": "ngram", ...}'</c>), or null (the
+    /// default) for none. Greedy output is the same either way; see <see cref="Engine.SpeculativeConfig"/>.
+    /// </summary>
+    public SpeculativeConfig? Speculative { get; set; }
+
     /// <summary>A copy of these options (lists and the hub settings are shared, not copied).</summary>
     public EngineOptions Clone() => (EngineOptions)MemberwiseClone();
 
@@ -159,6 +165,7 @@ public sealed class EngineOptions
         if (OverrideGenerationConfig is not null) Models.GenerationConfig.CheckOverrides(OverrideGenerationConfig);
         if (SchedulingPolicy is not ("fcfs" or "priority"))
             throw new ArgumentException($"Unknown scheduling policy '{SchedulingPolicy}'; use \"fcfs\" or \"priority\".", nameof(SchedulingPolicy));
+        Speculative?.Validate();
         if (StreamInterval < 1) throw new ArgumentOutOfRangeException(nameof(StreamInterval), StreamInterval, "StreamInterval must be at least 1.");
         if (MaxModelLen is < 1) throw new ArgumentOutOfRangeException(nameof(MaxModelLen), MaxModelLen, "MaxModelLen must be at least 1.");
         if (Device is not ("cpu" or "cuda") && !Device.StartsWith("cuda:", StringComparison.Ordinal))

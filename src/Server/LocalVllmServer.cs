@@ -116,6 +116,8 @@ public sealed class LocalVllmServer : IAsyncDisposable
         ("localvllm.prefix_cache_query_tokens", "vllm:prefix_cache_queries"),
         ("localvllm.prefix_cache_hit_tokens", "vllm:prefix_cache_hits"),
         ("localvllm.preemptions", "vllm:num_preemptions"),
+        ("localvllm.spec_decode_draft_tokens", "vllm:spec_decode_num_draft_tokens"),
+        ("localvllm.spec_decode_accepted_tokens", "vllm:spec_decode_num_accepted_tokens"),
         ("localvllm.kv_cache_usage", "vllm:kv_cache_usage_perc"),
         ("localvllm.requests_finished", "vllm:request_success"),
         ("localvllm.e2e_request_latency", "vllm:e2e_request_latency_seconds"),

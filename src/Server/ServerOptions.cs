@@ -77,6 +77,8 @@ public sealed class ServerOptions
                                       the default), vllm (none: temperature 1, no cuts), or a folder holding one
           --override-generation-config JSON  sampling defaults laid over those, e.g. '{"temperature": 0.5}'
                                       (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)
+          --speculative-config JSON   speculative decoding by prompt lookup (greedy output unchanged), e.g.
+                                      '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
           --tool-call-parser P        hermes | llama3_json | mistral: checked against the format the chat template
                                       writes (<tool_call> blocks, Qwen's; a bare JSON call, Llama 3's; [TOOL_CALLS]
@@ -125,6 +127,7 @@ public sealed class ServerOptions
                 case "--api-key": o.ApiKey = Value(); break;
                 case "--max-num-seqs": o.Engine.MaxNumSeqs = Int(); break;
                 case "--stream-interval": o.Engine.StreamInterval = Int(); break;
+                case "--speculative-config": o.Engine.Speculative = SpeculativeConfig.Parse(Value()); break;
                 case "--max-logprobs": o.Engine.MaxLogprobs = Int(); break;
                 case "--chat-template": o.Engine.ChatTemplate = Value(); break;
                 case "--generation-config": o.Engine.GenerationConfig = Value(); break;

@@ -43,7 +43,11 @@ public sealed class LlmEngine : IDisposable
         var c = Model.Config;
         Blocks = new BlockManager(Cache.NumBlocks, options.BlockSize, options.EnablePrefixCaching, ModelSalt(c), options.SharedAwareEviction);
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling,
-            options.SchedulingPolicy == "priority");
+            options.SchedulingPolicy == "priority")
+        {
+            Speculation = options.Speculative is { } spec
+                ? new NgramProposer(spec.NumSpeculativeTokens, spec.PromptLookupMin, spec.PromptLookupMax, _runner.MaxModelLen) : null,
+        };
         Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests,
             _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null, options.MaxLogprobs, options.SchedulingPolicy == "priority");
         EngineLog.KvCache(_logger, Cache.NumBlocks, (long)Cache.NumBlocks * options.BlockSize, ModelRunner.FormatBytes(_runner.KvCacheBytes), _runner.KvCacheSizedBy);
@@ -189,7 +193,7 @@ public sealed class LlmEngine : IDisposable
 
         // Postprocess: the scheduler applies the results; the output processor detokenizes, checks stops, builds outputs.
         long t1 = Stopwatch.GetTimestamp();
-        var (prefill, decode) = Scheduler.Update(batch, result.Sampled);
+        var (prefill, decode) = Scheduler.Update(batch, result.Sampled, result.AcceptedDrafts);
         Counters.PrefillTokens += prefill;
         Counters.DecodeTokens += decode;
         EngineMetrics.PrefillTokens.Add(prefill);
@@ -220,6 +224,8 @@ public sealed class LlmEngine : IDisposable
         PrefillTokens = Counters.PrefillTokens,
         DecodeTokens = Counters.DecodeTokens,
         Preemptions = Scheduler.NumPreemptions,
+        SpecDraftTokens = Scheduler.NumDraftTokens,
+        SpecAcceptedTokens = Scheduler.NumAcceptedDraftTokens,
         Steps = Counters.Steps,
         FinishedRequests = Counters.FinishedRequests,
     };

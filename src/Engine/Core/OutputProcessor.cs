@@ -123,8 +123,22 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
             if (token.Logprobs is not null) seq.OutputLogprobs!.Add(token.Logprobs);
             try
             {
-                CheckStop(seq, token.TokenId);
-                JumpForward(seq, token.TokenId);
+                if (result.AcceptedDrafts?[i] is { Count: > 0 } drafts)
+                {
+                    // Speculative decoding appended the accepted drafts and then the sampled token: each goes through the
+                    // stop checks in order, and a stop among them drops the tokens after it (a plain run never made them).
+                    int first = seq.NumTokens - drafts.Count - 1;
+                    for (int k = first; k < seq.NumTokens && seq.Status != SequenceStatus.Finished; k++)
+                    {
+                        CheckStop(seq, seq.Tokens[k], k + 1);
+                        if (seq.Status == SequenceStatus.Finished) seq.TruncateTo(k + 1);
+                    }
+                }
+                else
+                {
+                    CheckStop(seq, token.TokenId, seq.NumTokens);
+                    JumpForward(seq, token.TokenId);
+                }
                 touched.Add(seq);
             }
             catch (Exception e)
@@ -153,15 +167,16 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         {
             seq.Append(forced);
             counters.JumpForwardTokens++;
-            CheckStop(seq, forced);
+            CheckStop(seq, forced, seq.NumTokens);
             if (seq.Status == SequenceStatus.Finished) return;
         }
     }
 
-    private void CheckStop(Sequence seq, int token)
+    /// <summary>The stop checks for <paramref name="token"/>, the last of the sequence's first <paramref name="numTokens"/> tokens.</summary>
+    private void CheckStop(Sequence seq, int token, int numTokens)
     {
         var p = seq.Sampling;
-        int generated = seq.NumOutputTokens;
+        int generated = numTokens - seq.NumPromptTokens;
         if (seq.Constraint is { } constraint)
         {
             if (constraint.Dead)
@@ -180,7 +195,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         }
         if (stopToken) { scheduler.Finish(seq, FinishReasons.Stop, token); return; }
         if (seq.Constraint is { Active: true } c && c.Matcher.IsTerminated) { scheduler.Finish(seq, FinishReasons.Stop); return; }
-        if (generated >= p.MaxTokens || seq.NumTokens >= maxModelLen) scheduler.Finish(seq, FinishReasons.Length);
+        if (generated >= p.MaxTokens || numTokens >= maxModelLen) scheduler.Finish(seq, FinishReasons.Length);
     }
 
     private RequestOutput Fail(string requestId, Exception error)

@@ -3,7 +3,14 @@ using LocalVllm.Engine.Execution;
 namespace LocalVllm.Engine.Core;
 
 /// <summary>One sequence's share of a step: compute <see cref="NumNewTokens"/> tokens starting at its computed count.</summary>
-public readonly record struct ScheduledSequence(Sequence Sequence, int NumNewTokens);
+public readonly record struct ScheduledSequence(Sequence Sequence, int NumNewTokens)
+{
+    /// <summary>
+    /// Speculative decoding: tokens proposed after the sequence's last one, computed in this step behind it (they are
+    /// counted in <see cref="NumNewTokens"/>) and kept only as far as the model's own choices agree with them.
+    /// </summary>
+    public int[]? Drafts { get; init; }
+}
 
 /// <summary>
 /// Token-level scheduling in the style of vLLM V1: each step spends a budget of <c>MaxNumBatchedTokens</c> on running
@@ -77,6 +84,9 @@ public sealed class Scheduler
         scheduled.RemoveAt(k);
     }
 
+    /// <summary>Speculative decoding's draft proposer, or null when it is off.</summary>
+    internal NgramProposer? Speculation { get; init; }
+
     /// <summary>Hold back a request whose next uncached block another request is computing in this step.</summary>
     public bool DeduplicateSharedPrefixes { get; }
     /// <summary>Admit waiting requests with longer cached prefixes first (bounded by <see cref="MaxTimesPassedOver"/>).</summary>
@@ -129,6 +139,12 @@ public sealed class Scheduler
         {
             var seq = _running[i];
             int numNew = Math.Min(seq.NumTokens - seq.NumComputedTokens, budget);
+            // Speculative decoding: a decoding sequence also computes draft tokens behind its last one, when the budget
+            // and free blocks allow; nobody is preempted to make room for drafts.
+            int[]? drafts = Speculation is { } proposer && numNew == 1 && seq.NumTokens - seq.NumComputedTokens == 1 && budget > 1
+                ? proposer.Propose(seq, budget - 1) : null;
+            if (drafts is not null && _blocks.CanAllocate(seq, [], seq.NumComputedTokens + 1 + drafts.Length)) numNew += drafts.Length;
+            else drafts = null;
             bool selfPreempted = false;
             while (!_blocks.CanAllocate(seq, [], seq.NumComputedTokens + numNew))
             {
@@ -146,7 +162,7 @@ public sealed class Scheduler
             }
             if (selfPreempted) continue; // the rest of the line (with priorities, more urgent ones may follow) still gets its turn
             _blocks.Allocate(seq, [], seq.NumComputedTokens + numNew);
-            scheduled.Add(new ScheduledSequence(seq, numNew));
+            scheduled.Add(new ScheduledSequence(seq, numNew) { Drafts = drafts });
             budget -= numNew;
             i++;
         }
@@ -219,19 +235,33 @@ public sealed class Scheduler
     /// its newly full blocks enter the prefix cache, and each sequence that sampled gets its token appended. Returns
     /// the prefill and decode tokens the step computed.
     /// </summary>
-    public (int Prefill, int Decode) Update(IReadOnlyList<ScheduledSequence> batch, IReadOnlyList<SampledToken?> sampled)
+    public (int Prefill, int Decode) Update(IReadOnlyList<ScheduledSequence> batch, IReadOnlyList<SampledToken?> sampled, IReadOnlyList<int>?[]? accepted = null)
     {
         int prefill = 0, decode = 0;
         for (int i = 0; i < batch.Count; i++)
         {
             var (seq, numNew) = batch[i];
             if (seq.NumComputedTokens < seq.NumPromptTokens) prefill += numNew; else decode += numNew;
-            seq.NumComputedTokens += numNew;
+            if (batch[i].Drafts is { } drafts)
+            {
+                // Speculative decoding: the K/V of the last token and of the drafts the model agreed with stand; those of
+                // the rejected drafts are left in their slots, to be overwritten when those positions are computed.
+                var kept = accepted?[i] ?? [];
+                foreach (int t in kept) seq.Append(t);
+                seq.NumComputedTokens += 1 + kept.Count;
+                NumDraftTokens += drafts.Length;
+                NumAcceptedDraftTokens += kept.Count;
+            }
+            else seq.NumComputedTokens += numNew;
             _blocks.CacheFullBlocks(seq);
             if (sampled[i] is { } token) seq.Append(token.TokenId);
         }
         return (prefill, decode);
     }
+
+    /// <summary>Speculative decoding: draft tokens computed, and those the model's own choices agreed with.</summary>
+    public long NumDraftTokens { get; private set; }
+    public long NumAcceptedDraftTokens { get; private set; }
 
     /// <summary>Removes a finished or aborted sequence and releases its blocks.</summary>
     public void Finish(Sequence seq, string reason, object? stopReason = null)

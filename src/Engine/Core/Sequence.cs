@@ -89,6 +89,18 @@ public sealed class Sequence
     }
 
     /// <summary>
+    /// Drops the tokens after the first <paramref name="numTokens"/> (speculative tokens past a stop). Only before any
+    /// output has handed them out: snapshots taken earlier end below the new count and stay as they were.
+    /// </summary>
+    internal void TruncateTo(int numTokens)
+    {
+        int drop = _tokens.Count - numTokens;
+        if (drop <= 0) return;
+        _tokens.RemoveRange(numTokens, drop);
+        _outputCount -= drop;
+    }
+
+    /// <summary>
     /// The output tokens so far, as an immutable snapshot that later tokens do not change. No copy: every step hands
     /// each progressing request its cumulative ids, which would otherwise cost a copy of the whole output per step.
     /// </summary>

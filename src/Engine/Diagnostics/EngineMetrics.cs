@@ -54,6 +54,8 @@ internal static class EngineMetrics
         Meter.CreateObservableCounter("localvllm.prefix_cache_hit_tokens", () => _last.Sum(s => s.PrefixCacheHitTokens), "{token}");
         Meter.CreateObservableCounter("localvllm.prefix_cache_query_tokens", () => _last.Sum(s => s.PromptTokens), "{token}", "Prompt tokens looked up in the prefix cache.");
         Meter.CreateObservableCounter("localvllm.preemptions", () => _last.Sum(s => s.Preemptions), "{preemption}", "Running sequences preempted for lack of KV blocks.");
+        Meter.CreateObservableCounter("localvllm.spec_decode_draft_tokens", () => _last.Sum(s => s.SpecDraftTokens), "{token}", "Speculative decoding: draft tokens computed.");
+        Meter.CreateObservableCounter("localvllm.spec_decode_accepted_tokens", () => _last.Sum(s => s.SpecAcceptedTokens), "{token}", "Speculative decoding: draft tokens accepted.");
         Meter.CreateObservableGauge("localvllm.kv_cache_usage", () =>
         {
             var l = _last;

@@ -29,6 +29,9 @@ public sealed record EngineStats
     public long PrefillTokens { get; init; }
     public long DecodeTokens { get; init; }
     public long Preemptions { get; init; }
+    /// <summary>Speculative decoding: draft tokens computed, and those accepted (the model's greedy choice agreed).</summary>
+    public long SpecDraftTokens { get; init; }
+    public long SpecAcceptedTokens { get; init; }
     public long Steps { get; init; }
     public long FinishedRequests { get; init; }
 }

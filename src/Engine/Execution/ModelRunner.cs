@@ -109,9 +109,22 @@ public sealed class ModelRunner : IDisposable
         var sampled = new SampledToken?[batch.Count];
         var samplers = new List<Sequence>();
         var rows = new List<long>();
+        IReadOnlyList<int>?[]? accepted = step.DraftRows is null ? null : new IReadOnlyList<int>?[batch.Count];
         for (int i = 0; i < batch.Count; i++)
             if (step.SampleRows[i] >= 0)
             {
+                if (batch[i].Drafts is { } drafts)
+                {
+                    // Greedy verification: the model's choice after the last token and after each draft, all from this
+                    // one pass; drafts are kept while they equal the choice before them, and the first choice that
+                    // differs (or the one after the last draft) is the step's sampled token, as a plain run would give.
+                    var choices = GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1);
+                    int j = 0;
+                    while (j < drafts.Length && drafts[j] == choices[j]) j++;
+                    accepted![i] = drafts[..j];
+                    sampled[i] = new SampledToken(choices[j], null);
+                    continue;
+                }
                 samplers.Add(batch[i].Sequence);
                 rows.Add(step.SampleRows[i]);
             }
@@ -121,14 +134,21 @@ public sealed class ModelRunner : IDisposable
             using var sampleLogits = step.Logits.index_select(0, rowsT);
             var tokens = _sampler.Sample(sampleLogits, samplers);
             for (int i = 0, k = 0; i < batch.Count; i++)
-                if (step.SampleRows[i] >= 0) sampled[i] = tokens[k++];
+                if (step.SampleRows[i] >= 0 && batch[i].Drafts is null) sampled[i] = tokens[k++];
         }
         var promptLogprobs = new PromptLogprobsChunk?[batch.Count];
         for (int i = 0; i < batch.Count; i++)
             if (step.PromptRows[i] is var (row, position, count))
                 promptLogprobs[i] = PromptLogprobs(step.Logits, row, position, count, batch[i].Sequence);
         _counters.SampleTicks += Stopwatch.GetTimestamp() - t1;
-        return new ModelRunnerOutput(sampled, promptLogprobs);
+        return new ModelRunnerOutput(sampled, promptLogprobs, accepted);
+    }
+
+    /// <summary>The argmax of <paramref name="count"/> logit rows from <paramref name="row"/> on.</summary>
+    private static int[] GreedyChoices(Tensor logits, int row, int count)
+    {
+        using var rows = logits.narrow(0, row, count);
+        return CpuArgMax.ArgMax(rows).Select(x => (int)x).ToArray();
     }
 
     /// <summary>Log-probabilities of prompt positions <paramref name="position"/> + 1 .. + <paramref name="count"/> from their preceding rows.</summary>
@@ -165,6 +185,7 @@ public sealed class ModelRunner : IDisposable
         var logitRows = new List<long>();
         var sampleRows = new int[batch.Count];
         var promptRows = new (int, int, int)?[batch.Count];
+        int[]? draftRows = null;
         int t = 0, c = 0, maxPosition = 0;
         for (int i = 0; i < batch.Count; i++)
         {
@@ -184,14 +205,22 @@ public sealed class ModelRunner : IDisposable
                 promptRows[i] = (logitRows.Count, start, last - start);
                 for (int p = start; p < last; p++) logitRows.Add(t + p - start);
             }
+            var drafts = batch[i].Drafts;
             for (int p = start; p < end; p++, t++)
             {
-                ids[t] = seq.Tokens[p];
+                ids[t] = p < seq.NumTokens ? seq.Tokens[p] : drafts![p - seq.NumTokens];
                 positions[t] = p;
                 slots[t] = (long)table[p / bs] * bs + p % bs;
             }
             maxPosition = Math.Max(maxPosition, end - 1);
-            if (seq.SamplesAfter(numNew))
+            if (drafts is not null)
+            {
+                // A row for the last known token and one for each draft: the model's choice after each.
+                (draftRows ??= new int[batch.Count])[i] = drafts.Length;
+                sampleRows[i] = logitRows.Count;
+                for (int p = seq.NumTokens - 1; p < end; p++) logitRows.Add(t - (end - p));
+            }
+            else if (seq.SamplesAfter(numNew))
             {
                 sampleRows[i] = logitRows.Count;
                 logitRows.Add(t - 1);
@@ -208,7 +237,7 @@ public sealed class ModelRunner : IDisposable
         var metadata = new AttentionMetadata(slotT, ctxT, spans, tables, bs);
         _counters.InputTicks += Stopwatch.GetTimestamp() - buildStart;
         var logits = Model.Forward(idsT, posT, maxPosition, metadata, Cache, rowsT);
-        return new StepLogits(logits, sampleRows, promptRows);
+        return new StepLogits(logits, sampleRows, promptRows, draftRows);
     }
 
     /// <inheritdoc />

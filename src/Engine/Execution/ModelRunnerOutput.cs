@@ -6,4 +6,8 @@ public sealed record PromptLogprobsChunk(int FirstPosition, PositionLogprobs[] V
 /// <summary>What one step produced for each scheduled sequence, in batch order.</summary>
 /// <param name="Sampled">The sampled token, or null when the sequence's chunk did not reach the end of its known tokens.</param>
 /// <param name="PromptLogprobs">The prompt log-probabilities this step computed, or null.</param>
-public sealed record ModelRunnerOutput(SampledToken?[] Sampled, PromptLogprobsChunk?[] PromptLogprobs);
+/// <param name="AcceptedDrafts">
+/// Speculative decoding: per scheduled sequence, its draft tokens the model agreed with (the sampled token follows
+/// them), or null when the sequence had no drafts or the step none at all.
+/// </param>
+public sealed record ModelRunnerOutput(SampledToken?[] Sampled, PromptLogprobsChunk?[] PromptLogprobs, IReadOnlyList<int>?[]? AcceptedDrafts = null);

@@ -1,0 +1,51 @@
+using System.Runtime.InteropServices;
+
+namespace LocalVllm.Engine.Core;
+
+/// <summary>
+/// Draft tokens for speculative decoding by prompt lookup (vLLM's <c>"ngram"</c> method): a sequence's last n tokens
+/// (n from <c>maxN</c> down to <c>minN</c>) are looked for earlier in its own tokens, prompt and output, and the tokens
+/// that followed the latest earlier occurrence are proposed as its next ones. No model runs: a proposal is a
+/// vectorized search of the sequence. It pays where the output repeats what is already there (an agent quoting a tool
+/// result, code edited in place, JSON echoing its input), and costs little elsewhere: no match, no draft.
+/// </summary>
+internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN, int maxModelLen)
+{
+    /// <summary>
+    /// Whether a sequence's next tokens can be checked against drafts in one step: greedy, with nothing that makes a
+    /// position's choice depend on the tokens accepted before it in the same step (penalties, bad words, a structured
+    /// output constraint) and nothing per token to report (log-probabilities). Other sequences decode as usual.
+    /// </summary>
+    public static bool CanSpeculate(Sequence seq)
+    {
+        var p = seq.Sampling;
+        return p.IsGreedy && p.Logprobs is null && seq.Constraint is null && seq.BadWordIds is null
+            && p.RepetitionPenalty == 1f && p.PresencePenalty == 0f && p.FrequencyPenalty == 0f
+            && p.LogitBias is not { Count: > 0 } && p.AllowedTokenIds is not { Count: > 0 };
+    }
+
+    /// <summary>
+    /// Up to <paramref name="limit"/> draft tokens for <paramref name="seq"/>, which has just sampled its last token (none
+    /// when it cannot speculate or nothing matches). Never more than its token limit and the context leave room for
+    /// after the token the step samples anyway.
+    /// </summary>
+    public int[]? Propose(Sequence seq, int limit)
+    {
+        if (!CanSpeculate(seq)) return null;
+        limit = Math.Min(Math.Min(limit, numSpeculativeTokens),
+            Math.Min(seq.Sampling.MaxTokens - seq.NumOutputTokens - 1, maxModelLen - seq.NumTokens - 1));
+        if (limit <= 0) return null;
+        var tokens = CollectionsMarshal.AsSpan(seq.TokenList);
+        int length = tokens.Length;
+        for (int n = Math.Min(maxN, length - 1); n >= minN; n--)
+        {
+            // The latest earlier occurrence of the last n tokens that has a token after it: searched in all but the last
+            // token, so the suffix itself never matches.
+            int at = tokens[..(length - 1)].LastIndexOf(tokens[(length - n)..]);
+            if (at < 0) continue;
+            int from = at + n, count = Math.Min(limit, length - from);
+            return tokens.Slice(from, count).ToArray();
+        }
+        return null;
+    }
+}

@@ -1,0 +1,257 @@
+using LocalVllm.Engine.Core;
+
+namespace LocalVllm.Engine.Tests;
+
+/// <summary>
+/// Speculative decoding by prompt lookup: the greedy output is llama2.c's and the plain engine's, token for token, while
+/// steps carry accepted drafts; stops, token limits, preemption and the prefix cache behave as without it; requests
+/// that cannot speculate share the batch unchanged.
+/// </summary>
+[Trait("Category", "Fixtures")]
+public sealed class SpeculativeDecodingTests
+{
+    private static readonly SpeculativeConfig Ngram = new() { NumSpeculativeTokens = 4, PromptLookupMax = 4, PromptLookupMin = 2 };
+
+    private static Llm Engine(bool speculate, Action<EngineOptions>? configure = null) =>
+        new(EngineHarness.Options("stories260K", o =>
+        {
+            if (speculate) o.Speculative = Ngram;
+            configure?.Invoke(o);
+        }));
+
+    /// <summary>llama2.c's 200-token greedy story from BOS (run.c, temperature 0), with drafts accepted along the way in fewer steps.</summary>
+    [Fact]
+    public void The_greedy_story_is_llama2cs_and_takes_fewer_steps()
+    {
+        var story = Fixtures.Reference("stories260K")["unconditional_story"]!;
+        var expected = Fixtures.Ints(story["greedy_ids"]);
+        long steps(Llm llm) => llm.Engine.GetStats().Steps;
+
+        using var plain = Engine(speculate: false);
+        var a = plain.Generate([(IReadOnlyList<int>)Fixtures.Ints(story["prompt_ids"])], EngineHarness.Greedy(expected.Length))[0];
+        using var spec = Engine(speculate: true);
+        var b = spec.Generate([(IReadOnlyList<int>)Fixtures.Ints(story["prompt_ids"])], EngineHarness.Greedy(expected.Length))[0];
+
+        Assert.Equal(expected, a.Outputs[0].TokenIds);
+        Assert.Equal(expected, b.Outputs[0].TokenIds);
+        Assert.Equal(a.Outputs[0].Text, b.Outputs[0].Text);
+        var stats = spec.Engine.GetStats();
+        Assert.True(stats.SpecAcceptedTokens > 0, "no draft was ever accepted");
+        Assert.True(stats.SpecDraftTokens >= stats.SpecAcceptedTokens);
+        // Every accepted draft is a token that needed no step of its own (one prefill step each).
+        Assert.Equal(steps(plain) - stats.SpecAcceptedTokens, steps(spec));
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>
+    /// Each fixture prompt, batched, with and without EOS, at every token limit from 1 to 24 (a limit may fall inside
+    /// a run of accepted drafts), and with a stop string taken from the plain output: the same tokens, text and finish.
+    /// </summary>
+    [Fact]
+    public void Stops_limits_and_a_batch_give_the_plain_engines_outputs()
+    {
+        var prompts = Fixtures.Reference("stories260K")["cases"]!.AsArray().Select(c => c!["text"]!.GetValue<string>()).ToArray();
+        using var plain = Engine(speculate: false);
+        using var spec = Engine(speculate: true);
+        void Same(IReadOnlyList<RequestOutput> x, IReadOnlyList<RequestOutput> y)
+        {
+            Assert.Equal(x.Count, y.Count);
+            for (int i = 0; i < x.Count; i++)
+            {
+                Assert.Equal(x[i].Outputs[0].TokenIds, y[i].Outputs[0].TokenIds);
+                Assert.Equal(x[i].Outputs[0].Text, y[i].Outputs[0].Text);
+                Assert.Equal(x[i].Outputs[0].FinishReason, y[i].Outputs[0].FinishReason);
+                Assert.Equal(x[i].Outputs[0].StopReason, y[i].Outputs[0].StopReason);
+            }
+        }
+        var withEos = new SamplingParams { Temperature = 0, MaxTokens = 300 };
+        var full = plain.Generate(prompts, withEos);
+        Same(full, spec.Generate(prompts, withEos));
+        Same(plain.Generate(prompts, EngineHarness.Greedy(150)), spec.Generate(prompts, EngineHarness.Greedy(150)));
+        for (int limit = 1; limit <= 24; limit++)
+            Same(plain.Generate(prompts[..2], EngineHarness.Greedy(limit)), spec.Generate(prompts[..2], EngineHarness.Greedy(limit)));
+
+        // A stop string from the middle of a plain output: the output ends there on both.
+        var text = full[0].Outputs[0].Text;
+        var stop = text.Substring(text.Length / 2, 6);
+        var stopped = new SamplingParams { Temperature = 0, MaxTokens = 300, Stop = [stop] };
+        var p = plain.Generate(prompts, stopped);
+        Assert.Equal(stop, p[0].Outputs[0].StopReason);
+        Same(p, spec.Generate(prompts, stopped));
+
+        // Stop token ids taken from along the plain output (some end the output inside a run of accepted drafts, whose
+        // later tokens must then go), and stop strings likewise.
+        var ids = full[0].Outputs[0].TokenIds;
+        for (int at = 3; at < Math.Min(ids.Count, 60); at += 3)
+        {
+            var byToken = new SamplingParams { Temperature = 0, MaxTokens = 300, StopTokenIds = [ids[at]] };
+            Same(plain.Generate(prompts[..1], byToken), spec.Generate(prompts[..1], byToken));
+            var byText = new SamplingParams { Temperature = 0, MaxTokens = 300, Stop = [text.Substring(at * text.Length / ids.Count, 3)] };
+            Same(plain.Generate(prompts[..1], byText), spec.Generate(prompts[..1], byText));
+        }
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0);
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>
+    /// A stop string completed by a token that the step made as an accepted draft, with more tokens after it in the
+    /// same step: the output ends at the stop as the plain engine's does (the step's later tokens are dropped).
+    /// </summary>
+    [Fact]
+    public void A_stop_inside_a_run_of_accepted_drafts_drops_the_tokens_after_it()
+    {
+        // A 100-token story opening: the continuation copies names and phrases from it, so drafts bring tokens the
+        // output has not had yet.
+        IReadOnlyList<int> prompt = Fixtures.Ints(Fixtures.Reference("stories260K")["cases"]![5]!["prompt_ids"]);
+        using var plain = Engine(speculate: false);
+        var ids = plain.Generate([prompt], EngineHarness.Greedy(200))[0].Outputs[0].TokenIds.ToArray();
+        using var spec = Engine(speculate: true);
+        // Step by step: where a step added several tokens, all but its last were accepted drafts.
+        var id = spec.Engine.AddRequest(prompt, EngineHarness.Greedy(200));
+        var added = new List<(int From, int Count)>();
+        int have = 0;
+        while (spec.Engine.HasUnfinishedRequests)
+            foreach (var o in spec.Engine.Step())
+                if (o.RequestId == id && o.Outputs[0].TokenIds.Count > have)
+                {
+                    Assert.Equal(ids[have..o.Outputs[0].TokenIds.Count], o.Outputs[0].TokenIds.Skip(have));
+                    added.Add((have, o.Outputs[0].TokenIds.Count - have));
+                    have = o.Outputs[0].TokenIds.Count;
+                }
+        // Stop strings that first appear with a draft that has more tokens after it in its step: the text of that
+        // draft and the token before it, when the output's text up to the token before does not already hold it.
+        var tokenizer = spec.Engine.Tokenizer!;
+        string Text(int count) => tokenizer.Decode(ids[..count]);
+        var drafts = added.Where(a => a.Count > 1).SelectMany(a => Enumerable.Range(a.From, a.Count - 1)).Where(p => p >= 1).ToHashSet();
+        var stops = new List<string>();
+        foreach (int p in drafts.Order())
+        {
+            string before = Text(p - 1), through = Text(p + 1);
+            if (!through.StartsWith(before, StringComparison.Ordinal)) continue;
+            string stop = through[before.Length..];
+            if (stop.Trim().Length >= 2 && !Text(p).Contains(stop, StringComparison.Ordinal)) stops.Add(stop);
+            if (stops.Count == 4) break;
+        }
+        Assert.NotEmpty(stops);
+
+        foreach (var stop in stops)
+        {
+            var stopped = new SamplingParams { Temperature = 0, MaxTokens = 200, IgnoreEos = true, Stop = [stop] };
+            var x = plain.Generate([prompt], stopped)[0].Outputs[0];
+            var y = spec.Generate([prompt], stopped)[0].Outputs[0];
+            Assert.Equal(stop, x.StopReason);
+            Assert.Contains(x.TokenIds.Count - 1, drafts); // the plain run stopped on a token the speculative run made as a draft
+            Assert.Equal(x.TokenIds, y.TokenIds);
+            Assert.Equal((x.Text, x.FinishReason, x.StopReason), (y.Text, y.FinishReason, y.StopReason));
+        }
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>Requests that cannot speculate (sampled, penalized, with logprobs) batched with ones that do: each as on the plain engine.</summary>
+    [Fact]
+    public void Requests_that_cannot_speculate_share_the_batch_unchanged()
+    {
+        string[] prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog", "Once upon a time"];
+        SamplingParams[] samplings =
+        [
+            EngineHarness.Greedy(120),
+            new() { Temperature = 0.8f, TopP = 0.9f, Seed = 7, MaxTokens = 120, IgnoreEos = true },
+            new() { Temperature = 0, RepetitionPenalty = 1.3f, MaxTokens = 120, IgnoreEos = true },
+            new() { Temperature = 0, Logprobs = 2, MaxTokens = 60, IgnoreEos = true },
+        ];
+        using var plain = Engine(speculate: false);
+        using var spec = Engine(speculate: true);
+        var x = plain.Generate(prompts, samplings);
+        var y = spec.Generate(prompts, samplings);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(x[i].Outputs[0].TokenIds, y[i].Outputs[0].TokenIds);
+            Assert.Equal(x[i].Outputs[0].Text, y[i].Outputs[0].Text);
+        }
+        Assert.Equal(x[3].Outputs[0].Logprobs!.Select(l => l.Logprob), y[3].Outputs[0].Logprobs!.Select(l => l.Logprob));
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0);
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>
+    /// Blocks written during speculation enter the prefix cache only as far as the accepted tokens go: a prompt made of
+    /// a speculated output is served from those blocks and continues as a fresh plain engine continues it.
+    /// </summary>
+    [Fact]
+    public void The_prefix_cache_holds_only_accepted_tokens()
+    {
+        var prompt = Fixtures.Ints(Fixtures.Reference("stories260K")["cases"]![0]!["prompt_ids"]);
+        using var spec = Engine(speculate: true, o => o.BlockSize = 4);
+        var first = spec.Generate([(IReadOnlyList<int>)prompt], EngineHarness.Greedy(120))[0];
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0);
+        int[] longer = [.. prompt, .. first.Outputs[0].TokenIds];
+        var again = spec.Generate([(IReadOnlyList<int>)longer], EngineHarness.Greedy(40))[0];
+        Assert.True(again.NumCachedTokens >= (longer.Length - 1) / 4 * 4 - 4, $"only {again.NumCachedTokens} of {longer.Length} prompt tokens were cached");
+
+        using var plain = Engine(speculate: false, o => { o.BlockSize = 4; o.EnablePrefixCaching = false; });
+        Assert.Equal(plain.Generate([(IReadOnlyList<int>)longer], EngineHarness.Greedy(40))[0].Outputs[0].TokenIds, again.Outputs[0].TokenIds);
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>A cache too small for the batch: sequences are preempted and recomputed, drafts and all, with the plain engine's output.</summary>
+    [Fact]
+    public void Preemption_under_block_pressure_keeps_the_output()
+    {
+        string[] prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog", "Tom had a red ball"];
+        void Small(EngineOptions o) { o.BlockSize = 4; o.NumKvBlocks = 96; o.KvCacheMemoryBytes = null; o.MaxModelLen = 256; }
+        using var plain = Engine(speculate: false, Small);
+        using var spec = Engine(speculate: true, Small);
+        var x = plain.Generate(prompts, EngineHarness.Greedy(160));
+        var y = spec.Generate(prompts, EngineHarness.Greedy(160));
+        Assert.True(spec.Engine.GetStats().Preemptions > 0, "the cache was large enough: nothing was preempted");
+        for (int i = 0; i < prompts.Length; i++) Assert.Equal(x[i].Outputs[0].TokenIds, y[i].Outputs[0].TokenIds);
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0);
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    [Fact]
+    public void The_proposer_follows_the_latest_earlier_occurrence_of_the_longest_suffix()
+    {
+        Sequence Seq(int[] tokens, int maxTokens = 100, int prompt = 0)
+        {
+            var s = new Sequence("r", 0, tokens[..prompt], new SamplingParams { Temperature = 0, MaxTokens = maxTokens }, 0);
+            foreach (var t in tokens[prompt..]) s.Append(t);
+            return s;
+        }
+        var proposer = new NgramProposer(numSpeculativeTokens: 3, minN: 2, maxN: 3, maxModelLen: 1000);
+        // Suffix [7, 8, 9] occurred at 1 (followed by 1, 2) and at 6 (followed by 5, 5, 6): the latest wins.
+        Assert.Equal([5, 5, 6], proposer.Propose(Seq([0, 7, 8, 9, 1, 2, 7, 8, 9, 5, 5, 6, 4, 7, 8, 9]), 10)!);
+        // Only the 2-token suffix [3, 4] occurred before: what followed it, as many as allowed.
+        Assert.Equal([9, 2, 3], proposer.Propose(Seq([1, 3, 4, 9, 2, 3, 4]), 10)!);
+        Assert.Null(proposer.Propose(Seq([1, 2, 3, 4, 5, 6]), 10)); // nothing repeats
+        Assert.Equal([1], proposer.Propose(Seq([1, 2, 1, 2, 1, 2]), 1)!); // the step's budget
+        // The token limit: two more tokens may come, one of them the step's own sample, so one draft.
+        Assert.Equal([5], proposer.Propose(Seq([4, 5, 6, 4, 5, 6, 4], maxTokens: 9), 10)!);
+        Assert.Null(proposer.Propose(Seq([4, 5, 6, 4, 5, 6, 4], maxTokens: 8), 10));
+        // A sampled request does not speculate.
+        var sampled = new Sequence("r", 0, [1, 2, 1, 2, 1], new SamplingParams { Temperature = 1 }, 0);
+        Assert.Null(proposer.Propose(sampled, 10));
+    }
+
+    [Theory]
+    [InlineData("""{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}""", 5, 3, 2)]
+    [InlineData("""{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 1}""", 2, 1, 1)]
+    [InlineData("""{"num_speculative_tokens": 3, "prompt_lookup_min": 3, "prompt_lookup_max": 6}""", 3, 6, 3)]
+    public void Vllms_speculative_config_is_read(string json, int tokens, int max, int min)
+    {
+        var c = SpeculativeConfig.Parse(json);
+        Assert.Equal((tokens, max, min), (c.NumSpeculativeTokens, c.PromptLookupMax, c.PromptLookupMin));
+    }
+
+    [Theory]
+    [InlineData("""{"method": "eagle", "num_speculative_tokens": 3}""", "eagle")]
+    [InlineData("""{"method": "ngram", "model": "x"}""", "model")]
+    [InlineData("""{"num_speculative_tokens": 0}""", "NumSpeculativeTokens")]
+    [InlineData("""{"prompt_lookup_min": 4, "prompt_lookup_max": 2}""", "PromptLookupMin")]
+    [InlineData("""{"method": "ngram",""", "not valid JSON")]
+    public void A_speculative_config_that_cannot_be_served_is_refused_by_name(string json, string named)
+    {
+        var e = Assert.ThrowsAny<ArgumentException>(() => SpeculativeConfig.Parse(json));
+        Assert.Contains(named, e.Message);
+    }
+}
