@@ -91,6 +91,11 @@ internal static class BenchModels
         return dir;
     }
 
+    /// <summary>The stories260K fixture's prompt texts (its reference cases).</summary>
+    public static string[] StoriesPrompts() =>
+        System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(FindShared("fixtures/stories260K"), "reference.json")))!["cases"]!.AsArray()
+            .Select(c => c!["text"]!.GetValue<string>()).ToArray();
+
     public static string FindShared(string relative)
     {
         for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)

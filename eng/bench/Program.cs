@@ -95,6 +95,19 @@ var priorityCmd = new Command("priority", "interactive requests behind a backgro
 priorityCmd.SetAction(r => PriorityBench.Execute(new PriorityBench.Settings(r.GetValue(prSize)!, r.GetValue(prBackground), r.GetValue(prBackgroundTokens),
     r.GetValue(prInteractive), r.GetValue(prInteractiveTokens), r.GetValue(prInterval), r.GetValue(prMaxNumSeqs), r.GetValue(prRepeat), r.GetValue(json))));
 
+var spSize = new Option<string>("--size") { Description = "stories (default: the trained fixture and its prompts), qwen3-0.6b (random weights, random prompts) or a model directory", DefaultValueFactory = _ => "stories" };
+var spRequests = new Option<int>("--requests") { Description = "requests at once (1: a single user)", DefaultValueFactory = _ => 1 };
+var spTokens = new Option<int>("--tokens") { Description = "tokens generated per request", DefaultValueFactory = _ => 256 };
+var spDrafts = new Option<int>("--num-speculative-tokens") { DefaultValueFactory = _ => 4 };
+var spRepeat = new Option<int>("--repeat") { Description = "rounds of both engines, taking turns going first; medians", DefaultValueFactory = _ => 3 };
+var spThreads = new Option<int?>("--threads") { Description = "libtorch intra-op threads (default: libtorch's)" };
+var specCmd = new Command("spec", "speculative decoding by prompt lookup against plain decoding: throughput, acceptance, identical outputs")
+{
+    spSize, spRequests, spTokens, spDrafts, spRepeat, spThreads, json,
+};
+specCmd.SetAction(r => SpecBench.Execute(new SpecBench.Settings(r.GetValue(spSize)!, r.GetValue(spRequests), r.GetValue(spTokens), r.GetValue(spDrafts),
+    r.GetValue(spRepeat), r.GetValue(spThreads), r.GetValue(json))));
+
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };
 var mbVerbose = new Option<bool>("--verbose") { Description = "print every compile, validation and invalidation error" };
@@ -122,5 +135,5 @@ var memoryChild = new Command("memory-child", "(internal) one load for the memor
 memoryChild.Hidden = true;
 memoryChild.SetAction(r => MemoryBench.Child(r.GetValue(childArgs)!));
 
-var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, priorityCmd, maskbenchCmd, structuredCmd, qualityCmd };
+var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, priorityCmd, specCmd, maskbenchCmd, structuredCmd, qualityCmd };
 return root.Parse(args).Invoke();

@@ -1047,6 +1047,7 @@ public sealed class ServerOverloadTests
     [InlineData(new string[0], "--model is required")]
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
     [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
+    [InlineData(new[] { "--model", "m", "--speculative-config", "{\"method\": \"eagle\"}" }, "Speculative method 'eagle' is not served")]
     [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
     [InlineData(new[] { "--model", "m", "--tool-call-parser", "pythonic" }, "--tool-call-parser 'pythonic' is not supported")]
     [InlineData(new[] { "--model", "m", "--reasoning-parser", "granite" }, "--reasoning-parser 'granite' is not supported")]
@@ -1070,10 +1071,12 @@ public sealed class ServerOverloadTests
         var o = ServerOptions.Parse(["--model", "Qwen/Qwen3-0.6B", "--port=9000", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
             "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}",
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3", "--max-logprobs", "5"]);
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3", "--max-logprobs", "5",
+            "--speculative-config", """{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}"""]);
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
         Assert.Equal((4, "{{ messages[0].content }}", "hermes", 5), (o.Engine.StreamInterval, o.Engine.ChatTemplate, o.ToolCallParser, o.Engine.MaxLogprobs));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));
+        Assert.Equal(new LocalVllm.Engine.SpeculativeConfig { NumSpeculativeTokens = 5, PromptLookupMax = 3, PromptLookupMin = 2 }, o.Engine.Speculative);
         Assert.Equal((8, 512, 32, 4096, (long)(1.5 * (1L << 30)), "bfloat16", false),
             (o.Engine.MaxNumSeqs, o.Engine.MaxNumBatchedTokens, o.Engine.BlockSize, o.Engine.MaxModelLen!.Value, o.Engine.KvCacheMemoryBytes!.Value, o.Engine.DType, o.Engine.EnablePrefixCaching));
     }
