@@ -101,12 +101,13 @@ var spTokens = new Option<int>("--tokens") { Description = "tokens generated per
 var spDrafts = new Option<int>("--num-speculative-tokens") { DefaultValueFactory = _ => 4 };
 var spRepeat = new Option<int>("--repeat") { Description = "rounds of both engines, taking turns going first; medians", DefaultValueFactory = _ => 3 };
 var spThreads = new Option<int?>("--threads") { Description = "libtorch intra-op threads (default: libtorch's)" };
+var spTemperature = new Option<float>("--temperature") { Description = "0 (default: greedy, outputs checked identical) or a sampling temperature (unseeded)", DefaultValueFactory = _ => 0f };
 var specCmd = new Command("spec", "speculative decoding by prompt lookup against plain decoding: throughput, acceptance, identical outputs")
 {
-    spSize, spRequests, spTokens, spDrafts, spRepeat, spThreads, json,
+    spSize, spRequests, spTokens, spDrafts, spRepeat, spThreads, spTemperature, json,
 };
 specCmd.SetAction(r => SpecBench.Execute(new SpecBench.Settings(r.GetValue(spSize)!, r.GetValue(spRequests), r.GetValue(spTokens), r.GetValue(spDrafts),
-    r.GetValue(spRepeat), r.GetValue(spThreads), r.GetValue(json))));
+    r.GetValue(spRepeat), r.GetValue(spThreads), r.GetValue(json), r.GetValue(spTemperature))));
 
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };

@@ -6,10 +6,10 @@ namespace LocalVllm.Engine;
 /// Speculative decoding (vLLM's <c>speculative_config</c>), by prompt lookup: each step, a decoding sequence also
 /// computes up to <see cref="NumSpeculativeTokens"/> tokens proposed from its own earlier tokens (the tokens that
 /// followed the last time its final <see cref="PromptLookupMax"/> .. <see cref="PromptLookupMin"/> tokens appeared) and
-/// keeps as many as the model's own greedy choices agree with, plus the model's next token. The output is the same as
-/// without it; where the text repeats what the context holds, several tokens come out of one forward pass. Greedy
-/// requests without penalties, bad words, log-probabilities or a structured-output constraint speculate; the others
-/// decode as usual.
+/// keeps as many as the model agrees with, plus the model's next token: a greedy request's output is the same as
+/// without it, and a sampled request's tokens have the same distribution (each draft stands with the probability the
+/// model gives it). Where the text repeats what the context holds, several tokens come out of one forward pass.
+/// Requests with penalties, bad words, log-probabilities, a structured-output constraint or a seed decode as usual.
 /// </summary>
 public sealed record SpeculativeConfig
 {

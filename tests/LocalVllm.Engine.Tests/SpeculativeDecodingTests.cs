@@ -228,9 +228,103 @@ public sealed class SpeculativeDecodingTests
         // The token limit: two more tokens may come, one of them the step's own sample, so one draft.
         Assert.Equal([5], proposer.Propose(Seq([4, 5, 6, 4, 5, 6, 4], maxTokens: 9), 10)!);
         Assert.Null(proposer.Propose(Seq([4, 5, 6, 4, 5, 6, 4], maxTokens: 8), 10));
-        // A sampled request does not speculate.
-        var sampled = new Sequence("r", 0, [1, 2, 1, 2, 1], new SamplingParams { Temperature = 1 }, 0);
-        Assert.Null(proposer.Propose(sampled, 10));
+        // A seeded sampled request does not speculate (its tokens must not depend on the batch); an unseeded one does.
+        var seeded = new Sequence("r", 0, [1, 2, 1, 2, 1], new SamplingParams { Temperature = 1, Seed = 3 }, 0);
+        Assert.Null(proposer.Propose(seeded, 10));
+        var unseeded = new Sequence("r", 0, [1, 2, 1, 2, 1], new SamplingParams { Temperature = 1 }, 0);
+        Assert.Equal([2, 1], proposer.Propose(unseeded, 10)!);
+    }
+
+    /// <summary>
+    /// The sampled check keeps each position's distribution the model's: over many draws (a fixed seed), the token at
+    /// position 0 follows row 0 whatever the draft, and the token at position 1, where position 0 kept its draft,
+    /// follows row 1; a draft the model gives no mass is never kept.
+    /// </summary>
+    [Fact]
+    public void Sampled_drafts_keep_the_models_distribution_at_every_position()
+    {
+        float[][] probs = [[0.5f, 0.3f, 0.2f, 0f], [0.1f, 0.6f, 0f, 0.3f], [0.25f, 0.25f, 0.25f, 0.25f]];
+        var random = new Random(11);
+        foreach (int[] drafts in new[] { new[] { 0, 1 }, [1, 3], [2, 2], [3, 0] })
+        {
+            var first = new double[4];
+            var second = new double[4];
+            int n = 200_000, kept0 = 0;
+            for (int k = 0; k < n; k++)
+            {
+                var (accepted, next) = Execution.DraftVerifier.Sampled(probs, drafts, random);
+                first[accepted >= 1 ? drafts[0] : next]++;
+                if (accepted >= 1)
+                {
+                    kept0++;
+                    second[accepted >= 2 ? drafts[1] : next]++;
+                }
+            }
+            for (int t = 0; t < 4; t++)
+            {
+                Assert.True(Math.Abs(first[t] / n - probs[0][t]) < 0.005, $"drafts [{string.Join(",", drafts)}]: token {t} at position 0 came {first[t] / n:F4} of the time, not {probs[0][t]}");
+                if (kept0 > 10_000)
+                    Assert.True(Math.Abs(second[t] / kept0 - probs[1][t]) < 0.01, $"drafts [{string.Join(",", drafts)}]: token {t} at position 1 came {second[t] / kept0:F4} of the time, not {probs[1][t]}");
+            }
+            if (probs[0][drafts[0]] == 0) Assert.Equal(0, kept0);
+        }
+        // Greedy: drafts stand while they are the argmax; the next token is the argmax where one failed.
+        Assert.Equal((1, 7), Execution.DraftVerifier.Greedy([4, 7, 9], [4, 5]));
+        Assert.Equal((2, 9), Execution.DraftVerifier.Greedy([4, 7, 9], [4, 7]));
+        Assert.Equal((0, 4), Execution.DraftVerifier.Greedy([4, 7, 9], [5, 7]));
+    }
+
+    /// <summary>
+    /// Sampled requests speculate too (unseeded): drafts are accepted, and over many requests the output matches the
+    /// plain engine's in what speculation could bias: how often a token is the one prompt lookup predicts (what followed
+    /// the last earlier occurrence of the two tokens before it), and the tokens' frequencies (a two-proportion z-test
+    /// and a two-sample chi-square over the commonest tokens, at thresholds chance alone reaches about once in a
+    /// billion runs).
+    /// </summary>
+    [Fact]
+    public void Sampled_requests_speculate_with_the_plain_engines_token_frequencies()
+    {
+        string[] prompts = Enumerable.Repeat("Once upon a time, there was a little girl named Lily. Lily liked to play. One day, Lily", 256).ToArray();
+        var sampling = new SamplingParams { Temperature = 0.8f, TopP = 0.95f, MaxTokens = 24, IgnoreEos = true };
+        using var plain = Engine(speculate: false);
+        using var spec = Engine(speculate: true);
+        (Dictionary<int, int> Counts, int Predicted, int Predictable) Run(Llm llm)
+        {
+            var outputs = llm.Generate(prompts, sampling);
+            int predicted = 0, predictable = 0;
+            foreach (var o in outputs)
+            {
+                int[] all = [.. o.PromptTokenIds, .. o.Outputs[0].TokenIds];
+                for (int p = o.PromptTokenIds.Count + 1; p < all.Length; p++)
+                {
+                    // What prompt lookup would have proposed at p: the token after the last earlier occurrence of all[p-2..p).
+                    int at = all.AsSpan(0, p - 1).LastIndexOf(all.AsSpan(p - 2, 2));
+                    if (at < 0) continue;
+                    predictable++;
+                    if (all[at + 2] == all[p]) predicted++;
+                }
+            }
+            return (outputs.SelectMany(o => o.Outputs[0].TokenIds.Skip(1)).GroupBy(t => t).ToDictionary(g => g.Key, g => g.Count()), predicted, predictable);
+        }
+        var (a, pa, na0) = Run(plain);
+        var (b, pb, nb0) = Run(spec);
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0, "no draft was accepted");
+        double ra = (double)pa / na0, rb = (double)pb / nb0, pooled = (double)(pa + pb) / (na0 + nb0);
+        double z = (rb - ra) / Math.Sqrt(pooled * (1 - pooled) * (1.0 / na0 + 1.0 / nb0));
+        Assert.True(Math.Abs(z) < 6.5, $"tokens were the lookup's prediction {rb:P1} of the time with speculation and {ra:P1} without (z = {z:F1})");
+        var top = a.Keys.Union(b.Keys).OrderByDescending(t => a.GetValueOrDefault(t) + b.GetValueOrDefault(t)).Take(30).ToList();
+        double chi = 0;
+        long na = a.Values.Sum(), nb = b.Values.Sum();
+        foreach (var bin in top.Select(t => ((double)a.GetValueOrDefault(t), (double)b.GetValueOrDefault(t)))
+                     .Append((na - top.Sum(t => (double)a.GetValueOrDefault(t)), nb - top.Sum(t => (double)b.GetValueOrDefault(t)))))
+        {
+            double total = bin.Item1 + bin.Item2;
+            if (total == 0) continue;
+            double ea = total * na / (na + nb), eb = total * nb / (na + nb);
+            chi += (bin.Item1 - ea) * (bin.Item1 - ea) / ea + (bin.Item2 - eb) * (bin.Item2 - eb) / eb;
+        }
+        Assert.True(chi < 110, $"chi-square {chi:F1} over 31 bins: the speculative engine's token frequencies differ from the plain engine's");
+        EngineHarness.AssertNoLeaks(spec.Engine);
     }
 
     [Theory]

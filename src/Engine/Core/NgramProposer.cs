@@ -12,14 +12,16 @@ namespace LocalVllm.Engine.Core;
 internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN, int maxModelLen)
 {
     /// <summary>
-    /// Whether a sequence's next tokens can be checked against drafts in one step: greedy, with nothing that makes a
-    /// position's choice depend on the tokens accepted before it in the same step (penalties, bad words, a structured
-    /// output constraint) and nothing per token to report (log-probabilities). Other sequences decode as usual.
+    /// Whether a sequence's next tokens can be checked against drafts in one step: nothing may make a position's choice
+    /// depend on the tokens accepted before it in the same step (penalties, bad words, a structured-output constraint),
+    /// nothing is reported per token (log-probabilities), and a sampled request must not be seeded (its tokens would
+    /// then depend on whether the step had room for drafts, that is on what else ran: a seeded request gives the same
+    /// tokens whatever shares its batch). Other sequences decode as usual.
     /// </summary>
     public static bool CanSpeculate(Sequence seq)
     {
         var p = seq.Sampling;
-        return p.IsGreedy && p.Logprobs is null && seq.Constraint is null && seq.BadWordIds is null
+        return (p.IsGreedy || p.Seed is null) && p.Logprobs is null && seq.Constraint is null && seq.BadWordIds is null
             && p.RepetitionPenalty == 1f && p.PresencePenalty == 0f && p.FrequencyPenalty == 0f
             && p.LogitBias is not { Count: > 0 } && p.AllowedTokenIds is not { Count: > 0 };
     }

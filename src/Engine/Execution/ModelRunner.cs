@@ -115,14 +115,14 @@ public sealed class ModelRunner : IDisposable
             {
                 if (batch[i].Drafts is { } drafts)
                 {
-                    // Greedy verification: the model's choice after the last token and after each draft, all from this
-                    // one pass; drafts are kept while they equal the choice before them, and the first choice that
-                    // differs (or the one after the last draft) is the step's sampled token, as a plain run would give.
-                    var choices = GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1);
-                    int j = 0;
-                    while (j < drafts.Length && drafts[j] == choices[j]) j++;
+                    // The model's distribution after the last token and after each draft, all from this one pass: the
+                    // drafts it agrees with stand, and the next token is its own (DraftVerifier).
+                    var seq = batch[i].Sequence;
+                    var (j, next) = seq.Sampling.IsGreedy
+                        ? DraftVerifier.Greedy(GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1), drafts)
+                        : DraftVerifier.Sampled(Probabilities(step.Logits, step.SampleRows[i], drafts.Length + 1, seq.Sampling), drafts, seq.Random);
                     accepted![i] = drafts[..j];
-                    sampled[i] = new SampledToken(choices[j], null);
+                    sampled[i] = new SampledToken(next, null);
                     continue;
                 }
                 samplers.Add(batch[i].Sequence);
@@ -142,6 +142,21 @@ public sealed class ModelRunner : IDisposable
                 promptLogprobs[i] = PromptLogprobs(step.Logits, row, position, count, batch[i].Sequence);
         _counters.SampleTicks += Stopwatch.GetTimestamp() - t1;
         return new ModelRunnerOutput(sampled, promptLogprobs, accepted);
+    }
+
+    /// <summary>
+    /// The probabilities a sampled request draws from (temperature, top-k, top-p and min-p applied, as the sampler
+    /// does) for <paramref name="count"/> logit rows from <paramref name="row"/> on, over the whole vocabulary.
+    /// </summary>
+    private static float[][] Probabilities(Tensor logits, int row, int count, SamplingParams sampling)
+    {
+        using var scope = NewDisposeScope();
+        var rows = logits.narrow(0, row, count);
+        var sorted = Sampler.FilteredProbabilities(rows, Enumerable.Repeat(sampling, count).ToArray(), out var order);
+        var full = zeros_like(sorted).scatter_(1, order, sorted).contiguous();
+        int vocab = (int)full.shape[1];
+        var flat = full.data<float>().ToArray();
+        return Enumerable.Range(0, count).Select(r => flat.AsSpan(r * vocab, vocab).ToArray()).ToArray();
     }
 
     /// <summary>The argmax of <paramref name="count"/> logit rows from <paramref name="row"/> on.</summary>
