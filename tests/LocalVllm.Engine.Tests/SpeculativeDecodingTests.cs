@@ -1,4 +1,5 @@
 using LocalVllm.Engine.Core;
+using LocalVllm.Engine.Execution;
 
 namespace LocalVllm.Engine.Tests;
 
@@ -209,6 +210,42 @@ public sealed class SpeculativeDecodingTests
         EngineHarness.AssertNoLeaks(spec.Engine);
     }
 
+    /// <summary>
+    /// Drafts never take the block another running sequence's next token needs: with one block free, A's drafts (which
+    /// would need it) are dropped and B, which needs it for its next token, decodes without anyone being preempted.
+    /// Stepped by hand on the scheduler (no forward pass), so the counts are exact.
+    /// </summary>
+    [Fact]
+    public void Drafts_never_take_the_block_another_sequences_next_token_needs()
+    {
+        var blocks = new BlockManager(numBlocks: 4, blockSize: 4, enablePrefixCaching: false, salt: 0);
+        var scheduler = new Scheduler(blocks, maxNumBatchedTokens: 64, maxNumSeqs: 8)
+        {
+            Speculation = new NgramProposer(numSpeculativeTokens: 4, minN: 2, maxN: 4, maxModelLen: 1000),
+        };
+        var a = new Sequence("a", 0, [1, 2, 3, 4, 1, 2, 3], EngineHarness.Greedy(100), 0);
+        var b = new Sequence("b", 0, [9, 8, 7, 6], EngineHarness.Greedy(100), 1);
+        scheduler.Add(a);
+        scheduler.Add(b);
+        var first = scheduler.Schedule(); // both prefills: 2 + 1 blocks, one left
+        scheduler.Update(first, [new SampledToken(4, null), new SampledToken(5, null)]);
+        Assert.Equal(1, blocks.NumFreeBlocks);
+
+        // A's lookup finds [1, 2, 3, 4] again (its drafts would need a third block); B's next token needs its second.
+        Assert.Equal([1, 2, 3, 4], scheduler.Speculation!.Propose(a, 64)!);
+        var second = scheduler.Schedule();
+        Assert.Equal(0, scheduler.NumPreemptions);
+        Assert.Equal([("a", 1, false), ("b", 1, false)], second.Select(s => (s.Sequence.RequestId, s.NumNewTokens, s.Drafts is not null)));
+
+        // Alone, A gets its drafts: they need a new block and nobody else is waiting for one.
+        scheduler.Update(second, [new SampledToken(1, null), new SampledToken(5, null)]);
+        scheduler.Finish(b, FinishReasons.Abort);
+        var third = scheduler.Schedule();
+        Assert.NotNull(Assert.Single(third).Drafts);
+        scheduler.Finish(a, FinishReasons.Abort);
+        blocks.CheckInvariants(expectAllFree: true);
+    }
+
     [Fact]
     public void The_proposer_follows_the_latest_earlier_occurrence_of_the_longest_suffix()
     {
@@ -252,7 +289,7 @@ public sealed class SpeculativeDecodingTests
             int n = 200_000, kept0 = 0;
             for (int k = 0; k < n; k++)
             {
-                var (accepted, next) = Execution.DraftVerifier.Sampled(probs, drafts, random);
+                var (accepted, next) = DraftVerifier.Sampled(probs, drafts, random);
                 first[accepted >= 1 ? drafts[0] : next]++;
                 if (accepted >= 1)
                 {
@@ -269,9 +306,9 @@ public sealed class SpeculativeDecodingTests
             if (probs[0][drafts[0]] == 0) Assert.Equal(0, kept0);
         }
         // Greedy: drafts stand while they are the argmax; the next token is the argmax where one failed.
-        Assert.Equal((1, 7), Execution.DraftVerifier.Greedy([4, 7, 9], [4, 5]));
-        Assert.Equal((2, 9), Execution.DraftVerifier.Greedy([4, 7, 9], [4, 7]));
-        Assert.Equal((0, 4), Execution.DraftVerifier.Greedy([4, 7, 9], [5, 7]));
+        Assert.Equal((1, 7), DraftVerifier.Greedy([4, 7, 9], [4, 5]));
+        Assert.Equal((2, 9), DraftVerifier.Greedy([4, 7, 9], [4, 7]));
+        Assert.Equal((0, 4), DraftVerifier.Greedy([4, 7, 9], [5, 7]));
     }
 
     /// <summary>

@@ -74,6 +74,18 @@ public sealed class Scheduler
     /// </summary>
     private bool CanDisplace(Sequence seq) => PriorityScheduling && _running.Count > 0 && seq.Sampling.Priority < Victim().Sampling.Priority;
 
+    /// <summary>
+    /// Whether <paramref name="seq"/>'s next token and <paramref name="numDrafts"/> drafts fit in the free blocks with
+    /// one block left for each of the <paramref name="othersAfter"/> running sequences still to be scheduled: drafts never
+    /// take the block another sequence's next token needs (which would preempt it).
+    /// </summary>
+    private bool DraftsFit(Sequence seq, int numDrafts, int othersAfter)
+    {
+        int needed = Math.Max(0, _blocks.BlocksFor(seq.NumComputedTokens + 1 + numDrafts) - seq.BlockTable.Count);
+        int forToken = Math.Max(0, _blocks.BlocksFor(seq.NumComputedTokens + 1) - seq.BlockTable.Count);
+        return needed == forToken || _blocks.NumFreeBlocks - needed >= othersAfter;
+    }
+
     /// <summary>Takes back the work <paramref name="seq"/> was given earlier in this step, if any (before it is preempted).</summary>
     private void Unschedule(Sequence seq, List<ScheduledSequence> scheduled, ref int budget)
     {
@@ -143,7 +155,7 @@ public sealed class Scheduler
             // and free blocks allow; nobody is preempted to make room for drafts.
             int[]? drafts = Speculation is { } proposer && numNew == 1 && seq.NumTokens - seq.NumComputedTokens == 1 && budget > 1
                 ? proposer.Propose(seq, budget - 1) : null;
-            if (drafts is not null && _blocks.CanAllocate(seq, [], seq.NumComputedTokens + 1 + drafts.Length)) numNew += drafts.Length;
+            if (drafts is not null && DraftsFit(seq, drafts.Length, _running.Count - i - 1)) numNew += drafts.Length;
             else drafts = null;
             bool selfPreempted = false;
             while (!_blocks.CanAllocate(seq, [], seq.NumComputedTokens + numNew))
