@@ -289,7 +289,7 @@ public sealed class SpeculativeDecodingTests
             int n = 200_000, kept0 = 0;
             for (int k = 0; k < n; k++)
             {
-                var (accepted, next) = DraftVerifier.Sampled(probs, drafts, random);
+                var (accepted, next) = DraftVerifier.Sampled(r => probs[r], drafts, random);
                 first[accepted >= 1 ? drafts[0] : next]++;
                 if (accepted >= 1)
                 {

@@ -18,17 +18,20 @@ internal static class DraftVerifier
         return (j, argmax[j]);
     }
 
-    /// <summary>Sampled: <paramref name="probs"/> holds drafts.Count + 1 rows of probabilities over the vocabulary.</summary>
-    public static (int Accepted, int Next) Sampled(float[][] probs, IReadOnlyList<int> drafts, Random random)
+    /// <summary>
+    /// Sampled: <paramref name="probs"/>(i) gives row i's probabilities over the vocabulary (drafts.Count + 1 rows); a
+    /// row is asked for only when the check reaches it, so a draft that fails early spares the rows after it.
+    /// </summary>
+    public static (int Accepted, int Next) Sampled(Func<int, float[]> probs, IReadOnlyList<int> drafts, Random random)
     {
         for (int i = 0; i < drafts.Count; i++)
         {
-            var row = probs[i];
+            var row = probs(i);
             double total = Sum(row), q = row[drafts[i]];
             if (random.NextDouble() * total < q) continue;
             return (i, Draw(row, random.NextDouble() * (total - q), skip: drafts[i]));
         }
-        var last = probs[drafts.Count];
+        var last = probs(drafts.Count);
         return (drafts.Count, Draw(last, random.NextDouble() * Sum(last), skip: -1));
     }
 

@@ -120,7 +120,7 @@ public sealed class ModelRunner : IDisposable
                     var seq = batch[i].Sequence;
                     var (j, next) = seq.Sampling.IsGreedy
                         ? DraftVerifier.Greedy(GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1), drafts)
-                        : DraftVerifier.Sampled(Probabilities(step.Logits, step.SampleRows[i], drafts.Length + 1, seq.Sampling), drafts, seq.Random);
+                        : DraftVerifier.Sampled(r => Probabilities(step.Logits, step.SampleRows[i] + r, seq.Sampling), drafts, seq.Random);
                     accepted![i] = drafts[..j];
                     sampled[i] = new SampledToken(next, null);
                     continue;
@@ -145,18 +145,14 @@ public sealed class ModelRunner : IDisposable
     }
 
     /// <summary>
-    /// The probabilities a sampled request draws from (temperature, top-k, top-p and min-p applied, as the sampler
-    /// does) for <paramref name="count"/> logit rows from <paramref name="row"/> on, over the whole vocabulary.
+    /// The probabilities a sampled request draws from at logit row <paramref name="row"/> (temperature, top-k, top-p and
+    /// min-p applied, as the sampler does), over the whole vocabulary.
     /// </summary>
-    private static float[][] Probabilities(Tensor logits, int row, int count, SamplingParams sampling)
+    private static float[] Probabilities(Tensor logits, int row, SamplingParams sampling)
     {
         using var scope = NewDisposeScope();
-        var rows = logits.narrow(0, row, count);
-        var sorted = Sampler.FilteredProbabilities(rows, Enumerable.Repeat(sampling, count).ToArray(), out var order);
-        var full = zeros_like(sorted).scatter_(1, order, sorted).contiguous();
-        int vocab = (int)full.shape[1];
-        var flat = full.data<float>().ToArray();
-        return Enumerable.Range(0, count).Select(r => flat.AsSpan(r * vocab, vocab).ToArray()).ToArray();
+        var sorted = Sampler.FilteredProbabilities(logits.narrow(0, row, 1), [sampling], out var order);
+        return zeros_like(sorted).scatter_(1, order, sorted).contiguous().data<float>().ToArray();
     }
 
     /// <summary>The argmax of <paramref name="count"/> logit rows from <paramref name="row"/> on.</summary>
