@@ -460,7 +460,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
                 if (body[key] is { } value) chatBody[key] = value.DeepClone();
             var chatRequest = OpenAiChatRequest.Parse(chatBody);
             var (_, chatIds) = _chat.RenderPrompt(chatRequest.Messages, chatRequest.Options(0));
-            await Json(ctx, new JsonObject { ["count"] = chatIds.Length, ["max_model_len"] = chat.MaxModelLen, ["tokens"] = new JsonArray(chatIds.Select(i => (JsonNode?)i).ToArray()) });
+            await Json(ctx, TokenizeResponse(body, chatIds, chat.MaxModelLen));
             return;
         }
         if (body["prompt"] is not JsonValue prompt || prompt.GetValueKind() != JsonValueKind.String)
@@ -469,7 +469,19 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         var engine = Real;
         var tokenizer = engine.Engine.Engine.Tokenizer!;
         var ids = special ? engine.Engine.Engine.EncodePrompt(prompt.GetValue<string>()) : tokenizer.Encode(prompt.GetValue<string>(), addSpecialTokens: false);
-        await Json(ctx, new JsonObject { ["count"] = ids.Length, ["max_model_len"] = engine.MaxModelLen, ["tokens"] = new JsonArray(ids.Select(i => (JsonNode?)i).ToArray()) });
+        await Json(ctx, TokenizeResponse(body, ids, engine.MaxModelLen));
+    }
+
+    /// <summary>/tokenize's answer; with vLLM's <c>return_token_strs</c>, each token as the vocabulary spells it.</summary>
+    private JsonObject TokenizeResponse(JsonObject body, int[] ids, int maxModelLen)
+    {
+        var response = new JsonObject { ["count"] = ids.Length, ["max_model_len"] = maxModelLen, ["tokens"] = new JsonArray(ids.Select(i => (JsonNode?)i).ToArray()) };
+        if (OpenAiChatRequest.Bool(body, "return_token_strs") == true)
+        {
+            var tokenizer = Real.Engine.Engine.Tokenizer!;
+            response["token_strs"] = new JsonArray(ids.Select(i => (JsonNode?)tokenizer.TokenPiece(i)).ToArray());
+        }
+        return response;
     }
 
     private async Task Detokenize(HttpContext ctx)

@@ -50,6 +50,36 @@ public sealed class TokenizerTests
         Assert.False(tok.IsSpecial(tok.AddedTokens["<think>"]));
     }
 
+    /// <summary>
+    /// Tokens as the vocabulary spells them (vLLM's /tokenize return_token_strs): for every vector's ids, the piece
+    /// tokenizer.json's own vocabulary maps to that id (read here independently), for byte-level BPE (Qwen) and
+    /// SentencePiece (Llama 2: ▁ pieces and byte fallback), and added tokens as written.
+    /// </summary>
+    [Theory]
+    [InlineData("qwen3", "qwen2.json")]
+    [InlineData("llama2", "llama-spm.json")]
+    public void Token_pieces_are_the_vocabularys_spelling(string folder, string vectors)
+    {
+        var dir = Path.Combine(Fixtures.Root, "tokenizers", folder);
+        var tok = ModelTokenizer.Load(dir);
+        var json = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tokenizer.json")))!;
+        var byId = json["model"]!["vocab"]!.AsObject().ToDictionary(kv => kv.Value!.GetValue<int>(), kv => kv.Key);
+        foreach (var t in json["added_tokens"]?.AsArray() ?? []) byId[t!["id"]!.GetValue<int>()] = t["content"]!.GetValue<string>();
+        int checkedIds = 0;
+        foreach (var v in Vectors(vectors))
+            foreach (int id in tok.Encode(v!["text"]!.GetValue<string>(), addSpecialTokens: false))
+            {
+                Assert.Equal(byId[id], tok.TokenPiece(id));
+                checkedIds++;
+            }
+        Assert.True(checkedIds > 100);
+        if (folder == "llama2")
+            Assert.Equal(["▁Hello", "▁world", "<0x0A>"], tok.Encode("Hello world\n", addSpecialTokens: false).Select(tok.TokenPiece));
+        else
+            Assert.Equal(["Hello", "Ġworld", "<|im_end|>"], tok.Encode("Hello world<|im_end|>", addSpecialTokens: false).Select(tok.TokenPiece));
+        Assert.Equal("", tok.TokenPiece(-1));
+    }
+
     [Fact]
     public void Llama2_sentencepiece_encodes_the_vectors()
     {

@@ -332,6 +332,13 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.Equal(Fixtures.Ints(Case0["prompt_ids"]), tokens["tokens"]!.AsArray().Select(t => t!.GetValue<int>()));
         var (_, back, _) = await Post("detokenize", new JsonObject { ["tokens"] = tokens["tokens"]!.DeepClone() });
         Assert.Equal(text, back["prompt"]!.GetValue<string>());
+        Assert.Null(tokens["token_strs"]);
+        // vLLM's return_token_strs: each token as the model's vocab.json spells it (read here on its own).
+        var (_, strs, _) = await Post("tokenize", new JsonObject { ["prompt"] = text, ["add_special_tokens"] = false, ["return_token_strs"] = true });
+        var vocab = JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Model("tiny-qwen3-chat"), "tokenizer.json")))!;
+        var byId = vocab["model"]!["vocab"]!.AsObject().ToDictionary(kv => kv.Value!.GetValue<int>(), kv => kv.Key);
+        foreach (var t in vocab["added_tokens"]!.AsArray()) byId[t!["id"]!.GetValue<int>()] = t["content"]!.GetValue<string>();
+        Assert.Equal(Fixtures.Ints(Case0["prompt_ids"]).Select(id => byId[id]), strs["token_strs"]!.AsArray().Select(s => s!.GetValue<string>()));
 
         // The chat form renders the messages with the template: the fixture's prompt ids (made by transformers).
         var (_, chat, _) = await Post("tokenize", new JsonObject

@@ -18,6 +18,7 @@ public sealed class ModelTokenizer
     private readonly HashSet<int> _special;
     private readonly bool _sentencePiece;
     private SentencePieceBpe? _spm;
+    private string[] _pieces = [];
 
     private ModelTokenizer(Tokenizer inner, byte[][] tokenBytes, HashSet<int> special, bool sentencePiece,
         IReadOnlyDictionary<string, int> addedTokens, int? bosId, bool addBos, bool addEos, int? eosId)
@@ -51,6 +52,13 @@ public sealed class ModelTokenizer
 
     /// <summary>The raw bytes of token <paramref name="id"/> (SentencePiece's ▁ as a space; empty when unknown).</summary>
     public ReadOnlySpan<byte> TokenBytes(int id) => id >= 0 && id < _tokenBytes.Length ? _tokenBytes[id] : [];
+
+    /// <summary>
+    /// A token as the vocabulary spells it (Hugging Face's <c>convert_ids_to_tokens</c>): byte-level BPE's mapped
+    /// characters (<c>Ġthe</c>), SentencePiece's pieces (<c>▁the</c>, <c>&lt;0x0A&gt;</c>), added tokens as written;
+    /// empty for an id the tokenizer does not know.
+    /// </summary>
+    public string TokenPiece(int id) => id >= 0 && id < _pieces.Length ? _pieces[id] ?? "" : "";
 
     /// <summary>Encodes text; special tokens written in the text become their ids; BOS/EOS added as the config says.</summary>
     public int[] Encode(string text, bool addSpecialTokens = true)
@@ -215,9 +223,12 @@ public sealed class ModelTokenizer
         foreach (var (token, id) in vocab) bytes[id] = ByteLevel.ToBytes(token);
         foreach (var (token, id) in added) bytes[id] = Encoding.UTF8.GetBytes(token);
         for (int i = 0; i < size; i++) bytes[i] ??= [];
+        var pieces = new string[size];
+        foreach (var (token, id) in vocab) pieces[id] = token;
+        foreach (var (token, id) in added) pieces[id] = token;
 
         var (bos, addBos, eos, addEos) = SpecialIds(config, added, dir, defaultAddBos: false);
-        return new ModelTokenizer(inner, bytes, special, false, added, bos, addBos, addEos, eos);
+        return new ModelTokenizer(inner, bytes, special, false, added, bos, addBos, addEos, eos) { _pieces = pieces };
     }
 
     private static ModelTokenizer LoadSentencePiece(string path, JsonObject? config, TokenizerFiles dir)
@@ -250,9 +261,13 @@ public sealed class ModelTokenizer
         var (bos, addBos, eos, addEos) = SpecialIds(config, added, dir, defaultAddBos: true);
         bos ??= inner.BeginningOfSentenceId;
         eos ??= inner.EndOfSentenceId;
+        var pieces = new string[size];
+        foreach (var (piece, id) in inner.Vocabulary) pieces[id] = piece;
+        foreach (var (content, id) in added) if (id < size) pieces[id] = content;
         return new ModelTokenizer(inner, bytes, special, true, added, bos, addBos, addEos, eos)
         {
             _spm = new SentencePieceBpe(File.ReadAllBytes(path), inner.AddDummyPrefix),
+            _pieces = pieces,
         };
     }
 
