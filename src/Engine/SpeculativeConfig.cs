@@ -9,7 +9,9 @@ namespace LocalVllm.Engine;
 /// keeps as many as the model agrees with, plus the model's next token: a greedy request's output is the same as
 /// without it, and a sampled request's tokens have the same distribution (each draft stands with the probability the
 /// model gives it). Where the text repeats what the context holds, several tokens come out of one forward pass.
-/// Requests with penalties, bad words, log-probabilities, a structured-output constraint or a seed decode as usual.
+/// Greedy requests under a structured-output constraint speculate too (drafts cut where the grammar refuses them or
+/// forces what follows). Requests with penalties, bad words, log-probabilities or a seed, and sampled ones under a
+/// constraint, decode as usual.
 /// </summary>
 public sealed record SpeculativeConfig
 {

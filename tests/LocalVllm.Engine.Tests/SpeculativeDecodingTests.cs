@@ -13,8 +13,8 @@ public sealed class SpeculativeDecodingTests
 {
     private static readonly SpeculativeConfig Ngram = new() { NumSpeculativeTokens = 4, PromptLookupMax = 4, PromptLookupMin = 2 };
 
-    private static Llm Engine(bool speculate, Action<EngineOptions>? configure = null) =>
-        new(EngineHarness.Options("stories260K", o =>
+    private static Llm Engine(bool speculate, Action<EngineOptions>? configure = null, string model = "stories260K") =>
+        new(EngineHarness.Options(model, o =>
         {
             if (speculate) o.Speculative = Ngram;
             configure?.Invoke(o);
@@ -145,6 +145,38 @@ public sealed class SpeculativeDecodingTests
             Assert.Equal(x.TokenIds, y.TokenIds);
             Assert.Equal((x.Text, x.FinishReason, x.StopReason), (y.Text, y.FinishReason, y.StopReason));
         }
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>
+    /// Greedy requests under a structured-output constraint speculate too: drafts are cut where the grammar refuses them
+    /// or forces what comes next (jump-forward's part), each row is checked under the mask its drafts lead to, and the
+    /// output is the plain engine's, token for token (a JSON array of objects with repeated values: the lookup predicts them; on the
+    /// Qwen3 tokenizer, where jump-forward writes the key names).
+    /// </summary>
+    [Fact]
+    public void Constrained_greedy_output_is_the_plain_engines_with_drafts_accepted()
+    {
+        const string schema = """
+            {"type": "array", "minItems": 6, "maxItems": 8, "items": {"type": "object", "additionalProperties": false,
+             "required": ["dessert_of_the_day", "served_warm"],
+             "properties": {"dessert_of_the_day": {"enum": ["apple pie", "banana bread", "cherry tart"]}, "served_warm": {"type": "boolean"}}}}
+            """;
+        string[] prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog"];
+        var sampling = new SamplingParams { Temperature = 0, MaxTokens = 300, StructuredOutputs = StructuredOutputs.ForJsonSchema(schema) };
+        using var plain = Engine(speculate: false, model: "tiny-qwen3-chat");
+        using var spec = Engine(speculate: true, model: "tiny-qwen3-chat");
+        var x = plain.Generate(prompts, sampling);
+        var y = spec.Generate(prompts, sampling);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(x[i].Outputs[0].TokenIds, y[i].Outputs[0].TokenIds);
+            Assert.Equal(x[i].Outputs[0].Text, y[i].Outputs[0].Text);
+            Assert.Equal(x[i].Outputs[0].FinishReason, y[i].Outputs[0].FinishReason);
+            Assert.True(Json.Schema.JsonSchema.FromText(schema).Evaluate(System.Text.Json.JsonDocument.Parse(y[i].Outputs[0].Text).RootElement).IsValid, y[i].Outputs[0].Text);
+        }
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0, "no draft was accepted");
+        Assert.True(spec.Engine.Counters.JumpForwardTokens > 0, "nothing was jumped forward: the test does not cover drafts beside jump-forward");
         EngineHarness.AssertNoLeaks(spec.Engine);
     }
 

@@ -21,7 +21,10 @@ internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN
     public static bool CanSpeculate(Sequence seq)
     {
         var p = seq.Sampling;
-        return (p.IsGreedy || p.Seed is null) && p.Logprobs is null && seq.Constraint is null && seq.BadWordIds is null
+        // A structured-output constraint: greedy only, and only once it applies (not inside a reasoning section); drafts
+        // are then cut where the grammar refuses them, and each row is checked under the mask its drafts lead to.
+        bool constraintOk = seq.Constraint is null || (p.IsGreedy && seq.Constraint is { Active: true, Dead: false });
+        return (p.IsGreedy || p.Seed is null) && p.Logprobs is null && constraintOk && seq.BadWordIds is null
             && p.RepetitionPenalty == 1f && p.PresencePenalty == 0f && p.FrequencyPenalty == 0f
             && p.LogitBias is not { Count: > 0 } && p.AllowedTokenIds is not { Count: > 0 };
     }
@@ -46,8 +49,25 @@ internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN
             int at = tokens[..(length - 1)].LastIndexOf(tokens[(length - n)..]);
             if (at < 0) continue;
             int from = at + n, count = Math.Min(limit, length - from);
-            return tokens.Slice(from, count).ToArray();
+            var drafts = tokens.Slice(from, count).ToArray();
+            return seq.Constraint is { } constraint ? AllowedPrefix(drafts, constraint) : drafts;
         }
         return null;
+    }
+
+    /// <summary>
+    /// The drafts up to the first that the grammar refuses, that would end the sequence, or after which the grammar
+    /// forces bytes (null when none is left). A plain run appends forced tokens after such a token instead of sampling
+    /// the next (jump-forward), so no draft may follow it, and it may not be a draft itself: a draft is always followed
+    /// by a token the step samples. Left for the step's own token, it is followed by jump-forward as in a plain run.
+    /// </summary>
+    private static int[]? AllowedPrefix(int[] drafts, Structured.SequenceConstraint constraint)
+    {
+        var matcher = constraint.Matcher.Clone();
+        int keep = 0;
+        while (keep < drafts.Length && !constraint.EndTokens.Contains(drafts[keep]) && matcher.TryAdvance(drafts[keep])
+               && matcher.ForcedBytes(1).Length == 0)
+            keep++;
+        return keep == 0 ? null : drafts[..keep];
     }
 }

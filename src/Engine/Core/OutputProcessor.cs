@@ -133,6 +133,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
                         CheckStop(seq, seq.Tokens[k], k + 1);
                         if (seq.Status == SequenceStatus.Finished) seq.TruncateTo(k + 1);
                     }
+                    JumpForward(seq, seq.Tokens[^1]); // what a constraint forces after the step's last token, as after a plain step
                 }
                 else
                 {

@@ -11,11 +11,26 @@ namespace LocalVllm.Engine.Execution;
 internal static class DraftVerifier
 {
     /// <summary>Greedy: how many drafts stand, and the token after them (the argmax where the first one failed, or after the last).</summary>
-    public static (int Accepted, int Next) Greedy(IReadOnlyList<int> argmax, IReadOnlyList<int> drafts)
+    public static (int Accepted, int Next) Greedy(IReadOnlyList<int> argmax, IReadOnlyList<int> drafts) => Greedy(j => argmax[j], drafts);
+
+    /// <summary>
+    /// Greedy, with row j's choice computed when the check reaches it (after drafts 0 .. j-1 stood): a structured-output
+    /// constraint's mask for row j depends on them. A choice of -1 means row j allows no token at all: the drafts before
+    /// the last are kept and the last becomes the step's token, so the step gives what a plain run gives before it
+    /// finds the dead end (one step later, as a plain run would).
+    /// </summary>
+    public static (int Accepted, int Next) Greedy(Func<int, int> choice, IReadOnlyList<int> drafts)
     {
-        int j = 0;
-        while (j < drafts.Count && drafts[j] == argmax[j]) j++;
-        return (j, argmax[j]);
+        for (int j = 0; ; j++)
+        {
+            int c = choice(j);
+            if (c < 0)
+            {
+                if (j == 0) throw new InvalidOperationException("The first row of a draft check must have a choice.");
+                return (j - 1, drafts[j - 1]);
+            }
+            if (j == drafts.Count || drafts[j] != c) return (j, c);
+        }
     }
 
     /// <summary>

@@ -118,9 +118,11 @@ public sealed class ModelRunner : IDisposable
                     // The model's distribution after the last token and after each draft, all from this one pass: the
                     // drafts it agrees with stand, and the next token is its own (DraftVerifier).
                     var seq = batch[i].Sequence;
-                    var (j, next) = seq.Sampling.IsGreedy
-                        ? DraftVerifier.Greedy(GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1), drafts)
-                        : DraftVerifier.Sampled(r => Probabilities(step.Logits, step.SampleRows[i] + r, seq.Sampling), drafts, seq.Random);
+                    var (j, next) = !seq.Sampling.IsGreedy
+                        ? DraftVerifier.Sampled(r => Probabilities(step.Logits, step.SampleRows[i] + r, seq.Sampling), drafts, seq.Random)
+                        : seq.Constraint is { } constraint
+                            ? DraftVerifier.Greedy(ConstrainedChoices(step.Logits, step.SampleRows[i], seq, constraint, drafts), drafts)
+                            : DraftVerifier.Greedy(GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1), drafts);
                     accepted![i] = drafts[..j];
                     sampled[i] = new SampledToken(next, null);
                     continue;
@@ -153,6 +155,37 @@ public sealed class ModelRunner : IDisposable
         using var scope = NewDisposeScope();
         var sorted = Sampler.FilteredProbabilities(logits.narrow(0, row, 1), [sampling], out var order);
         return zeros_like(sorted).scatter_(1, order, sorted).contiguous().data<float>().ToArray();
+    }
+
+    /// <summary>
+    /// Row j's greedy choice under a structured-output constraint: the argmax over the tokens the grammar allows after
+    /// the first j drafts (a copy of the matcher advanced through them as the check goes), with the end tokens where
+    /// the match is complete and MinTokens is met, as the sampler masks a plain step. -1 when it allows none.
+    /// </summary>
+    private static Func<int, int> ConstrainedChoices(Tensor logits, int row, Sequence seq, Structured.SequenceConstraint constraint, int[] drafts)
+    {
+        var matcher = constraint.Matcher.Clone();
+        int advanced = 0, vocab = (int)logits.shape[1];
+        var words = new ulong[Math.Max((vocab + 63) / 64, matcher.Vocabulary.Words)];
+        return j =>
+        {
+            while (advanced < j) matcher.TryAdvance(drafts[advanced++]); // drafts the proposer checked against the grammar
+            Array.Clear(words);
+            matcher.FillMask(words);
+            if (matcher.IsAccepting && seq.NumOutputTokens + j >= seq.Sampling.MinTokens)
+                foreach (int t in constraint.EndTokens)
+                    if (t < vocab) words[t >> 6] |= 1UL << t;
+            using var r = logits[row + j];
+            var x = r.to_type(ScalarType.Float32).cpu().data<float>().ToArray();
+            int best = -1;
+            for (int w = 0; w < words.Length && w * 64 < vocab; w++)
+                for (ulong bits = words[w]; bits != 0; bits &= bits - 1)
+                {
+                    int t = w * 64 + System.Numerics.BitOperations.TrailingZeroCount(bits);
+                    if (t < vocab && (best < 0 || x[t] > x[best])) best = t;
+                }
+            return best;
+        };
     }
 
     /// <summary>The argmax of <paramref name="count"/> logit rows from <paramref name="row"/> on.</summary>
