@@ -24,11 +24,7 @@ internal static class DraftVerifier
         for (int j = 0; ; j++)
         {
             int c = choice(j);
-            if (c < 0)
-            {
-                if (j == 0) throw new InvalidOperationException("The first row of a draft check must have a choice.");
-                return (j - 1, drafts[j - 1]);
-            }
+            if (c < 0) return (j - 1, drafts[j - 1]); // never for row 0, whose choice always exists
             if (j == drafts.Count || drafts[j] != c) return (j, c);
         }
     }

@@ -184,6 +184,14 @@ public sealed class ModelRunner : IDisposable
                     int t = w * 64 + System.Numerics.BitOperations.TrailingZeroCount(bits);
                     if (t < vocab && (best < 0 || x[t] > x[best])) best = t;
                 }
+            if (best < 0 && j == 0)
+            {
+                // Nothing allowed now (the proposer's check makes this impossible, but as the sampler does): the
+                // constraint is marked dead and the request fails with that reason when its token is processed.
+                constraint.Dead = true;
+                best = 0;
+                for (int t = 1; t < vocab; t++) if (x[t] > x[best]) best = t;
+            }
             return best;
         };
     }
