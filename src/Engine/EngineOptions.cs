@@ -139,6 +139,14 @@ public sealed class EngineOptions
     public string SchedulingPolicy { get; set; } = "fcfs";
 
     /// <summary>
+    /// The engine's seed (vLLM's <c>--seed</c>): requests without a seed of their own get their random streams from it,
+    /// in the order they arrive, so the same requests sent in the same order sample the same tokens from one run of the
+    /// engine to the next (what else shares a step can still change them; a request's own seed is exact). Null (the
+    /// default): each is seeded at random.
+    /// </summary>
+    public int? Seed { get; set; }
+
+    /// <summary>
     /// Speculative decoding by prompt lookup (vLLM's <c>--speculative-config '{"method": "ngram", ...}'</c>), or null (the
     /// default) for none. Greedy output is the same either way; see <see cref="Engine.SpeculativeConfig"/>.
     /// </summary>

@@ -77,6 +77,13 @@ public sealed class ServerOptions
                                       the default), vllm (none: temperature 1, no cuts), or a folder holding one
           --override-generation-config JSON  sampling defaults laid over those, e.g. '{"temperature": 0.5}'
                                       (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)
+          --seed N                    seed the random streams of requests that have none (same requests, same order:
+                                      same tokens from run to run)
+          --download-dir D            where hub downloads go (default: the Hugging Face cache); --hf-token T for gated ones
+          --tensor-parallel-size 1    accepted as 1 (also -pp, -dp): one engine on one device per server
+          --enable-chunked-prefill, --enforce-eager, --trust-remote-code
+                                      accepted: chunked prefill is always on, nothing is graph-captured, and no model
+                                      code is ever run from a repository
           --speculative-config JSON   speculative decoding by prompt lookup (greedy output unchanged), e.g.
                                       '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
@@ -168,6 +175,19 @@ public sealed class ServerOptions
                 case "--enable-prefix-caching": o.Engine.EnablePrefixCaching = true; break;
                 case "--no-enable-prefix-caching": o.Engine.EnablePrefixCaching = false; break;
                 case "--shutdown-timeout": o.ShutdownTimeout = TimeSpan.FromSeconds(Int()); break;
+                case "--seed": o.Engine.Seed = Int(); break;
+                case "--download-dir": o.Engine.Hub = (o.Engine.Hub ?? new()) with { CacheDir = Value() }; break;
+                case "--hf-token": o.Engine.Hub = (o.Engine.Hub ?? new()) with { Token = Value() }; break;
+                case "--tensor-parallel-size" or "-tp" or "--pipeline-parallel-size" or "-pp" or "--data-parallel-size" or "-dp":
+                    if (Int() != 1)
+                        throw new ArgumentException($"{flag} must be 1: a server runs one engine on one device; run several servers behind a load balancer to scale out (README, \"Scaling out\").");
+                    break;
+                // vLLM command lines often carry these; what they ask for is how this engine always works: chunked prefill
+                // is always on, nothing is captured into graphs (eager), and no model code is ever loaded from a repository.
+                case "--enable-chunked-prefill" or "--enforce-eager" or "--trust-remote-code": break;
+                case "--gpu-memory-utilization":
+                    Value();
+                    throw new ArgumentException("--gpu-memory-utilization is not served: size the KV cache with --kv-cache-memory (e.g. 8G) or --num-gpu-blocks-override.");
                 case "--help" or "-h": throw new ArgumentException("help");
                 default: throw new ArgumentException($"Unknown option '{args[i]}'.");
             }

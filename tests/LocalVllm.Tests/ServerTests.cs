@@ -1054,6 +1054,8 @@ public sealed class ServerOverloadTests
     [InlineData(new string[0], "--model is required")]
     [InlineData(new[] { "--model", "m", "--frobnicate" }, "Unknown option '--frobnicate'")]
     [InlineData(new[] { "--model", "m", "--port" }, "--port needs a value")]
+    [InlineData(new[] { "--model", "m", "--tensor-parallel-size", "2" }, "--tensor-parallel-size must be 1")]
+    [InlineData(new[] { "--model", "m", "--gpu-memory-utilization", "0.9" }, "size the KV cache with --kv-cache-memory")]
     [InlineData(new[] { "--model", "m", "--speculative-config", "{\"method\": \"eagle\"}" }, "Speculative method 'eagle' is not served")]
     [InlineData(new[] { "--model", "m", "--kv-cache-memory", "lots" }, "--kv-cache-memory needs a size")]
     [InlineData(new[] { "--model", "m", "--tool-call-parser", "pythonic" }, "--tool-call-parser 'pythonic' is not supported")]
@@ -1079,7 +1081,10 @@ public sealed class ServerOverloadTests
             "--block-size", "32", "--max-model-len", "4096", "--kv-cache-memory", "1.5G", "--dtype", "bf16", "--served-model-name", "qwen", "--no-enable-prefix-caching",
             "--weight-dtype", "bf16", "--quantization", "int8", "--stream-interval", "4", "--chat-template", "{{ messages[0].content }}",
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser=qwen3", "--max-logprobs", "5",
-            "--speculative-config", """{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}"""]);
+            "--speculative-config", """{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}""",
+            "--seed", "7", "--download-dir", "/tmp/hub", "--hf-token", "hf_x", "-tp", "1", "--pipeline-parallel-size=1",
+            "--enable-chunked-prefill", "--enforce-eager", "--trust-remote-code"]);
+        Assert.Equal((7, "/tmp/hub", "hf_x"), (o.Engine.Seed, o.Engine.Hub!.CacheDir, o.Engine.Hub.Token));
         Assert.Equal(("Qwen/Qwen3-0.6B", 9000, "qwen", "127.0.0.1"), (o.Model, o.Port, o.ServedModelName, o.Host));
         Assert.Equal((4, "{{ messages[0].content }}", "hermes", 5), (o.Engine.StreamInterval, o.Engine.ChatTemplate, o.ToolCallParser, o.Engine.MaxLogprobs));
         Assert.Equal(("bfloat16", "int8"), (o.Engine.WeightDType, o.Engine.Quantization));

@@ -60,7 +60,7 @@ public sealed class LlmEngine : IDisposable
         ChatTemplate = Text.Templating.ChatTemplate.Load(Directory.Path, options.ChatTemplate);
         if (Tokenizer is { } tok) _vocabulary = new Lazy<Structured.TokenVocabulary>(() => new Structured.TokenVocabulary(tok, Math.Max(c.VocabSize, tok.Count)));
         _outputs = new OutputProcessor(Scheduler, Tokenizer, new HashSet<int>(Directory.EosTokenIds), MaxModelLen, Counters, _logger,
-            _vocabulary is null ? null : () => _vocabulary.Value, options.EnableJumpForward, options.StreamInterval);
+            _vocabulary is null ? null : () => _vocabulary.Value, options.EnableJumpForward, options.StreamInterval, options.Seed);
         EngineMetrics.Register(this);
         WarmUp(options.PinnedPrefixes.Select(p => (IReadOnlyList<int>)EncodePrompt(p)).Concat(options.PinnedPrefixTokenIds));
     }

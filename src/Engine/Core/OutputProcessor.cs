@@ -16,8 +16,11 @@ namespace LocalVllm.Engine.Core;
 /// its blocks. Owned by the engine thread.
 /// </summary>
 internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? tokenizer, IReadOnlySet<int> eos, int maxModelLen, EngineCounters counters, ILogger logger,
-    Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true, int streamInterval = 1)
+    Func<TokenVocabulary>? vocabulary = null, bool jumpForward = true, int streamInterval = 1, int? seed = null)
 {
+    // The engine's seed (vLLM's --seed): unseeded requests' random streams are drawn from it in arrival order, so the same
+    // requests in the same order sample the same tokens from one run to the next. Without it, each is seeded at random.
+    private readonly Random? _seeds = seed is int s ? new Random(s) : null;
     private readonly Dictionary<string, Request> _requests = [];
     private Func<string, int[]>? _encode; // the tokenizer's encoding for jump-forward, one delegate for all tokens
 
@@ -52,7 +55,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
-            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now) { BadWordIds = badWords };
+            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now, _seeds?.NextInt64()) { BadWordIds = badWords };
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
             if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop, sampling.IncludeStopStrInOutput);

@@ -17,7 +17,7 @@ public sealed class Sequence
     private int[] _output = new int[16];
     private int _outputCount;
 
-    internal Sequence(string requestId, int index, int[] promptTokenIds, SamplingParams sampling, long arrivalTicks)
+    internal Sequence(string requestId, int index, int[] promptTokenIds, SamplingParams sampling, long arrivalTicks, long? unseededSeed = null)
     {
         RequestId = requestId;
         Index = index;
@@ -25,7 +25,7 @@ public sealed class Sequence
         Sampling = sampling;
         _tokens = [.. promptTokenIds];
         ArrivalTicks = arrivalTicks;
-        long seed = sampling.Seed is long s ? s + index : Random.Shared.NextInt64();
+        long seed = sampling.Seed is long s ? s + index : unseededSeed ?? Random.Shared.NextInt64();
         Random = new Random(unchecked((int)(seed ^ (seed >> 32))));
     }
 
