@@ -72,13 +72,14 @@ var serveRepeat = new Option<int>("--repeat") { Description = "rounds (in-proces
 var waves = new Option<int>("--waves") { Description = "requests each client sends one after another per round (longer rounds, steadier figures)", DefaultValueFactory = _ => 1 };
 var streamInterval = new Option<int>("--stream-interval") { Description = "the engine's StreamInterval (vLLM's --stream-interval) for both paths", DefaultValueFactory = _ => 1 };
 var cpuByThread = new Option<bool>("--cpu-by-thread") { Description = "print each run's CPU time by thread name" };
+var serveHttp2 = new Option<bool>("--http2") { Description = "serve HTTP/2 without TLS and send every client's stream over one connection" };
 var serveApi = new Option<string>("--api") { Description = "completions (token-id prompts) or chat (the chat client in-process, /v1/chat/completions over HTTP)", DefaultValueFactory = _ => "completions" };
 var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback against the same engine in-process: throughput and time to first token")
 {
-    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, serveApi, threads, json,
+    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, serveApi, threads, json, serveHttp2,
 };
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
-    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json))));
+    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json), r.GetValue(serveHttp2))));
 
 var prSize = new Option<string>("--size") { Description = "stories (default), qwen3-0.6b or a model directory", DefaultValueFactory = _ => "stories" };
 var prBackground = new Option<int>("--background") { Description = "background requests, all sent at the start", DefaultValueFactory = _ => 64 };

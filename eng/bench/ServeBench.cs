@@ -21,7 +21,8 @@ namespace LocalVllm.Bench;
 /// </summary>
 internal static class ServeBench
 {
-    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, string Api, int? Threads, string? Json);
+    public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, string Api, int? Threads, string? Json,
+        bool Http2 = false);
 
     public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds, long Tokens, Dictionary<string, double> CpuMs);
 
@@ -29,7 +30,7 @@ internal static class ServeBench
     {
         TorchRuntime.Configure();
         var model = WithTokenizer(BenchModels.Resolve(s.Size));
-        var options = new ServerOptions { Model = model, Port = 0 };
+        var options = new ServerOptions { Model = model, Port = 0, Http2Cleartext = s.Http2 };
         options.Engine.EnablePrefixCaching = false;
         options.Engine.KvCacheMemoryBytes = 1L << 30;
         options.Engine.NumThreads = s.Threads;
@@ -42,7 +43,14 @@ internal static class ServeBench
         server.StartAsync().GetAwaiter().GetResult();
         try
         {
-            using var http = new HttpClient { BaseAddress = server.BaseAddress, Timeout = TimeSpan.FromMinutes(30) };
+            // HTTP/2 (--http2): every client's stream on one connection, as a multiplexing proxy or client sends them.
+            using var http = s.Http2
+                ? new HttpClient(new SocketsHttpHandler { EnableMultipleHttp2Connections = false })
+                {
+                    BaseAddress = server.BaseAddress, Timeout = TimeSpan.FromMinutes(30),
+                    DefaultRequestVersion = System.Net.HttpVersion.Version20, DefaultVersionPolicy = HttpVersionPolicy.RequestVersionExact,
+                }
+                : new HttpClient { BaseAddress = server.BaseAddress, Timeout = TimeSpan.FromMinutes(30) };
             var engine = server.Engine.Engine;
             int vocab = engine.Engine.Model.Config.VocabSize;
             var rng = new Random(0);
@@ -226,10 +234,14 @@ internal static class ServeBench
     private static async Task<(long Tokens, double TtftMs)> StreamOverHttp(HttpClient http, string path, JsonObject body)
     {
         long start = Stopwatch.GetTimestamp();
-        using var request = new HttpRequestMessage(HttpMethod.Post, path) { Content = new StringContent(body.ToJsonString(), Encoding.UTF8) };
+        using var request = new HttpRequestMessage(HttpMethod.Post, path)
+        {
+            Content = new StringContent(body.ToJsonString(), Encoding.UTF8), Version = http.DefaultRequestVersion, VersionPolicy = http.DefaultVersionPolicy,
+        };
         request.Content.Headers.ContentType = new MediaTypeHeaderValue("application/json");
         using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
-        response.EnsureSuccessStatusCode();
+        if (!response.IsSuccessStatusCode)
+            throw new HttpRequestException($"{(int)response.StatusCode} from {path}: {await response.Content.ReadAsStringAsync()}");
         using var stream = await response.Content.ReadAsStreamAsync();
         var buffer = new byte[64 * 1024];
         int read = await stream.ReadAsync(buffer);

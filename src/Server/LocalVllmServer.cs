@@ -67,7 +67,12 @@ public sealed class LocalVllmServer : IAsyncDisposable
             k.Listen(address, options.Port, listen =>
             {
                 if (options.SslCertFile is { } cert)
+                {
+                    listen.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http1AndHttp2;
                     listen.UseHttps(System.Security.Cryptography.X509Certificates.X509Certificate2.CreateFromPemFile(cert, options.SslKeyFile));
+                }
+                else if (options.Http2Cleartext)
+                    listen.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http2;
             });
             k.Limits.MaxRequestBodySize = options.MaxRequestBodyBytes;
         });

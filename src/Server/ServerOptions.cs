@@ -39,6 +39,12 @@ public sealed class ServerOptions
     public List<string> AllowedMethods { get; set; } = ["*"];
     public List<string> AllowedHeaders { get; set; } = ["*"];
     public bool AllowCredentials { get; set; }
+    /// <summary>
+    /// Serve HTTP/2 without TLS (prior knowledge, h2c) instead of HTTP/1.1: many streams share one connection, so a proxy
+    /// or client that multiplexes sends one socket write for the events of many streams. With TLS, HTTP/2 is offered
+    /// beside HTTP/1.1 (ALPN) whatever this says.
+    /// </summary>
+    public bool Http2Cleartext { get; set; }
     /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
     public string? SslCertFile { get; set; }
     public string? SslKeyFile { get; set; }
@@ -93,7 +99,8 @@ public sealed class ServerOptions
           --reasoning-parser P        qwen3 | deepseek_r1: <think>...</think> becomes reasoning_content (always on)
           --allowed-origins JSON      CORS origins, a JSON list (default ["*"]); --allowed-methods, --allowed-headers
                                       likewise (default ["*"]); --allow-credentials lets browsers send credentials
-          --ssl-certfile F --ssl-keyfile K  serve HTTPS with this PEM certificate and key
+          --ssl-certfile F --ssl-keyfile K  serve HTTPS with this PEM certificate and key (HTTP/1.1 and HTTP/2)
+          --http2                     serve HTTP/2 without TLS (prior knowledge) instead of HTTP/1.1
           --root-path P               the path prefix of a reverse proxy in front (e.g. /llm)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
@@ -147,6 +154,7 @@ public sealed class ServerOptions
                 case "--allowed-methods": o.AllowedMethods = JsonList(flag, Value()); break;
                 case "--allowed-headers": o.AllowedHeaders = JsonList(flag, Value()); break;
                 case "--allow-credentials": o.AllowCredentials = true; break;
+                case "--http2": o.Http2Cleartext = true; break;
                 case "--ssl-certfile": o.SslCertFile = Value(); break;
                 case "--root-path":
                     string root = Value();

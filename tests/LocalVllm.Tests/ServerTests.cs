@@ -984,6 +984,57 @@ public sealed class ServerOverloadTests
     }
 
     /// <summary>--ssl-certfile and --ssl-keyfile serve HTTPS with that certificate (a self-signed one made here).</summary>
+    /// <summary>
+    /// --http2 serves HTTP/2 without TLS (prior knowledge): many streamed completions over one connection give the
+    /// reference text, as HTTP/1.1 does, and an HTTP/1.1 request is refused by Kestrel with a 400 that says why.
+    /// </summary>
+    [Fact]
+    public async Task Http2_without_tls_multiplexes_streams_on_one_connection()
+    {
+        var c = Fixtures.Reference("stories260K")["cases"]![0]!;
+        var greedy = Fixtures.Ints(c["greedy_ids"]);
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M", "--http2"]));
+        await server.StartAsync();
+        int connections = 0;
+        using var handler = new SocketsHttpHandler
+        {
+            EnableMultipleHttp2Connections = false,
+            ConnectCallback = async (context, token) =>
+            {
+                Interlocked.Increment(ref connections);
+                var socket = new System.Net.Sockets.Socket(System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp) { NoDelay = true };
+                await socket.ConnectAsync(context.DnsEndPoint, token);
+                return new System.Net.Sockets.NetworkStream(socket, ownsSocket: true);
+            },
+        };
+        using var http = new HttpClient(handler) { BaseAddress = server.BaseAddress };
+        var body = new JsonObject
+        {
+            ["prompt"] = new JsonArray(Fixtures.Ints(c["prompt_ids"]).Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = greedy.Length,
+            ["temperature"] = 0, ["ignore_eos"] = true, ["stream"] = true,
+        };
+        async Task<string> Stream()
+        {
+            using var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions")
+            {
+                Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"),
+                Version = HttpVersion.Version20, VersionPolicy = HttpVersionPolicy.RequestVersionExact,
+            };
+            using var response = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+            Assert.Equal((HttpStatusCode.OK, HttpVersion.Version20), (response.StatusCode, response.Version));
+            var events = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+            Assert.Equal("data: [DONE]", events[^1]);
+            return string.Concat(events[..^1].Select(e => JsonNode.Parse(e["data: ".Length..])!["choices"]![0]!["text"]!.GetValue<string>()));
+        }
+        var texts = await Task.WhenAll(Enumerable.Range(0, 8).Select(_ => Stream()));
+        Assert.All(texts, t => Assert.Equal(c["greedy_text"]!.GetValue<string>(), t));
+        Assert.Equal(1, connections);
+
+        using var plain = new HttpClient { BaseAddress = server.BaseAddress };
+        var h1 = await plain.PostAsync("v1/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        Assert.Equal(HttpStatusCode.BadRequest, h1.StatusCode);
+    }
+
     [Fact]
     public async Task Https_is_served_with_the_given_pem_certificate_and_key()
     {
@@ -1006,6 +1057,9 @@ public sealed class ServerOverloadTests
             using var health = await http.GetAsync("health");
             Assert.Equal(HttpStatusCode.OK, health.StatusCode);
             Assert.Equal(cert.Thumbprint, seen);
+            // HTTP/2 is offered beside HTTP/1.1 (ALPN): a client that asks for it gets it.
+            using var h2 = await http.SendAsync(new HttpRequestMessage(HttpMethod.Get, "health") { Version = HttpVersion.Version20, VersionPolicy = HttpVersionPolicy.RequestVersionExact });
+            Assert.Equal((HttpStatusCode.OK, HttpVersion.Version20), (h2.StatusCode, h2.Version));
 
             Assert.Contains("needs both --ssl-certfile and --ssl-keyfile", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--ssl-certfile", certFile])).Message);
             Assert.Contains("--ssl-keyfile: no such file", Assert.Throws<ArgumentException>(() => ServerOptions.Parse(["--model", "m", "--ssl-certfile", certFile, "--ssl-keyfile", keyFile + ".missing"])).Message);
