@@ -9,32 +9,59 @@ using Microsoft.Extensions.AI;
 namespace LocalVllm.Server;
 
 /// <summary>
-/// OpenAI's Responses API (<c>POST /v1/responses</c>), as vLLM serves it without a response store: the request's
-/// <c>instructions</c> and <c>input</c> items become the same chat messages a chat completion would carry, run through
-/// the same chat client, and the reply comes back as output items (reasoning, a message, function calls), whole or as
-/// the API's typed stream events. Nothing is kept after the response: <c>previous_response_id</c> is refused and every
-/// response says <c>"store": false</c>, so clients (Microsoft.Extensions.AI's among them) send the whole conversation.
+/// OpenAI's Responses API (<c>POST /v1/responses</c>), as vLLM serves it: the request's <c>instructions</c> and
+/// <c>input</c> items become the same chat messages a chat completion would carry, run through the same chat client,
+/// and the reply comes back as output items (reasoning, a message, function calls), whole or as the API's typed stream
+/// events. By default nothing is kept after the response: <c>previous_response_id</c> is refused and every response
+/// says <c>"store": false</c>, so clients (Microsoft.Extensions.AI's among them) send the whole conversation. With the
+/// response store on (<see cref="ServerOptions.ResponsesStoreSize"/>, vLLM's <c>VLLM_ENABLE_RESPONSES_API_STORE</c>),
+/// stored responses keep their conversation in memory, so a request may continue one by id (the prefix cache still
+/// holds its tokens), and GET and DELETE by id answer.
 /// </summary>
 internal sealed partial class OpenAiEndpoints
 {
+    private readonly ResponsesStore? _responses = options.ResponsesStoreSize > 0 ? new ResponsesStore(options.ResponsesStoreSize) : null;
+
     private async Task Responses(HttpContext ctx)
     {
         var body = await ReadBody(ctx);
         CheckModel(body);
-        var request = OpenAiResponsesRequest.Parse(body);
+        var request = OpenAiResponsesRequest.Parse(body, storeEnabled: _responses is not null);
+        // The conversation so far: a stored response's (its instructions are not carried over, as OpenAI's are not),
+        // then this request's input; this request's instructions go first.
+        var conversation = new List<ChatMessage>();
+        if (request.PreviousResponseId is { } previous)
+            conversation.AddRange(_responses!.Find(previous)?.Conversation ?? throw new ApiException(404,
+                $"Response '{previous}' is not in the store (never stored, deleted, or among the oldest dropped at {options.ResponsesStoreSize} kept).", "NotFoundError", "previous_response_id"));
+        conversation.AddRange(request.Input);
+        List<ChatMessage> messages = request.Instructions is { } system ? [system, .. conversation] : conversation;
+        bool store = _responses is not null && request.Store;
         if (request.Options.MaxOutputTokens is int max && max >= chat.MaxModelLen)
             throw new ApiException(400, $"max_output_tokens = {max} does not fit in this model's context of {chat.MaxModelLen} tokens (prompt included).", param: "max_output_tokens");
         if (request.Logprobs && engine is null) throw new ApiException(400, "logprobs are not available from this server's engine.", param: "include");
-        var response = new ResponseAssembler($"resp_{Guid.NewGuid():N}", DateTimeOffset.UtcNow.ToUnixTimeSeconds(), ModelName, request.Echo);
+        var response = new ResponseAssembler($"resp_{Guid.NewGuid():N}", DateTimeOffset.UtcNow.ToUnixTimeSeconds(), ModelName, request.Echo)
+        {
+            Stored = store, PreviousResponseId = request.PreviousResponseId,
+        };
         var turn = new ChatTurn(engine, request.Logprobs, 0);
         // The first update comes before any byte is sent, so an overloaded engine or a bad request still gets its status.
-        await using var updates = _chat.GetStreamingResponseAsync(request.Messages, request.Options, ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted);
+        await using var updates = _chat.GetStreamingResponseAsync(messages, request.Options, ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted);
         bool any = await updates.MoveNextAsync();
+        void Keep(JsonObject finished)
+        {
+            if (!store) return;
+            var kept = new List<ChatMessage>(conversation);
+            var output = finished["output"]!.AsArray();
+            for (int i = 0; i < output.Count; i++) OpenAiResponsesRequest.AddItem(kept, output[i], i);
+            _responses!.Add(finished["id"]!.GetValue<string>(), finished, kept);
+        }
         if (!request.Stream)
         {
             for (; any; any = await updates.MoveNextAsync())
                 foreach (var delta in turn.Add(updates.Current)) response.Add(delta);
-            await Json(ctx, response.Finish(turn));
+            var whole = response.Finish(turn);
+            Keep(whole);
+            await Json(ctx, whole);
             return;
         }
 
@@ -56,7 +83,7 @@ internal sealed partial class OpenAiEndpoints
                 foreach (var delta in turn.Add(updates.Current)) response.Add(delta);
                 await Flush(ctx);
             }
-            response.Finish(turn);
+            Keep(response.Finish(turn));
         }
         catch (Exception e) when (!ctx.RequestAborted.IsCancellationRequested)
         {
@@ -68,15 +95,77 @@ internal sealed partial class OpenAiEndpoints
         await Flush(ctx);
     }
 
-    private static Task StoredResponse(HttpContext ctx) => throw new ApiException(404,
-        "This server does not store responses (as vLLM without its response store): send the whole conversation as 'input' instead of fetching or chaining by id.",
-        "NotFoundError", "response_id");
+    /// <summary>GET (the stored response) and DELETE by id, when the store is on.</summary>
+    private Task StoredResponse(HttpContext ctx)
+    {
+        if (_responses is null)
+            throw new ApiException(404,
+                "This server does not store responses (as vLLM without its response store; start it with --enable-responses-store): send the whole conversation as 'input' instead of fetching or chaining by id.",
+                "NotFoundError", "response_id");
+        string id = ctx.Request.RouteValues["id"]?.ToString() ?? "";
+        if (ctx.Request.RouteValues.ContainsKey("action"))
+            throw new ApiException(404, $"'{ctx.Request.Path}' is not served: a stored response can be fetched (GET /v1/responses/{{id}}) and deleted (DELETE).", "NotFoundError");
+        if (HttpMethods.IsDelete(ctx.Request.Method))
+            return _responses.Remove(id)
+                ? Json(ctx, new JsonObject { ["id"] = id, ["object"] = "response", ["deleted"] = true })
+                : throw new ApiException(404, $"Response '{id}' is not in the store.", "NotFoundError", "response_id");
+        return _responses.Find(id) is { } found
+            ? Json(ctx, found.Response)
+            : throw new ApiException(404, $"Response '{id}' is not in the store (never stored, deleted, or among the oldest dropped at {options.ResponsesStoreSize} kept).", "NotFoundError", "response_id");
+    }
+}
+
+/// <summary>
+/// Stored responses of <c>/v1/responses</c>, in memory, the oldest dropped past a capacity: each with the conversation
+/// it ended (input and output as chat messages) so that a request may continue it. Safe across requests.
+/// </summary>
+internal sealed class ResponsesStore(int capacity)
+{
+    public sealed record Entry(JsonObject Response, IReadOnlyList<ChatMessage> Conversation);
+
+    private readonly Dictionary<string, LinkedListNode<(string Id, Entry Entry)>> _byId = [];
+    private readonly LinkedList<(string Id, Entry Entry)> _order = new(); // oldest first
+
+    public void Add(string id, JsonObject response, IReadOnlyList<ChatMessage> conversation)
+    {
+        lock (_byId)
+        {
+            _byId[id] = _order.AddLast((id, new Entry((JsonObject)response.DeepClone(), conversation)));
+            while (_byId.Count > capacity)
+            {
+                _byId.Remove(_order.First!.Value.Id);
+                _order.RemoveFirst();
+            }
+        }
+    }
+
+    public Entry? Find(string id)
+    {
+        lock (_byId) return _byId.TryGetValue(id, out var node) ? node.Value.Entry : null;
+    }
+
+    public bool Remove(string id)
+    {
+        lock (_byId)
+        {
+            if (!_byId.Remove(id, out var node)) return false;
+            _order.Remove(node);
+            return true;
+        }
+    }
 }
 
 /// <summary>A <c>/v1/responses</c> body read into chat messages and options (the chat completion's, so both behave alike).</summary>
 internal sealed class OpenAiResponsesRequest
 {
-    public required List<ChatMessage> Messages { get; init; }
+    /// <summary>The request's <c>instructions</c> as a system message (not kept with a stored conversation), or null.</summary>
+    public ChatMessage? Instructions { get; init; }
+    /// <summary>The request's <c>input</c> items as chat messages.</summary>
+    public required List<ChatMessage> Input { get; init; }
+    /// <summary>The stored response this one continues (only with the store on).</summary>
+    public string? PreviousResponseId { get; init; }
+    /// <summary>OpenAI's <c>store</c> (true unless the request says false).</summary>
+    public bool Store { get; init; } = true;
     public required ChatOptions Options { get; init; }
     public required bool Stream { get; init; }
     /// <summary><c>include: ["message.output_text.logprobs"]</c>: output text carries its tokens' log-probabilities.</summary>
@@ -96,13 +185,16 @@ internal sealed class OpenAiResponsesRequest
         "store", "metadata", "user", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
     ];
 
-    public static OpenAiResponsesRequest Parse(JsonObject body)
+    public static OpenAiResponsesRequest Parse(JsonObject body, bool storeEnabled = false)
     {
         foreach (var (key, _) in body)
             if (!Known.Contains(key)) throw new ApiException(400, $"Unknown or unsupported field '{key}'.", param: key);
-        foreach (var stateful in new[] { "previous_response_id", "conversation", "prompt" })
+        foreach (var stateful in storeEnabled ? new[] { "conversation", "prompt" } : ["previous_response_id", "conversation", "prompt"])
             if (body[stateful] is { } v && v.GetValueKind() != JsonValueKind.Null)
-                throw new ApiException(400, $"'{stateful}' needs responses or prompts stored on the server, and this server stores none (as vLLM without its store): send the whole conversation as 'input'.", param: stateful);
+                throw new ApiException(400, storeEnabled
+                    ? $"'{stateful}' needs conversations or prompts kept on the server, which this server does not keep: continue a stored response with 'previous_response_id', or send the whole conversation as 'input'."
+                    : $"'{stateful}' needs responses or prompts stored on the server, and this server stores none (as vLLM without its store; start it with --enable-responses-store): send the whole conversation as 'input'.", param: stateful);
+        string? previous = body["previous_response_id"] is JsonValue p && p.GetValueKind() == JsonValueKind.String ? p.GetValue<string>() : null;
         if (OpenAiChatRequest.Bool(body, "background") == true)
             throw new ApiException(400, "'background' responses need a response store, which this server does not keep.", param: "background");
         if (body["max_tool_calls"] is { } maxToolCalls && maxToolCalls.GetValueKind() != JsonValueKind.Null)
@@ -135,10 +227,11 @@ internal sealed class OpenAiResponsesRequest
         if (body["tool_choice"] is { } toolChoice) chatBody["tool_choice"] = ChatToolChoice(toolChoice);
         if (body["text"] is JsonObject text && text["format"] is JsonObject format) chatBody["response_format"] = ChatResponseFormat(format);
 
-        var messages = new List<ChatMessage>();
+        ChatMessage? system = null;
         if (body["instructions"] is { } instructions && instructions.GetValueKind() != JsonValueKind.Null)
-            messages.Add(new ChatMessage(ChatRole.System, instructions is JsonValue iv && iv.GetValueKind() == JsonValueKind.String
-                ? iv.GetValue<string>() : throw new ApiException(400, "'instructions' must be a string.", param: "instructions")));
+            system = new ChatMessage(ChatRole.System, instructions is JsonValue iv && iv.GetValueKind() == JsonValueKind.String
+                ? iv.GetValue<string>() : throw new ApiException(400, "'instructions' must be a string.", param: "instructions"));
+        var messages = new List<ChatMessage>();
         switch (body["input"])
         {
             case JsonValue v when v.GetValueKind() == JsonValueKind.String:
@@ -170,7 +263,8 @@ internal sealed class OpenAiResponsesRequest
         };
         return new OpenAiResponsesRequest
         {
-            Messages = messages, Options = options, Stream = OpenAiChatRequest.Bool(body, "stream") ?? false, Logprobs = logprobs, Echo = echo,
+            Instructions = system, Input = messages, PreviousResponseId = previous, Store = OpenAiChatRequest.Bool(body, "store") ?? true,
+            Options = options, Stream = OpenAiChatRequest.Bool(body, "stream") ?? false, Logprobs = logprobs, Echo = echo,
         };
     }
 
@@ -179,7 +273,7 @@ internal sealed class OpenAiResponsesRequest
     /// one another are one assistant turn (as the model produced them and the chat template renders them); each
     /// function call's output is a tool message.
     /// </summary>
-    private static void AddItem(List<ChatMessage> messages, JsonNode? node, int index)
+    internal static void AddItem(List<ChatMessage> messages, JsonNode? node, int index)
     {
         if (node is not JsonObject item) throw new ApiException(400, $"input[{index}] is not an object.", param: "input");
         string type = item["type"] is JsonValue t && t.GetValueKind() == JsonValueKind.String ? t.GetValue<string>() : item["role"] is not null ? "message" : "";
@@ -320,6 +414,10 @@ internal sealed class ResponseAssembler(string id, long createdAt, string model,
 
     /// <summary>Writes one stream event (its type, and its data, to which the type and sequence number are added).</summary>
     public Action<string, JsonObject>? Emit { get; set; }
+    /// <summary>Whether the response is kept in the server's store (its <c>store</c> field).</summary>
+    public bool Stored { get; init; }
+    /// <summary>The stored response this one continues, or null.</summary>
+    public string? PreviousResponseId { get; init; }
 
     private void Event(string type, JsonObject data)
     {
@@ -335,8 +433,8 @@ internal sealed class ResponseAssembler(string id, long createdAt, string model,
         var response = new JsonObject
         {
             ["id"] = id, ["object"] = "response", ["created_at"] = createdAt, ["status"] = status, ["background"] = false, ["error"] = null,
-            ["incomplete_details"] = incomplete, ["model"] = model, ["output"] = _output.DeepClone(), ["previous_response_id"] = null,
-            ["store"] = false, ["truncation"] = "disabled", ["usage"] = usage,
+            ["incomplete_details"] = incomplete, ["model"] = model, ["output"] = _output.DeepClone(), ["previous_response_id"] = PreviousResponseId,
+            ["store"] = Stored, ["truncation"] = "disabled", ["usage"] = usage,
         };
         foreach (var (key, value) in echo) response[key] = value?.DeepClone();
         return response;

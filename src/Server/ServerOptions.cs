@@ -45,6 +45,12 @@ public sealed class ServerOptions
     /// beside HTTP/1.1 (ALPN) whatever this says.
     /// </summary>
     public bool Http2Cleartext { get; set; }
+    /// <summary>
+    /// Keep responses of <c>/v1/responses</c> that ask to be stored (OpenAI's default) in memory, up to this many (the
+    /// oldest go first), so that <c>previous_response_id</c>, GET and DELETE by id work (vLLM's
+    /// <c>VLLM_ENABLE_RESPONSES_API_STORE</c>). 0 (the default): nothing is kept and every response says it was not stored.
+    /// </summary>
+    public int ResponsesStoreSize { get; set; }
     /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
     public string? SslCertFile { get; set; }
     public string? SslKeyFile { get; set; }
@@ -101,6 +107,8 @@ public sealed class ServerOptions
                                       likewise (default ["*"]); --allow-credentials lets browsers send credentials
           --ssl-certfile F --ssl-keyfile K  serve HTTPS with this PEM certificate and key (HTTP/1.1 and HTTP/2)
           --http2                     serve HTTP/2 without TLS (prior knowledge) instead of HTTP/1.1
+          --enable-responses-store    keep the last 1,000 stored /v1/responses in memory (previous_response_id, GET and
+                                      DELETE by id); --responses-store-size N keeps N
           --root-path P               the path prefix of a reverse proxy in front (e.g. /llm)
           --shutdown-timeout SECONDS  on SIGTERM, how long in-flight requests may finish before they are aborted (default 30)
         """;
@@ -155,6 +163,8 @@ public sealed class ServerOptions
                 case "--allowed-headers": o.AllowedHeaders = JsonList(flag, Value()); break;
                 case "--allow-credentials": o.AllowCredentials = true; break;
                 case "--http2": o.Http2Cleartext = true; break;
+                case "--enable-responses-store": o.ResponsesStoreSize = 1000; break;
+                case "--responses-store-size": o.ResponsesStoreSize = Int(); break;
                 case "--ssl-certfile": o.SslCertFile = Value(); break;
                 case "--root-path":
                     string root = Value();

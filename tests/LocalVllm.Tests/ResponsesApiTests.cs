@@ -433,4 +433,99 @@ public sealed class ScriptedResponsesApiTests
         Assert.Equal("It is sun", failed["output"]![0]!["content"]![0]!["text"]!.GetValue<string>());
         Assert.Equal("response.output_item.done", events[^2]["type"]!.GetValue<string>());
     }
+    /// <summary>
+    /// With the response store on, Microsoft.Extensions.AI's client (which then continues by id) sends only what is new,
+    /// and the server rebuilds the conversation: the second prompt holds the question, the call and the result.
+    /// </summary>
+    [Fact]
+    public async Task With_the_store_on_a_tool_round_trip_continues_by_id_and_the_server_keeps_the_conversation()
+    {
+        var engine = new ScriptedEngine([Thought, Call], ["It is ", "sunny", "."]);
+        var server = LocalVllmServer.CreateOverChatEngine(new ServerOptions { Model = "scripted", Port = 0, ResponsesStoreSize = 10 }, engine);
+        await server.StartAsync();
+        await using var _ = server;
+        var sent = new List<string>();
+        using var recorder = new RecordingHandler(sent);
+        var responses = new ResponsesClient(new ApiKeyCredential("unused"), new ResponsesClientOptions
+        {
+            Endpoint = new Uri(server.BaseAddress, "v1"), Transport = new System.ClientModel.Primitives.HttpClientPipelineTransport(new HttpClient(recorder)),
+        }).AsIChatClient(engine.ModelId);
+        int invoked = 0;
+        var tool = AIFunctionFactory.Create((string city) => { invoked++; return $"sunny in {city}"; }, "get_weather");
+        using var client = new ChatClientBuilder(responses).UseFunctionInvocation().Build();
+        var response = await client.GetResponseAsync([new(ChatRole.User, "Weather in Paris?")], new ChatOptions { Tools = [tool] });
+
+        Assert.Equal((1, "It is sunny."), (invoked, response.Text));
+        Assert.NotNull(response.ConversationId); // stored: the client may continue by id
+        Assert.Equal(2, sent.Count);
+        var second = JsonNode.Parse(sent[1])!;
+        Assert.StartsWith("resp_", second["previous_response_id"]!.GetValue<string>());
+        Assert.DoesNotContain("Weather in Paris?", sent[1]); // only the tool's result went over the wire
+        // ...and the server rebuilt the rest: the question, the assistant's call and the result, in the template.
+        Assert.StartsWith(engine.Prompts[0][..engine.Prompts[0].LastIndexOf("<|im_start|>assistant", StringComparison.Ordinal)], engine.Prompts[1]);
+        Assert.Contains(Call, engine.Prompts[1]);
+        Assert.Contains("<tool_response>", engine.Prompts[1]);
+    }
+
+    private sealed class RecordingHandler(List<string> bodies) : DelegatingHandler(new HttpClientHandler())
+    {
+        protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            if (request.Method == HttpMethod.Post && request.Content is not null) bodies.Add(await request.Content.ReadAsStringAsync(cancellationToken));
+            return await base.SendAsync(request, cancellationToken);
+        }
+    }
+
+    /// <summary>
+    /// The store by hand: stored responses are fetched and deleted by id, a continuation gets its own instructions and
+    /// not the earlier ones (as OpenAI's), "store": false keeps nothing, the oldest go past the store's size, and an id
+    /// not in the store is a 404 naming the field.
+    /// </summary>
+    [Fact]
+    public async Task Stored_responses_are_fetched_continued_deleted_and_dropped_oldest_first()
+    {
+        var engine = new ScriptedEngine(["One."], ["Two."], ["Three."], ["Four."], ["Five."]);
+        var server = LocalVllmServer.CreateOverChatEngine(new ServerOptions { Model = "scripted", Port = 0, ResponsesStoreSize = 2 }, engine);
+        await server.StartAsync();
+        await using var _ = server;
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        async Task<(HttpStatusCode, JsonObject)> Send(HttpMethod method, string path, JsonObject? body = null)
+        {
+            using var request = new HttpRequestMessage(method, path) { Content = body is null ? null : new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json") };
+            using var response = await http.SendAsync(request);
+            return (response.StatusCode, (JsonObject)JsonNode.Parse(await response.Content.ReadAsStringAsync())!);
+        }
+
+        var (_, first) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["instructions"] = "Be brief.", ["input"] = "Count." });
+        string id1 = first["id"]!.GetValue<string>();
+        Assert.True(first["store"]!.GetValue<bool>());
+        var (status, fetched) = await Send(HttpMethod.Get, $"v1/responses/{id1}");
+        Assert.Equal(HttpStatusCode.OK, status);
+        Assert.Equal(first.ToJsonString(), fetched.ToJsonString());
+
+        var (_, second) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["instructions"] = "Be loud.", ["input"] = "Again.", ["previous_response_id"] = id1 });
+        Assert.Equal(id1, second["previous_response_id"]!.GetValue<string>());
+        Assert.Contains("Count.", engine.Prompts[1]);
+        Assert.Contains("One.", engine.Prompts[1]);
+        Assert.Contains("Be loud.", engine.Prompts[1]);
+        Assert.DoesNotContain("Be brief.", engine.Prompts[1]);
+
+        var (_, unstored) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["input"] = "Quiet.", ["store"] = false });
+        Assert.False(unstored["store"]!.GetValue<bool>());
+        Assert.Equal(HttpStatusCode.NotFound, (await Send(HttpMethod.Get, $"v1/responses/{unstored["id"]}")).Item1);
+
+        // Deleting, then the size: two kept, the oldest dropped first.
+        var (deletedStatus, deleted) = await Send(HttpMethod.Delete, $"v1/responses/{id1}");
+        Assert.Equal((HttpStatusCode.OK, true), (deletedStatus, deleted["deleted"]!.GetValue<bool>()));
+        Assert.Equal(HttpStatusCode.NotFound, (await Send(HttpMethod.Get, $"v1/responses/{id1}")).Item1);
+        var (_, fourth) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["input"] = "4" });
+        var (_, fifth) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["input"] = "5" });
+        Assert.Equal(HttpStatusCode.NotFound, (await Send(HttpMethod.Get, $"v1/responses/{second["id"]}")).Item1);
+        Assert.Equal(HttpStatusCode.OK, (await Send(HttpMethod.Get, $"v1/responses/{fourth["id"]}")).Item1);
+        Assert.Equal(HttpStatusCode.OK, (await Send(HttpMethod.Get, $"v1/responses/{fifth["id"]}")).Item1);
+
+        var (missingStatus, missing) = await Send(HttpMethod.Post, "v1/responses", new JsonObject { ["input"] = "x", ["previous_response_id"] = "resp_nope" });
+        Assert.Equal(HttpStatusCode.NotFound, missingStatus);
+        Assert.Equal("previous_response_id", missing["error"]!["param"]!.GetValue<string>());
+    }
 }
