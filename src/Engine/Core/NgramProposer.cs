@@ -25,6 +25,7 @@ internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN
         // are then cut where the grammar refuses them, and each row is checked under the mask its drafts lead to.
         bool constraintOk = seq.Constraint is null || (p.IsGreedy && seq.Constraint is { Active: true, Dead: false });
         return (p.IsGreedy || p.Seed is null) && p.Logprobs is null && constraintOk && seq.BadWordIds is null
+            && seq.NumOutputTokens >= p.MinTokens // before min_tokens, EOS and stop tokens are masked row by row
             && p.RepetitionPenalty == 1f && p.PresencePenalty == 0f && p.FrequencyPenalty == 0f
             && p.LogitBias is not { Count: > 0 } && p.AllowedTokenIds is not { Count: > 0 };
     }

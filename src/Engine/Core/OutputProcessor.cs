@@ -52,10 +52,14 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
                 .Select(w => tokenizer.Encode(w, addSpecialTokens: false)).Where(t => t.Length > 0)
                 .DistinctBy(t => string.Join(",", t)).ToArray();
         }
+        // min_tokens, as vLLM applies it: until that many tokens are out, EOS and the stop token ids cannot be sampled.
+        int[]? minTokensStop = sampling.MinTokens > 0
+            ? [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()]
+            : null;
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
-            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now, _seeds?.NextInt64()) { BadWordIds = badWords };
+            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now, _seeds?.NextInt64()) { BadWordIds = badWords, MinTokensStopIds = minTokensStop };
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
             if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop, sampling.IncludeStopStrInOutput);

@@ -65,6 +65,8 @@ public sealed class Sequence
     /// <summary>Streams the output as text, when the engine has a tokenizer.</summary>
     internal IncrementalDetokenizer? Detokenizer { get; set; }
     internal long? FirstTokenTicks { get; set; }
+    /// <summary>The tokens that may not be sampled before <see cref="SamplingParams.MinTokens"/> (EOS unless ignored, stop token ids), or null.</summary>
+    internal int[]? MinTokensStopIds { get; set; }
     /// <summary>The token sequences of <see cref="SamplingParams.BadWords"/> (shared by a request's sequences), or null.</summary>
     internal int[][]? BadWordIds { get; set; }
     /// <summary>When the scheduler first admitted the sequence (the end of its time in the queue).</summary>

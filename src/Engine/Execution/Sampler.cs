@@ -172,8 +172,8 @@ public sealed class Sampler
     [ThreadStatic] private static ulong[]? t_words;
 
     /// <summary>
-    /// The allowed-token mask, logit bias, then repetition (prompt and output), presence and frequency (output)
-    /// penalties, applied to a copy.
+    /// The allowed-token mask, min_tokens (EOS and stop token ids cannot be sampled before it), logit bias, then
+    /// repetition (prompt and output), presence and frequency (output) penalties, applied to a copy.
     /// </summary>
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
     {
@@ -184,6 +184,8 @@ public sealed class Sampler
             bool rep = p.RepetitionPenalty != 1f, pres = p.PresencePenalty != 0f, freq = p.FrequencyPenalty != 0f, bias = p.LogitBias is { Count: > 0 };
             bool allowed = p.AllowedTokenIds is { Count: > 0 };
             var banned = seqs[i].BadWordIds is { } badWords ? BannedNext(badWords, seqs[i].OutputTokens()) : null;
+            if (seqs[i].MinTokensStopIds is { Length: > 0 } stops && seqs[i].NumOutputTokens < p.MinTokens)
+                (banned ??= []).AddRange(stops.Where(t => t < logits.shape[1]));
             if (!rep && !pres && !freq && !bias && !allowed && banned is null) continue;
             result ??= logits.clone();
             using var row = result[i];
