@@ -164,7 +164,12 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         {
             var completed = await Task.WhenAll(Enumerable.Range(0, request.N).Select(i => RunTurn(request, i, ctx.RequestAborted)));
             var choices = new JsonArray();
-            foreach (var t in completed) choices.Add(t.ToChoice());
+            foreach (var t in completed)
+            {
+                var choice = t.ToChoice();
+                if (request.Echo is { } echoed) choice["message"]!["content"] = echoed + (choice["message"]!["content"]?.GetValue<string>() ?? "");
+                choices.Add(choice);
+            }
             var usage = Usage(completed.Select(t => t.Usage).ToList());
             var response = new JsonObject
             {
@@ -194,7 +199,11 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
                 if (streams.First(i)?.RawRepresentation is RequestOutput first) turns[i].PromptTokens = first.PromptTokenIds.Count;
             chunks.ContinuousUsage = i => (turns[i].PromptTokens, turns[i].CompletionTokens);
         }
-        for (int i = 0; i < streams.Count; i++) chunks.WriteRole(i);
+        for (int i = 0; i < streams.Count; i++)
+        {
+            chunks.WriteRole(i);
+            if (request.Echo is { Length: > 0 } echoed) chunks.Write(i, new ChatTurn.DeltaEvent("content", echoed, null, null), null); // vLLM's echo
+        }
         await Flush(ctx);
 
         // The completions stream side by side: each one's updates are written as they come, tagged with its index.

@@ -19,6 +19,11 @@ internal sealed class OpenAiChatRequest
     public bool ContinuousUsage { get; init; }
     /// <summary>vLLM's <c>prompt_logprobs</c> was asked for (returned at the top of a non-streamed response).</summary>
     public bool PromptLogprobs { get; init; }
+    /// <summary>
+    /// vLLM's <c>echo</c>: the text of the last message, when it is the assistant's (a prefilled reply continued with
+    /// <c>continue_final_message</c>), which the reply's content starts with; null otherwise.
+    /// </summary>
+    public string? Echo { get; init; }
     public required int N { get; init; }
     public required bool Logprobs { get; init; }
     private ChatOptions _options = new();
@@ -37,6 +42,7 @@ internal sealed class OpenAiChatRequest
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
         "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs",
+        "echo",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -129,9 +135,11 @@ internal sealed class OpenAiChatRequest
 
         int n = Int(body, "n") ?? 1;
         if (n < 1) throw new ApiException(400, $"n = {n}: it must be at least 1.", param: "n");
+        var parsed = messages.Select((m, i) => Message(m, i)).ToList();
         return new OpenAiChatRequest
         {
-            Messages = messages.Select((m, i) => Message(m, i)).ToList(),
+            Echo = (Bool(body, "echo") ?? false) && parsed[^1].Role == ChatRole.Assistant ? parsed[^1].Text : null,
+            Messages = parsed,
             Stream = Bool(body, "stream") ?? false,
             IncludeUsage = IncludeUsageOf(body),
             ContinuousUsage = ContinuousUsageOf(body),

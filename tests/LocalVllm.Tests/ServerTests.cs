@@ -570,6 +570,20 @@ public sealed class ServerTests(ServerFixture fixture) : IClassFixture<ServerFix
         Assert.True(status == HttpStatusCode.OK, json.ToJsonString());
         Assert.Equal(rest, json["choices"]![0]!["message"]!["content"]!.GetValue<string>());
 
+        // vLLM's echo: the reply starts with the prefill, streamed or not.
+        var echoBody = (JsonObject)body.DeepClone();
+        echoBody["echo"] = true;
+        var (_, echoed, _) = await Post("v1/chat/completions", echoBody);
+        Assert.Equal(prefill + rest, echoed["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+        echoBody["stream"] = true;
+        using (var streamed = await fixture.Http.PostAsync("v1/chat/completions", new StringContent(echoBody.ToJsonString(), Encoding.UTF8, "application/json")))
+        {
+            var events = (await streamed.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries).SkipLast(1)
+                .Select(e => JsonNode.Parse(e["data: ".Length..])!).ToList();
+            Assert.Equal(prefill, events[1]["choices"]![0]!["delta"]!["content"]!.GetValue<string>()); // right after the role
+            Assert.Equal(prefill + rest, string.Concat(events.Select(e => e["choices"]![0]!["delta"]!["content"]?.GetValue<string>())));
+        }
+
         var tokenize = new JsonObject { ["model"] = "tiny-qwen3-chat", ["messages"] = body["messages"]!.DeepClone(), ["continue_final_message"] = true,
             ["add_generation_prompt"] = false, ["chat_template_kwargs"] = new JsonObject { ["enable_thinking"] = false } };
         (status, json, _) = await Post("tokenize", tokenize);
