@@ -141,6 +141,14 @@ public sealed class AsyncLlmEngine : IDisposable
         return done.Task;
     }
 
+    /// <summary>Embeddings of token-id prompts (<see cref="LlmEngine.Embed"/>), computed on the engine thread between steps.</summary>
+    public async Task<float[][]> EmbedAsync(IReadOnlyList<IReadOnlyList<int>> prompts, EmbeddingPooling pooling = EmbeddingPooling.Last, bool normalize = true)
+    {
+        float[][]? result = null;
+        await InvokeAsync(e => result = e.Embed(prompts, pooling, normalize)).ConfigureAwait(false);
+        return result!;
+    }
+
     /// <summary>Runs <paramref name="action"/> on the engine thread between steps (for stats, tests and tools).</summary>
     public Task InvokeAsync(Action<LlmEngine> action)
     {

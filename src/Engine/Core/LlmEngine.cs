@@ -207,6 +207,47 @@ public sealed class LlmEngine : IDisposable
         return outputs;
     }
 
+    /// <summary>
+    /// Embeddings of <paramref name="prompts"/> (token ids): each prompt's final hidden states (after the model's last
+    /// norm) pooled as <paramref name="pooling"/> says and, with <paramref name="normalize"/>, scaled to unit length
+    /// (vLLM's embedding pooler). Each prompt runs as one pass through the paged cache in blocks taken from the free
+    /// pool and given back at once (nothing enters the prefix cache); called on the engine's thread between steps.
+    /// Throws <see cref="ArgumentException"/> for an empty or too long prompt or a token outside the vocabulary, and
+    /// <see cref="EngineOverloadedException"/> when the free blocks cannot hold a prompt now.
+    /// </summary>
+    public float[][] Embed(IReadOnlyList<IReadOnlyList<int>> prompts, EmbeddingPooling pooling = EmbeddingPooling.Last, bool normalize = true)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
+        var result = new float[prompts.Count][];
+        for (int i = 0; i < prompts.Count; i++)
+        {
+            var ids = prompts[i];
+            if (ids.Count == 0) throw new ArgumentException($"Embedding input {i} is empty.", nameof(prompts));
+            if (ids.Count > MaxModelLen)
+                throw new ArgumentException($"Embedding input {i} has {ids.Count} tokens, more than the context length of {MaxModelLen}.", nameof(prompts));
+            int vocab = Model.Config.VocabSize;
+            foreach (int t in ids)
+                if (t < 0 || t >= vocab) throw new ArgumentException($"Embedding input {i} holds token id {t}, outside the vocabulary (0..{vocab - 1}).", nameof(prompts));
+            var seq = new Sequence($"embed-{Interlocked.Increment(ref _nextId)}", 0, [.. ids], new SamplingParams { MaxTokens = 1 }, 0);
+            if (!Blocks.CanAllocate(seq, [], ids.Count))
+                throw new EngineOverloadedException($"The KV cache has no room for a {ids.Count}-token embedding input now ({Blocks.NumFreeBlocks} free blocks); retry later.");
+            Blocks.Allocate(seq, [], ids.Count);
+            try
+            {
+                using var scope = NewDisposeScope();
+                var hidden = _runner.PromptHiddenStates(seq); // [tokens, hidden]
+                var pooled = pooling == EmbeddingPooling.Mean ? hidden.mean([0]) : hidden[ids.Count - 1];
+                if (normalize) pooled = pooled / pooled.norm().clamp_min(1e-12);
+                result[i] = pooled.contiguous().data<float>().ToArray();
+            }
+            finally
+            {
+                Blocks.Free(seq);
+            }
+        }
+        return result;
+    }
+
     /// <summary>A snapshot of queue, cache and token counts (call on the engine's thread).</summary>
     public EngineStats GetStats() => new()
     {

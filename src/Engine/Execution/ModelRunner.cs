@@ -214,6 +214,33 @@ public sealed class ModelRunner : IDisposable
         return new PromptLogprobsChunk(position + 1, values);
     }
 
+    /// <summary>
+    /// The final hidden states of every token of <paramref name="seq"/>'s prompt, [tokens, hidden] float32, computed in
+    /// one pass through the paged cache (its blocks allocated by the caller): what embeddings pool.
+    /// </summary>
+    public Tensor PromptHiddenStates(Sequence seq)
+    {
+        int n = seq.NumPromptTokens, bs = Cache.BlockSize;
+        var ids = new long[n];
+        var positions = new long[n];
+        var slots = new long[n];
+        for (int p = 0; p < n; p++)
+        {
+            ids[p] = seq.Tokens[p];
+            positions[p] = p;
+            slots[p] = (long)seq.BlockTable[p / bs] * bs + p % bs;
+        }
+        bool readsContext = Attention.ReadsContextSlots(n, n);
+        var device = Model.Device;
+        using var idsT = tensor(ids, device: device);
+        using var posT = tensor(positions, device: device);
+        using var slotT = tensor(slots, device: device);
+        using var ctxT = readsContext ? tensor(slots, device: device) : null;
+        using var rowsT = arange(n, ScalarType.Int64, device: device);
+        var metadata = new AttentionMetadata(slotT, ctxT, [new SequenceSpan(0, n, n, readsContext ? 0 : -1)], [[.. seq.BlockTable]], bs);
+        return Model.Forward(idsT, posT, n - 1, metadata, Cache, rowsT, hiddenStates: true);
+    }
+
     /// <summary>Packs the step's tokens and runs the model; the returned logits belong to the caller's dispose scope.</summary>
     public StepLogits ComputeLogits(IReadOnlyList<ScheduledSequence> batch)
     {

@@ -200,9 +200,12 @@ public sealed class CausalLm : IDisposable
 
     /// <summary>
     /// Runs the packed tokens of one step. <paramref name="inputIds"/> and <paramref name="positions"/> are int64
-    /// [tokens]; <paramref name="logitIndices"/> (int64) picks the rows whose logits are returned, [rows, vocab] float32.
+    /// [tokens]; <paramref name="logitIndices"/> (int64) picks the rows whose logits are returned, [rows, vocab] float32,
+    /// or, with <paramref name="hiddenStates"/>, their final hidden states (after the last norm, before the LM head),
+    /// [rows, hidden] float32: what embeddings pool.
     /// </summary>
-    public Tensor Forward(Tensor inputIds, Tensor positions, int maxPosition, AttentionMetadata metadata, KvCache cache, Tensor logitIndices)
+    public Tensor Forward(Tensor inputIds, Tensor positions, int maxPosition, AttentionMetadata metadata, KvCache cache, Tensor logitIndices,
+        bool hiddenStates = false)
     {
         using var scope = NewDisposeScope();
         var c = Config;
@@ -277,6 +280,7 @@ public sealed class CausalLm : IDisposable
         var selected = x.index_select(0, logitIndices);
         var normed = RmsNorm(selected, _norm, c.RmsNormEps);
         t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
+        if (hiddenStates) return normed.to(ScalarType.Float32).MoveToOuterDisposeScope();
         // The LM head keeps float32 inputs with int8 weights: its error lands on the logits directly (quantized inputs
         // there took int8's mean KL from float32 from below llama.cpp Q8_0's to just above it; docs/benchmarks.md).
         var logits = _lmHead.Linear(normed, null, _cpuKernels, quantizeInputs: false).to(ScalarType.Float32); // [rows, vocab]

@@ -1,0 +1,76 @@
+using LocalVllm.Engine.Loading;
+using static TorchSharp.torch;
+
+namespace LocalVllm.Engine.Tests;
+
+/// <summary>
+/// Embeddings (final hidden states, pooled): through the model's own output matrix they give Hugging Face's reference
+/// logits (last token) and the mean of the engine's per-position logits (mean pooling, by linearity); normalized ones
+/// have unit length; requests running beside them are not disturbed and no block is left behind.
+/// </summary>
+[Trait("Category", "Fixtures")]
+public sealed class EmbeddingTests
+{
+    /// <summary>hidden · Wᵀ with the checkpoint's output matrix (tied: the token embeddings), read from the safetensors file.</summary>
+    private static float[] Logits(float[] hidden)
+    {
+        using var file = SafetensorsFile.Open(Path.Combine(Fixtures.Model("tiny-qwen3-chat"), "model.safetensors"));
+        string name = file.Entries.ContainsKey("lm_head.weight") ? "lm_head.weight" : "model.embed_tokens.weight";
+        using var w = file.Read(name, ScalarType.Float32, CPU);
+        using var h = tensor(hidden);
+        using var logits = w.matmul(h);
+        return logits.data<float>().ToArray();
+    }
+
+    [Fact]
+    public void Last_and_mean_pooled_hidden_states_give_the_reference_logits_through_the_output_matrix()
+    {
+        using var llm = new Llm(EngineHarness.Options("tiny-qwen3-chat"));
+        var cases = Fixtures.Reference("tiny-qwen3-chat")["cases"]!.AsArray();
+        var prompts = cases.Select(c => (IReadOnlyList<int>)Fixtures.Ints(c!["prompt_ids"])).ToArray();
+        var last = llm.Engine.Embed(prompts, EmbeddingPooling.Last, normalize: false);
+        var mean = llm.Engine.Embed(prompts, EmbeddingPooling.Mean, normalize: false);
+        var unit = llm.Engine.Embed(prompts);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(llm.Engine.Model.Config.HiddenSize, last[i].Length);
+            float diff = EngineHarness.MaxAbsDiff(Logits(last[i]), Fixtures.Floats(cases[i]!["last_logits"]));
+            Assert.True(diff <= 1e-4f, $"case {i}: last-token logits differ from the reference by {diff}");
+
+            var rows = EngineHarness.AllPositionLogits(llm.Engine, [.. prompts[i]]);
+            var meanLogits = Enumerable.Range(0, rows[0].Length).Select(v => rows.Average(r => r[v])).Select(x => (float)x).ToArray();
+            diff = EngineHarness.MaxAbsDiff(Logits(mean[i]), meanLogits);
+            Assert.True(diff <= 1e-4f, $"case {i}: mean-pooled logits differ from the mean of the positions' logits by {diff}");
+
+            double norm = Math.Sqrt(last[i].Sum(x => (double)x * x));
+            Assert.Equal(1.0, Math.Sqrt(unit[i].Sum(x => (double)x * x)), 5);
+            Assert.True(unit[i].Zip(last[i]).All(p => Math.Abs(p.First - p.Second / norm) < 1e-5));
+        }
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    [Fact]
+    public async Task Embeddings_between_steps_leave_running_requests_unchanged_and_bad_inputs_are_named()
+    {
+        using var engine = new AsyncLlmEngine(EngineHarness.Options("stories260K"));
+        var prompt = Fixtures.Ints(Fixtures.Reference("stories260K")["cases"]![0]!["prompt_ids"]);
+        var greedy = Fixtures.Ints(Fixtures.Reference("stories260K")["cases"]![0]!["greedy_ids"]);
+        var run = Task.Run(async () =>
+        {
+            var ids = new List<int>();
+            await foreach (var o in engine.GenerateAsync(prompt, EngineHarness.Greedy(greedy.Length) with { OutputKind = RequestOutputKind.Delta }))
+                ids.AddRange(o.Outputs[0].TokenIds);
+            return ids;
+        });
+        var embeddings = new List<float[]>();
+        for (int k = 0; k < 20; k++) embeddings.AddRange(await engine.EmbedAsync([prompt]));
+        Assert.Equal(greedy, await run);
+        Assert.All(embeddings, e => Assert.Equal(embeddings[0], e)); // the same input, the same vector, whatever ran beside it
+
+        Assert.Contains("is empty", (await Assert.ThrowsAsync<ArgumentException>(() => engine.EmbedAsync([Array.Empty<int>()]))).Message);
+        Assert.Contains("outside the vocabulary", (await Assert.ThrowsAsync<ArgumentException>(() => engine.EmbedAsync([new[] { 1, 99999 }]))).Message);
+        Assert.Contains("context length", (await Assert.ThrowsAsync<ArgumentException>(() => engine.EmbedAsync([new int[600]]))).Message);
+        await engine.WhenIdleAsync();
+        await engine.InvokeAsync(e => EngineHarness.AssertNoLeaks(e));
+    }
+}
