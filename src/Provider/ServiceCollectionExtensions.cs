@@ -63,6 +63,25 @@ public static class ServiceCollectionExtensions
             () => sp.GetRequiredKeyedService<LocalVllmEngine>(key)));
     }
 
+    /// <summary>
+    /// Registers an <see cref="IEmbeddingGenerator{TInput, TEmbedding}"/> of the same registration (call after
+    /// <c>AddLocalVllm</c>): in-process, <see cref="LocalVllmEmbeddingGenerator"/> over the shared engine; remote
+    /// (<see cref="LocalVllmOptions.Endpoint"/>), Microsoft.Extensions.AI.OpenAI's generator against the server's
+    /// <c>/v1/embeddings</c>. Configuration decides, as for the chat client.
+    /// </summary>
+    public static EmbeddingGeneratorBuilder<string, Embedding<float>> AddLocalVllmEmbeddingGenerator(this IServiceCollection services)
+    {
+        ArgumentNullException.ThrowIfNull(services);
+        return services.AddEmbeddingGenerator(sp =>
+        {
+            var options = sp.GetRequiredService<IOptions<LocalVllmOptions>>().Value;
+            if (options.Endpoint is null) return new LocalVllmEmbeddingGenerator(sp.GetRequiredService<LocalVllmEngine>());
+            options.Validate();
+            return new OpenAI.OpenAIClient(new System.ClientModel.ApiKeyCredential(options.ApiKey ?? "none"), new OpenAI.OpenAIClientOptions { Endpoint = options.Endpoint })
+                .GetEmbeddingClient(options.Model).AsIEmbeddingGenerator();
+        });
+    }
+
     /// <summary>The options name a keyed registration reads.</summary>
     public static string OptionsName(object key) => key.ToString() ?? throw new ArgumentException("The service key's ToString() is null.", nameof(key));
 

@@ -68,6 +68,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         app.MapGet("/v1/models", ListModels);
         app.MapPost("/v1/chat/completions", ChatCompletions);
         app.MapPost("/v1/completions", Completions);
+        app.MapPost("/v1/embeddings", Embeddings);
         app.MapPost("/v1/responses", Responses);
         app.MapGet("/v1/responses/{id}", StoredResponse);
         app.MapMethods("/v1/responses/{id}/{action}", ["GET", "POST", "DELETE"], StoredResponse);
