@@ -80,6 +80,47 @@ public sealed class TokenizerTests
         Assert.Equal("", tok.TokenPiece(-1));
     }
 
+    /// <summary>
+    /// tokenizer.json's post-processor puts special tokens around a sequence when they are added, as Hugging Face's
+    /// tokenizer does: Llama 2's "&lt;s&gt; $A", and an embedding model's trailing &lt;|endoftext|&gt; (Qwen3-Embedding's
+    /// tokenizer gives [1944, 151643] for "test" and [1944, 1549, 151643] for "test again"; here the Qwen3 tokenizer with
+    /// that post-processor, inside a Sequence after ByteLevel as it is written there). Without them, the text alone.
+    /// </summary>
+    [Fact]
+    public void The_post_processors_template_adds_its_special_tokens()
+    {
+        var llama = ModelTokenizer.Load(Path.Combine(Fixtures.Root, "tokenizers", "llama2"));
+        var text = "Hello world";
+        Assert.Equal([1, .. llama.Encode(text, addSpecialTokens: false)], llama.Encode(text));
+
+        var dir = Directory.CreateTempSubdirectory("localvllm-embed-tok-").FullName;
+        try
+        {
+            var source = Path.Combine(Fixtures.Root, "tokenizers", "qwen3");
+            foreach (var f in Directory.GetFiles(source)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+            var json = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tokenizer.json")))!;
+            json["post_processor"] = JsonNode.Parse("""
+                {"type": "Sequence", "processors": [
+                  {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+                  {"type": "TemplateProcessing",
+                   "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}],
+                   "pair": [],
+                   "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}}]}
+                """);
+            File.WriteAllText(Path.Combine(dir, "tokenizer.json"), json.ToJsonString());
+            var tok = ModelTokenizer.Load(dir);
+            Assert.Equal([1944, 151643], tok.Encode("test"));
+            Assert.Equal([1944, 1549, 151643], tok.Encode("test again"));
+            Assert.Equal([1944], tok.Encode("test", addSpecialTokens: false));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+        // Qwen3's own tokenizer.json has only ByteLevel there: nothing is added.
+        Assert.Equal([1944], Load("qwen3").Encode("test"));
+    }
+
     [Fact]
     public void Llama2_sentencepiece_encodes_the_vectors()
     {

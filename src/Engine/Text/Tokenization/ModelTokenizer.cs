@@ -19,6 +19,9 @@ public sealed class ModelTokenizer
     private readonly bool _sentencePiece;
     private SentencePieceBpe? _spm;
     private string[] _pieces = [];
+    // tokenizer.json's post-processor for a single sequence (TemplateProcessing): the ids put before and after the text
+    // when special tokens are added, as Hugging Face's tokenizer does (Llama 3's BOS, an embedding model's trailing EOS).
+    private (int[] Before, int[] After)? _template;
 
     private ModelTokenizer(Tokenizer inner, byte[][] tokenBytes, HashSet<int> special, bool sentencePiece,
         IReadOnlyDictionary<string, int> addedTokens, int? bosId, bool addBos, bool addEos, int? eosId)
@@ -60,17 +63,46 @@ public sealed class ModelTokenizer
     /// </summary>
     public string TokenPiece(int id) => id >= 0 && id < _pieces.Length ? _pieces[id] ?? "" : "";
 
-    /// <summary>Encodes text; special tokens written in the text become their ids; BOS/EOS added as the config says.</summary>
+    /// <summary>
+    /// Encodes text; special tokens written in the text become their ids. With <paramref name="addSpecialTokens"/>, the
+    /// tokens tokenizer.json's post-processor puts around a sequence (TemplateProcessing) are added, or, without one, BOS
+    /// and EOS as tokenizer_config.json says.
+    /// </summary>
     public int[] Encode(string text, bool addSpecialTokens = true)
     {
         ArgumentNullException.ThrowIfNull(text);
         CheckUnicode(text);
         var ids = new List<int>();
-        if (addSpecialTokens && AddBosToken && BosTokenId is int bos) ids.Add(bos);
+        if (addSpecialTokens && _template is var (before, _)) ids.AddRange(before);
+        else if (addSpecialTokens && AddBosToken && BosTokenId is int bos) ids.Add(bos);
         if (_sentencePiece) EncodeSentencePiece(text, ids);
         else ids.AddRange(_inner.EncodeToIds(text));
-        if (addSpecialTokens && AddEosToken && EosTokenId is int eos) ids.Add(eos);
+        if (addSpecialTokens && _template is var (_, after)) ids.AddRange(after);
+        else if (addSpecialTokens && AddEosToken && EosTokenId is int eos) ids.Add(eos);
         return [.. ids];
+    }
+
+    /// <summary>
+    /// tokenizer.json's post-processor for one sequence, when it is a TemplateProcessing (alone or in a Sequence of
+    /// processors): the special tokens' ids before and after <c>$A</c>. Null for others (ByteLevel only, none).
+    /// </summary>
+    private static (int[] Before, int[] After)? TemplateOf(JsonNode? processor)
+    {
+        if (processor?["type"]?.GetValue<string>() == "Sequence")
+            return (processor["processors"] as JsonArray ?? []).Select(TemplateOf).FirstOrDefault(t => t is not null);
+        if (processor?["type"]?.GetValue<string>() != "TemplateProcessing" || processor["single"] is not JsonArray single) return null;
+        var special = processor["special_tokens"] as JsonObject;
+        var before = new List<int>();
+        var after = new List<int>();
+        bool seen = false;
+        foreach (var piece in single)
+        {
+            if (piece?["Sequence"] is not null) { seen = true; continue; }
+            string id = piece?["SpecialToken"]?["id"]?.GetValue<string>() ?? throw new InvalidDataException("post_processor.single holds an item that is neither SpecialToken nor Sequence.");
+            var ids = special?[id]?["ids"] as JsonArray ?? throw new InvalidDataException($"post_processor.special_tokens has no ids for '{id}'.");
+            (seen ? after : before).AddRange(ids.Select(x => x!.GetValue<int>()));
+        }
+        return ([.. before], [.. after]);
     }
 
     /// <summary>A lone UTF-16 surrogate cannot be encoded as UTF-8: refused with its position instead of failing deep inside.</summary>
@@ -153,12 +185,18 @@ public sealed class ModelTokenizer
         try
         {
             var config = Existing("tokenizer_config.json") is string cfg ? JsonFiles.ReadObject(cfg) : null;
+            (int[], int[])? template = null;
             if (dir.TokenizerJson is string tj)
             {
                 reading = tj;
                 var json = JsonFiles.ReadObject(tj);
+                template = TemplateOf(json["post_processor"]);
                 if (json["model"]?["type"]?.GetValue<string>() == "BPE" && json["decoder"]?["type"]?.GetValue<string>() is "ByteLevel")
-                    return LoadByteLevelBpe(json, config, dir, tj);
+                {
+                    var bpe = LoadByteLevelBpe(json, config, dir, tj);
+                    bpe._template = template;
+                    return bpe;
+                }
             }
             if (dir.VocabJson is string vj && dir.MergesTxt is string mt)
             {
@@ -171,7 +209,9 @@ public sealed class ModelTokenizer
             if (dir.TokenizerModel is string tm)
             {
                 reading = tm;
-                return LoadSentencePiece(tm, config, dir);
+                var sp = LoadSentencePiece(tm, config, dir);
+                sp._template = template;
+                return sp;
             }
         }
         catch (Exception e) when (e is InvalidOperationException or NullReferenceException or FormatException or KeyNotFoundException
