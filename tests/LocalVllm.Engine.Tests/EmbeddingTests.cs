@@ -49,6 +49,23 @@ public sealed class EmbeddingTests
         EngineHarness.AssertNoLeaks(llm.Engine);
     }
 
+    /// <summary>A long input runs in chunks of MaxNumBatchedTokens (as chunked prefill does): the same vectors as one pass.</summary>
+    [Fact]
+    public void Chunked_inputs_give_the_vectors_of_one_pass()
+    {
+        var prompt = (IReadOnlyList<int>)Fixtures.Ints(Fixtures.Reference("tiny-qwen3-chat")["cases"]![0]!["prompt_ids"]);
+        using var whole = new Llm(EngineHarness.Options("tiny-qwen3-chat"));
+        using var chunked = new Llm(EngineHarness.Options("tiny-qwen3-chat", o => o.MaxNumBatchedTokens = 7));
+        Assert.True(prompt.Count > 14, "the prompt should take several chunks");
+        foreach (var pooling in new[] { EmbeddingPooling.Last, EmbeddingPooling.Mean })
+        {
+            var a = whole.Engine.Embed([prompt], pooling, normalize: false)[0];
+            var b = chunked.Engine.Embed([prompt], pooling, normalize: false)[0];
+            Assert.True(EngineHarness.MaxAbsDiff(a, b) <= 1e-4f, $"{pooling}: chunked differs by {EngineHarness.MaxAbsDiff(a, b)}");
+        }
+        EngineHarness.AssertNoLeaks(chunked.Engine);
+    }
+
     [Fact]
     public async Task Embeddings_between_steps_leave_running_requests_unchanged_and_bad_inputs_are_named()
     {

@@ -210,8 +210,9 @@ public sealed class LlmEngine : IDisposable
     /// <summary>
     /// Embeddings of <paramref name="prompts"/> (token ids): each prompt's final hidden states (after the model's last
     /// norm) pooled as <paramref name="pooling"/> says and, with <paramref name="normalize"/>, scaled to unit length
-    /// (vLLM's embedding pooler). Each prompt runs as one pass through the paged cache in blocks taken from the free
-    /// pool and given back at once (nothing enters the prefix cache); called on the engine's thread between steps.
+    /// (vLLM's embedding pooler). Each prompt runs through the paged cache in chunks of at most MaxNumBatchedTokens
+    /// tokens (a long input never makes one huge pass), in blocks taken from the free pool and given back at once
+    /// (nothing enters the prefix cache); called on the engine's thread between steps.
     /// Throws <see cref="ArgumentException"/> for an empty or too long prompt or a token outside the vocabulary, and
     /// <see cref="EngineOverloadedException"/> when the free blocks cannot hold a prompt now.
     /// </summary>
@@ -235,8 +236,15 @@ public sealed class LlmEngine : IDisposable
             try
             {
                 using var scope = NewDisposeScope();
-                var hidden = _runner.PromptHiddenStates(seq); // [tokens, hidden]
-                var pooled = pooling == EmbeddingPooling.Mean ? hidden.mean([0]) : hidden[ids.Count - 1];
+                Tensor? sum = null, last = null;
+                for (int start = 0; start < ids.Count; start += Options.MaxNumBatchedTokens)
+                {
+                    int count = Math.Min(Options.MaxNumBatchedTokens, ids.Count - start);
+                    var hidden = _runner.PromptHiddenStates(seq, start, count); // [count, hidden]
+                    if (pooling == EmbeddingPooling.Mean) sum = sum is null ? hidden.sum([0]) : sum + hidden.sum([0]);
+                    last = hidden[count - 1];
+                }
+                var pooled = pooling == EmbeddingPooling.Mean ? sum! / ids.Count : last!;
                 if (normalize) pooled = pooled / pooled.norm().clamp_min(1e-12);
                 result[i] = pooled.contiguous().data<float>().ToArray();
             }

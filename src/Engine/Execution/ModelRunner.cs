@@ -215,30 +215,33 @@ public sealed class ModelRunner : IDisposable
     }
 
     /// <summary>
-    /// The final hidden states of every token of <paramref name="seq"/>'s prompt, [tokens, hidden] float32, computed in
-    /// one pass through the paged cache (its blocks allocated by the caller): what embeddings pool.
+    /// The final hidden states of <paramref name="seq"/>'s prompt positions <paramref name="start"/> ..
+    /// <paramref name="start"/> + <paramref name="count"/>, [count, hidden] float32, in one pass through the paged cache
+    /// (its blocks allocated by the caller; the positions before <paramref name="start"/> already computed into them by
+    /// earlier calls, as chunked prefill does): what embeddings pool.
     /// </summary>
-    public Tensor PromptHiddenStates(Sequence seq)
+    public Tensor PromptHiddenStates(Sequence seq, int start, int count)
     {
-        int n = seq.NumPromptTokens, bs = Cache.BlockSize;
-        var ids = new long[n];
-        var positions = new long[n];
-        var slots = new long[n];
-        for (int p = 0; p < n; p++)
+        int end = start + count, bs = Cache.BlockSize;
+        long Slot(int p) => (long)seq.BlockTable[p / bs] * bs + p % bs;
+        var ids = new long[count];
+        var positions = new long[count];
+        var slots = new long[count];
+        for (int p = start; p < end; p++)
         {
-            ids[p] = seq.Tokens[p];
-            positions[p] = p;
-            slots[p] = (long)seq.BlockTable[p / bs] * bs + p % bs;
+            ids[p - start] = seq.Tokens[p];
+            positions[p - start] = p;
+            slots[p - start] = Slot(p);
         }
-        bool readsContext = Attention.ReadsContextSlots(n, n);
+        bool readsContext = Attention.ReadsContextSlots(count, end);
         var device = Model.Device;
         using var idsT = tensor(ids, device: device);
         using var posT = tensor(positions, device: device);
         using var slotT = tensor(slots, device: device);
-        using var ctxT = readsContext ? tensor(slots, device: device) : null;
-        using var rowsT = arange(n, ScalarType.Int64, device: device);
-        var metadata = new AttentionMetadata(slotT, ctxT, [new SequenceSpan(0, n, n, readsContext ? 0 : -1)], [[.. seq.BlockTable]], bs);
-        return Model.Forward(idsT, posT, n - 1, metadata, Cache, rowsT, hiddenStates: true);
+        using var ctxT = readsContext ? tensor(Enumerable.Range(0, end).Select(Slot).ToArray(), device: device) : null;
+        using var rowsT = arange(count, ScalarType.Int64, device: device);
+        var metadata = new AttentionMetadata(slotT, ctxT, [new SequenceSpan(0, count, end, readsContext ? 0 : -1)], [[.. seq.BlockTable]], bs);
+        return Model.Forward(idsT, posT, end - 1, metadata, Cache, rowsT, hiddenStates: true);
     }
 
     /// <summary>Packs the step's tokens and runs the model; the returned logits belong to the caller's dispose scope.</summary>
