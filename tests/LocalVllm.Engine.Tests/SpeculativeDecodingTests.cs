@@ -41,6 +41,8 @@ public sealed class SpeculativeDecodingTests
         Assert.True(stats.SpecDraftTokens >= stats.SpecAcceptedTokens);
         // Every accepted draft is a token that needed no step of its own (one prefill step each).
         Assert.Equal(steps(plain) - stats.SpecAcceptedTokens, steps(spec));
+        // Generation tokens count what stands, not the rejected drafts: the same as the plain run's.
+        Assert.Equal(plain.Engine.GetStats().DecodeTokens, stats.DecodeTokens);
         EngineHarness.AssertNoLeaks(spec.Engine);
     }
 

@@ -253,7 +253,10 @@ public sealed class Scheduler
         for (int i = 0; i < batch.Count; i++)
         {
             var (seq, numNew) = batch[i];
-            if (seq.NumComputedTokens < seq.NumPromptTokens) prefill += numNew; else decode += numNew;
+            // Decode tokens count what stands: with drafts, the last token and the accepted ones (the generation-token
+            // metric must not count rejected drafts).
+            if (seq.NumComputedTokens < seq.NumPromptTokens) prefill += numNew;
+            else decode += batch[i].Drafts is null ? numNew : 1 + (accepted?[i]?.Count ?? 0);
             if (batch[i].Drafts is { } drafts)
             {
                 // Speculative decoding: the K/V of the last token and of the drafts the model agreed with stand; those of
