@@ -23,6 +23,11 @@ public sealed record SpeculativeConfig
     public int PromptLookupMax { get; init; } = 4;
     /// <summary>The shortest suffix looked up (shorter ones match more often, and more often wrongly).</summary>
     public int PromptLookupMin { get; init; } = 2;
+    /// <summary>
+    /// No drafts while this many sequences or more are running (vLLM's <c>disable_by_batch_size</c>): a large batch
+    /// keeps the cores busy, so extra positions cost more than the steps they save. Null (the default): always.
+    /// </summary>
+    public int? DisableByBatchSize { get; init; }
 
     internal void Validate()
     {
@@ -30,6 +35,8 @@ public sealed record SpeculativeConfig
             throw new ArgumentException($"Speculative method '{Method}' is not served; \"ngram\" (prompt lookup) is.", nameof(Method));
         if (NumSpeculativeTokens is < 1 or > 64)
             throw new ArgumentOutOfRangeException(nameof(NumSpeculativeTokens), NumSpeculativeTokens, "NumSpeculativeTokens must be between 1 and 64.");
+        if (DisableByBatchSize is < 2)
+            throw new ArgumentOutOfRangeException(nameof(DisableByBatchSize), DisableByBatchSize, "DisableByBatchSize must be at least 2 (or unset).");
         if (PromptLookupMin < 1 || PromptLookupMax < PromptLookupMin)
             throw new ArgumentException($"PromptLookupMin = {PromptLookupMin} and PromptLookupMax = {PromptLookupMax}: need 1 <= min <= max.", nameof(PromptLookupMin));
     }
@@ -63,7 +70,8 @@ public sealed record SpeculativeConfig
                 case "num_speculative_tokens": c = c with { NumSpeculativeTokens = Int() }; break;
                 case "prompt_lookup_max": max = Int(); break;
                 case "prompt_lookup_min": min = Int(); break;
-                default: throw new ArgumentException($"Speculative config key '{p.Name}' is not served; method, num_speculative_tokens, prompt_lookup_max and prompt_lookup_min are.", nameof(json));
+                case "disable_by_batch_size": c = c with { DisableByBatchSize = Int() }; break;
+                default: throw new ArgumentException($"Speculative config key '{p.Name}' is not served; method, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min and disable_by_batch_size are.", nameof(json));
             }
         }
         if (max is int m) c = c with { PromptLookupMax = m, PromptLookupMin = min ?? Math.Min(c.PromptLookupMin, m) };

@@ -271,6 +271,19 @@ public sealed class SpeculativeDecodingTests
         Assert.Equal(0, scheduler.NumPreemptions);
         Assert.Equal([("a", 1, false), ("b", 1, false)], second.Select(s => (s.Sequence.RequestId, s.NumNewTokens, s.Drafts is not null)));
 
+        // vLLM's disable_by_batch_size: with two running and a limit of 2, nobody drafts (even with blocks to spare).
+        var limited = new Scheduler(new BlockManager(numBlocks: 64, blockSize: 4, enablePrefixCaching: false, salt: 0), maxNumBatchedTokens: 64, maxNumSeqs: 8)
+        {
+            Speculation = new NgramProposer(numSpeculativeTokens: 4, minN: 2, maxN: 4, maxModelLen: 1000, disableByBatchSize: 2),
+        };
+        var c = new Sequence("c", 0, [1, 2, 3, 4, 1, 2, 3], EngineHarness.Greedy(100), 0);
+        var d = new Sequence("d", 0, [1, 2, 3, 4, 1, 2, 3], EngineHarness.Greedy(100), 1);
+        limited.Add(c);
+        limited.Add(d);
+        var both = limited.Schedule();
+        limited.Update(both, [new SampledToken(4, null), new SampledToken(4, null)]);
+        Assert.All(limited.Schedule(), s => Assert.Null(s.Drafts));
+
         // Alone, A gets its drafts: they need a new block and nobody else is waiting for one.
         scheduler.Update(second, [new SampledToken(1, null), new SampledToken(5, null)]);
         scheduler.Finish(b, FinishReasons.Abort);
@@ -401,7 +414,7 @@ public sealed class SpeculativeDecodingTests
     [Theory]
     [InlineData("""{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}""", 5, 3, 2)]
     [InlineData("""{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 1}""", 2, 1, 1)]
-    [InlineData("""{"num_speculative_tokens": 3, "prompt_lookup_min": 3, "prompt_lookup_max": 6}""", 3, 6, 3)]
+    [InlineData("""{"num_speculative_tokens": 3, "prompt_lookup_min": 3, "prompt_lookup_max": 6, "disable_by_batch_size": 8}""", 3, 6, 3)]
     public void Vllms_speculative_config_is_read(string json, int tokens, int max, int min)
     {
         var c = SpeculativeConfig.Parse(json);
@@ -413,6 +426,7 @@ public sealed class SpeculativeDecodingTests
     [InlineData("""{"method": "ngram", "model": "x"}""", "model")]
     [InlineData("""{"num_speculative_tokens": 0}""", "NumSpeculativeTokens")]
     [InlineData("""{"prompt_lookup_min": 4, "prompt_lookup_max": 2}""", "PromptLookupMin")]
+    [InlineData("""{"disable_by_batch_size": 1}""", "DisableByBatchSize")]
     [InlineData("""{"method": "ngram",""", "not valid JSON")]
     public void A_speculative_config_that_cannot_be_served_is_refused_by_name(string json, string named)
     {

@@ -46,7 +46,7 @@ public sealed class LlmEngine : IDisposable
             options.SchedulingPolicy == "priority")
         {
             Speculation = options.Speculative is { } spec
-                ? new NgramProposer(spec.NumSpeculativeTokens, spec.PromptLookupMin, spec.PromptLookupMax, _runner.MaxModelLen) : null,
+                ? new NgramProposer(spec.NumSpeculativeTokens, spec.PromptLookupMin, spec.PromptLookupMax, _runner.MaxModelLen, spec.DisableByBatchSize) : null,
         };
         Validator = new RequestValidator(c.VocabSize, MaxModelLen, Cache.NumBlocks, options.BlockSize, options.MaxWaitingRequests,
             _runner.KvCacheSizedBy, _runner.MaxModelLenLoweredTo is not null, options.MaxLogprobs, options.SchedulingPolicy == "priority");

@@ -9,8 +9,11 @@ namespace LocalVllm.Engine.Core;
 /// vectorized search of the sequence. It pays where the output repeats what is already there (an agent quoting a tool
 /// result, code edited in place, JSON echoing its input), and costs little elsewhere: no match, no draft.
 /// </summary>
-internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN, int maxModelLen)
+internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN, int maxModelLen, int? disableByBatchSize = null)
 {
+    /// <summary>Whether drafts are off for a step with <paramref name="running"/> sequences running (vLLM's disable_by_batch_size).</summary>
+    public bool DisabledFor(int running) => running >= disableByBatchSize;
+
     /// <summary>
     /// Whether a sequence's next tokens can be checked against drafts in one step: nothing may make a position's choice
     /// depend on the tokens accepted before it in the same step (penalties, bad words, a structured-output constraint),

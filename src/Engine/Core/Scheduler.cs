@@ -146,6 +146,7 @@ public sealed class Scheduler
         var scheduled = new List<ScheduledSequence>();
         int budget = MaxNumBatchedTokens;
         bool preempted = false;
+        var speculation = Speculation is { } s && !s.DisabledFor(_running.Count) ? s : null;
 
         for (int i = 0; i < _running.Count && budget > 0;)
         {
@@ -153,7 +154,7 @@ public sealed class Scheduler
             int numNew = Math.Min(seq.NumTokens - seq.NumComputedTokens, budget);
             // Speculative decoding: a decoding sequence also computes draft tokens behind its last one, when the budget
             // and free blocks allow; nobody is preempted to make room for drafts.
-            int[]? drafts = Speculation is { } proposer && numNew == 1 && seq.NumTokens - seq.NumComputedTokens == 1 && budget > 1
+            int[]? drafts = speculation is { } proposer && numNew == 1 && seq.NumTokens - seq.NumComputedTokens == 1 && budget > 1
                 ? proposer.Propose(seq, budget - 1) : null;
             if (drafts is not null && DraftsFit(seq, drafts.Length, _running.Count - i - 1)) numNew += drafts.Length;
             else drafts = null;
