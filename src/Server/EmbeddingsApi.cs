@@ -32,7 +32,11 @@ internal sealed partial class OpenAiEndpoints
             throw new ApiException(400, e.Message.Replace("'prompt'", "'input'"), param: "input");
         }
         if (OpenAiChatRequest.Int(body, "truncate_prompt_tokens") is int keep)
-            prompts = prompts.Select(p => keep >= 0 && p.Length > keep ? p[^keep..] : p).ToList();
+        {
+            // The engine's one rule (-1: as many as the context holds; nothing is generated after an embedding input).
+            var truncation = new SamplingParams { TruncatePromptTokens = keep, MaxTokens = 0 };
+            prompts = prompts.Select(p => real.Validator.Truncate(p, truncation).ToArray()).ToList();
+        }
         int dimensions = core.Model.Config.HiddenSize;
         if (OpenAiChatRequest.Int(body, "dimensions") is int wanted && wanted != dimensions)
             throw new ApiException(400, $"dimensions = {wanted}: this model's embeddings have {dimensions} dimensions (no truncation is offered).", param: "dimensions");

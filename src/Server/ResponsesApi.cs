@@ -452,7 +452,7 @@ internal sealed class ResponseAssembler(string id, long createdAt, string model,
         {
             Open("reasoning");
             _openText.Append(reasoning);
-            Event("response.reasoning_text.delta", Part(new JsonObject { ["delta"] = reasoning }));
+            if (Emit is not null) Event("response.reasoning_text.delta", Part(new JsonObject { ["delta"] = reasoning })); // per token: built only when streaming
         }
         else if (delta.Field == "content" && (delta.Text is { Length: > 0 } || delta.Logprobs is not null))
         {
@@ -461,7 +461,7 @@ internal sealed class ResponseAssembler(string id, long createdAt, string model,
             _openText.Append(text);
             var logprobs = delta.Logprobs?["content"] as JsonArray ?? [];
             foreach (var entry in logprobs) _openLogprobs.Add(entry?.DeepClone());
-            Event("response.output_text.delta", Part(new JsonObject { ["delta"] = text, ["logprobs"] = logprobs.DeepClone() }));
+            if (Emit is not null) Event("response.output_text.delta", Part(new JsonObject { ["delta"] = text, ["logprobs"] = logprobs.DeepClone() }));
         }
         else if (delta.ToolCalls is { } calls)
         {

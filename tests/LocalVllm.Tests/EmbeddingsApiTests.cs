@@ -57,6 +57,12 @@ public sealed class EmbeddingsApiTests(ServerFixture fixture) : IClassFixture<Se
         var (_, fromIds) = await Post(new JsonObject { ["input"] = new JsonArray(ids.Select(t => (JsonNode?)t).ToArray()) });
         Assert.Equal(expected[1], Floats(fromIds["data"]![0]!["embedding"]));
 
+        // truncate_prompt_tokens keeps the input's last k tokens, as the engine's rule for prompts does.
+        var lastThree = (await fixture.Server.Engine.Engine.EmbedAsync([ids[^3..]]))[0];
+        var (_, truncated) = await Post(new JsonObject { ["input"] = Texts[1], ["truncate_prompt_tokens"] = 3 });
+        Assert.Equal(lastThree, Floats(truncated["data"]![0]!["embedding"]));
+        Assert.Equal(3, truncated["usage"]!["prompt_tokens"]!.GetValue<int>());
+
         var mean = await EngineVectors(EmbeddingPooling.Mean, normalize: false);
         var (_, meanBody) = await Post(new JsonObject { ["input"] = Texts[0], ["pooling"] = "mean", ["normalize"] = false });
         Assert.Equal(mean[0], Floats(meanBody["data"]![0]!["embedding"]));

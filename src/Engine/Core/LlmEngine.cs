@@ -220,13 +220,13 @@ public sealed class LlmEngine : IDisposable
     {
         ArgumentNullException.ThrowIfNull(prompts);
         var result = new float[prompts.Count][];
+        int vocab = Model.Config.VocabSize;
         for (int i = 0; i < prompts.Count; i++)
         {
             var ids = prompts[i];
             if (ids.Count == 0) throw new ArgumentException($"Embedding input {i} is empty.", nameof(prompts));
             if (ids.Count > MaxModelLen)
                 throw new ArgumentException($"Embedding input {i} has {ids.Count} tokens, more than the context length of {MaxModelLen}.", nameof(prompts));
-            int vocab = Model.Config.VocabSize;
             foreach (int t in ids)
                 if (t < 0 || t >= vocab) throw new ArgumentException($"Embedding input {i} holds token id {t}, outside the vocabulary (0..{vocab - 1}).", nameof(prompts));
             var seq = new Sequence($"embed-{Interlocked.Increment(ref _nextId)}", 0, [.. ids], new SamplingParams { MaxTokens = 1 }, 0);

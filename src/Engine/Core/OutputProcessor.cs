@@ -36,12 +36,13 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         long now = Stopwatch.GetTimestamp();
         CompiledGrammar? grammar = null;
         TokenVocabulary? vocab = null;
-        int[] endTokens = [];
+        // The tokens that end a sequence: a constraint allows them only where its match is complete, and min_tokens (as
+        // vLLM applies it) keeps them from being sampled until that many tokens are out.
+        int[] endTokens = [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()];
         if (sampling.StructuredOutputs is { } constraint)
         {
             vocab = vocabulary?.Invoke() ?? throw new ArgumentException("StructuredOutputs needs the model's tokenizer, and this model directory has none.", nameof(sampling));
             grammar = ConstraintCompiler.Compile(constraint);
-            endTokens = [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()];
         }
         int[][]? badWords = null;
         if (sampling.BadWords.Count > 0)
@@ -52,10 +53,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
                 .Select(w => tokenizer.Encode(w, addSpecialTokens: false)).Where(t => t.Length > 0)
                 .DistinctBy(t => string.Join(",", t)).ToArray();
         }
-        // min_tokens, as vLLM applies it: until that many tokens are out, EOS and the stop token ids cannot be sampled.
-        int[]? minTokensStop = sampling.MinTokens > 0
-            ? [.. (sampling.IgnoreEos ? Enumerable.Empty<int>() : eos).Concat(sampling.StopTokenIds).Distinct()]
-            : null;
+        int[]? minTokensStop = sampling.MinTokens > 0 ? endTokens : null;
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
@@ -135,7 +133,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
                     // Speculative decoding appended the accepted drafts and then the sampled token: each goes through the
                     // stop checks in order, and a stop among them drops the tokens after it (a plain run never made them).
                     int first = seq.NumTokens - drafts.Count - 1;
-                    for (int k = first; k < seq.NumTokens && seq.Status != SequenceStatus.Finished; k++)
+                    for (int k = first; k < seq.NumTokens; k++) // a stop truncates the tokens after it, which ends the loop
                     {
                         CheckStop(seq, seq.Tokens[k], k + 1);
                         if (seq.Status == SequenceStatus.Finished) seq.TruncateTo(k + 1);

@@ -254,21 +254,21 @@ public sealed class Scheduler
         for (int i = 0; i < batch.Count; i++)
         {
             var (seq, numNew) = batch[i];
-            // Decode tokens count what stands: with drafts, the last token and the accepted ones (the generation-token
-            // metric must not count rejected drafts).
-            if (seq.NumComputedTokens < seq.NumPromptTokens) prefill += numNew;
-            else decode += batch[i].Drafts is null ? numNew : 1 + (accepted?[i]?.Count ?? 0);
+            bool inPrefill = seq.NumComputedTokens < seq.NumPromptTokens;
+            int stands = numNew;
             if (batch[i].Drafts is { } drafts)
             {
                 // Speculative decoding: the K/V of the last token and of the drafts the model agreed with stand; those of
                 // the rejected drafts are left in their slots, to be overwritten when those positions are computed.
                 var kept = accepted?[i] ?? [];
                 foreach (int t in kept) seq.Append(t);
-                seq.NumComputedTokens += 1 + kept.Count;
+                stands = 1 + kept.Count;
                 NumDraftTokens += drafts.Length;
                 NumAcceptedDraftTokens += kept.Count;
             }
-            else seq.NumComputedTokens += numNew;
+            seq.NumComputedTokens += stands;
+            // Decode tokens count what stands (the generation-token metric must not count rejected drafts).
+            if (inPrefill) prefill += numNew; else decode += stands;
             _blocks.CacheFullBlocks(seq);
             if (sampled[i] is { } token) seq.Append(token.TokenId);
         }

@@ -170,11 +170,7 @@ public sealed class ModelRunner : IDisposable
         return j =>
         {
             while (advanced < j) matcher.TryAdvance(drafts[advanced++]); // drafts the proposer checked against the grammar
-            Array.Clear(words);
-            matcher.FillMask(words);
-            if (matcher.IsAccepting && seq.NumOutputTokens + j >= seq.Sampling.MinTokens)
-                foreach (int t in constraint.EndTokens)
-                    if (t < vocab) words[t >> 6] |= 1UL << t;
+            constraint.FillAllowed(matcher, words, seq.NumOutputTokens + j >= seq.Sampling.MinTokens, vocab);
             using var r = logits[row + j];
             var x = r.to_type(ScalarType.Float32).cpu().data<float>().ToArray();
             int best = -1;

@@ -121,10 +121,7 @@ public sealed class Sampler
         foreach (int i in rows)
         {
             var c = seqs[i].Constraint!;
-            c.Matcher.FillMask(words);
-            if (c.Matcher.IsAccepting && seqs[i].NumOutputTokens >= seqs[i].Sampling.MinTokens)
-                foreach (int t in c.EndTokens)
-                    if (t < vocab) words[t >> 6] |= 1UL << t;
+            c.FillAllowed(c.Matcher, words, seqs[i].NumOutputTokens >= seqs[i].Sampling.MinTokens, vocab);
             bool any = false;
             foreach (ulong w in words)
                 if (w != 0) { any = true; break; }
@@ -178,6 +175,7 @@ public sealed class Sampler
     internal static Tensor ApplyPenalties(Tensor logits, IReadOnlyList<Sequence> seqs)
     {
         Tensor? result = null;
+        long vocab = logits.shape[1];
         for (int i = 0; i < seqs.Count; i++)
         {
             var p = seqs[i].Sampling;
@@ -185,7 +183,7 @@ public sealed class Sampler
             bool allowed = p.AllowedTokenIds is { Count: > 0 };
             var banned = seqs[i].BadWordIds is { } badWords ? BannedNext(badWords, seqs[i].OutputTokens()) : null;
             if (seqs[i].MinTokensStopIds is { Length: > 0 } stops && seqs[i].NumOutputTokens < p.MinTokens)
-                (banned ??= []).AddRange(stops.Where(t => t < logits.shape[1]));
+                (banned ??= []).AddRange(stops.Where(t => t < vocab));
             if (!rep && !pres && !freq && !bias && !allowed && banned is null) continue;
             result ??= logits.clone();
             using var row = result[i];

@@ -29,6 +29,19 @@ internal sealed class SequenceConstraint
     /// <summary>Set by the sampler when the constraint allowed no token at all: the request fails with a clear message.</summary>
     public bool Dead { get; set; }
 
+    /// <summary>
+    /// Sets in <paramref name="words"/> the tokens allowed next from <paramref name="matcher"/>'s state (this constraint's
+    /// matcher, or a copy advanced through draft tokens): the grammar's, and the end tokens where the match is complete
+    /// and <paramref name="endAllowed"/> (min_tokens met). Tokens at or past <paramref name="vocab"/> are left out.
+    /// </summary>
+    public void FillAllowed(GrammarMatcher matcher, Span<ulong> words, bool endAllowed, int vocab)
+    {
+        matcher.FillMask(words);
+        if (endAllowed && matcher.IsAccepting)
+            foreach (int t in EndTokens)
+                if (t < vocab) words[t >> 6] |= 1UL << t;
+    }
+
     /// <summary>Forced bytes looked at per jump: a key name, its quotes and colon, a closing run of brackets.</summary>
     private const int MaxForcedBytes = 128;
 
