@@ -22,7 +22,7 @@ namespace LocalVllm.Bench;
 internal static class ServeBench
 {
     public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, string Api, int? Threads, string? Json,
-        bool Http2 = false);
+        bool Http2 = false, bool Floor = false);
 
     public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds, long Tokens, Dictionary<string, double> CpuMs);
 
@@ -85,6 +85,8 @@ internal static class ServeBench
                 httpRun().GetAwaiter().GetResult();
             }
 
+            Interlocked.Exchange(ref s_allTextEvents, 0); // the measured rounds' events and bytes only
+            Interlocked.Exchange(ref s_allBytes, 0);
             var runs = new List<Run>();
             for (int r = 0; r < s.Repeat; r++)
             {
@@ -128,8 +130,28 @@ internal static class ServeBench
                 Console.WriteLine($"  CPU per 1,000 tokens, {path}: {perK.Values.Sum():F1} ms ({ThreadCpu.Format(perK.Where(g => g.Value >= 0.5).ToDictionary(), "ms")})");
             }
             Console.WriteLine($"  TTFT p50: http {ttftHttp:F1} ms, in-process {ttftIn:F1} ms, added {ttftHttp - ttftIn:F1} ms");
+            object? floor = null;
+            if (s.Floor)
+            {
+                // What the network alone costs per event on this host, against the core time a token takes in-process:
+                // about the most any server can keep on these cores, whatever it does above a send. Not a strict cap:
+                // the engine's CPU workers spin between parallel loops, and work can hide in that spin.
+                long events = Interlocked.Read(ref s_allTextEvents), bytes = Interlocked.Read(ref s_allBytes);
+                double tokensPerEvent = (double)runs.Where(x => x.Path == "http").Sum(x => x.Tokens) / Math.Max(1, events);
+                int eventBytes = (int)(bytes / Math.Max(1, events));
+                var f = LoopbackFloor.Measure(s.Http2 ? 1 : s.Clients, 2000, eventBytes);
+                double coreUs = Environment.ProcessorCount * 1e6 / inProcess.TokensPerSecond;
+                double Bound(double us) => coreUs / (coreUs + us / tokensPerEvent);
+                Console.WriteLine($"  loopback floor per event ({(s.Http2 ? 1 : s.Clients)} connections, {eventBytes} bytes, no HTTP): send alone {f.SendOnlyUs:F1} us, " +
+                                  $"send + one polling receiver {f.SendAndPolledReceiveUs:F1} us, send + thread-pool receives {f.SendAndAsyncReceiveUs:F1} us");
+                Console.WriteLine($"  core time per token in-process (median run, {Environment.ProcessorCount} cores): {coreUs:F1} us; at {tokensPerEvent:F2} tokens per event " +
+                                  $"adding only the floor's CPU to each token would leave HTTP / in-process at {Bound(f.SendOnlyUs):P1} (client elsewhere), " +
+                                  $"{Bound(f.SendAndPolledReceiveUs):P1} (polling client here), {Bound(f.SendAndAsyncReceiveUs):P1} (thread-pool client here)");
+                floor = new { eventBytes, tokensPerEvent, coreUsPerToken = coreUs, f.SendOnlyUs, f.SendAndPolledReceiveUs, f.SendAndAsyncReceiveUs,
+                    boundSendOnly = Bound(f.SendOnlyUs), boundPolled = Bound(f.SendAndPolledReceiveUs), boundAsync = Bound(f.SendAndAsyncReceiveUs) };
+            }
             if (s.Json is not null)
-                File.WriteAllText(s.Json, JsonSerializer.Serialize(new { settings = s, runs, ratio = overHttp.TokensPerSecond / inProcess.TokensPerSecond, roundRatios, ratioMedian, addedTtftMs = ttftHttp - ttftIn },
+                File.WriteAllText(s.Json, JsonSerializer.Serialize(new { settings = s, runs, ratio = overHttp.TokensPerSecond / inProcess.TokensPerSecond, roundRatios, ratioMedian, addedTtftMs = ttftHttp - ttftIn, floor },
                     new JsonSerializerOptions { WriteIndented = true }));
             return 0;
         }
@@ -255,11 +277,14 @@ internal static class ServeBench
         int lineEnd = text.IndexOf('\n', usage);
         long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
         // Events that carried text: all but the usage chunk and [DONE] (and, for chat, the role chunk).
-        Interlocked.Add(ref s_textEvents, text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2));
+        int textEvents = text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2);
+        Interlocked.Add(ref s_textEvents, textEvents);
+        Interlocked.Add(ref s_allTextEvents, textEvents);
+        Interlocked.Add(ref s_allBytes, rest.Length);
         return (n, ttft);
     }
 
-    private static long s_textEvents;
+    private static long s_textEvents, s_allTextEvents, s_allBytes;
 
     private static Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens, int waves) =>
         Clients(prompts, waves, p => StreamOverHttp(http, "v1/completions", new JsonObject
