@@ -74,13 +74,14 @@ var streamInterval = new Option<int>("--stream-interval") { Description = "the e
 var cpuByThread = new Option<bool>("--cpu-by-thread") { Description = "print each run's CPU time by thread name" };
 var serveHttp2 = new Option<bool>("--http2") { Description = "serve HTTP/2 without TLS and send every client's stream over one connection" };
 var serveFloor = new Option<bool>("--floor") { Description = "also measure what loopback TCP alone costs per event on this host, and the HTTP / in-process ratio it leaves at most" };
+var serveClient = new Option<string>("--client") { Description = "httpclient (one HttpClient, a thread-pool read per event) or polled (one thread polling every connection: the least a client can cost this host)", DefaultValueFactory = _ => "httpclient" };
 var serveApi = new Option<string>("--api") { Description = "completions (token-id prompts) or chat (the chat client in-process, /v1/chat/completions over HTTP)", DefaultValueFactory = _ => "completions" };
 var serveCmd = new Command("serve", "the OpenAI-compatible server over loopback against the same engine in-process: throughput and time to first token")
 {
-    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, serveApi, threads, json, serveHttp2, serveFloor,
+    serveSize, clients, promptTokens, outputTokens, serveRepeat, waves, streamInterval, cpuByThread, serveApi, threads, json, serveHttp2, serveFloor, serveClient,
 };
 serveCmd.SetAction(r => ServeBench.Execute(new ServeBench.Settings(r.GetValue(serveSize)!, r.GetValue(clients), r.GetValue(promptTokens),
-    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json), r.GetValue(serveHttp2), r.GetValue(serveFloor))));
+    r.GetValue(outputTokens), r.GetValue(serveRepeat), r.GetValue(waves), r.GetValue(streamInterval), r.GetValue(cpuByThread), r.GetValue(serveApi)!, r.GetValue(threads), r.GetValue(json), r.GetValue(serveHttp2), r.GetValue(serveFloor), r.GetValue(serveClient)!)));
 
 var prSize = new Option<string>("--size") { Description = "stories (default), qwen3-0.6b or a model directory", DefaultValueFactory = _ => "stories" };
 var prBackground = new Option<int>("--background") { Description = "background requests, all sent at the start", DefaultValueFactory = _ => 64 };

@@ -22,7 +22,7 @@ namespace LocalVllm.Bench;
 internal static class ServeBench
 {
     public sealed record Settings(string Size, int Clients, int PromptTokens, int OutputTokens, int Repeat, int Waves, int StreamInterval, bool CpuByThread, string Api, int? Threads, string? Json,
-        bool Http2 = false, bool Floor = false);
+        bool Http2 = false, bool Floor = false, string Client = "httpclient");
 
     public sealed record Run(string Path, int Clients, double TokensPerSecond, double TtftP50Ms, double WallSeconds, long Tokens, Dictionary<string, double> CpuMs);
 
@@ -51,6 +51,8 @@ internal static class ServeBench
                     DefaultRequestVersion = System.Net.HttpVersion.Version20, DefaultVersionPolicy = HttpVersionPolicy.RequestVersionExact,
                 }
                 : new HttpClient { BaseAddress = server.BaseAddress, Timeout = TimeSpan.FromMinutes(30) };
+            if (s.Client is not ("httpclient" or "polled")) throw new ArgumentException($"--client is httpclient or polled, not '{s.Client}'.");
+            if (s.Client == "polled" && (s.Http2 || s.Api != "completions")) throw new ArgumentException("--client polled speaks HTTP/1.1 to /v1/completions only.");
             var engine = server.Engine.Engine;
             int vocab = engine.Engine.Model.Config.VocabSize;
             var rng = new Random(0);
@@ -74,7 +76,9 @@ internal static class ServeBench
             else
             {
                 inProcessRun = () => InProcess(engine, Prompts(), sampling, s.Waves);
-                httpRun = () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves);
+                httpRun = s.Client == "polled"
+                    ? () => Polled(new System.Net.IPEndPoint(System.Net.IPAddress.Loopback, server.BaseAddress.Port), Prompts(), s.OutputTokens, s.Waves)
+                    : () => OverHttp(http, Prompts(), s.OutputTokens, s.Waves);
             }
 
             // Warm-up: two full rounds of each path, not counted (JIT and tiering, Kestrel, connections, the engine's
@@ -292,6 +296,22 @@ internal static class ServeBench
             ["prompt"] = new JsonArray(p.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = outputTokens, ["temperature"] = 0,
             ["ignore_eos"] = true, ["stream"] = true, ["stream_options"] = new JsonObject { ["include_usage"] = true },
         }));
+
+    /// <summary>The same requests from <see cref="PolledHttpClients"/>: one thread polling every connection.</summary>
+    private static Task<(long, List<double>)> Polled(System.Net.IPEndPoint server, int[][] prompts, int outputTokens, int waves) =>
+        Task.Factory.StartNew(() =>
+        {
+            var bodies = prompts.Select(p => new JsonObject
+            {
+                ["prompt"] = new JsonArray(p.Select(t => (JsonNode?)t).ToArray()), ["max_tokens"] = outputTokens, ["temperature"] = 0,
+                ["ignore_eos"] = true, ["stream"] = true, ["stream_options"] = new JsonObject { ["include_usage"] = true },
+            }.ToJsonString()).ToList();
+            var (tokens, ttft, textEvents, bytes) = PolledHttpClients.Run(server, "v1/completions", bodies, waves);
+            Interlocked.Add(ref s_textEvents, textEvents);
+            Interlocked.Add(ref s_allTextEvents, textEvents);
+            Interlocked.Add(ref s_allBytes, bytes);
+            return (tokens, ttft);
+        }, TaskCreationOptions.LongRunning);
 
     private static void SetMinimumLevelWarning(this Microsoft.Extensions.Logging.ILoggingBuilder b) =>
         b.AddFilter((Func<Microsoft.Extensions.Logging.LogLevel, bool>)(level => level >= Microsoft.Extensions.Logging.LogLevel.Warning));
