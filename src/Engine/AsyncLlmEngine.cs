@@ -98,6 +98,23 @@ public sealed class AsyncLlmEngine : IDisposable
     }
 
     /// <summary>
+    /// Beam search over token-id prompts (<see cref="Llm.BeamSearch(IReadOnlyList{IReadOnlyList{int}}, BeamSearchParams)"/>),
+    /// its one-token requests batched with everything else the engine runs; cancelling aborts the step in flight.
+    /// </summary>
+    public Task<IReadOnlyList<BeamSearchOutput>> BeamSearchAsync(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, BeamSearchParams beamSearch,
+        IReadOnlyList<string?>? promptTexts = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        ArgumentNullException.ThrowIfNull(beamSearch);
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        beamSearch.Validate(Engine.Validator.MaxLogprobs);
+        foreach (var prompt in promptTokenIds) Engine.Validator.ValidatePrompt(prompt);
+        var prompts = promptTokenIds.Select((p, i) => (p, promptTexts?[i])).ToArray();
+        return BeamSearcher.RunAsync(prompts, beamSearch, new HashSet<int>(Engine.Directory.EosTokenIds), Llm.MaxBeamLength(Engine), Llm.Decoder(Engine),
+            async (beams, sampling) => await Task.WhenAll(beams.Select(b => GenerateFinalAsync(b, sampling, cancellationToken))).ConfigureAwait(false));
+    }
+
+    /// <summary>
     /// Computes each prefix (if not cached) and pins its full blocks so they are never evicted; returns the pin ids,
     /// for <see cref="UnpinAsync"/>. Use it at start-up for system prompts and tool lists that every call shares.
     /// </summary>

@@ -52,6 +52,42 @@ public sealed class Llm : IDisposable
         return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), samplings);
     }
 
+    /// <summary>
+    /// Beam search over each text prompt (vLLM's <c>LLM.beam_search</c>): the best <see cref="BeamSearchParams.BeamWidth"/>
+    /// sequences per prompt, best first. Each step runs every live beam as a one-token request through the engine, so
+    /// with prefix caching on the beams' shared tokens are computed once.
+    /// </summary>
+    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<string> prompts, BeamSearchParams beamSearch)
+    {
+        ArgumentNullException.ThrowIfNull(prompts);
+        ObjectDisposedException.ThrowIf(_disposeRequested, this);
+        return BeamSearch(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), beamSearch);
+    }
+
+    /// <summary>Beam search over each token-id prompt; see <see cref="BeamSearch(IReadOnlyList{string}, BeamSearchParams)"/>.</summary>
+    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, BeamSearchParams beamSearch)
+    {
+        ArgumentNullException.ThrowIfNull(promptTokenIds);
+        return BeamSearch(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), beamSearch);
+    }
+
+    private IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, BeamSearchParams beamSearch)
+    {
+        ArgumentNullException.ThrowIfNull(beamSearch);
+        beamSearch.Validate(Engine.Validator.MaxLogprobs);
+        foreach (var prompt in prompts) Engine.Validator.ValidatePrompt(prompt.Ids);
+        return BeamSearcher.RunAsync(prompts, beamSearch, new HashSet<int>(Engine.Directory.EosTokenIds), MaxBeamLength(Engine), Decoder(Engine),
+            (beams, sampling) => Task.FromResult(Run(beams.Select(b => ((IReadOnlyList<int>)b, (string?)null)).ToArray(), Enumerable.Repeat(sampling, beams.Count).ToArray())))
+            .GetAwaiter().GetResult();
+    }
+
+    /// <summary>The longest a beam may grow: one token short of the context and of the whole KV cache.</summary>
+    internal static int MaxBeamLength(LlmEngine engine) =>
+        Math.Min(engine.MaxModelLen, engine.Validator.KvCacheBlocks * engine.Validator.BlockSize);
+
+    internal static Func<int[], string>? Decoder(LlmEngine engine) =>
+        engine.Tokenizer is { } tokenizer ? ids => tokenizer.Decode(ids, skipSpecialTokens: true) : null;
+
     private IReadOnlyList<SamplingParams> Repeat(SamplingParams? sampling, int count)
     {
         ObjectDisposedException.ThrowIf(_disposeRequested, this);
