@@ -47,7 +47,11 @@ public sealed record BeamSearchParams
 public sealed record BeamSearchSequence(IReadOnlyList<int> TokenIds, string Text, double CumulativeLogprob, double Score, string FinishReason);
 
 /// <summary>A prompt's best <see cref="BeamSearchParams.BeamWidth"/> beams, best first.</summary>
-public sealed record BeamSearchOutput(string? Prompt, IReadOnlyList<int> PromptTokenIds, IReadOnlyList<BeamSearchSequence> Sequences);
+/// <param name="Prompt">The prompt's text, when it was given as text.</param>
+/// <param name="PromptTokenIds">The prompt's token ids.</param>
+/// <param name="Sequences">The best beams, best first.</param>
+/// <param name="NumCachedTokens">The prompt's tokens the prefix cache served at the search's first step.</param>
+public sealed record BeamSearchOutput(string? Prompt, IReadOnlyList<int> PromptTokenIds, IReadOnlyList<BeamSearchSequence> Sequences, int NumCachedTokens);
 
 /// <summary>
 /// The search itself, on top of whatever runs one-token requests (the offline <see cref="Llm"/> or the
@@ -74,6 +78,7 @@ internal static class BeamSearcher
         var step = new SamplingParams { Temperature = p.Temperature, MaxTokens = 1, Logprobs = 2 * width, IgnoreEos = true };
         var live = prompts.Select(x => new List<Beam> { new(x.Ids.ToArray(), 0, 0, null) }).ToArray();
         var finished = prompts.Select(_ => new List<Beam>()).ToArray();
+        var cached = new int[prompts.Count];
         for (int t = 0; t < p.MaxTokens; t++)
         {
             // A beam that fills the context cannot grow: it ends here, as at MaxTokens.
@@ -85,6 +90,8 @@ internal static class BeamSearcher
             var beams = live.SelectMany((list, i) => list.Select(b => (Prompt: i, Beam: b))).ToList();
             if (beams.Count == 0) break;
             var outputs = await expand(beams.Select(b => b.Beam.Tokens).ToArray(), step).ConfigureAwait(false);
+            if (t == 0)
+                for (int j = 0; j < beams.Count; j++) cached[beams[j].Prompt] = outputs[j].NumCachedTokens;
 
             var candidates = live.Select(_ => new List<Beam>()).ToArray();
             for (int j = 0; j < beams.Count; j++)
@@ -116,7 +123,7 @@ internal static class BeamSearcher
                     if (x.Beam.FinishReason == FinishReasons.Stop && !p.IncludeStopStrInOutput) generated = generated[..^1];
                     return new BeamSearchSequence(generated, decode?.Invoke(generated) ?? "", x.Beam.Cumulative, x.Score, x.Beam.FinishReason!);
                 }).ToArray();
-            results[i] = new BeamSearchOutput(prompts[i].Text, prompts[i].Ids, best);
+            results[i] = new BeamSearchOutput(prompts[i].Text, prompts[i].Ids, best, cached[i]);
         }
         return results;
     }

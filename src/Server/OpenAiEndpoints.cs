@@ -282,6 +282,11 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         string[]? echoes = echo ? prompts.Select(p => engine.Validator.Truncate(p.Ids, sampling) is var kept && kept.Count == p.Ids.Length && p.Text is { } text
             ? text : tokenizer.Decode(kept, skipSpecialTokens: false)).ToArray() : null;
         var logprobs = new CompletionLogprobs(t => tokenizer.Decode([t], skipSpecialTokens: false));
+        if (OpenAiChatRequest.Bool(body, "use_beam_search") == true)
+        {
+            await BeamSearchCompletions(ctx, engine, body, prompts, sampling, stream, id, created);
+            return;
+        }
 
         if (!stream)
         {
@@ -342,6 +347,65 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         if (includeUsage && last is not null)
             await CompletionUsageEvent(ctx, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
+    }
+
+    /// <summary>
+    /// vLLM's <c>use_beam_search</c> on completions: <c>n</c> beams per prompt (<see cref="AsyncLlmEngine.BeamSearchAsync"/>),
+    /// each a choice, best first; <c>length_penalty</c>, <c>ignore_eos</c>, <c>include_stop_str_in_output</c> and
+    /// <c>temperature</c> as vLLM passes them. Its sequences are known only at its end, so it is not streamed.
+    /// </summary>
+    private async Task BeamSearchCompletions(HttpContext ctx, LocalVllmEngine engine, JsonObject body, IReadOnlyList<OpenAiCompletionRequest.Prompt> prompts,
+        SamplingParams sampling, bool stream, string id, long created)
+    {
+        if (stream) throw new ApiException(400, "'use_beam_search' is not served with 'stream': a beam search's sequences are known only at its end.", param: "stream");
+        foreach (var field in new[] { "logprobs", "echo", "prompt_logprobs" })
+            if (body[field] is JsonValue v && v.GetValueKind() is not (JsonValueKind.Null or JsonValueKind.False))
+                throw new ApiException(400, $"'{field}' is not served with 'use_beam_search'.", param: field);
+        var beam = new BeamSearchParams
+        {
+            BeamWidth = sampling.N, MaxTokens = sampling.MaxTokens, IgnoreEos = sampling.IgnoreEos, Temperature = sampling.Temperature,
+            LengthPenalty = OpenAiChatRequest.Float(body, "length_penalty") ?? 1.0,
+            IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
+        };
+        try
+        {
+            beam.Validate(engine.Validator.MaxLogprobs);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ApiException(400, e.Message, param: e.ParamName switch
+            {
+                nameof(BeamSearchParams.BeamWidth) => "n", nameof(BeamSearchParams.MaxTokens) => "max_tokens",
+                nameof(BeamSearchParams.Temperature) => "temperature", _ => "length_penalty",
+            });
+        }
+        var outputs = await engine.Engine.BeamSearchAsync(prompts.Select(p => (IReadOnlyList<int>)p.Ids).ToArray(), beam, prompts.Select(p => p.Text).ToArray(), ctx.RequestAborted);
+        var choices = new JsonArray();
+        long promptTokens = 0, completionTokens = 0, cached = 0;
+        for (int i = 0; i < outputs.Count; i++)
+        {
+            promptTokens += outputs[i].PromptTokenIds.Count;
+            cached += outputs[i].NumCachedTokens;
+            var sequences = outputs[i].Sequences;
+            for (int b = 0; b < sequences.Count; b++)
+            {
+                completionTokens += sequences[b].TokenIds.Count;
+                choices.Add(new JsonObject
+                {
+                    ["index"] = i * beam.BeamWidth + b, ["text"] = sequences[b].Text, ["logprobs"] = null,
+                    ["finish_reason"] = sequences[b].FinishReason, ["stop_reason"] = null,
+                });
+            }
+        }
+        await Json(ctx, new JsonObject
+        {
+            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices,
+            ["usage"] = new JsonObject
+            {
+                ["prompt_tokens"] = promptTokens, ["completion_tokens"] = completionTokens, ["total_tokens"] = promptTokens + completionTokens,
+                ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = cached },
+            },
+        });
     }
 
     private Task CompletionUsageEvent(HttpContext ctx, string id, long created, long promptTokens, long generated, long cached) =>
