@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using LocalVllm.Engine.Core;
 using LocalVllm.Engine.Diagnostics;
 
@@ -51,6 +52,24 @@ public sealed class Llm : IDisposable
         ArgumentNullException.ThrowIfNull(promptTokenIds);
         return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), samplings);
     }
+
+    /// <summary>
+    /// Generates a reply to each conversation (vLLM's <c>LLM.chat</c>): each is rendered with the model's chat template
+    /// (<see cref="LlmEngine.RenderChatPrompt"/>) and generated as a prompt of its own, all in one batch; outputs come
+    /// back in order, with the rendered text as <see cref="RequestOutput.Prompt"/>. The reply is the model's raw text
+    /// (reasoning and tool calls are not parsed out; the chat client does that).
+    /// </summary>
+    public IReadOnlyList<RequestOutput> Chat(IReadOnlyList<JsonArray> conversations, SamplingParams? sampling = null, ChatPromptOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(conversations);
+        ObjectDisposedException.ThrowIf(_disposeRequested, this);
+        var prompts = conversations.Select(c => Engine.RenderChatPrompt(c, options)).Select(p => ((IReadOnlyList<int>)p.TokenIds, (string?)p.Text)).ToArray();
+        return Run(prompts, Repeat(sampling, prompts.Length));
+    }
+
+    /// <summary>Generates a reply to one conversation; see <see cref="Chat(IReadOnlyList{JsonArray}, SamplingParams?, ChatPromptOptions?)"/>.</summary>
+    public IReadOnlyList<RequestOutput> Chat(JsonArray messages, SamplingParams? sampling = null, ChatPromptOptions? options = null) =>
+        Chat([messages], sampling, options);
 
     /// <summary>
     /// Beam search over each text prompt (vLLM's <c>LLM.beam_search</c>): the best <see cref="BeamSearchParams.BeamWidth"/>

@@ -34,21 +34,6 @@ internal static class ChatRequestMapper
         return (continuing, generation ?? !continuing);
     }
 
-    /// <summary>
-    /// <paramref name="rendered"/> (the chat rendered without a generation prompt) cut right after the final message's
-    /// content, so the model continues that message: the final message's text (trimmed) must appear in the render.
-    /// </summary>
-    public static string ContinueFinalMessage(string rendered, JsonArray messages)
-    {
-        string content = messages.Count > 0 && messages[^1]?["content"] is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>().Trim() : "";
-        if (content.Length == 0)
-            throw new ArgumentException("continue_final_message needs a final message with text to continue.", "messages");
-        int at = rendered.LastIndexOf(content, StringComparison.Ordinal);
-        if (at < 0)
-            throw new ArgumentException("continue_final_message: the final message does not appear in the rendered chat (the chat template changed or dropped it), so it cannot be continued.", "messages");
-        return rendered[..(at + content.Length)];
-    }
-
     public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
     {
         ArgumentNullException.ThrowIfNull(messages);

@@ -103,7 +103,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
         if (continuing && addGenerationPrompt == true)
             throw new ArgumentException("continue_final_message cannot be combined with a generation prompt.", nameof(addGenerationPrompt));
         var text = _engine.ChatTemplate.Render(request.Messages, request.Tools, !continuing && (addGenerationPrompt ?? generation), request.ExtraContext);
-        if (continuing) text = ChatRequestMapper.ContinueFinalMessage(text, request.Messages);
+        if (continuing) text = LocalVllm.Engine.Text.Templating.ChatTemplate.ContinueFinalMessage(text, request.Messages);
         return (text, _engine.EncodeChatPrompt(text));
     }
 

@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using System.Diagnostics;
 using LocalVllm.Engine.Diagnostics;
 using LocalVllm.Engine.Execution;
@@ -335,6 +336,31 @@ public sealed class LlmEngine : IDisposable
     }
 
     private int _startupPins;
+
+    /// <summary>
+    /// A conversation (a JSON array of {role, content, tool_calls...} messages) as the prompt the model sees: rendered with
+    /// the chat template and tokenized without adding special tokens (the template writes its own), as vLLM's
+    /// <c>LLM.chat</c> and chat completions do.
+    /// </summary>
+    public (string Text, int[] TokenIds) RenderChatPrompt(JsonArray messages, ChatPromptOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(messages);
+        options ??= new ChatPromptOptions();
+        if (ChatTemplate is null)
+            throw new NotSupportedException($"The model directory '{Directory.Path}' has no chat template (tokenizer_config.json's chat_template or chat_template.jinja); " +
+                                            "give one with EngineOptions.ChatTemplate (--chat-template), or send text or token-id prompts.");
+        if (Tokenizer is null)
+            throw new NotSupportedException($"The model directory '{Directory.Path}' has no tokenizer files; a chat needs one.");
+        for (int i = 0; i < messages.Count; i++)
+            if (messages[i] is not JsonObject m || m["role"] is not JsonValue role || role.GetValueKind() != System.Text.Json.JsonValueKind.String)
+                throw new ArgumentException($"Message {i} is not an object with a string 'role'.", nameof(messages));
+        if (options.ContinueFinalMessage && options.AddGenerationPrompt == true)
+            throw new ArgumentException("ContinueFinalMessage and AddGenerationPrompt cannot both be true: a continued final message takes no generation prompt after it.", nameof(options));
+        bool generation = options.AddGenerationPrompt ?? !options.ContinueFinalMessage;
+        var text = ChatTemplate.Render(messages, options.Tools, generation, options.ChatTemplateKwargs);
+        if (options.ContinueFinalMessage) text = ChatTemplate.ContinueFinalMessage(text, messages);
+        return (text, Tokenizer.Encode(text, addSpecialTokens: false));
+    }
 
     /// <summary>Encodes a text prompt with the model's tokenizer (special tokens in the text kept whole, BOS as configured).</summary>
     public int[] EncodePrompt(string prompt)

@@ -132,6 +132,23 @@ public sealed class ChatTemplate
         return template.Render(context);
     }
 
+    /// <summary>
+    /// <paramref name="rendered"/> (the chat rendered without a generation prompt) cut right after the final message's
+    /// content, so that the model continues that message: the final message's text (trimmed) must appear in the render.
+    /// </summary>
+    public static string ContinueFinalMessage(string rendered, JsonArray messages)
+    {
+        ArgumentNullException.ThrowIfNull(rendered);
+        ArgumentNullException.ThrowIfNull(messages);
+        string content = messages.Count > 0 && messages[^1]?["content"] is JsonValue v && v.GetValueKind() == System.Text.Json.JsonValueKind.String ? v.GetValue<string>().Trim() : "";
+        if (content.Length == 0)
+            throw new ArgumentException("continue_final_message needs a final message with text to continue.", nameof(messages));
+        int at = rendered.LastIndexOf(content, StringComparison.Ordinal);
+        if (at < 0)
+            throw new ArgumentException("continue_final_message: the final message does not appear in the rendered chat (the chat template changed or dropped it), so it cannot be continued.", nameof(messages));
+        return rendered[..(at + content.Length)];
+    }
+
     private static string? TokenText(JsonNode? n) => n switch
     {
         JsonValue v when v.GetValueKind() == System.Text.Json.JsonValueKind.String => v.GetValue<string>(),
