@@ -14,7 +14,7 @@ namespace LocalVllm.Engine;
 public sealed class AsyncLlmEngine : IDisposable
 {
     private abstract record Command;
-    private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, DateTimeOffset? Deadline, Channel<RequestOutput> Output) : Command;
+    private sealed record AddCommand(string Id, int[] Prompt, SamplingParams Sampling, string? Text, DateTimeOffset? Deadline, Channel<RequestOutput> Output, LoraRequest? Lora) : Command;
     private sealed record AbortCommand(string Id) : Command;
     private sealed record CallCommand(Action<LlmEngine> Action, TaskCompletionSource Done) : Command;
     private sealed record IdleCommand(TaskCompletionSource Done) : Command;
@@ -54,9 +54,9 @@ public sealed class AsyncLlmEngine : IDisposable
     /// </summary>
     public async IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
         string? requestId = null, string? prompt = null, [EnumeratorCancellation] CancellationToken cancellationToken = default,
-        DateTimeOffset? deadline = null)
+        DateTimeOffset? deadline = null, LoraRequest? lora = null)
     {
-        var reader = Submit(promptTokenIds, sampling, requestId, prompt, deadline, out var id);
+        var reader = Submit(promptTokenIds, sampling, requestId, prompt, deadline, lora, out var id);
         bool finished = false;
         using var registration = cancellationToken.Register(() => Abort(id));
         try
@@ -89,11 +89,11 @@ public sealed class AsyncLlmEngine : IDisposable
 
     /// <summary>Runs a request to completion and returns its final output.</summary>
     public async Task<RequestOutput> GenerateFinalAsync(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null,
-        CancellationToken cancellationToken = default)
+        CancellationToken cancellationToken = default, LoraRequest? lora = null)
     {
         RequestOutput? last = null;
         var final = (sampling ?? new SamplingParams()) with { OutputKind = RequestOutputKind.FinalOnly };
-        await foreach (var o in GenerateAsync(promptTokenIds, final, cancellationToken: cancellationToken).ConfigureAwait(false)) last = o;
+        await foreach (var o in GenerateAsync(promptTokenIds, final, cancellationToken: cancellationToken, lora: lora).ConfigureAwait(false)) last = o;
         return last ?? throw new InvalidOperationException("The engine ended the request without output.");
     }
 
@@ -177,7 +177,7 @@ public sealed class AsyncLlmEngine : IDisposable
     }
 
     private ChannelReader<RequestOutput> Submit(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling, string? requestId, string? prompt,
-        DateTimeOffset? deadline, out string id)
+        DateTimeOffset? deadline, LoraRequest? lora, out string id)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         sampling ??= new SamplingParams();
@@ -196,7 +196,7 @@ public sealed class AsyncLlmEngine : IDisposable
         }
         var channel = Channel.CreateUnbounded<RequestOutput>(new UnboundedChannelOptions { SingleWriter = true, SingleReader = true });
         Interlocked.Increment(ref _queuedAdds);
-        if (!_commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, deadline, channel)))
+        if (!_commands.Writer.TryWrite(new AddCommand(id, promptTokenIds.ToArray(), sampling, prompt, deadline, channel, lora)))
         {
             Interlocked.Decrement(ref _queuedAdds);
             throw Disposed();
@@ -273,7 +273,7 @@ public sealed class AsyncLlmEngine : IDisposable
                 Interlocked.Decrement(ref _queuedAdds);
                 try
                 {
-                    Engine.AddRequest(add.Prompt, add.Sampling, add.Id, add.Text, add.Deadline);
+                    Engine.AddRequest(add.Prompt, add.Sampling, add.Id, add.Text, add.Deadline, add.Lora);
                     _streams[add.Id] = add.Output;
                 }
                 catch (Exception e)

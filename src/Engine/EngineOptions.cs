@@ -88,7 +88,7 @@ public sealed class EngineOptions
     /// </summary>
     internal bool CpuKernels { get; set; } = true;
 
-    /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>.</summary>
+    /// <summary>Show a progress bar on an interactive terminal during <see cref="Llm.Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?, LoraRequest?)"/>.</summary>
     public bool UseProgressBar { get; set; }
     /// <summary>
     /// A chat template to use instead of the model's own (vLLM's <c>--chat-template</c>): the path of a Jinja file, or
@@ -102,6 +102,21 @@ public sealed class EngineOptions
     /// <see cref="SamplingParams.PromptLogprobs"/>): 20, as vLLM's <c>max_logprobs</c>; -1 allows up to the vocabulary.
     /// </summary>
     public int MaxLogprobs { get; set; } = 20;
+
+    /// <summary>Serve LoRA adapters (<see cref="LoraRequest"/>), as vLLM's <c>enable_lora</c>.</summary>
+    public bool EnableLora { get; set; }
+
+    /// <summary>The most distinct LoRA adapters in one batch (vLLM's <c>max_loras</c>, 1 by default); others wait.</summary>
+    public int MaxLoras { get; set; } = 1;
+
+    /// <summary>The highest adapter rank served (vLLM's <c>max_lora_rank</c>, 16 by default).</summary>
+    public int MaxLoraRank { get; set; } = 16;
+
+    /// <summary>
+    /// Adapters kept loaded (vLLM's <c>max_cpu_loras</c>); null: <see cref="MaxLoras"/>. Past it, the adapter used
+    /// least recently by no live request is dropped (and read again from its folder when asked for).
+    /// </summary>
+    public int? MaxCpuLoras { get; set; }
 
     /// <summary>libtorch intra-op threads; null keeps libtorch's default.</summary>
     public int? NumThreads { get; set; }
@@ -165,6 +180,10 @@ public sealed class EngineOptions
         if (NumKvBlocks is < 1) throw new ArgumentOutOfRangeException(nameof(NumKvBlocks), NumKvBlocks, "NumKvBlocks must be at least 1.");
         if (MaxWaitingRequests < 0) throw new ArgumentOutOfRangeException(nameof(MaxWaitingRequests), MaxWaitingRequests, "MaxWaitingRequests must be >= 0.");
         if (ChatTemplate is not null) Text.Templating.ChatTemplate.ReplacementSource(ChatTemplate); // a missing file fails here, by name
+        if (MaxLoras < 1) throw new ArgumentOutOfRangeException(nameof(MaxLoras), MaxLoras, "MaxLoras must be at least 1.");
+        if (MaxLoraRank < 1) throw new ArgumentOutOfRangeException(nameof(MaxLoraRank), MaxLoraRank, "MaxLoraRank must be at least 1.");
+        if (MaxCpuLoras is int cpuLoras && cpuLoras < MaxLoras)
+            throw new ArgumentOutOfRangeException(nameof(MaxCpuLoras), cpuLoras, $"MaxCpuLoras must be at least MaxLoras ({MaxLoras}).");
         if (MaxLogprobs < -1) throw new ArgumentOutOfRangeException(nameof(MaxLogprobs), MaxLogprobs, "MaxLogprobs must be -1 (no cap) or at least 0.");
         if (string.IsNullOrWhiteSpace(GenerationConfig))
             throw new ArgumentException("GenerationConfig must be \"auto\", \"vllm\" or a folder holding generation_config.json.", nameof(GenerationConfig));

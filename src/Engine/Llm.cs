@@ -5,7 +5,7 @@ using LocalVllm.Engine.Diagnostics;
 namespace LocalVllm.Engine;
 
 /// <summary>
-/// The offline batch API, as in vLLM: load a model once, then <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?)"/>
+/// The offline batch API, as in vLLM: load a model once, then <see cref="Generate(IReadOnlyList{IReadOnlyList{int}}, SamplingParams?, LoraRequest?)"/>
 /// runs every prompt through the continuous-batching engine until all finish. Safe to call from several threads:
 /// <c>Generate</c> calls run one after another (each call batches its own prompts); for requests from many callers
 /// that should batch together, use <see cref="AsyncLlmEngine"/>. <see cref="Dispose"/> stops an in-flight
@@ -24,33 +24,36 @@ public sealed class Llm : IDisposable
     /// <summary>The engine this API drives; not thread-safe on its own: drive it from one thread, outside <c>Generate</c>.</summary>
     public LlmEngine Engine { get; }
 
-    /// <summary>Generates for each text prompt (tokenized with the model's tokenizer); outputs come back in prompt order.</summary>
-    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null)
+    /// <summary>
+    /// Generates for each text prompt (tokenized with the model's tokenizer); outputs come back in prompt order. With
+    /// <paramref name="lora"/>, every prompt runs under that adapter (<see cref="EngineOptions.EnableLora"/>).
+    /// </summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, SamplingParams? sampling = null, LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(prompts);
-        return Generate(prompts, Repeat(sampling, prompts.Count));
+        return Generate(prompts, Repeat(sampling, prompts.Count), lora is null ? null : Enumerable.Repeat<LoraRequest?>(lora, prompts.Count).ToArray());
     }
 
-    /// <summary>Generates for each text prompt with its own sampling parameters (one per prompt, as vLLM's list form).</summary>
-    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, IReadOnlyList<SamplingParams> samplings)
+    /// <summary>Generates for each text prompt with its own sampling parameters (one per prompt, as vLLM's list form), and its own adapter or none.</summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<string> prompts, IReadOnlyList<SamplingParams> samplings, IReadOnlyList<LoraRequest?>? loras = null)
     {
         ArgumentNullException.ThrowIfNull(prompts);
         ObjectDisposedException.ThrowIf(_disposeRequested, this);
-        return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), samplings);
+        return Run(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), samplings, loras);
     }
 
     /// <summary>Generates for each token-id prompt; outputs come back in prompt order.</summary>
-    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, SamplingParams? sampling = null)
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, SamplingParams? sampling = null, LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
-        return Generate(promptTokenIds, Repeat(sampling, promptTokenIds.Count));
+        return Generate(promptTokenIds, Repeat(sampling, promptTokenIds.Count), lora is null ? null : Enumerable.Repeat<LoraRequest?>(lora, promptTokenIds.Count).ToArray());
     }
 
-    /// <summary>Generates for each token-id prompt with its own sampling parameters (one per prompt).</summary>
-    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, IReadOnlyList<SamplingParams> samplings)
+    /// <summary>Generates for each token-id prompt with its own sampling parameters (one per prompt), and its own adapter or none.</summary>
+    public IReadOnlyList<RequestOutput> Generate(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, IReadOnlyList<SamplingParams> samplings, IReadOnlyList<LoraRequest?>? loras = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
-        return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), samplings);
+        return Run(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), samplings, loras);
     }
 
     /// <summary>
@@ -59,17 +62,18 @@ public sealed class Llm : IDisposable
     /// back in order, with the rendered text as <see cref="RequestOutput.Prompt"/>. The reply is the model's raw text
     /// (reasoning and tool calls are not parsed out; the chat client does that).
     /// </summary>
-    public IReadOnlyList<RequestOutput> Chat(IReadOnlyList<JsonArray> conversations, SamplingParams? sampling = null, ChatPromptOptions? options = null)
+    public IReadOnlyList<RequestOutput> Chat(IReadOnlyList<JsonArray> conversations, SamplingParams? sampling = null, ChatPromptOptions? options = null,
+        LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(conversations);
         ObjectDisposedException.ThrowIf(_disposeRequested, this);
         var prompts = conversations.Select(c => Engine.RenderChatPrompt(c, options)).Select(p => ((IReadOnlyList<int>)p.TokenIds, (string?)p.Text)).ToArray();
-        return Run(prompts, Repeat(sampling, prompts.Length));
+        return Run(prompts, Repeat(sampling, prompts.Length), lora is null ? null : Enumerable.Repeat<LoraRequest?>(lora, prompts.Length).ToArray());
     }
 
-    /// <summary>Generates a reply to one conversation; see <see cref="Chat(IReadOnlyList{JsonArray}, SamplingParams?, ChatPromptOptions?)"/>.</summary>
-    public IReadOnlyList<RequestOutput> Chat(JsonArray messages, SamplingParams? sampling = null, ChatPromptOptions? options = null) =>
-        Chat([messages], sampling, options);
+    /// <summary>Generates a reply to one conversation; see <see cref="Chat(IReadOnlyList{JsonArray}, SamplingParams?, ChatPromptOptions?, LoraRequest?)"/>.</summary>
+    public IReadOnlyList<RequestOutput> Chat(JsonArray messages, SamplingParams? sampling = null, ChatPromptOptions? options = null, LoraRequest? lora = null) =>
+        Chat([messages], sampling, options, lora);
 
     /// <summary>
     /// Beam search over each text prompt (vLLM's <c>LLM.beam_search</c>): the best <see cref="BeamSearchParams.BeamWidth"/>
@@ -114,11 +118,14 @@ public sealed class Llm : IDisposable
         return Enumerable.Repeat(one, count).ToArray();
     }
 
-    private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, IReadOnlyList<SamplingParams> samplings)
+    private IReadOnlyList<RequestOutput> Run(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, IReadOnlyList<SamplingParams> samplings,
+        IReadOnlyList<LoraRequest?>? loras = null)
     {
         ArgumentNullException.ThrowIfNull(samplings);
         if (samplings.Count != prompts.Count)
             throw new ArgumentException($"{samplings.Count} sampling parameters for {prompts.Count} prompts: give one per prompt, or one for all.", nameof(samplings));
+        if (loras is not null && loras.Count != prompts.Count)
+            throw new ArgumentException($"{loras.Count} LoRA requests for {prompts.Count} prompts: give one (or null) per prompt.", nameof(loras));
         lock (_gate)
         {
             ObjectDisposedException.ThrowIf(_disposed || _disposeRequested, this);
@@ -128,7 +135,7 @@ public sealed class Llm : IDisposable
             {
                 // Only finished outputs are read: the engine builds nothing per step for these requests.
                 for (int i = 0; i < prompts.Count; i++)
-                    ids.Add(Engine.AddRequest(prompts[i].Ids, samplings[i] with { OutputKind = RequestOutputKind.FinalOnly }, prompt: prompts[i].Text));
+                    ids.Add(Engine.AddRequest(prompts[i].Ids, samplings[i] with { OutputKind = RequestOutputKind.FinalOnly }, prompt: prompts[i].Text, lora: loras?[i]));
                 var results = new Dictionary<string, RequestOutput>();
                 using var progress = ProgressBar.Create(Engine.Options.UseProgressBar, ids.Count);
                 while (results.Count < ids.Count)

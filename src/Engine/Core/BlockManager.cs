@@ -261,7 +261,7 @@ public sealed class BlockManager
         Span<byte> parent = stackalloc byte[8];
         for (int i = seq.BlockHashes.Count; i < full; i++)
         {
-            ulong parentHash = i == 0 ? _salt : seq.BlockHashes[i - 1];
+            ulong parentHash = i == 0 ? _salt ^ seq.PrefixSalt : seq.BlockHashes[i - 1];
             var hasher = new XxHash64(unchecked((long)_salt));
             BitConverter.TryWriteBytes(parent, parentHash);
             hasher.Append(parent);

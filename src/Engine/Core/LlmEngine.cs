@@ -46,6 +46,7 @@ public sealed class LlmEngine : IDisposable
         Scheduler = new Scheduler(Blocks, options.MaxNumBatchedTokens, options.MaxNumSeqs, options.DeduplicateSharedPrefixes, options.CacheAwareScheduling,
             options.SchedulingPolicy == "priority")
         {
+            MaxLoras = options.EnableLora ? options.MaxLoras : int.MaxValue,
             Speculation = options.Speculative is { } spec
                 ? new NgramProposer(spec.NumSpeculativeTokens, spec.PromptLookupMin, spec.PromptLookupMax, _runner.MaxModelLen, spec.DisableByBatchSize) : null,
         };
@@ -132,10 +133,11 @@ public sealed class LlmEngine : IDisposable
     /// <see cref="EngineOverloadedException"/> when the waiting queue is full. Returns the request id.
     /// </summary>
     public string AddRequest(IReadOnlyList<int> promptTokenIds, SamplingParams? sampling = null, string? requestId = null, string? prompt = null,
-        DateTimeOffset? deadline = null)
+        DateTimeOffset? deadline = null, LoraRequest? lora = null)
     {
         sampling ??= new SamplingParams();
         requestId ??= $"req-{Interlocked.Increment(ref _nextId)}";
+        Lora.LoraAdapter? adapter = null;
         try
         {
             var truncated = Validator.Truncate(promptTokenIds, sampling);
@@ -144,14 +146,65 @@ public sealed class LlmEngine : IDisposable
             Validator.Validate(promptTokenIds, sampling);
             if (_outputs.Contains(requestId)) throw new ArgumentException($"Request id '{requestId}' is already in use.", nameof(requestId));
             Validator.CheckQueue(Scheduler.NumWaiting, sampling, requestId);
+            if (lora is not null) adapter = Adapter(lora);
         }
         catch (Exception e)
         {
             EngineLog.Rejected(_logger, requestId, e.Message);
             throw;
         }
-        _outputs.Add(requestId, promptTokenIds, sampling, prompt, deadline);
+        _outputs.Add(requestId, promptTokenIds, sampling, prompt, deadline, adapter);
         return requestId;
+    }
+
+    private readonly Dictionary<int, Lora.LoraAdapter> _loras = [];
+    private long _loraUses;
+
+    /// <summary>
+    /// Loads a LoRA adapter ahead of its first request (vLLM's <c>add_lora</c>); a request naming one loads it too.
+    /// Throws naming what does not fit (the folder, the rank, a module, a shape, an id already used for another adapter).
+    /// </summary>
+    public void AddLora(LoraRequest lora) => Adapter(lora);
+
+    /// <summary>Drops a loaded adapter (vLLM's <c>remove_lora</c>); false when none has that id. An adapter that live requests use is kept until they end.</summary>
+    public bool RemoveLora(int id)
+    {
+        if (!_loras.TryGetValue(id, out var adapter)) return false;
+        if (InUse(adapter)) throw new InvalidOperationException($"LoRA adapter '{adapter.Request.Name}' (id {id}) is in use by live requests; abort them or wait for them to end.");
+        _loras.Remove(id);
+        adapter.Dispose();
+        return true;
+    }
+
+    /// <summary>The adapters loaded now (vLLM's <c>list_loras</c>).</summary>
+    public IReadOnlyList<LoraRequest> ListLoras() => _loras.Values.Select(a => a.Request).OrderBy(r => r.Id).ToArray();
+
+    private bool InUse(Lora.LoraAdapter adapter) => Scheduler.Unfinished.Any(s => s.Lora == adapter);
+
+    /// <summary>The loaded adapter for <paramref name="lora"/>, loading it (and dropping the least recently used idle one past MaxCpuLoras) if needed.</summary>
+    private Lora.LoraAdapter Adapter(LoraRequest lora)
+    {
+        ArgumentNullException.ThrowIfNull(lora);
+        if (!Options.EnableLora)
+            throw new ArgumentException($"Request asks for LoRA adapter '{lora.Name}', but LoRA is off: set EngineOptions.EnableLora (--enable-lora).", nameof(lora));
+        if (_loras.TryGetValue(lora.Id, out var loaded))
+        {
+            if (loaded.Request.Name != lora.Name || Path.GetFullPath(loaded.Request.Path) != Path.GetFullPath(lora.Path))
+                throw new ArgumentException($"LoRA id {lora.Id} is already loaded as '{loaded.Request.Name}' from '{loaded.Request.Path}'; give '{lora.Name}' another id.", nameof(lora));
+            loaded.LastUsedStep = ++_loraUses;
+            return loaded;
+        }
+        var adapter = Lora.LoraAdapter.Load(lora, Model.Config, Model.DType, Model.Device, Options.MaxLoraRank);
+        int cap = Options.MaxCpuLoras ?? Options.MaxLoras;
+        foreach (var idle in _loras.Values.Where(a => !InUse(a)).OrderBy(a => a.LastUsedStep).Take(Math.Max(0, _loras.Count + 1 - cap)).ToList())
+        {
+            _loras.Remove(idle.Request.Id);
+            idle.Dispose();
+        }
+        adapter.LastUsedStep = ++_loraUses;
+        _loras[lora.Id] = adapter;
+        EngineLog.LoraLoaded(_logger, lora.Name, lora.Id, adapter.Rank, lora.Path);
+        return adapter;
     }
 
     /// <summary>Aborts a request; its blocks are released at once. Returns its final output, or null if unknown.</summary>
@@ -388,5 +441,7 @@ public sealed class LlmEngine : IDisposable
         DisposingHook?.Invoke(this);
         EngineMetrics.Unregister(this);
         _runner.Dispose();
+        foreach (var adapter in _loras.Values) adapter.Dispose();
+        _loras.Clear();
     }
 }

@@ -30,7 +30,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
     public bool Contains(string requestId) => _requests.ContainsKey(requestId);
 
     /// <summary>Takes a validated request: one sequence per completion, queued in the scheduler.</summary>
-    public void Add(string requestId, IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string? prompt, DateTimeOffset? deadline)
+    public void Add(string requestId, IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string? prompt, DateTimeOffset? deadline, Lora.LoraAdapter? lora = null)
     {
         var ids = promptTokenIds.ToArray();
         long now = Stopwatch.GetTimestamp();
@@ -57,7 +57,7 @@ internal sealed class OutputProcessor(Scheduler scheduler, ModelTokenizer? token
         var seqs = new Sequence[sampling.N];
         for (int i = 0; i < seqs.Length; i++)
         {
-            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now, _seeds?.NextInt64()) { BadWordIds = badWords, MinTokensStopIds = minTokensStop };
+            var s = seqs[i] = new Sequence(requestId, i, ids, sampling, now, _seeds?.NextInt64()) { BadWordIds = badWords, MinTokensStopIds = minTokensStop, Lora = lora };
             if (sampling.PromptLogprobs is not null) s.PromptLogprobs = new PositionLogprobs?[ids.Length];
             if (sampling.Logprobs is not null) s.OutputLogprobs = [];
             if (tokenizer is not null) s.Detokenizer = new IncrementalDetokenizer(tokenizer, ids, sampling.SkipSpecialTokens, sampling.Stop, sampling.IncludeStopStrInOutput);

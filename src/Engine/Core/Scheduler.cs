@@ -37,6 +37,9 @@ public sealed class Scheduler
         CacheAwareOrdering = cacheAwareOrdering;
     }
 
+    /// <summary>The most distinct LoRA adapters among running sequences (vLLM's <c>max_loras</c>); a waiting request with another waits.</summary>
+    public int MaxLoras { get; init; } = int.MaxValue;
+
     /// <summary>Waiting requests considered for admission each step.</summary>
     public const int AdmissionWindow = 64;
     /// <summary>How often a waiting request may be passed over (by cache-aware ordering or shared-head deferral) before it goes first.</summary>
@@ -192,8 +195,11 @@ public sealed class Scheduler
                 : candidates.OrderByDescending(seq => CachedHits(seq).Count).ToList(); // stable: arrival order among equals
 
         bool admittedAny = false;
+        var adapters = _running.Where(s => s.Lora is not null).Select(s => s.Lora!).ToHashSet();
         foreach (var seq in candidates)
         {
+            // A request under an adapter that is not running waits while MaxLoras adapters are (vLLM's max_loras).
+            if (seq.Lora is { } adapter && !adapters.Contains(adapter) && adapters.Count >= MaxLoras) continue;
             bool full = _running.Count >= MaxNumSeqs;
             if (full && !CanDisplace(seq)) break; // all slots taken, and (without a more urgent request) nobody else gets in
             // Looked up here, not reused from the ordering: admitting an earlier candidate may have evicted blocks.
@@ -232,6 +238,7 @@ public sealed class Scheduler
             seq.Status = SequenceStatus.Running;
             _waiting.Remove(seq);
             _running.Add(seq);
+            if (seq.Lora is not null) adapters.Add(seq.Lora);
             scheduled.Add(new ScheduledSequence(seq, numNew));
             budget -= numNew;
             admittedAny = true;

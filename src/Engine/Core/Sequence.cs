@@ -29,6 +29,11 @@ public sealed class Sequence
         Random = new Random(unchecked((int)(seed ^ (seed >> 32))));
     }
 
+    /// <summary>The LoRA adapter this sequence runs under, or null for the base model.</summary>
+    internal Lora.LoraAdapter? Lora { get; init; }
+    /// <summary>Mixed into the hash of the first block, so that prefixes computed under different adapters never match.</summary>
+    internal ulong PrefixSalt => Lora?.PrefixSalt ?? 0;
+
     public string RequestId { get; }
     /// <summary>Which of the request's N completions this is.</summary>
     public int Index { get; }

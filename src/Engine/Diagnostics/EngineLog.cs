@@ -16,4 +16,7 @@ internal static partial class EngineLog
 
     [LoggerMessage(EventId = 4, Level = LogLevel.Warning, Message = "The model's context of {ModelContext} tokens does not fit in the KV cache: MaxModelLen lowered to {MaxModelLen} tokens. Raise {Option} to at least {BlocksNeeded} blocks to serve the full context.")]
     public static partial void MaxModelLenLowered(ILogger logger, int modelContext, int maxModelLen, string option, int blocksNeeded);
+
+    [LoggerMessage(EventId = 5, Level = LogLevel.Information, Message = "LoRA adapter '{Name}' (id {Id}, rank {Rank}) loaded from {Path}")]
+    public static partial void LoraLoaded(ILogger logger, string name, int id, int rank, string path);
 }

@@ -257,6 +257,7 @@ public sealed class ModelRunner : IDisposable
         var ids = new long[totalTokens];
         var positions = new long[totalTokens];
         var slots = new long[totalTokens];
+        var rowAdapters = batch.Any(b => b.Sequence.Lora is not null) ? new Lora.LoraAdapter?[totalTokens] : null;
         var contextSlots = new long[totalContext];
         var spans = new SequenceSpan[batch.Count];
         var tables = new int[batch.Count][];
@@ -287,6 +288,7 @@ public sealed class ModelRunner : IDisposable
             for (int p = start; p < end; p++, t++)
             {
                 ids[t] = p < seq.NumTokens ? seq.Tokens[p] : drafts![p - seq.NumTokens];
+                if (rowAdapters is not null) rowAdapters[t] = seq.Lora;
                 positions[t] = p;
                 slots[t] = (long)table[p / bs] * bs + p % bs;
             }
@@ -314,7 +316,8 @@ public sealed class ModelRunner : IDisposable
         using var rowsT = tensor(logitRows.ToArray(), device: device);
         var metadata = new AttentionMetadata(slotT, ctxT, spans, tables, bs);
         _counters.InputTicks += Stopwatch.GetTimestamp() - buildStart;
-        var logits = Model.Forward(idsT, posT, maxPosition, metadata, Cache, rowsT);
+        using var lora = rowAdapters is null ? null : Lora.LoraBatch.For(rowAdapters, device);
+        var logits = Model.Forward(idsT, posT, maxPosition, metadata, Cache, rowsT, false, lora);
         return new StepLogits(logits, sampleRows, promptRows, draftRows);
     }
 

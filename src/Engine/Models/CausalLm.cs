@@ -205,7 +205,11 @@ public sealed class CausalLm : IDisposable
     /// [rows, hidden] float32: what embeddings pool.
     /// </summary>
     public Tensor Forward(Tensor inputIds, Tensor positions, int maxPosition, AttentionMetadata metadata, KvCache cache, Tensor logitIndices,
-        bool hiddenStates = false)
+        bool hiddenStates = false) => Forward(inputIds, positions, maxPosition, metadata, cache, logitIndices, hiddenStates, null);
+
+    /// <summary>The pass with LoRA adapters: <paramref name="lora"/> adds their updates to its rows after each projection.</summary>
+    internal Tensor Forward(Tensor inputIds, Tensor positions, int maxPosition, AttentionMetadata metadata, KvCache cache, Tensor logitIndices,
+        bool hiddenStates, Lora.LoraBatch? lora)
     {
         using var scope = NewDisposeScope();
         var c = Config;
@@ -239,6 +243,7 @@ public sealed class CausalLm : IDisposable
             }
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var qkv = Linear(h, layer.QkvWeight, layer.QkvBias); // [tokens, q + 2 * kv]
+            lora?.Apply(l, Lora.LoraAdapter.Projection.Qkv, h, qkv);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             Tensor q, k, v;
             if (fused)
@@ -258,6 +263,7 @@ public sealed class CausalLm : IDisposable
             var attn = _attention.Forward(q, k, v, cache.Keys(l), cache.Values(l), metadata); // [tokens, heads * headDim]
             t = ForwardProfile.Add(ForwardProfile.Part.Attention, t);
             var o = Linear(attn, layer.OWeight, null);
+            lora?.Apply(l, Lora.LoraAdapter.Projection.O, attn, o);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var (hidden, h2) = fused
                 ? CpuLayerOps.AddRmsNorm(residual, o, layer.PostNorm, c.RmsNormEps)
@@ -265,12 +271,14 @@ public sealed class CausalLm : IDisposable
             h2 ??= RmsNorm(hidden, layer.PostNorm, c.RmsNormEps);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var gateUp = Linear(h2, layer.GateUpWeight, null); // [tokens, 2 * intermediate]
+            lora?.Apply(l, Lora.LoraAdapter.Projection.GateUp, h2, gateUp);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             var act = fused
                 ? CpuLayerOps.SiluMul(gateUp, c.IntermediateSize)
                 : F.silu(gateUp.narrow(1, 0, c.IntermediateSize)) * gateUp.narrow(1, c.IntermediateSize, c.IntermediateSize);
             t = ForwardProfile.Add(ForwardProfile.Part.Other, t);
             var down = Linear(act, layer.DownWeight, null);
+            lora?.Apply(l, Lora.LoraAdapter.Projection.Down, act, down);
             t = ForwardProfile.Add(ForwardProfile.Part.Linear, t);
             residual.Dispose();
             residual = hidden.MoveToOuterDisposeScope();
