@@ -34,15 +34,20 @@ internal static class ChatRequestMapper
         return (continuing, generation ?? !continuing);
     }
 
-    public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId)
+    /// <summary>The LoRA adapter a model id names (case-insensitively, as model ids are compared), or null.</summary>
+    public static LoraRequest? Adapter(string? modelId, IReadOnlyList<LoraRequest>? adapters) =>
+        modelId is null ? null : adapters?.FirstOrDefault(a => string.Equals(a.Name, modelId, StringComparison.OrdinalIgnoreCase));
+
+    public static MappedRequest Map(IEnumerable<ChatMessage> messages, ChatOptions? options, string modelId, IReadOnlyList<LoraRequest>? adapters = null)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var list = messages.ToList();
         int nullAt = list.IndexOf(null!);
         if (nullAt >= 0) throw new ArgumentException($"Message {nullAt} of the list is null.", nameof(messages));
         if (list.Count == 0) throw new ArgumentException("The message list is empty: a chat request needs at least one message.", nameof(messages));
-        if (options?.ModelId is string requested && !string.Equals(requested, modelId, StringComparison.OrdinalIgnoreCase))
-            throw new ArgumentException($"ChatOptions.ModelId '{requested}' does not match the loaded model '{modelId}'.", nameof(options));
+        if (options?.ModelId is string requested && !string.Equals(requested, modelId, StringComparison.OrdinalIgnoreCase) && Adapter(requested, adapters) is null)
+            throw new ArgumentException($"ChatOptions.ModelId '{requested}' does not match the loaded model '{modelId}'" +
+                (adapters is { Count: > 0 } ? $" or a LoRA adapter ({string.Join(", ", adapters.Select(a => $"'{a.Name}'"))})." : "."), nameof(options));
         if (options?.ConversationId is { } conversation)
             throw new NotSupportedException($"ChatOptions.ConversationId ('{conversation}') is not supported: LocalVllm keeps no conversation state on its side; send the whole history in the messages (the prefix cache makes the repeated turns cheap).");
         if (options?.AdditionalProperties is { Count: > 0 } extraProperties)

@@ -28,6 +28,13 @@ public interface ILocalVllmEngine
     /// output holds only the new text and token ids); cancellation aborts it and frees its blocks.
     /// </summary>
     IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken);
+    /// <summary>The LoRA adapters served beside the base model; a request names one by its <see cref="LoraRequest.Name"/> as the model id.</summary>
+    IReadOnlyList<LoraRequest> LoraModules => [];
+    /// <summary>Streams a request's outputs under a LoRA adapter (null: the base model); see the overload without one.</summary>
+    IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, LoraRequest? lora,
+        CancellationToken cancellationToken) =>
+        lora is null ? GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken)
+            : throw new NotSupportedException($"This engine serves no LoRA adapters ('{lora.Name}' was asked for).");
     /// <summary>Computes and pins a token prefix so it is never evicted; returns its pin id.</summary>
     Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken);
     /// <summary>Releases a pin.</summary>

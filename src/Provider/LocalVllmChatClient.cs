@@ -62,7 +62,11 @@ public sealed partial class LocalVllmChatClient : IChatClient
     }
 
     /// <summary>A request checked, rendered and tokenized, ready to submit.</summary>
-    private sealed record PreparedRequest(string ResponseId, int[] Ids, SamplingParams Sampling, ChatOptions? Options, ToolCallFormat Format);
+    private sealed record PreparedRequest(string ResponseId, int[] Ids, SamplingParams Sampling, ChatOptions? Options, ToolCallFormat Format, LoraRequest? Lora)
+    {
+        /// <summary>The model that answers: the adapter's name, or the base model's id.</summary>
+        public string ModelId(string baseModel) => Lora?.Name ?? baseModel;
+    }
 
     private PreparedRequest Prepare(IEnumerable<ChatMessage> messages, ChatOptions? options)
     {
@@ -79,7 +83,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
                 StructuredOutputs = ChatRequestMapper.Constraint(options, prompt, _engine.ChatTemplate.Source, format),
             };
             _engine.Validator.Validate(ids, sampling);
-            return new PreparedRequest(responseId, ids, sampling, options, format);
+            return new PreparedRequest(responseId, ids, sampling, options, format, ChatRequestMapper.Adapter(options?.ModelId, _engine.LoraModules));
         }
         catch (Exception e)
         {
@@ -98,7 +102,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
     public (string Text, int[] TokenIds) RenderPrompt(IEnumerable<ChatMessage> messages, ChatOptions? options = null, bool? addGenerationPrompt = null)
     {
         ArgumentNullException.ThrowIfNull(messages);
-        var request = ChatRequestMapper.Map(messages, options, _engine.ModelId);
+        var request = ChatRequestMapper.Map(messages, options, _engine.ModelId, _engine.LoraModules);
         var (continuing, generation) = ChatRequestMapper.PromptEnd(options);
         if (continuing && addGenerationPrompt == true)
             throw new ArgumentException("continue_final_message cannot be combined with a generation prompt.", nameof(addGenerationPrompt));
@@ -125,7 +129,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
 
         ChatResponseUpdate Update(AIContent content, RequestOutput raw) => new(ChatRole.Assistant, [content])
         {
-            ResponseId = request.ResponseId, MessageId = messageId, CreatedAt = created, ModelId = _engine.ModelId, RawRepresentation = raw,
+            ResponseId = request.ResponseId, MessageId = messageId, CreatedAt = created, ModelId = request.ModelId(_engine.ModelId), RawRepresentation = raw,
         };
 
         IEnumerable<AIContent> Contents(IEnumerable<OutputPiece> pieces)
@@ -144,7 +148,7 @@ public sealed partial class LocalVllmChatClient : IChatClient
         }
 
         // The engine streams deltas: each output holds only the text and token ids that are new since the last one.
-        await foreach (var output in _engine.GenerateAsync(request.Ids, request.Sampling, request.ResponseId, cancellationToken).ConfigureAwait(false))
+        await foreach (var output in _engine.GenerateAsync(request.Ids, request.Sampling, request.ResponseId, request.Lora, cancellationToken).ConfigureAwait(false))
         {
             last = output;
             if (output.Outputs.Count == 0) continue;

@@ -18,9 +18,15 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
     /// serves it for completions); a chat request then fails with <see cref="NotSupportedException"/>.
     /// </remarks>
     public LocalVllmEngine(EngineOptions options, string? modelId = null, Microsoft.Extensions.Logging.ILogger? logger = null,
-        IEnumerable<string>? pinnedSystemPrompts = null, bool requireChatTemplate = true)
+        IEnumerable<string>? pinnedSystemPrompts = null, bool requireChatTemplate = true, IEnumerable<LoraRequest>? loraModules = null)
     {
         ArgumentNullException.ThrowIfNull(options);
+        LoraModules = [.. loraModules ?? []];
+        if (LoraModules.Count > 0 && !options.EnableLora)
+        {
+            options = options.Clone(); // adapters to serve imply LoRA on; the caller's options stay as they are
+            options.EnableLora = true;
+        }
         var core = new LlmEngine(options, logger);
         try
         {
@@ -38,6 +44,10 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
                 return (IReadOnlyList<int>)EncodeChatPrompt((_chatTemplate ?? throw NoChatTemplate(core)).Render(request.Messages, request.Tools, addGenerationPrompt: false, request.ExtraContext), core);
             }).ToList();
             PinnedSystemPromptIds = core.WarmUp(heads);
+            // Each adapter is read once here, so that a bad one fails at start-up, by name (vLLM loads --lora-modules so).
+            foreach (var dup in LoraModules.GroupBy(l => l.Name, StringComparer.OrdinalIgnoreCase).Where(g => g.Count() > 1 || string.Equals(g.Key, ModelId, StringComparison.OrdinalIgnoreCase)))
+                throw new ArgumentException($"LoRA module name '{dup.Key}' is used twice, or is the base model's own name.", nameof(loraModules));
+            foreach (var lora in LoraModules) core.AddLora(lora);
         }
         catch
         {
@@ -76,6 +86,14 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
 
     public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, CancellationToken cancellationToken) =>
         Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);
+
+    /// <inheritdoc />
+    public IReadOnlyList<LoraRequest> LoraModules { get; }
+
+    /// <inheritdoc />
+    public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, LoraRequest? lora,
+        CancellationToken cancellationToken) =>
+        Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken, lora: lora);
 
     public async Task<string> PinAsync(IReadOnlyList<int> prefixTokenIds, CancellationToken cancellationToken) =>
         (await Engine.WarmUpAsync([prefixTokenIds], cancellationToken).ConfigureAwait(false))[0];

@@ -56,6 +56,12 @@ public sealed class LocalVllmOptions
     /// The engine options with <see cref="EngineOptions.Model"/> set from <see cref="Model"/>: a copy of
     /// <see cref="Engine"/> with every property it has, so nothing set through configuration or code is lost.
     /// </summary>
+    /// <summary>
+    /// LoRA adapters served beside the model (vLLM's <c>--lora-modules</c>): a call whose <c>ChatOptions.ModelId</c> is an
+    /// adapter's name runs under it. Giving any turns <see cref="EngineOptions.EnableLora"/> on.
+    /// </summary>
+    public List<LoraRequest> LoraModules { get; set; } = [];
+
     internal EngineOptions ToEngineOptions()
     {
         var e = Engine.Clone();

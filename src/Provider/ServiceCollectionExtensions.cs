@@ -107,6 +107,6 @@ public static class ServiceCollectionExtensions
     {
         options.Validate();
         var logger = services.GetService<ILoggerFactory>()?.CreateLogger("LocalVllm.Engine");
-        return new LocalVllmEngine(options.ToEngineOptions(), options.ModelId, logger, options.PinnedSystemPrompts);
+        return new LocalVllmEngine(options.ToEngineOptions(), options.ModelId, logger, options.PinnedSystemPrompts, loraModules: options.LoraModules);
     }
 }

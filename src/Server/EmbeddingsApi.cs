@@ -15,7 +15,8 @@ internal sealed partial class OpenAiEndpoints
     private async Task Embeddings(HttpContext ctx)
     {
         var body = await ReadBody(ctx);
-        CheckModel(body);
+        if (CheckModel(body) is { } lora)
+            throw new ApiException(400, $"Embeddings are not served under a LoRA adapter ('{lora.Name}'); name the base model '{ModelName}'.", param: "model");
         var real = Real;
         var core = real.Engine.Engine;
         foreach (var (key, _) in body)

@@ -37,7 +37,8 @@ public sealed class LocalVllmServer : IAsyncDisposable
         engineOptions.Model = options.Model;
         // The engine logs through the host's logging; it is created before the app so a bad model fails at once.
         using var bootstrap = LoggerFactory.Create(b => logging?.Invoke(b));
-        var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"), requireChatTemplate: false);
+        var engine = new LocalVllmEngine(engineOptions, options.ServedModelName, bootstrap.CreateLogger("LocalVllm.Engine"), requireChatTemplate: false,
+            loraModules: options.LoraModules);
         try
         {
             if (options.ToolCallParser is { } parser && engine.ToolCallParser is { } written && parser != written)

@@ -127,31 +127,48 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         return node as JsonObject ?? throw new ApiException(400, "The request body must be a JSON object.");
     }
 
-    private void CheckModel(JsonObject body)
+    /// <summary>
+    /// The body's <c>model</c>: the served model (or none named) gives null, a LoRA adapter's name (--lora-modules) gives
+    /// that adapter, anything else is a 404 naming what is served.
+    /// </summary>
+    private LoraRequest? CheckModel(JsonObject body)
     {
-        if (body["model"] is JsonValue m && m.GetValueKind() == JsonValueKind.String && m.GetValue<string>() != ModelName)
-            throw new ApiException(404, $"The model '{m.GetValue<string>()}' does not exist; this server serves '{ModelName}'.", "NotFoundError", "model");
+        if (body["model"] is not JsonValue m || m.GetValueKind() != JsonValueKind.String || m.GetValue<string>() == ModelName) return null;
+        var name = m.GetValue<string>();
+        return Adapters.FirstOrDefault(a => a.Name == name) ?? throw new ApiException(404,
+            $"The model '{name}' does not exist; this server serves '{ModelName}'" + (Adapters.Count > 0 ? $" and the LoRA adapters {string.Join(", ", Adapters.Select(a => $"'{a.Name}'"))}." : "."),
+            "NotFoundError", "model");
     }
 
-    private IResult ListModels() => Results.Content(new JsonObject
+    private IReadOnlyList<LoraRequest> Adapters => engine?.LoraModules ?? [];
+
+    private IResult ListModels()
     {
-        ["object"] = "list",
-        ["data"] = new JsonArray
+        var data = new JsonArray
         {
             new JsonObject
             {
                 ["id"] = ModelName, ["object"] = "model", ["created"] = _started, ["owned_by"] = "localvllm", ["root"] = options.Model,
                 ["max_model_len"] = chat.MaxModelLen,
             },
-        },
-    }.ToJsonString(Compact), "application/json");
+        };
+        // LoRA adapters as vLLM lists them: their own id, the folder as root, the base model as parent.
+        foreach (var a in Adapters)
+            data.Add(new JsonObject
+            {
+                ["id"] = a.Name, ["object"] = "model", ["created"] = _started, ["owned_by"] = "localvllm", ["root"] = a.Path, ["parent"] = ModelName,
+                ["max_model_len"] = chat.MaxModelLen,
+            });
+        return Results.Content(new JsonObject { ["object"] = "list", ["data"] = data }.ToJsonString(Compact), "application/json");
+    }
 
     // ---------------------------------------------------------------- chat completions
 
     private async Task ChatCompletions(HttpContext ctx)
     {
         var body = await ReadBody(ctx);
-        CheckModel(body);
+        var lora = CheckModel(body);
+        string model = lora?.Name ?? ModelName;
         var request = OpenAiChatRequest.Parse(body);
         // vLLM refuses what cannot fit rather than shortening it; the prompt's own length is checked by the engine.
         if (request.Options(0).MaxOutputTokens is int max && max >= chat.MaxModelLen)
@@ -174,7 +191,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
             var usage = Usage(completed.Select(t => t.Usage).ToList());
             var response = new JsonObject
             {
-                ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices, ["usage"] = usage,
+                ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = model, ["choices"] = choices, ["usage"] = usage,
             };
             if (request.PromptLogprobs)
                 response["prompt_logprobs"] = completed[0] is { PromptIds: { } ids, PromptLogprobs: { } positions } && engine is not null
@@ -192,7 +209,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         await streams.StartAsync();
         StartEventStream(ctx);
         var turns = Enumerable.Range(0, streams.Count).Select(i => new ChatTurn(engine, request.Logprobs, i)).ToArray();
-        var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        var chunks = new ChatChunkWriter(ctx.Response.BodyWriter, id, created, model);
         if (request.ContinuousUsage)
         {
             // The prompt's length is known from each completion's first output, which the role event precedes.
@@ -231,7 +248,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         if (request.IncludeUsage)
             await Event(ctx, new JsonObject
             {
-                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+                ["id"] = id, ["object"] = "chat.completion.chunk", ["created"] = created, ["model"] = model, ["choices"] = new JsonArray(),
                 ["usage"] = Usage(turns.Select(t => t.Usage).ToList()),
             });
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
@@ -262,7 +279,8 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
     private async Task Completions(HttpContext ctx)
     {
         var body = await ReadBody(ctx);
-        CheckModel(body);
+        var lora = CheckModel(body);
+        string model = lora?.Name ?? ModelName;
         var engine = Real;
         var core = engine.Engine.Engine;
         var prompts = OpenAiCompletionRequest.Prompts(body, text => core.EncodePrompt(text));
@@ -284,13 +302,14 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         var logprobs = new CompletionLogprobs(t => tokenizer.Decode([t], skipSpecialTokens: false));
         if (OpenAiChatRequest.Bool(body, "use_beam_search") == true)
         {
+            if (lora is not null) throw new ApiException(400, "'use_beam_search' is not served under a LoRA adapter.", param: "model");
             await BeamSearchCompletions(ctx, engine, body, prompts, sampling, stream, id, created);
             return;
         }
 
         if (!stream)
         {
-            var outputs = await Task.WhenAll(prompts.Select(p => engine.Engine.GenerateFinalAsync(p.Ids, sampling with { OutputKind = RequestOutputKind.FinalOnly }, ctx.RequestAborted)));
+            var outputs = await Task.WhenAll(prompts.Select(p => engine.Engine.GenerateFinalAsync(p.Ids, sampling with { OutputKind = RequestOutputKind.FinalOnly }, ctx.RequestAborted, lora)));
             var choices = new JsonArray();
             long promptTokens = 0, completionTokens = 0, cached = 0;
             for (int i = 0; i < outputs.Length; i++)
@@ -316,7 +335,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
             }
             await Json(ctx, new JsonObject
             {
-                ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices,
+                ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = model, ["choices"] = choices,
                 ["usage"] = new JsonObject
                 {
                     ["prompt_tokens"] = promptTokens, ["completion_tokens"] = completionTokens, ["total_tokens"] = promptTokens + completionTokens,
@@ -328,15 +347,15 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
 
         if (prompts.Count != 1 || sampling.N != 1 || echo)
         {
-            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), echoes, sampling, logprobs, id, created, includeUsage, continuousUsage);
+            await StreamCompletions(ctx, engine, prompts.Select(p => p.Ids).ToList(), echoes, sampling, logprobs, id, created, includeUsage, continuousUsage, lora, model);
             return;
         }
-        var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted)
+        var run = engine.Engine.GenerateAsync(prompts[0].Ids, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted, lora: lora)
             .GetAsyncEnumerator(ctx.RequestAborted);
         await using var _ = run;
         bool any = await run.MoveNextAsync();
         StartEventStream(ctx);
-        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, model);
         if (continuousUsage)
         {
             long promptSoFar = run.Current?.PromptTokenIds.Count ?? 0, generatedSoFar = 0;
@@ -345,7 +364,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         }
         var (last, generated) = await WriteCompletionEvents(run, any, chunks, c => c.Logprobs is null ? null : logprobs.Of(c.Index, c.TokenIds, c.Logprobs), () => Flush(ctx));
         if (includeUsage && last is not null)
-            await CompletionUsageEvent(ctx, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
+            await CompletionUsageEvent(ctx, model, id, created, last.PromptTokenIds.Count, generated, last.NumCachedTokens);
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
     }
 
@@ -408,10 +427,10 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         });
     }
 
-    private Task CompletionUsageEvent(HttpContext ctx, string id, long created, long promptTokens, long generated, long cached) =>
+    private static Task CompletionUsageEvent(HttpContext ctx, string model, string id, long created, long promptTokens, long generated, long cached) =>
         Event(ctx, new JsonObject
         {
-            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = new JsonArray(),
+            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = model, ["choices"] = new JsonArray(),
             ["usage"] = new JsonObject
             {
                 ["prompt_tokens"] = promptTokens, ["completion_tokens"] = generated, ["total_tokens"] = promptTokens + generated,
@@ -427,14 +446,14 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
     /// byte is sent, so a refused request still gets its status.
     /// </summary>
     private async Task StreamCompletions(HttpContext ctx, LocalVllmEngine engine, IReadOnlyList<int[]> prompts, string[]? echoes, SamplingParams sampling,
-        CompletionLogprobs logprobs, string id, long created, bool includeUsage, bool continuousUsage)
+        CompletionLogprobs logprobs, string id, long created, bool includeUsage, bool continuousUsage, LoraRequest? lora, string model)
     {
         await using var runs = new MergedStreams<RequestOutput>(prompts
-            .Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted).GetAsyncEnumerator(ctx.RequestAborted))
+            .Select(p => engine.Engine.GenerateAsync(p, sampling with { OutputKind = RequestOutputKind.Delta }, cancellationToken: ctx.RequestAborted, lora: lora).GetAsyncEnumerator(ctx.RequestAborted))
             .ToList());
         await runs.StartAsync();
         StartEventStream(ctx);
-        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, ModelName);
+        var chunks = new CompletionChunkWriter(ctx.Response.BodyWriter, id, created, model);
         var lasts = new RequestOutput?[runs.Count];
         var started = new bool[runs.Count * sampling.N];
         var done = new long[started.Length];
@@ -468,7 +487,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         }
         await runs.Completion;
         if (includeUsage)
-            await CompletionUsageEvent(ctx, id, created, lasts.Sum(o => (long)(o?.PromptTokenIds.Count ?? 0)), generated, lasts.Sum(o => (long)(o?.NumCachedTokens ?? 0)));
+            await CompletionUsageEvent(ctx, model, id, created, lasts.Sum(o => (long)(o?.PromptTokenIds.Count ?? 0)), generated, lasts.Sum(o => (long)(o?.NumCachedTokens ?? 0)));
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ctx.RequestAborted);
     }
 

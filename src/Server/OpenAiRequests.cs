@@ -58,6 +58,8 @@ internal sealed class OpenAiChatRequest
             throw new ApiException(400, "'messages' must be a non-empty array.", param: "messages");
 
         var o = new ChatOptions { AdditionalProperties = [] };
+        // The model asked for (the server checked it: the base model or a LoRA adapter, which the chat client selects by it).
+        if (body["model"] is JsonValue model && model.GetValueKind() == JsonValueKind.String) o.ModelId = model.GetValue<string>();
         o.Temperature = Float(body, "temperature");
         o.TopP = Float(body, "top_p");
         o.MaxOutputTokens = Int(body, "max_completion_tokens") ?? Int(body, "max_tokens");

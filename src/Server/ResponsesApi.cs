@@ -25,8 +25,9 @@ internal sealed partial class OpenAiEndpoints
     private async Task Responses(HttpContext ctx)
     {
         var body = await ReadBody(ctx);
-        CheckModel(body);
+        var lora = CheckModel(body);
         var request = OpenAiResponsesRequest.Parse(body, storeEnabled: _responses is not null);
+        if (lora is not null) request.Options.ModelId = lora.Name; // the chat client runs the request under the adapter
         // The conversation so far: a stored response's (its instructions are not carried over, as OpenAI's are not),
         // then this request's input; this request's instructions go first.
         var conversation = new List<ChatMessage>();
@@ -39,7 +40,7 @@ internal sealed partial class OpenAiEndpoints
         if (request.Options.MaxOutputTokens is int max && max >= chat.MaxModelLen)
             throw new ApiException(400, $"max_output_tokens = {max} does not fit in this model's context of {chat.MaxModelLen} tokens (prompt included).", param: "max_output_tokens");
         if (request.Logprobs && engine is null) throw new ApiException(400, "logprobs are not available from this server's engine.", param: "include");
-        var response = new ResponseAssembler($"resp_{Guid.NewGuid():N}", DateTimeOffset.UtcNow.ToUnixTimeSeconds(), ModelName, request.Echo)
+        var response = new ResponseAssembler($"resp_{Guid.NewGuid():N}", DateTimeOffset.UtcNow.ToUnixTimeSeconds(), lora?.Name ?? ModelName, request.Echo)
         {
             Stored = store, PreviousResponseId = request.PreviousResponseId,
         };

@@ -1,5 +1,6 @@
 using System.Globalization;
 using LocalVllm.Engine;
+using System.Text.Json.Nodes;
 
 namespace LocalVllm.Server;
 
@@ -51,6 +52,9 @@ public sealed class ServerOptions
     /// <c>VLLM_ENABLE_RESPONSES_API_STORE</c>). 0 (the default): nothing is kept and every response says it was not stored.
     /// </summary>
     public int ResponsesStoreSize { get; set; }
+
+    /// <summary>LoRA adapters served beside the model (<c>--lora-modules</c>); a request names one as its <c>model</c>.</summary>
+    public List<LoraRequest> LoraModules { get; } = [];
     /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
     public string? SslCertFile { get; set; }
     public string? SslKeyFile { get; set; }
@@ -96,6 +100,9 @@ public sealed class ServerOptions
           --enable-chunked-prefill, --enforce-eager, --trust-remote-code
                                       accepted: chunked prefill is always on, nothing is graph-captured, and no model
                                       code is ever run from a repository
+          --enable-lora               serve LoRA adapters; --lora-modules name=path [name=path ...] (or JSON objects
+                                      with name and path) names them, and a request's "model" picks one; --max-loras N
+                                      adapters per batch (1), --max-lora-rank R (16), --max-cpu-loras N kept loaded
           --speculative-config JSON   speculative decoding by prompt lookup (greedy output unchanged), e.g.
                                       '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
@@ -164,6 +171,15 @@ public sealed class ServerOptions
                 case "--allow-credentials": o.AllowCredentials = true; break;
                 case "--http2": o.Http2Cleartext = true; break;
                 case "--enable-responses-store": o.ResponsesStoreSize = 1000; break;
+                case "--enable-lora": o.Engine.EnableLora = true; break;
+                case "--max-loras": o.Engine.MaxLoras = Int(); break;
+                case "--max-lora-rank": o.Engine.MaxLoraRank = Int(); break;
+                case "--max-cpu-loras": o.Engine.MaxCpuLoras = Int(); break;
+                case "--lora-modules":
+                    // vLLM's forms, one or more after the flag: name=path, or {"name": ..., "path": ...}.
+                    do o.LoraModules.Add(LoraModule(Value(), o.LoraModules.Count + 1));
+                    while (inline is null && i + 1 < args.Count && !args[i + 1].StartsWith("--", StringComparison.Ordinal));
+                    break;
                 case "--responses-store-size": o.ResponsesStoreSize = Int(); break;
                 case "--ssl-certfile": o.SslCertFile = Value(); break;
                 case "--root-path":
@@ -220,6 +236,19 @@ public sealed class ServerOptions
     }
 
     /// <summary>A list given as vLLM takes it, a JSON array of strings (<c>'["http://localhost:3000"]'</c>).</summary>
+    private static LoraRequest LoraModule(string text, int id)
+    {
+        if (text.TrimStart().StartsWith('{'))
+        {
+            var json = JsonNode.Parse(text) as JsonObject;
+            if (json?["name"] is JsonValue n && json["path"] is JsonValue p) return new LoraRequest(n.GetValue<string>(), id, p.GetValue<string>());
+            throw new ArgumentException($"--lora-modules: '{text}' needs \"name\" and \"path\".");
+        }
+        int eq = text.IndexOf('=');
+        if (eq <= 0 || eq == text.Length - 1) throw new ArgumentException($"--lora-modules: '{text}' is not name=path (or a JSON object with name and path).");
+        return new LoraRequest(text[..eq], id, text[(eq + 1)..]);
+    }
+
     private static List<string> JsonList(string flag, string text)
     {
         try
