@@ -112,6 +112,18 @@ var specCmd = new Command("spec", "speculative decoding by prompt lookup against
 specCmd.SetAction(r => SpecBench.Execute(new SpecBench.Settings(r.GetValue(spSize)!, r.GetValue(spRequests), r.GetValue(spTokens), r.GetValue(spDrafts),
     r.GetValue(spRepeat), r.GetValue(spThreads), r.GetValue(json), r.GetValue(spTemperature))));
 
+var loraSize = new Option<string>("--size") { Description = "qwen3-0.6b (default), stories or a model directory", DefaultValueFactory = _ => "qwen3-0.6b" };
+var loraRequests = new Option<int>("--requests") { Description = "requests at once", DefaultValueFactory = _ => 8 };
+var loraTokens = new Option<int>("--tokens") { Description = "tokens generated per request", DefaultValueFactory = _ => 32 };
+var loraRank = new Option<int>("--rank") { Description = "the adapters' rank", DefaultValueFactory = _ => 16 };
+var loraRepeat = new Option<int>("--repeat") { Description = "rounds of the three workloads, in rotating order; medians", DefaultValueFactory = _ => 3 };
+var loraCmd = new Command("lora", "LoRA adapters' cost: the same batch on the base model, under one adapter, and under two")
+{
+    loraSize, loraRequests, loraTokens, loraRank, loraRepeat, spThreads, json,
+};
+loraCmd.SetAction(r => LoraBench.Execute(new LoraBench.Settings(r.GetValue(loraSize)!, r.GetValue(loraRequests), r.GetValue(loraTokens), r.GetValue(loraRank),
+    r.GetValue(loraRepeat), r.GetValue(spThreads), r.GetValue(json))));
+
 var mbFilter = new Option<string?>("--filter") { Description = "only case files whose name contains this" };
 var mbLimit = new Option<int>("--limit") { Description = "at most this many case files", DefaultValueFactory = _ => int.MaxValue };
 var mbVerbose = new Option<bool>("--verbose") { Description = "print every compile, validation and invalidation error" };
@@ -139,5 +151,5 @@ var memoryChild = new Command("memory-child", "(internal) one load for the memor
 memoryChild.Hidden = true;
 memoryChild.SetAction(r => MemoryBench.Child(r.GetValue(childArgs)!));
 
-var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, priorityCmd, specCmd, maskbenchCmd, structuredCmd, qualityCmd };
+var root = new RootCommand("LocalVllm benchmarks") { memoryCmd, memoryChild,  throughput, agentsCmd, compareCmd, microCmd, outputsCmd, serveCmd, priorityCmd, specCmd, loraCmd, maskbenchCmd, structuredCmd, qualityCmd };
 return root.Parse(args).Invoke();

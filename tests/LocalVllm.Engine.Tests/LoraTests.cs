@@ -164,6 +164,35 @@ public sealed class LoraTests : IDisposable
         EngineHarness.AssertNoLeaks(off.Engine);
     }
 
+    /// <summary>
+    /// The decode kernel against libtorch's products, at sizes that are no multiple of any vector width: each run's rows
+    /// get their own adapter's update, the rows between runs are left as they were.
+    /// </summary>
+    [Theory]
+    [InlineData(37, 5, 43)]
+    [InlineData(64, 16, 96)]
+    [InlineData(3, 1, 1)]
+    public void The_decode_kernel_adds_each_runs_update_as_libtorch_computes_it(int inDim, int rank, int outDim)
+    {
+        var gen = new Generator().manual_seed(inDim * 1000 + rank);
+        using var x = randn([9, inDim], generator: gen);
+        using var output = randn([9, outDim], generator: gen);
+        using var at1 = randn([inDim, rank], generator: gen);
+        using var bt1 = randn([rank, outDim], generator: gen);
+        using var at2 = randn([inDim, rank], generator: gen);
+        using var bt2 = randn([rank, outDim], generator: gen);
+        using var expected = output.clone();
+        expected.narrow(0, 1, 3).add_(x.narrow(0, 1, 3).mm(at1).mm(bt1));
+        expected.narrow(0, 6, 2).add_(x.narrow(0, 6, 2).mm(at2).mm(bt2));
+
+        Assert.True(Kernels.Cpu.LoraKernel.Supports(x, at1, bt1, output, 3));
+        Kernels.Cpu.LoraKernel.AddUpdates(x, output, [(1, 3, at1, bt1), (6, 2, at2, bt2)]);
+        Assert.True(output.allclose(expected, rtol: 1e-5, atol: 1e-4), $"max difference {(output - expected).abs().max().item<float>()}");
+        Assert.False(Kernels.Cpu.LoraKernel.Supports(x, at1, bt1, output, Kernels.Cpu.LoraKernel.MaxRows + 1)); // prefill goes to libtorch
+        using var bf16 = x.to(ScalarType.BFloat16);
+        Assert.False(Kernels.Cpu.LoraKernel.Supports(bf16, at1, bt1, output, 3));
+    }
+
     [Fact]
     public async Task The_async_engine_serves_an_adapter_beside_the_base_model()
     {

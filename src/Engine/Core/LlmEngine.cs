@@ -233,6 +233,11 @@ public sealed class LlmEngine : IDisposable
             return PinFinished(outputs);
         }
 
+        // Under LoRA, the batch is ordered by adapter (stably): each adapter's rows then sit side by side, and its update
+        // is two products over one run of rows.
+        if (_loras.Count > 0 && batch.Any(b => b.Sequence.Lora is not null))
+            batch = [.. batch.OrderBy(b => b.Sequence.Lora?.Request.Id ?? 0)];
+
         // Run: one forward pass over the packed batch, then sampling.
         ModelRunnerOutput result;
         try

@@ -316,7 +316,7 @@ public sealed class ModelRunner : IDisposable
         using var rowsT = tensor(logitRows.ToArray(), device: device);
         var metadata = new AttentionMetadata(slotT, ctxT, spans, tables, bs);
         _counters.InputTicks += Stopwatch.GetTimestamp() - buildStart;
-        using var lora = rowAdapters is null ? null : Lora.LoraBatch.For(rowAdapters, device);
+        var lora = rowAdapters is null ? null : Lora.LoraBatch.For(rowAdapters);
         var logits = Model.Forward(idsT, posT, maxPosition, metadata, Cache, rowsT, false, lora);
         return new StepLogits(logits, sampleRows, promptRows, draftRows);
     }

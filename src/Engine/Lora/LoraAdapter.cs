@@ -15,17 +15,22 @@ namespace LocalVllm.Engine.Lora;
 /// </summary>
 internal sealed partial class LoraAdapter : IDisposable
 {
-    /// <summary>One adapted module inside a fused projection: its output columns and its low-rank pair.</summary>
-    internal sealed record Piece(long Offset, long Size, Tensor A, Tensor B);
+    /// <summary>
+    /// A fused projection's update as one low-rank pair: the adapted modules' A matrices stacked (transposed, [in, R])
+    /// and their B matrices placed block-diagonally over the projection's output columns ([R, out], zeros where a
+    /// module is not adapted or belongs to another module's rank), so that the update is two products whatever modules
+    /// the adapter covers.
+    /// </summary>
+    internal sealed record Pair(Tensor AT, Tensor BT);
 
-    /// <summary>The fused projections, in the order of <see cref="Pieces"/>' second index.</summary>
+    /// <summary>The fused projections, in the order of <see cref="Pairs"/>' second index.</summary>
     internal enum Projection { Qkv, O, GateUp, Down }
 
-    private LoraAdapter(LoraRequest request, int rank, Piece[][][] pieces)
+    private LoraAdapter(LoraRequest request, int rank, Pair?[][] pairs)
     {
         Request = request;
         Rank = rank;
-        Pieces = pieces;
+        Pairs = pairs;
         // Prefix-cache salt: blocks computed under this adapter never match another adapter's (or the base model's).
         PrefixSalt = XxHash64.HashToUInt64(Encoding.UTF8.GetBytes($"lora/{request.Id}/{request.Name}"));
     }
@@ -33,8 +38,8 @@ internal sealed partial class LoraAdapter : IDisposable
     public LoraRequest Request { get; }
     public int Rank { get; }
     public ulong PrefixSalt { get; }
-    /// <summary>[layer][projection] -> the adapted modules of that projection (empty when none).</summary>
-    public Piece[][][] Pieces { get; }
+    /// <summary>[layer][projection] -> that projection's update, or null where the adapter leaves it alone.</summary>
+    public Pair?[][] Pairs { get; }
     /// <summary>The steps since this adapter last ran (for choosing which loaded adapter to drop).</summary>
     public long LastUsedStep { get; set; }
 
@@ -91,7 +96,8 @@ internal sealed partial class LoraAdapter : IDisposable
             ["down_proj"] = (Projection.Down, 0, hidden, inter),
         };
 
-        var pieces = new List<Piece>[config.NumHiddenLayers, 4];
+        long[] widths = [q + 2 * kv, hidden, 2 * inter, hidden]; // each fused projection's output columns
+        var pieces = new List<(long Offset, Tensor A, Tensor B)>[config.NumHiddenLayers, 4];
         for (int l = 0; l < config.NumHiddenLayers; l++)
             for (int p = 0; p < 4; p++) pieces[l, p] = [];
         using var file = SafetensorsFile.Open(weightsPath);
@@ -122,34 +128,43 @@ internal sealed partial class LoraAdapter : IDisposable
                 if (aShape.Length != 2 || aShape[0] != r || aShape[1] != inSize || bShape.Length != 2 || bShape[0] != outSize || bShape[1] != r)
                     throw new ArgumentException($"LoRA adapter '{request.Name}': layer {layer} {module} has lora_A [{string.Join(", ", aShape)}] and lora_B [{string.Join(", ", bShape)}]; " +
                                                 $"this model (rank {r}) needs [{r}, {inSize}] and [{outSize}, {r}]: the adapter was trained for another model.", nameof(request));
-                using var a32 = file.Read(aKey, ScalarType.Float32, CPU);
-                using var b32 = file.Read(bKey, ScalarType.Float32, CPU);
-                using var scaled = b32 * scale;
-                pieces[layer, (int)projection].Add(new Piece(offset, outSize, a32.to(dtype, device).contiguous(), scaled.to(dtype, device).contiguous()));
+                var a32 = file.Read(aKey, ScalarType.Float32, CPU);
+                var b32 = file.Read(bKey, ScalarType.Float32, CPU);
+                pieces[layer, (int)projection].Add((offset, a32, b32));
             }
+            var fused = new Pair?[config.NumHiddenLayers][];
+            for (int l = 0; l < config.NumHiddenLayers; l++)
+            {
+                fused[l] = new Pair?[4];
+                for (int p = 0; p < 4; p++)
+                {
+                    var list = pieces[l, p];
+                    if (list.Count == 0) continue;
+                    // A stacked along the rank, B placed at each module's output columns and rank rows, scale folded in.
+                    using var a = cat(list.Select(x => x.A).ToArray(), 0); // [R, in]
+                    using var bt = zeros(list.Count * r, widths[p]); // [R, out]
+                    for (int m = 0; m < list.Count; m++)
+                        using (var block = bt.narrow(0, m * r, r).narrow(1, list[m].Offset, list[m].B.shape[0]))
+                        using (var scaled = list[m].B.t() * scale)
+                            block.copy_(scaled);
+                    fused[l][p] = new Pair(a.t().to(dtype, device).contiguous(), bt.to(dtype, device).contiguous());
+                }
+            }
+            return new LoraAdapter(request, r, fused);
         }
-        catch
+        finally
         {
-            foreach (var list in pieces) foreach (var piece in list) { piece.A.Dispose(); piece.B.Dispose(); }
-            throw;
+            foreach (var list in pieces) foreach (var (_, a, b) in list) { a.Dispose(); b.Dispose(); }
         }
-        var byLayer = new Piece[config.NumHiddenLayers][][];
-        for (int l = 0; l < config.NumHiddenLayers; l++)
-        {
-            byLayer[l] = new Piece[4][];
-            for (int p = 0; p < 4; p++) byLayer[l][p] = [.. pieces[l, p]];
-        }
-        return new LoraAdapter(request, r, byLayer);
     }
 
     public void Dispose()
     {
-        foreach (var layer in Pieces)
-            foreach (var projection in layer)
-                foreach (var piece in projection)
-                {
-                    piece.A.Dispose();
-                    piece.B.Dispose();
-                }
+        foreach (var layer in Pairs)
+            foreach (var pair in layer)
+            {
+                pair?.AT.Dispose();
+                pair?.BT.Dispose();
+            }
     }
 }
