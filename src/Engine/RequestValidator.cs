@@ -125,6 +125,7 @@ public sealed class RequestValidator
         ArgumentNullException.ThrowIfNull(p);
         if (p.Priority != 0 && !PriorityScheduling)
             throw new ArgumentException($"Priority (priority) is {p.Priority}, but the engine schedules first come, first served: set EngineOptions.SchedulingPolicy (--scheduling-policy) to \"priority\".", nameof(p.Priority));
+        if (p.CacheSalt is { Length: 0 }) throw new ArgumentException("CacheSalt (cache_salt) must be a non-empty string, or none.", nameof(p.CacheSalt));
         if (p.N < 1) throw new ArgumentOutOfRangeException(nameof(p.N), p.N, "N (n) must be at least 1.");
         if (p.N > MaxWaitingRequests)
             throw new ArgumentOutOfRangeException(nameof(p.N), p.N,

@@ -81,6 +81,12 @@ public sealed record SamplingParams
     /// last; equal values go by arrival. Must stay 0 under first-come-first-served scheduling.
     /// </summary>
     public int Priority { get; init; }
+    /// <summary>
+    /// Keeps this request's prompt blocks apart in the prefix cache (vLLM's <c>cache_salt</c>): only requests with the same
+    /// salt share cached blocks, so one tenant's cache hits (and their timing) never reveal another's prompts. Null: the
+    /// shared cache.
+    /// </summary>
+    public string? CacheSalt { get; init; }
     /// <summary>Leave special tokens out of the returned text.</summary>
     public bool SkipSpecialTokens { get; init; } = true;
 

@@ -17,7 +17,7 @@ internal static class ChatRequestMapper
 {
     /// <summary>Engine knobs accepted through <see cref="ChatOptions.AdditionalProperties"/>.</summary>
     public static readonly string[] AdditionalPropertyNames = ["min_p", "repetition_penalty", "enable_thinking", "min_tokens", "ignore_eos", "top_k", "logprobs", "structured_outputs", "logit_bias",
-        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs"];
+        "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs", "cache_salt"];
 
     /// <summary>
     /// vLLM's <c>continue_final_message</c> and <c>add_generation_prompt</c> from <paramref name="o"/>: continuing leaves
@@ -184,6 +184,7 @@ internal static class ChatRequestMapper
             StopTokenIds = TokenIds(o, "stop_token_ids") ?? [],
             AllowedTokenIds = TokenIds(o, "allowed_token_ids"),
             Priority = Extra<int>("priority") ?? 0,
+            CacheSalt = ExtraString(o, "cache_salt"),
             BadWords = Words(o, "bad_words") ?? [],
             TruncatePromptTokens = truncate,
             PromptLogprobs = Extra<int>("prompt_logprobs"),
@@ -274,6 +275,17 @@ internal static class ChatRequestMapper
     /// or a <see cref="JsonElement"/> (as settings loaded from JSON or YAML arrive); anything else is an
     /// <see cref="ArgumentException"/> naming the key, the value and the type expected.
     /// </summary>
+    /// <summary>A text knob from <see cref="ChatOptions.AdditionalProperties"/>: a string or a JSON string; anything else is an <see cref="ArgumentException"/> naming the key.</summary>
+    internal static string? ExtraString(ChatOptions? o, string key) =>
+        o?.AdditionalProperties?.TryGetValue(key, out var v) != true || v is null ? null
+        : v switch
+        {
+            string s => s,
+            JsonElement { ValueKind: JsonValueKind.String } e => e.GetString(),
+            JsonElement { ValueKind: JsonValueKind.Null } => null,
+            _ => throw new ArgumentException($"ChatOptions.AdditionalProperties[\"{key}\"] must be a string, not {v}.", nameof(o)),
+        };
+
     internal static T? Extra<T>(ChatOptions? o, string key) where T : struct
     {
         if (o?.AdditionalProperties?.TryGetValue(key, out var v) != true || v is null) return null;

@@ -42,7 +42,7 @@ internal sealed class OpenAiChatRequest
         "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
         "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "chat_template_kwargs", "user", "structured_outputs", "reasoning_effort", "logit_bias",
         "continue_final_message", "add_generation_prompt", "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "priority", "bad_words", "truncate_prompt_tokens", "prompt_logprobs",
-        "echo",
+        "echo", "cache_salt",
         .. StructuredOutputsJson.GuidedFields,
         // OpenAI's bookkeeping fields, which some clients always send: nothing here depends on them.
         "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "modalities",
@@ -69,7 +69,7 @@ internal sealed class OpenAiChatRequest
         o.TopK = Int(body, "top_k");
         if (body["stop"] is JsonNode stop)
             o.StopSequences = stop is JsonArray list ? list.Select(s => Str(s, "stop")).ToList() : [Str(stop, "stop")];
-        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority", "truncate_prompt_tokens", "prompt_logprobs" })
+        foreach (var extra in new[] { "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "continue_final_message", "add_generation_prompt", "include_stop_str_in_output", "priority", "truncate_prompt_tokens", "prompt_logprobs", "cache_salt" })
             if (body[extra] is JsonValue v) o.AdditionalProperties[extra] = v.GetValue<JsonElement>().Clone();
         if (body["logit_bias"] is JsonObject logitBias) o.AdditionalProperties["logit_bias"] = JsonSerializer.SerializeToElement(logitBias);
         foreach (var list in new[] { "stop_token_ids", "allowed_token_ids" })
@@ -333,6 +333,8 @@ internal static class OpenAiCompletionRequest
             StopTokenIds = OpenAiChatRequest.Ids(body, "stop_token_ids") ?? [],
             IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
             Priority = OpenAiChatRequest.Int(body, "priority") ?? 0,
+            CacheSalt = body["cache_salt"] is JsonValue salt && salt.GetValueKind() == JsonValueKind.String ? salt.GetValue<string>()
+                : body["cache_salt"] is null ? null : throw new ApiException(400, "'cache_salt' must be a string.", param: "cache_salt"),
             AllowedTokenIds = OpenAiChatRequest.Ids(body, "allowed_token_ids"),
             BadWords = OpenAiChatRequest.Words(body, "bad_words") ?? [],
             TruncatePromptTokens = OpenAiChatRequest.Int(body, "truncate_prompt_tokens"),

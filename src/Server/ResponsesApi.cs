@@ -181,7 +181,7 @@ internal sealed class OpenAiResponsesRequest
         "max_tool_calls", "prompt", "truncation",
         // vLLM's extra sampling fields, as on chat completions.
         "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "min_tokens", "ignore_eos", "priority",
-        "chat_template_kwargs",
+        "chat_template_kwargs", "cache_salt",
         // OpenAI's bookkeeping fields, which clients may send: nothing here depends on them.
         "store", "metadata", "user", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
     ];
@@ -206,7 +206,7 @@ internal sealed class OpenAiResponsesRequest
         // Sampling and the vLLM extras go the chat completion's way: the same names, read by the same code.
         var chatBody = new JsonObject();
         foreach (var key in new[] { "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
-                     "min_tokens", "ignore_eos", "priority", "chat_template_kwargs", "parallel_tool_calls" })
+                     "min_tokens", "ignore_eos", "priority", "chat_template_kwargs", "parallel_tool_calls", "cache_salt" })
             if (body[key] is { } value) chatBody[key] = value.DeepClone();
         if (body["max_output_tokens"] is { } maxTokens) chatBody["max_tokens"] = maxTokens.DeepClone();
         if (body["reasoning"] is JsonObject reasoning && reasoning["effort"] is { } effort && effort.GetValueKind() != JsonValueKind.Null)

@@ -26,13 +26,15 @@ public sealed class Sequence
         _tokens = [.. promptTokenIds];
         ArrivalTicks = arrivalTicks;
         long seed = sampling.Seed is long s ? s + index : unseededSeed ?? Random.Shared.NextInt64();
+        _cacheSalt = sampling.CacheSalt is { } salt ? System.IO.Hashing.XxHash64.HashToUInt64(System.Text.Encoding.UTF8.GetBytes("cache_salt/" + salt)) : 0;
         Random = new Random(unchecked((int)(seed ^ (seed >> 32))));
     }
 
     /// <summary>The LoRA adapter this sequence runs under, or null for the base model.</summary>
     internal Lora.LoraAdapter? Lora { get; init; }
     /// <summary>Mixed into the hash of the first block, so that prefixes computed under different adapters never match.</summary>
-    internal ulong PrefixSalt => Lora?.PrefixSalt ?? 0;
+    internal ulong PrefixSalt => (Lora?.PrefixSalt ?? 0) ^ _cacheSalt;
+    private readonly ulong _cacheSalt;
 
     public string RequestId { get; }
     /// <summary>Which of the request's N completions this is.</summary>
