@@ -21,7 +21,8 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
         IEnumerable<string>? pinnedSystemPrompts = null, bool requireChatTemplate = true, IEnumerable<LoraRequest>? loraModules = null)
     {
         ArgumentNullException.ThrowIfNull(options);
-        LoraModules = [.. loraModules ?? []];
+        _loraModules = [.. loraModules ?? []];
+        _nextLoraId = _loraModules.Select(l => l.Id).DefaultIfEmpty(0).Max() + 1;
         if (LoraModules.Count > 0 && !options.EnableLora)
         {
             options = options.Clone(); // adapters to serve imply LoRA on; the caller's options stay as they are
@@ -88,7 +89,56 @@ public sealed class LocalVllmEngine : ILocalVllmEngine, IDisposable
         Engine.GenerateAsync(promptTokenIds, sampling, requestId, cancellationToken: cancellationToken);
 
     /// <inheritdoc />
-    public IReadOnlyList<LoraRequest> LoraModules { get; }
+    public IReadOnlyList<LoraRequest> LoraModules => Volatile.Read(ref _loraModules);
+
+    private LoraRequest[] _loraModules;
+    private readonly object _loraGate = new();
+
+    /// <summary>
+    /// Serves one more adapter under <paramref name="name"/> from <paramref name="path"/> (vLLM's runtime
+    /// <c>load_lora_adapter</c>): read and checked on the engine thread first, so a bad one is refused by name and
+    /// nothing changes. Throws <see cref="ArgumentException"/> when the name is taken.
+    /// </summary>
+    public async Task<LoraRequest> AddLoraModuleAsync(string name, string path)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(name);
+        ArgumentException.ThrowIfNullOrWhiteSpace(path);
+        if (!Engine.Engine.Options.EnableLora)
+            throw new InvalidOperationException("LoRA is off for this engine: start it with EngineOptions.EnableLora (--enable-lora).");
+        LoraRequest lora;
+        lock (_loraGate)
+        {
+            if (string.Equals(name, ModelId, StringComparison.OrdinalIgnoreCase) || LoraModules.Any(l => string.Equals(l.Name, name, StringComparison.OrdinalIgnoreCase)))
+                throw new ArgumentException($"The LoRA adapter '{name}' is already loaded (or is the base model's name).", nameof(name));
+            lora = new LoraRequest(name, _nextLoraId++, path);
+        }
+        await Engine.InvokeAsync(e => e.AddLora(lora)).ConfigureAwait(false);
+        lock (_loraGate)
+        {
+            if (LoraModules.Any(l => string.Equals(l.Name, name, StringComparison.OrdinalIgnoreCase)))
+                throw new ArgumentException($"The LoRA adapter '{name}' was loaded meanwhile by another call.", nameof(name));
+            Volatile.Write(ref _loraModules, [.. LoraModules, lora]);
+        }
+        return lora;
+    }
+
+    private int _nextLoraId; // ids are never reused: a dropped adapter's id cannot come back as another adapter
+
+    /// <summary>
+    /// Stops serving the adapter <paramref name="name"/> (vLLM's runtime <c>unload_lora_adapter</c>); false when no adapter
+    /// has that name. Throws <see cref="InvalidOperationException"/> while requests under it are running.
+    /// </summary>
+    public async Task<bool> RemoveLoraModuleAsync(string name)
+    {
+        var lora = LoraModules.FirstOrDefault(l => string.Equals(l.Name, name, StringComparison.OrdinalIgnoreCase));
+        if (lora is null) return false;
+        await Engine.InvokeAsync(e => e.RemoveLora(lora.Id)).ConfigureAwait(false);
+        lock (_loraGate)
+        {
+            Volatile.Write(ref _loraModules, [.. LoraModules.Where(l => l != lora)]);
+        }
+        return true;
+    }
 
     /// <inheritdoc />
     public IAsyncEnumerable<RequestOutput> GenerateAsync(IReadOnlyList<int> promptTokenIds, SamplingParams sampling, string requestId, LoraRequest? lora,

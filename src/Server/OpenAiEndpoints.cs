@@ -66,6 +66,11 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         app.MapMethods("/ping", ["GET", "POST"], () => Results.Ok()); // vLLM's (SageMaker's) health probe
         app.MapGet("/version", () => Results.Json(new { version = Version }));
         app.MapGet("/v1/models", ListModels);
+        if (options.AllowRuntimeLoraUpdating)
+        {
+            app.MapPost("/v1/load_lora_adapter", LoadLoraAdapter);
+            app.MapPost("/v1/unload_lora_adapter", UnloadLoraAdapter);
+        }
         app.MapPost("/v1/chat/completions", ChatCompletions);
         app.MapPost("/v1/completions", Completions);
         app.MapPost("/v1/embeddings", Embeddings);
@@ -141,6 +146,45 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
     }
 
     private IReadOnlyList<LoraRequest> Adapters => engine?.LoraModules ?? [];
+
+    /// <summary>vLLM's runtime adapter loading: <c>{"lora_name": ..., "lora_path": ...}</c>; a bad adapter is a 400 naming what does not fit.</summary>
+    private async Task LoadLoraAdapter(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        string Field(string name) => body[name] is JsonValue v && v.GetValueKind() == JsonValueKind.String && v.GetValue<string>() is { Length: > 0 } s
+            ? s : throw new ApiException(400, $"'{name}' (a non-empty string) is required.", param: name);
+        string name = Field("lora_name"), path = Field("lora_path");
+        try
+        {
+            await Real.AddLoraModuleAsync(name, path);
+        }
+        catch (Exception e) when (e is ArgumentException or IOException or InvalidDataException or InvalidOperationException)
+        {
+            throw new ApiException(400, e.Message, param: e is ArgumentException { ParamName: "name" } ? "lora_name" : "lora_path");
+        }
+        ctx.Response.ContentType = "text/plain";
+        await ctx.Response.WriteAsync($"Success: LoRA adapter '{name}' added successfully.", ctx.RequestAborted);
+    }
+
+    /// <summary>vLLM's runtime adapter unloading: <c>{"lora_name": ...}</c>; 404 when none has that name, 409 while requests use it.</summary>
+    private async Task UnloadLoraAdapter(HttpContext ctx)
+    {
+        var body = await ReadBody(ctx);
+        var name = body["lora_name"] is JsonValue v && v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>()
+            : throw new ApiException(400, "'lora_name' (a string) is required.", param: "lora_name");
+        bool removed;
+        try
+        {
+            removed = await Real.RemoveLoraModuleAsync(name);
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new ApiException(409, e.Message, "conflict", "lora_name");
+        }
+        if (!removed) throw new ApiException(404, $"The LoRA adapter '{name}' is not loaded.", "NotFoundError", "lora_name");
+        ctx.Response.ContentType = "text/plain";
+        await ctx.Response.WriteAsync($"Success: LoRA adapter '{name}' removed successfully.", ctx.RequestAborted);
+    }
 
     private IResult ListModels()
     {

@@ -53,6 +53,12 @@ public sealed class ServerOptions
     /// </summary>
     public int ResponsesStoreSize { get; set; }
 
+    /// <summary>
+    /// Serve <c>POST /v1/load_lora_adapter</c> and <c>/v1/unload_lora_adapter</c> (vLLM's, when the environment variable
+    /// <c>VLLM_ALLOW_RUNTIME_LORA_UPDATING</c> is true, as it is read here too).
+    /// </summary>
+    public bool AllowRuntimeLoraUpdating { get; set; }
+
     /// <summary>LoRA adapters served beside the model (<c>--lora-modules</c>); a request names one as its <c>model</c>.</summary>
     public List<LoraRequest> LoraModules { get; } = [];
     /// <summary>HTTPS, as vLLM's <c>--ssl-certfile</c> and <c>--ssl-keyfile</c>: PEM files of the certificate and its key.</summary>
@@ -103,6 +109,8 @@ public sealed class ServerOptions
           --enable-lora               serve LoRA adapters; --lora-modules name=path [name=path ...] (or JSON objects
                                       with name and path) names them, and a request's "model" picks one; --max-loras N
                                       adapters per batch (1), --max-lora-rank R (16), --max-cpu-loras N kept loaded
+                                      (VLLM_ALLOW_RUNTIME_LORA_UPDATING=true: POST /v1/load_lora_adapter and
+                                      /v1/unload_lora_adapter add and drop adapters while serving)
           --speculative-config JSON   speculative decoding by prompt lookup (greedy output unchanged), e.g.
                                       '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
           --enable-auto-tool-choice   accepted as in vLLM: tool calls are always parsed when a request has tools
@@ -227,6 +235,9 @@ public sealed class ServerOptions
             }
         }
         if (o.ApiKey is null && (environment ?? Environment.GetEnvironmentVariable)("VLLM_API_KEY") is { Length: > 0 } key) o.ApiKey = key;
+        if ((environment ?? Environment.GetEnvironmentVariable)("VLLM_ALLOW_RUNTIME_LORA_UPDATING") is { } runtime
+            && (runtime.Equals("true", StringComparison.OrdinalIgnoreCase) || runtime == "1"))
+            o.AllowRuntimeLoraUpdating = true;
         if (string.IsNullOrWhiteSpace(o.Model)) throw new ArgumentException("--model is required: give a Hugging Face model directory or a hub repository id (owner/name).");
         if (o.Port is < 0 or > 65535) throw new ArgumentException($"--port {o.Port} is not a port.");
         if ((o.SslCertFile is null) != (o.SslKeyFile is null)) throw new ArgumentException("HTTPS needs both --ssl-certfile and --ssl-keyfile.");

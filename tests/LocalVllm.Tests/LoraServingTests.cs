@@ -134,6 +134,61 @@ public sealed class LoraServingTests : IDisposable
         Assert.Contains("or a LoRA adapter ('style')", e.Message);
     }
 
+    /// <summary>
+    /// With VLLM_ALLOW_RUNTIME_LORA_UPDATING, adapters come and go while the server runs: a loaded one is listed and
+    /// serves its merged model's completion, a bad one is a 400 naming the problem, an unloaded one is a 404 again.
+    /// Without the variable the two endpoints do not exist.
+    /// </summary>
+    [Fact]
+    public async Task Adapters_load_and_unload_at_run_time_when_the_environment_allows_it()
+    {
+        string style = _adapters.Adapter("stories260K", seed: 25);
+        string expected;
+        using (var merged = new Llm(Options(_adapters.Merged("stories260K", style))))
+            expected = merged.Generate([Prompt], new SamplingParams { Temperature = 0, MaxTokens = 10, IgnoreEos = true })[0].Outputs[0].Text;
+        string[] args = ["--model", Fixtures.Model("stories260K"), "--served-model-name", "stories", "--port", "0", "--kv-cache-memory", "8M", "--enable-lora"];
+
+        await using (var locked = LocalVllmServer.Create(ServerOptions.Parse(args, _ => null)))
+        {
+            await locked.StartAsync();
+            using var http0 = new HttpClient { BaseAddress = locked.BaseAddress };
+            var (status0, _) = await PostText(http0, "v1/load_lora_adapter", new JsonObject { ["lora_name"] = "style", ["lora_path"] = style });
+            Assert.Equal(HttpStatusCode.NotFound, status0);
+        }
+
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(args, name => name == "VLLM_ALLOW_RUNTIME_LORA_UPDATING" ? "True" : null));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        var completion = new JsonObject { ["model"] = "style", ["prompt"] = Prompt, ["temperature"] = 0, ["max_tokens"] = 10, ["ignore_eos"] = true };
+        Assert.Equal(HttpStatusCode.NotFound, (await Post(http, "v1/completions", completion)).Status);
+
+        var (loaded, message) = await PostText(http, "v1/load_lora_adapter", new JsonObject { ["lora_name"] = "style", ["lora_path"] = style });
+        Assert.Equal(HttpStatusCode.OK, loaded);
+        Assert.Contains("'style' added", message);
+        Assert.Contains("style", await http.GetStringAsync("v1/models"));
+        var (ok, json) = await Post(http, "v1/completions", completion);
+        Assert.Equal((HttpStatusCode.OK, expected), (ok, json["choices"]![0]!["text"]!.GetValue<string>()));
+
+        var (again, againText) = await PostText(http, "v1/load_lora_adapter", new JsonObject { ["lora_name"] = "style", ["lora_path"] = style });
+        Assert.Equal(HttpStatusCode.BadRequest, again);
+        Assert.Contains("already loaded", againText);
+        var (wide, wideText) = await PostText(http, "v1/load_lora_adapter", new JsonObject { ["lora_name"] = "wide", ["lora_path"] = _adapters.Adapter("stories260K", seed: 26, rank: 32) });
+        Assert.Equal(HttpStatusCode.BadRequest, wide);
+        Assert.Contains("MaxLoraRank", wideText);
+        Assert.DoesNotContain("wide", await http.GetStringAsync("v1/models"));
+
+        Assert.Equal(HttpStatusCode.OK, (await PostText(http, "v1/unload_lora_adapter", new JsonObject { ["lora_name"] = "style" })).Status);
+        Assert.Equal(HttpStatusCode.NotFound, (await Post(http, "v1/completions", completion)).Status);
+        Assert.Equal(HttpStatusCode.NotFound, (await PostText(http, "v1/unload_lora_adapter", new JsonObject { ["lora_name"] = "style" })).Status);
+        await server.Engine.Engine.InvokeAsync(e => Assert.Empty(e.ListLoras()));
+    }
+
+    private static async Task<(HttpStatusCode Status, string Text)> PostText(HttpClient http, string path, JsonObject body)
+    {
+        using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        return (response.StatusCode, await response.Content.ReadAsStringAsync());
+    }
+
     [Fact]
     public void A_bad_adapter_fails_the_server_at_start_up_by_name()
     {
