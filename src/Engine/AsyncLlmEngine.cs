@@ -98,11 +98,11 @@ public sealed class AsyncLlmEngine : IDisposable
     }
 
     /// <summary>
-    /// Beam search over token-id prompts (<see cref="Llm.BeamSearch(IReadOnlyList{IReadOnlyList{int}}, BeamSearchParams)"/>),
+    /// Beam search over token-id prompts (<see cref="Llm.BeamSearch(IReadOnlyList{IReadOnlyList{int}}, BeamSearchParams, LoraRequest?)"/>),
     /// its one-token requests batched with everything else the engine runs; cancelling aborts the step in flight.
     /// </summary>
     public Task<IReadOnlyList<BeamSearchOutput>> BeamSearchAsync(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, BeamSearchParams beamSearch,
-        IReadOnlyList<string?>? promptTexts = null, CancellationToken cancellationToken = default)
+        IReadOnlyList<string?>? promptTexts = null, CancellationToken cancellationToken = default, LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
         ArgumentNullException.ThrowIfNull(beamSearch);
@@ -111,7 +111,7 @@ public sealed class AsyncLlmEngine : IDisposable
         foreach (var prompt in promptTokenIds) Engine.Validator.ValidatePrompt(prompt);
         var prompts = promptTokenIds.Select((p, i) => (p, promptTexts?[i])).ToArray();
         return BeamSearcher.RunAsync(prompts, beamSearch, new HashSet<int>(Engine.Directory.EosTokenIds), Llm.MaxBeamLength(Engine), Llm.Decoder(Engine),
-            async (beams, sampling) => await Task.WhenAll(beams.Select(b => GenerateFinalAsync(b, sampling, cancellationToken))).ConfigureAwait(false));
+            async (beams, sampling) => await Task.WhenAll(beams.Select(b => GenerateFinalAsync(b, sampling, cancellationToken, lora))).ConfigureAwait(false));
     }
 
     /// <summary>

@@ -80,27 +80,28 @@ public sealed class Llm : IDisposable
     /// sequences per prompt, best first. Each step runs every live beam as a one-token request through the engine, so
     /// with prefix caching on the beams' shared tokens are computed once.
     /// </summary>
-    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<string> prompts, BeamSearchParams beamSearch)
+    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<string> prompts, BeamSearchParams beamSearch, LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(prompts);
         ObjectDisposedException.ThrowIf(_disposeRequested, this);
-        return BeamSearch(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), beamSearch);
+        return BeamSearch(prompts.Select(p => ((IReadOnlyList<int>)Engine.EncodePrompt(p), (string?)p)).ToArray(), beamSearch, lora);
     }
 
-    /// <summary>Beam search over each token-id prompt; see <see cref="BeamSearch(IReadOnlyList{string}, BeamSearchParams)"/>.</summary>
-    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, BeamSearchParams beamSearch)
+    /// <summary>Beam search over each token-id prompt; see <see cref="BeamSearch(IReadOnlyList{string}, BeamSearchParams, LoraRequest?)"/>.</summary>
+    public IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<IReadOnlyList<int>> promptTokenIds, BeamSearchParams beamSearch, LoraRequest? lora = null)
     {
         ArgumentNullException.ThrowIfNull(promptTokenIds);
-        return BeamSearch(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), beamSearch);
+        return BeamSearch(promptTokenIds.Select(p => (p, (string?)null)).ToArray(), beamSearch, lora);
     }
 
-    private IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, BeamSearchParams beamSearch)
+    private IReadOnlyList<BeamSearchOutput> BeamSearch(IReadOnlyList<(IReadOnlyList<int> Ids, string? Text)> prompts, BeamSearchParams beamSearch, LoraRequest? lora)
     {
         ArgumentNullException.ThrowIfNull(beamSearch);
         beamSearch.Validate(Engine.Validator.MaxLogprobs);
         foreach (var prompt in prompts) Engine.Validator.ValidatePrompt(prompt.Ids);
         return BeamSearcher.RunAsync(prompts, beamSearch, new HashSet<int>(Engine.Directory.EosTokenIds), MaxBeamLength(Engine), Decoder(Engine),
-            (beams, sampling) => Task.FromResult(Run(beams.Select(b => ((IReadOnlyList<int>)b, (string?)null)).ToArray(), Enumerable.Repeat(sampling, beams.Count).ToArray())))
+            (beams, sampling) => Task.FromResult(Run(beams.Select(b => ((IReadOnlyList<int>)b, (string?)null)).ToArray(), Enumerable.Repeat(sampling, beams.Count).ToArray(),
+                lora is null ? null : Enumerable.Repeat<LoraRequest?>(lora, beams.Count).ToArray())))
             .GetAwaiter().GetResult();
     }
 

@@ -346,8 +346,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         var logprobs = new CompletionLogprobs(t => tokenizer.Decode([t], skipSpecialTokens: false));
         if (OpenAiChatRequest.Bool(body, "use_beam_search") == true)
         {
-            if (lora is not null) throw new ApiException(400, "'use_beam_search' is not served under a LoRA adapter.", param: "model");
-            await BeamSearchCompletions(ctx, engine, body, prompts, sampling, stream, id, created);
+            await BeamSearchCompletions(ctx, engine, body, prompts, sampling, stream, id, created, lora, model);
             return;
         }
 
@@ -418,7 +417,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
     /// <c>temperature</c> as vLLM passes them. Its sequences are known only at its end, so it is not streamed.
     /// </summary>
     private async Task BeamSearchCompletions(HttpContext ctx, LocalVllmEngine engine, JsonObject body, IReadOnlyList<OpenAiCompletionRequest.Prompt> prompts,
-        SamplingParams sampling, bool stream, string id, long created)
+        SamplingParams sampling, bool stream, string id, long created, LoraRequest? lora, string model)
     {
         if (stream) throw new ApiException(400, "'use_beam_search' is not served with 'stream': a beam search's sequences are known only at its end.", param: "stream");
         foreach (var field in new[] { "logprobs", "echo", "prompt_logprobs" })
@@ -442,7 +441,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
                 nameof(BeamSearchParams.Temperature) => "temperature", _ => "length_penalty",
             });
         }
-        var outputs = await engine.Engine.BeamSearchAsync(prompts.Select(p => (IReadOnlyList<int>)p.Ids).ToArray(), beam, prompts.Select(p => p.Text).ToArray(), ctx.RequestAborted);
+        var outputs = await engine.Engine.BeamSearchAsync(prompts.Select(p => (IReadOnlyList<int>)p.Ids).ToArray(), beam, prompts.Select(p => p.Text).ToArray(), ctx.RequestAborted, lora);
         var choices = new JsonArray();
         long promptTokens = 0, completionTokens = 0, cached = 0;
         for (int i = 0; i < outputs.Count; i++)
@@ -462,7 +461,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         }
         await Json(ctx, new JsonObject
         {
-            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = ModelName, ["choices"] = choices,
+            ["id"] = id, ["object"] = "text_completion", ["created"] = created, ["model"] = model, ["choices"] = choices,
             ["usage"] = new JsonObject
             {
                 ["prompt_tokens"] = promptTokens, ["completion_tokens"] = completionTokens, ["total_tokens"] = promptTokens + completionTokens,

@@ -165,6 +165,40 @@ public sealed class LoraTests : IDisposable
     }
 
     /// <summary>
+    /// The other ways a request runs go through the adapter too: beam search (one-token requests per beam) and
+    /// speculative decoding (draft rows computed under the sequence's adapter) give the merged model's results.
+    /// </summary>
+    [Fact]
+    public void Beam_search_and_speculative_decoding_under_an_adapter_give_the_merged_models_results()
+    {
+        const string model = "stories260K";
+        string a = Adapter(model, seed: 16);
+        var prompts = Prompts(2, 24, seed: 12);
+        var beam = new BeamSearchParams { BeamWidth = 3, MaxTokens = 6, IgnoreEos = true };
+        var longer = EngineHarness.Greedy(40);
+        IReadOnlyList<BeamSearchOutput> expectedBeams;
+        IReadOnlyList<RequestOutput> expectedLong;
+        using (var merged = new Llm(Options(Merged(model, a))))
+        {
+            expectedBeams = merged.BeamSearch(prompts, beam);
+            expectedLong = merged.Generate(prompts, longer);
+        }
+        var lora = new LoraRequest("a", 1, a);
+        using var llm = new Llm(Options(model, o => o.Speculative = new SpeculativeConfig { NumSpeculativeTokens = 4 }));
+        var beams = llm.BeamSearch(prompts, beam, lora);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(expectedBeams[i].Sequences.Select(x => x.TokenIds), beams[i].Sequences.Select(x => x.TokenIds));
+            Assert.Equal(expectedBeams[i].Sequences.Select(x => x.Score), beams[i].Sequences.Select(x => x.Score), (x, y) => Math.Abs(x - y) < 1e-3);
+        }
+        var before = llm.Engine.GetStats();
+        var speculated = llm.Generate(prompts, longer, lora);
+        Assert.True(llm.Engine.GetStats().SpecDraftTokens > before.SpecDraftTokens, "no drafts were proposed: the test would not cover draft rows");
+        for (int i = 0; i < prompts.Length; i++) Assert.Equal(expectedLong[i].Outputs[0].TokenIds, speculated[i].Outputs[0].TokenIds);
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
+
+    /// <summary>
     /// The decode kernel against libtorch's products, at sizes that are no multiple of any vector width: each run's rows
     /// get their own adapter's update, the rows between runs are left as they were.
     /// </summary>

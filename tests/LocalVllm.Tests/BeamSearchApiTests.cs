@@ -6,7 +6,7 @@ using LocalVllm.Server;
 
 namespace LocalVllm.Tests;
 
-/// <summary>vLLM's <c>use_beam_search</c> on <c>/v1/completions</c>, against the offline <see cref="Llm.BeamSearch(IReadOnlyList{string}, BeamSearchParams)"/> of a separate engine.</summary>
+/// <summary>vLLM's <c>use_beam_search</c> on <c>/v1/completions</c>, against the offline <see cref="Llm.BeamSearch(IReadOnlyList{string}, BeamSearchParams, LoraRequest?)"/> of a separate engine.</summary>
 [Trait("Category", "Fixtures")]
 public sealed class BeamSearchApiTests
 {
