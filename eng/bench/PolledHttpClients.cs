@@ -3,7 +3,6 @@ using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
-using System.Text.Json.Nodes;
 
 namespace LocalVllm.Bench;
 
@@ -107,11 +106,6 @@ internal static class PolledHttpClients
                 rest = rest[(line + 2 + size + 2)..];
             }
         else body.Write(rest);
-        var text = Encoding.UTF8.GetString(body.GetBuffer(), 0, (int)body.Length);
-        int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
-        int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
-        int lineEnd = text.IndexOf('\n', usage);
-        long tokens = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
-        return (tokens, text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2));
+        return ServeBench.ReadEvents(Encoding.UTF8.GetString(body.GetBuffer(), 0, (int)body.Length), path);
     }
 }

@@ -275,13 +275,7 @@ internal static class ServeBench
         using var rest = new MemoryStream();
         rest.Write(buffer, 0, read);
         await stream.CopyToAsync(rest);
-        var text = Encoding.UTF8.GetString(rest.GetBuffer(), 0, (int)rest.Length);
-        int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
-        int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
-        int lineEnd = text.IndexOf('\n', usage);
-        long n = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
-        // Events that carried text: all but the usage chunk and [DONE] (and, for chat, the role chunk).
-        int textEvents = text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2);
+        var (n, textEvents) = ReadEvents(Encoding.UTF8.GetString(rest.GetBuffer(), 0, (int)rest.Length), path);
         Interlocked.Add(ref s_textEvents, textEvents);
         Interlocked.Add(ref s_allTextEvents, textEvents);
         Interlocked.Add(ref s_allBytes, rest.Length);
@@ -289,6 +283,16 @@ internal static class ServeBench
     }
 
     private static long s_textEvents, s_allTextEvents, s_allBytes;
+
+    /// <summary>A whole event stream's completion tokens (from its usage chunk) and the events that carried text: all but the usage chunk and [DONE] (and, for chat, the role chunk).</summary>
+    internal static (long Tokens, int TextEvents) ReadEvents(string text, string path)
+    {
+        int usage = text.LastIndexOf("\"usage\"", StringComparison.Ordinal);
+        int lineStart = text.LastIndexOf("data: ", usage, StringComparison.Ordinal) + 6;
+        int lineEnd = text.IndexOf('\n', usage);
+        long tokens = JsonNode.Parse(text[lineStart..lineEnd])!["usage"]!["completion_tokens"]!.GetValue<long>();
+        return (tokens, text.AsSpan().Count("data: ") - (path.Contains("chat") ? 3 : 2));
+    }
 
     private static Task<(long, List<double>)> OverHttp(HttpClient http, int[][] prompts, int outputTokens, int waves) =>
         Clients(prompts, waves, p => StreamOverHttp(http, "v1/completions", new JsonObject

@@ -47,30 +47,20 @@ internal static unsafe class LoraKernel
 
     private static void Row(float* x, float* at, float* bt, float* o, int inDim, int rank, int outDim)
     {
-        int w = Vector<float>.Count;
         float* xa = stackalloc float[rank];
         new Span<float>(xa, rank).Clear();
-        // xa = x A^T: row k of AT, scaled by x[k], summed.
-        for (int k = 0; k < inDim; k++)
-        {
-            float xk = x[k];
-            if (xk == 0) continue;
-            float* row = at + (long)k * rank;
-            var s = new Vector<float>(xk);
-            int r = 0;
-            for (; r + w <= rank; r += w) (Vector.LoadUnsafe(ref row[r]) * s + Vector.LoadUnsafe(ref xa[r])).StoreUnsafe(ref xa[r]);
-            for (; r < rank; r++) xa[r] += xk * row[r];
-        }
-        // o += xa B^T: row r of BT, scaled by xa[r], summed into the output row.
-        for (int r = 0; r < rank; r++)
-        {
-            float a = xa[r];
-            if (a == 0) continue;
-            float* row = bt + (long)r * outDim;
-            var s = new Vector<float>(a);
-            int j = 0;
-            for (; j + w <= outDim; j += w) (Vector.LoadUnsafe(ref row[j]) * s + Vector.LoadUnsafe(ref o[j])).StoreUnsafe(ref o[j]);
-            for (; j < outDim; j++) o[j] += a * row[j];
-        }
+        for (int k = 0; k < inDim; k++) Axpy(xa, at + (long)k * rank, x[k], rank); // xa = x A^T: the rows of AT, scaled by x
+        for (int r = 0; r < rank; r++) Axpy(o, bt + (long)r * outDim, xa[r], outDim); // o += xa B^T: the rows of BT, scaled by xa
+    }
+
+    /// <summary><c>y += a x</c> over <paramref name="n"/> floats (nothing to do when <paramref name="a"/> is 0).</summary>
+    private static void Axpy(float* y, float* x, float a, int n)
+    {
+        if (a == 0) return;
+        var s = new Vector<float>(a);
+        int i = 0;
+        for (; i + Vector<float>.Count <= n; i += Vector<float>.Count)
+            (Vector.LoadUnsafe(ref x[i]) * s + Vector.LoadUnsafe(ref y[i])).StoreUnsafe(ref y[i]);
+        for (; i < n; i++) y[i] += a * x[i];
     }
 }
