@@ -222,6 +222,11 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
             throw new ApiException(400, "'prompt_logprobs' is not available when 'stream' is true (as in vLLM).", param: "prompt_logprobs");
         string id = $"chatcmpl-{Guid.NewGuid():N}";
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        if (OpenAiChatRequest.Bool(body, "use_beam_search") == true)
+        {
+            await BeamSearchChat(ctx, body, request, lora, model, id, created);
+            return;
+        }
         if (!request.Stream)
         {
             var completed = await Task.WhenAll(Enumerable.Range(0, request.N).Select(i => RunTurn(request, i, ctx.RequestAborted)));
@@ -429,18 +434,7 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
             LengthPenalty = OpenAiChatRequest.Float(body, "length_penalty") ?? 1.0,
             IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
         };
-        try
-        {
-            beam.Validate(engine.Validator.MaxLogprobs);
-        }
-        catch (ArgumentException e)
-        {
-            throw new ApiException(400, e.Message, param: e.ParamName switch
-            {
-                nameof(BeamSearchParams.BeamWidth) => "n", nameof(BeamSearchParams.MaxTokens) => "max_tokens",
-                nameof(BeamSearchParams.Temperature) => "temperature", _ => "length_penalty",
-            });
-        }
+        ValidateBeamSearch(engine, beam);
         var outputs = await engine.Engine.BeamSearchAsync(prompts.Select(p => (IReadOnlyList<int>)p.Ids).ToArray(), beam, prompts.Select(p => p.Text).ToArray(), ctx.RequestAborted, lora);
         var choices = new JsonArray();
         long promptTokens = 0, completionTokens = 0, cached = 0;
@@ -468,6 +462,68 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
                 ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = cached },
             },
         });
+    }
+
+    /// <summary>
+    /// vLLM's <c>use_beam_search</c> on chat completions: the conversation rendered as a chat call renders it, then
+    /// <c>n</c> beams, each a choice whose message is the beam's text, best first. Not streamed; tools, response
+    /// formats, logprobs and echo are refused by name (beams are scored on raw text).
+    /// </summary>
+    private async Task BeamSearchChat(HttpContext ctx, JsonObject body, OpenAiChatRequest request, LoraRequest? lora, string model, string id, long created)
+    {
+        var engine = Real;
+        if (request.Stream) throw new ApiException(400, "'use_beam_search' is not served with 'stream': a beam search's sequences are known only at its end.", param: "stream");
+        foreach (var field in new[] { "tools", "response_format", "structured_outputs", "logprobs", "echo", "prompt_logprobs" })
+            if (body[field] is { } v && v.GetValueKind() is not (JsonValueKind.Null or JsonValueKind.False))
+                throw new ApiException(400, $"'{field}' is not served with 'use_beam_search'.", param: field);
+        var options = request.Options(0);
+        var (_, ids) = _chat.RenderPrompt(request.Messages, options);
+        var core = engine.Engine.Engine;
+        int room = core.MaxModelLen - ids.Length;
+        var defaults = core.DefaultSamplingParams();
+        var beam = new BeamSearchParams
+        {
+            BeamWidth = request.N, MaxTokens = options.MaxOutputTokens ?? Math.Min(room, defaults.MaxTokens), Temperature = options.Temperature ?? defaults.Temperature,
+            IgnoreEos = OpenAiChatRequest.Bool(body, "ignore_eos") ?? false, LengthPenalty = OpenAiChatRequest.Float(body, "length_penalty") ?? 1.0,
+            IncludeStopStrInOutput = OpenAiChatRequest.Bool(body, "include_stop_str_in_output") ?? false,
+        };
+        ValidateBeamSearch(engine, beam);
+        engine.Validator.Validate(ids, new SamplingParams { MaxTokens = beam.MaxTokens });
+        var output = (await engine.Engine.BeamSearchAsync([ids], beam, null, ctx.RequestAborted, lora))[0];
+        var choices = new JsonArray();
+        for (int b = 0; b < output.Sequences.Count; b++)
+            choices.Add(new JsonObject
+            {
+                ["index"] = b, ["message"] = new JsonObject { ["role"] = "assistant", ["content"] = output.Sequences[b].Text },
+                ["logprobs"] = null, ["finish_reason"] = output.Sequences[b].FinishReason,
+            });
+        long completion = output.Sequences.Sum(s => (long)s.TokenIds.Count);
+        await Json(ctx, new JsonObject
+        {
+            ["id"] = id, ["object"] = "chat.completion", ["created"] = created, ["model"] = model, ["choices"] = choices,
+            ["usage"] = new JsonObject
+            {
+                ["prompt_tokens"] = ids.Length, ["completion_tokens"] = completion, ["total_tokens"] = ids.Length + completion,
+                ["prompt_tokens_details"] = new JsonObject { ["cached_tokens"] = output.NumCachedTokens },
+            },
+        });
+    }
+
+    /// <summary>Checks beam search settings, answering a 400 that names the request's field.</summary>
+    private static void ValidateBeamSearch(LocalVllmEngine engine, BeamSearchParams beam)
+    {
+        try
+        {
+            beam.Validate(engine.Validator.MaxLogprobs);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ApiException(400, e.Message, param: e.ParamName switch
+            {
+                nameof(BeamSearchParams.BeamWidth) => "n", nameof(BeamSearchParams.MaxTokens) => "max_tokens",
+                nameof(BeamSearchParams.Temperature) => "temperature", _ => "length_penalty",
+            });
+        }
     }
 
     private static Task CompletionUsageEvent(HttpContext ctx, string model, string id, long created, long promptTokens, long generated, long cached) =>

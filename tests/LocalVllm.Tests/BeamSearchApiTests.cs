@@ -70,4 +70,34 @@ public sealed class BeamSearchApiTests
         Assert.Contains("--max-logprobs", tooWide["error"]!["message"]!.GetValue<string>());
         await server.Engine.Engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
+
+    [Fact]
+    public async Task Beam_search_chat_completions_are_the_offline_searchs_beams_of_the_rendered_conversation()
+    {
+        var template = Path.Combine(Fixtures.Root, "tokenizers", "chat_templates", "TinyLlama-TinyLlama-1.1B-Chat-v1.0.jinja");
+        var messages = new JsonArray(new JsonObject { ["role"] = "system", ["content"] = "You tell stories." }, new JsonObject { ["role"] = "user", ["content"] = "Tell me about a dog." });
+        var p = new BeamSearchParams { BeamWidth = 2, MaxTokens = 6, IgnoreEos = true };
+        BeamSearchOutput offline;
+        using (var llm = new Llm(new EngineOptions { Model = Fixtures.Model("stories260K"), KvCacheMemoryBytes = 8L << 20, ChatTemplate = template }))
+            offline = llm.BeamSearch([llm.Engine.RenderChatPrompt((JsonArray)messages.DeepClone()).TokenIds], p)[0];
+
+        await using var server = LocalVllmServer.Create(ServerOptions.Parse(["--model", Fixtures.Model("stories260K"), "--port", "0", "--kv-cache-memory", "8M", "--chat-template", template]));
+        await server.StartAsync();
+        using var http = new HttpClient { BaseAddress = server.BaseAddress };
+        var body = new JsonObject { ["messages"] = messages.DeepClone(), ["use_beam_search"] = true, ["n"] = 2, ["max_tokens"] = 6, ["temperature"] = 0, ["ignore_eos"] = true };
+        using var response = await http.PostAsync("v1/chat/completions", new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        var json = JsonNode.Parse(await response.Content.ReadAsStringAsync())!;
+        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        Assert.Equal(offline.Sequences.Select(x => x.Text), json["choices"]!.AsArray().Select(c => c!["message"]!["content"]!.GetValue<string>()));
+        Assert.Equal(offline.PromptTokenIds.Count, json["usage"]!["prompt_tokens"]!.GetValue<int>());
+        Assert.Equal(12, json["usage"]!["completion_tokens"]!.GetValue<int>());
+        foreach (var (field, value) in new (string, JsonNode)[] { ("stream", true), ("logprobs", true), ("tools", new JsonArray(new JsonObject { ["type"] = "function", ["function"] = new JsonObject { ["name"] = "f" } })) })
+        {
+            var bad = (JsonObject)body.DeepClone();
+            bad[field] = value;
+            using var refused = await http.PostAsync("v1/chat/completions", new StringContent(bad.ToJsonString(), Encoding.UTF8, "application/json"));
+            var error = JsonNode.Parse(await refused.Content.ReadAsStringAsync())!;
+            Assert.Equal((HttpStatusCode.BadRequest, field), (refused.StatusCode, error["error"]!["param"]?.GetValue<string>()));
+        }
+    }
 }
