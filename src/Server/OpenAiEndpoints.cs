@@ -74,6 +74,8 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         app.MapPost("/v1/chat/completions", ChatCompletions);
         app.MapPost("/v1/completions", Completions);
         app.MapPost("/v1/embeddings", Embeddings);
+        foreach (var path in new[] { "/v1/score", "/score" }) app.MapPost(path, Score);
+        foreach (var path in new[] { "/v1/rerank", "/rerank", "/v2/rerank" }) app.MapPost(path, Rerank);
         app.MapPost("/v1/responses", Responses);
         app.MapGet("/v1/responses/{id}", StoredResponse);
         app.MapMethods("/v1/responses/{id}/{action}", ["GET", "POST", "DELETE"], StoredResponse);
@@ -87,7 +89,8 @@ internal sealed partial class OpenAiEndpoints(ILocalVllmEngine chat, LocalVllmEn
         System.Reflection.CustomAttributeExtensions.GetCustomAttribute<System.Reflection.AssemblyInformationalVersionAttribute>(typeof(OpenAiEndpoints).Assembly)?.InformationalVersion ?? "unknown";
 
     private static bool RequiresKey(PathString path) =>
-        path.StartsWithSegments("/v1") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");
+        path.StartsWithSegments("/v1") || path.StartsWithSegments("/v2") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize")
+        || path.StartsWithSegments("/score") || path.StartsWithSegments("/rerank");
 
     /// <summary>What the client did wrong, or what the server could not do, as a status and message.</summary>
     private ApiException Classify(Exception e)
