@@ -6,6 +6,7 @@ using LocalVllm.Server;
 using LocalVllm.TestSupport;
 using Microsoft.Extensions.AI;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.SemanticKernel;
 
 namespace LocalVllm.Tests;
 
@@ -187,6 +188,33 @@ public sealed class LoraServingTests : IDisposable
     {
         using var response = await http.PostAsync(path, new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
         return (response.StatusCode, await response.Content.ReadAsStringAsync());
+    }
+
+    /// <summary>A Semantic Kernel prompt whose execution settings name the adapter as the model runs under it.</summary>
+    [Fact]
+    public async Task A_semantic_kernel_prompt_picks_the_adapter_by_model_id()
+    {
+        string style = _adapters.Adapter("stories260K", seed: 27);
+        string expected;
+        using (var merged = new Llm(Options(_adapters.Merged("stories260K", style))))
+            expected = merged.Chat(Messages(), new SamplingParams { Temperature = 0, MaxTokens = 12, IgnoreEos = true })[0].Outputs[0].Text;
+
+        var builder = Microsoft.SemanticKernel.Kernel.CreateBuilder();
+        builder.AddLocalVllmChatCompletion(o =>
+        {
+            o.Model = Fixtures.Model("stories260K");
+            o.Engine.KvCacheMemoryBytes = 8L << 20;
+            o.Engine.ChatTemplate = Template;
+            o.LoraModules.Add(new LoraRequest("style", 1, style));
+        });
+        var kernel = builder.Build();
+        var settings = new Microsoft.SemanticKernel.PromptExecutionSettings
+        {
+            ModelId = "style",
+            ExtensionData = new Dictionary<string, object> { ["temperature"] = 0, ["max_tokens"] = 12, ["ignore_eos"] = true },
+        };
+        var result = await kernel.InvokePromptAsync("Tell me about a cat.", new Microsoft.SemanticKernel.KernelArguments(settings));
+        Assert.Equal(expected, result.GetValue<string>());
     }
 
     [Fact]
