@@ -125,6 +125,7 @@ public sealed class LocalVllmServer : IAsyncDisposable
         ("localvllm.spec_decode_draft_tokens", "vllm:spec_decode_num_draft_tokens"),
         ("localvllm.spec_decode_accepted_tokens", "vllm:spec_decode_num_accepted_tokens"),
         ("localvllm.kv_cache_usage", "vllm:kv_cache_usage_perc"),
+        ("localvllm.lora_requests_info", "vllm:lora_requests_info"),
         ("localvllm.requests_finished", "vllm:request_success"),
         ("localvllm.e2e_request_latency", "vllm:e2e_request_latency_seconds"),
         ("localvllm.request_queue_time", "vllm:request_queue_time_seconds"),

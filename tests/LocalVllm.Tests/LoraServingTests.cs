@@ -85,11 +85,24 @@ public sealed class LoraServingTests : IDisposable
             Assert.Equal(styleRef.Chat, remote.Text);
         }
 
+        // vLLM's lora_requests_info while a request runs under an adapter: its name among the running adapters.
+        var longRun = new JsonObject { ["model"] = "other", ["prompt"] = Prompt, ["max_tokens"] = 400, ["ignore_eos"] = true, ["stream"] = true };
+        using (var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = new StringContent(longRun.ToJsonString(), Encoding.UTF8, "application/json") })
+        using (var running = await http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead))
+        {
+            await using var body = await running.Content.ReadAsStreamAsync();
+            Assert.True(await body.ReadAsync(new byte[64]) > 0); // the stream has begun: the request is running
+            var metrics = (await http.GetStringAsync("metrics")).Split('\n');
+            Assert.True(metrics.Any(l => l.StartsWith("vllm:lora_requests_info{", StringComparison.Ordinal) && l.Contains("max_lora=\"2\"") && l.Contains("running_lora_adapters=\"other\"")),
+                string.Join("\n", metrics.Where(l => l.Contains("lora"))));
+        }
+
         var (missing, error) = await Post(http, "v1/completions", new JsonObject { ["model"] = "nope", ["prompt"] = Prompt });
         Assert.Equal(HttpStatusCode.NotFound, missing);
         Assert.Contains("'style', 'other'", error["error"]!["message"]!.GetValue<string>());
         var (embed, embedError) = await Post(http, "v1/embeddings", new JsonObject { ["model"] = "style", ["input"] = Prompt });
         Assert.Equal((HttpStatusCode.BadRequest, "model"), (embed, embedError["error"]!["param"]!.GetValue<string>()));
+        await server.Engine.Engine.WhenIdleAsync(); // the long request's client went away: its abort has been applied
         await server.Engine.Engine.InvokeAsync(e => e.Blocks.CheckInvariants(expectAllFree: true));
     }
 

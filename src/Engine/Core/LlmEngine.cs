@@ -179,6 +179,9 @@ public sealed class LlmEngine : IDisposable
     /// <summary>The adapters loaded now (vLLM's <c>list_loras</c>).</summary>
     public IReadOnlyList<LoraRequest> ListLoras() => _loras.Values.Select(a => a.Request).OrderBy(r => r.Id).ToArray();
 
+    private string[] LoraNames(SequenceStatus status) =>
+        [.. Scheduler.Unfinished.Where(s => s.Status == status && s.Lora is not null).Select(s => s.Lora!.Request.Name).Distinct().Order(StringComparer.Ordinal)];
+
     private bool InUse(Lora.LoraAdapter adapter) => Scheduler.Unfinished.Any(s => s.Lora == adapter);
 
     /// <summary>The loaded adapter for <paramref name="lora"/>, loading it (and dropping the least recently used idle one past MaxCpuLoras) if needed.</summary>
@@ -318,6 +321,9 @@ public sealed class LlmEngine : IDisposable
     /// <summary>A snapshot of queue, cache and token counts (call on the engine's thread).</summary>
     public EngineStats GetStats() => new()
     {
+        MaxLoras = Options.EnableLora ? Options.MaxLoras : null,
+        RunningLoraAdapters = Options.EnableLora ? LoraNames(SequenceStatus.Running) : [],
+        WaitingLoraAdapters = Options.EnableLora ? LoraNames(SequenceStatus.Waiting) : [],
         Running = Scheduler.NumRunning,
         Waiting = Scheduler.NumWaiting,
         KvBlocksTotal = Blocks.NumBlocks,

@@ -56,6 +56,14 @@ internal static class EngineMetrics
         Meter.CreateObservableCounter("localvllm.preemptions", () => _last.Sum(s => s.Preemptions), "{preemption}", "Running sequences preempted for lack of KV blocks.");
         Meter.CreateObservableCounter("localvllm.spec_decode_draft_tokens", () => _last.Sum(s => s.SpecDraftTokens), "{token}", "Speculative decoding: draft tokens computed.");
         Meter.CreateObservableCounter("localvllm.spec_decode_accepted_tokens", () => _last.Sum(s => s.SpecAcceptedTokens), "{token}", "Speculative decoding: draft tokens accepted.");
+        // vLLM's lora_requests_info: one series per engine with LoRA on, its labels the adapters running and waiting and
+        // max_lora, its value the time of the reading (Unix seconds), as vLLM reports it.
+        Meter.CreateObservableGauge("localvllm.lora_requests_info", () => _last.Where(s => s.MaxLoras is not null).Select(s => new Measurement<double>(
+            DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0,
+            new KeyValuePair<string, object?>("max_lora", s.MaxLoras!.Value.ToString(System.Globalization.CultureInfo.InvariantCulture)),
+            new KeyValuePair<string, object?>("running_lora_adapters", string.Join(",", s.RunningLoraAdapters)),
+            new KeyValuePair<string, object?>("waiting_lora_adapters", string.Join(",", s.WaitingLoraAdapters)))).ToArray(),
+            null, "LoRA adapters of running and waiting requests (labels), at the time of reading in Unix seconds (value).");
         Meter.CreateObservableGauge("localvllm.kv_cache_usage", () =>
         {
             var l = _last;

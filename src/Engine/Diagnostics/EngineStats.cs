@@ -33,5 +33,9 @@ public sealed record EngineStats
     public long SpecDraftTokens { get; init; }
     public long SpecAcceptedTokens { get; init; }
     public long Steps { get; init; }
+    /// <summary>LoRA: the most adapters per batch (null when LoRA is off), and the adapters of running and of waiting requests, by name.</summary>
+    public int? MaxLoras { get; init; }
+    public IReadOnlyList<string> RunningLoraAdapters { get; init; } = [];
+    public IReadOnlyList<string> WaitingLoraAdapters { get; init; } = [];
     public long FinishedRequests { get; init; }
 }
