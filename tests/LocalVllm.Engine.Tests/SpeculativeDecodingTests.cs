@@ -411,6 +411,57 @@ public sealed class SpeculativeDecodingTests
         EngineHarness.AssertNoLeaks(spec.Engine);
     }
 
+    /// <summary>
+    /// Sampled requests under a structured-output constraint speculate too: each draft stands with its probability under
+    /// the mask its earlier drafts lead to. Over many requests the outputs match the plain engine's in what the regex
+    /// leaves to chance (which name and verb each sentence takes: a two-sample chi-square over the nine pairs, and over
+    /// whether a sentence repeats the one before it, what prompt lookup predicts); every output matches the regex.
+    /// </summary>
+    [Fact]
+    public void Sampled_constrained_requests_speculate_with_the_plain_engines_choices()
+    {
+        const string regex = @"((Lily|Ben|Tom) (ran|sat|played)\. ){12}";
+        string[] prompts = Enumerable.Repeat("Lily ran. Lily ran. Ben sat. Lily ran. Tom played. Lily ran.", 512).ToArray();
+        var sampling = new SamplingParams { Temperature = 1.0f, MaxTokens = 120, StructuredOutputs = StructuredOutputs.ForRegex(regex) };
+        using var plain = Engine(speculate: false);
+        using var spec = Engine(speculate: true);
+        (Dictionary<string, int> Pairs, int Repeats, int Sentences) Run(Llm llm)
+        {
+            var pairs = new Dictionary<string, int>();
+            int repeats = 0, sentences = 0;
+            foreach (var o in llm.Generate(prompts, sampling))
+            {
+                var text = o.Outputs[0].Text;
+                Assert.Matches("^" + regex + "$", text);
+                var parts = text.Split(". ", StringSplitOptions.RemoveEmptyEntries);
+                for (int i = 0; i < parts.Length; i++)
+                {
+                    pairs[parts[i]] = pairs.GetValueOrDefault(parts[i]) + 1;
+                    sentences++;
+                    if (i > 0 && parts[i] == parts[i - 1]) repeats++;
+                }
+            }
+            return (pairs, repeats, sentences);
+        }
+        var (a, ra, na) = Run(plain);
+        var before = spec.Engine.GetStats();
+        var (b, rb, nb) = Run(spec);
+        var after = spec.Engine.GetStats();
+        Assert.True(after.SpecAcceptedTokens > before.SpecAcceptedTokens, "no draft was accepted: the test does not cover constrained sampled drafts");
+        double chi = 0;
+        foreach (var key in a.Keys.Union(b.Keys))
+        {
+            double x = a.GetValueOrDefault(key), y = b.GetValueOrDefault(key), total = x + y;
+            double ex = total * na / (na + nb), ey = total * nb / (na + nb);
+            chi += (x - ex) * (x - ex) / ex + (y - ey) * (y - ey) / ey;
+        }
+        Assert.True(chi < 60, $"chi-square {chi:F1} over the name-verb pairs: the speculative engine's choices differ from the plain engine's");
+        double pa = (double)ra / na, pb = (double)rb / nb, pooled = (double)(ra + rb) / (na + nb);
+        double z = (pb - pa) / Math.Sqrt(pooled * (1 - pooled) * (1.0 / na + 1.0 / nb));
+        Assert.True(Math.Abs(z) < 6.5, $"a sentence repeated the one before {pb:P1} of the time with speculation and {pa:P1} without (z = {z:F1})");
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
     [Theory]
     [InlineData("""{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3}""", 5, 3, 2)]
     [InlineData("""{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 1}""", 2, 1, 1)]

@@ -24,9 +24,9 @@ internal sealed class NgramProposer(int numSpeculativeTokens, int minN, int maxN
     public static bool CanSpeculate(Sequence seq)
     {
         var p = seq.Sampling;
-        // A structured-output constraint: greedy only, and only once it applies (not inside a reasoning section); drafts
-        // are then cut where the grammar refuses them, and each row is checked under the mask its drafts lead to.
-        bool constraintOk = seq.Constraint is null || (p.IsGreedy && seq.Constraint is { Active: true, Dead: false });
+        // A structured-output constraint: only once it applies (not inside a reasoning section); drafts are then cut where
+        // the grammar refuses them, and each row is checked (greedy) or drawn from (sampled) under the mask its drafts lead to.
+        bool constraintOk = seq.Constraint is null || seq.Constraint is { Active: true, Dead: false };
         return (p.IsGreedy || p.Seed is null) && p.Logprobs is null && constraintOk && seq.BadWordIds is null
             && seq.NumOutputTokens >= p.MinTokens // before min_tokens, EOS and stop tokens are masked row by row
             && p.RepetitionPenalty == 1f && p.PresencePenalty == 0f && p.FrequencyPenalty == 0f

@@ -119,7 +119,9 @@ public sealed class ModelRunner : IDisposable
                     // drafts it agrees with stand, and the next token is its own (DraftVerifier).
                     var seq = batch[i].Sequence;
                     var (j, next) = !seq.Sampling.IsGreedy
-                        ? DraftVerifier.Sampled(r => Probabilities(step.Logits, step.SampleRows[i] + r, seq.Sampling), drafts, seq.Random)
+                        ? DraftVerifier.Sampled(seq.Constraint is { } sampledConstraint
+                            ? ConstrainedProbabilities(step.Logits, step.SampleRows[i], seq, sampledConstraint, drafts)
+                            : r => Probabilities(step.Logits, step.SampleRows[i] + r, seq.Sampling), drafts, seq.Random)
                         : seq.Constraint is { } constraint
                             ? DraftVerifier.Greedy(ConstrainedChoices(step.Logits, step.SampleRows[i], seq, constraint, drafts), drafts)
                             : DraftVerifier.Greedy(GreedyChoices(step.Logits, step.SampleRows[i], drafts.Length + 1), drafts);
@@ -155,6 +157,35 @@ public sealed class ModelRunner : IDisposable
         using var scope = NewDisposeScope();
         var sorted = Sampler.FilteredProbabilities(logits.narrow(0, row, 1), [sampling], out var order);
         return zeros_like(sorted).scatter_(1, order, sorted).contiguous().data<float>().ToArray();
+    }
+
+    /// <summary>
+    /// Row j's probabilities under a structured-output constraint, as the sampler draws from them in a plain step: the
+    /// logits of the tokens the grammar does not allow after the first j drafts (a copy of the matcher advanced through
+    /// them) set to minus infinity, then temperature, top-k, top-p and min-p. Where nothing is allowed at row 0 (the
+    /// proposer's check makes it impossible) the constraint is marked dead and the row is left unmasked, as the sampler does.
+    /// </summary>
+    private static Func<int, float[]> ConstrainedProbabilities(Tensor logits, int row, Sequence seq, Structured.SequenceConstraint constraint, int[] drafts)
+    {
+        var matcher = constraint.Matcher.Clone();
+        int advanced = 0, vocab = (int)logits.shape[1];
+        var words = new ulong[Math.Max((vocab + 63) / 64, matcher.Vocabulary.Words)];
+        return j =>
+        {
+            while (advanced < j) matcher.TryAdvance(drafts[advanced++]); // drafts the proposer checked against the grammar
+            constraint.FillAllowed(matcher, words, seq.NumOutputTokens + j >= seq.Sampling.MinTokens, vocab);
+            using var scope = NewDisposeScope();
+            var x = logits[row + j].to_type(ScalarType.Float32).cpu().data<float>().ToArray();
+            var masked = (float[])x.Clone();
+            bool any = false;
+            for (int t = 0; t < vocab; t++)
+                if ((words[t >> 6] & (1UL << t)) == 0) masked[t] = float.NegativeInfinity;
+                else any = true;
+            if (!any && j == 0) constraint.Dead = true;
+            using var rowT = tensor(any ? masked : x).unsqueeze(0);
+            var sorted = Sampler.FilteredProbabilities(rowT, [seq.Sampling], out var order);
+            return zeros_like(sorted).scatter_(1, order, sorted).contiguous().data<float>().ToArray();
+        };
     }
 
     /// <summary>
