@@ -179,6 +179,30 @@ public sealed class SpeculativeDecodingTests
         }
         Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0, "no draft was accepted");
         Assert.True(spec.Engine.Counters.JumpForwardTokens > 0, "nothing was jumped forward: the test does not cover drafts beside jump-forward");
+        // The same forced text written by jump-forward in both: drafts never run into a forced state (the proposer cuts
+        // them there), so the forced text after a speculative step's last token is jumped, as after a plain step.
+        Assert.Equal(plain.Engine.Counters.JumpForwardTokens, spec.Engine.Counters.JumpForwardTokens);
+        EngineHarness.AssertNoLeaks(spec.Engine);
+    }
+
+    /// <summary>
+    /// Where a speculative step's own last token leads the grammar into forced text (a draft never does: the proposer
+    /// cuts drafts there), jump-forward writes that text as after a plain step: greedy output under a regex whose
+    /// sentences repeat, equal to the plain engine's token for token, with as many tokens jumped forward.
+    /// </summary>
+    [Fact]
+    public void After_a_speculative_step_the_forced_text_is_jumped_forward_as_after_a_plain_step()
+    {
+        var sampling = new SamplingParams { Temperature = 0, MaxTokens = 120, StructuredOutputs = StructuredOutputs.ForRegex(@"((Lily|Ben|Tom) (ran to the park|sat on the mat)\. ){10}") };
+        string[] prompts = ["Lily ran to the park. Ben sat on the mat. Lily ran to the park.", "Tom sat on the mat. Tom sat on the mat.", "Once upon a time"];
+        using var plain = Engine(speculate: false, model: "tiny-qwen3-chat");
+        using var spec = Engine(speculate: true, model: "tiny-qwen3-chat");
+        var x = plain.Generate(prompts, sampling);
+        var y = spec.Generate(prompts, sampling);
+        for (int i = 0; i < prompts.Length; i++) Assert.Equal(x[i].Outputs[0].TokenIds, y[i].Outputs[0].TokenIds);
+        Assert.True(spec.Engine.GetStats().SpecAcceptedTokens > 0, "no draft was accepted");
+        Assert.True(plain.Engine.Counters.JumpForwardTokens > 0, "nothing was jumped forward");
+        Assert.Equal(plain.Engine.Counters.JumpForwardTokens, spec.Engine.Counters.JumpForwardTokens);
         EngineHarness.AssertNoLeaks(spec.Engine);
     }
 
