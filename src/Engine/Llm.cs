@@ -76,6 +76,35 @@ public sealed class Llm : IDisposable
         Chat([messages], sampling, options, lora);
 
     /// <summary>
+    /// Each text's embedding (vLLM's <c>LLM.embed</c>): the final hidden state of its last token (or the mean over its
+    /// tokens), unit length unless <paramref name="normalize"/> is false; see <see cref="LlmEngine.Embed"/>.
+    /// </summary>
+    public float[][] Embed(IReadOnlyList<string> texts, EmbeddingPooling pooling = EmbeddingPooling.Last, bool normalize = true)
+    {
+        ArgumentNullException.ThrowIfNull(texts);
+        ObjectDisposedException.ThrowIf(_disposeRequested, this);
+        var prompts = texts.Select(t => (IReadOnlyList<int>)Engine.EncodePrompt(t)).ToArray();
+        lock (_gate)
+        {
+            ObjectDisposedException.ThrowIf(_disposed || _disposeRequested, this);
+            return Engine.Embed(prompts, pooling, normalize);
+        }
+    }
+
+    /// <summary>
+    /// Scores texts as vLLM's <c>LLM.score</c> does with an embedding model: the cosine of each pair's embeddings, one
+    /// <paramref name="first"/> text against every <paramref name="second"/> text, or pairwise when there are as many.
+    /// </summary>
+    public double[] Score(IReadOnlyList<string> first, IReadOnlyList<string> second)
+    {
+        ArgumentNullException.ThrowIfNull(first);
+        ArgumentNullException.ThrowIfNull(second);
+        if (first.Count != 1 && first.Count != second.Count)
+            throw new ArgumentException($"{first.Count} first texts and {second.Count} second texts: give one first text for all, or as many as the second (scored pairwise).", nameof(first));
+        return EmbeddingScores.Pairs(Embed([.. first, .. second]), first.Count);
+    }
+
+    /// <summary>
     /// Beam search over each text prompt (vLLM's <c>LLM.beam_search</c>): the best <see cref="BeamSearchParams.BeamWidth"/>
     /// sequences per prompt, best first. Each step runs every live beam as a one-token request through the engine, so
     /// with prefix caching on the beams' shared tokens are computed once.

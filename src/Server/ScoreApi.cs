@@ -22,9 +22,9 @@ internal sealed partial class OpenAiEndpoints
         if (left.Count != 1 && left.Count != right.Count)
             throw new ApiException(400, $"'text_1' has {left.Count} texts and 'text_2' {right.Count}: give one text_1 for all, or as many as text_2 (scored pairwise).", param: "text_1");
         var (vectors, tokens) = await EmbedForScoring(body, [.. left, .. right]);
+        var scores = EmbeddingScores.Pairs(vectors, left.Count);
         var data = new JsonArray();
-        for (int i = 0; i < right.Count; i++)
-            data.Add(new JsonObject { ["index"] = i, ["object"] = "score", ["score"] = Cosine(vectors[left.Count == 1 ? 0 : i], vectors[left.Count + i]) });
+        for (int i = 0; i < scores.Length; i++) data.Add(new JsonObject { ["index"] = i, ["object"] = "score", ["score"] = scores[i] });
         await Json(ctx, new JsonObject
         {
             ["id"] = $"score-{Guid.NewGuid():N}", ["object"] = "list", ["created"] = DateTimeOffset.UtcNow.ToUnixTimeSeconds(), ["model"] = ModelName, ["data"] = data,
@@ -42,7 +42,7 @@ internal sealed partial class OpenAiEndpoints
         int topN = OpenAiChatRequest.Int(body, "top_n") is int n && n > 0 ? Math.Min(n, documents.Count) : documents.Count;
         bool returnDocuments = OpenAiChatRequest.Bool(body, "return_documents") ?? true;
         var (vectors, tokens) = await EmbedForScoring(body, [query, .. documents]);
-        var ranked = Enumerable.Range(0, documents.Count).Select(i => (Index: i, Score: Cosine(vectors[0], vectors[i + 1])))
+        var ranked = Enumerable.Range(0, documents.Count).Select(i => (Index: i, Score: EmbeddingScores.Cosine(vectors[0], vectors[i + 1])))
             .OrderByDescending(x => x.Score).Take(topN);
         var results = new JsonArray();
         foreach (var (index, score) in ranked)
@@ -94,17 +94,5 @@ internal sealed partial class OpenAiEndpoints
         {
             throw new ApiException(400, e.Message);
         }
-    }
-
-    private static double Cosine(float[] a, float[] b)
-    {
-        double dot = 0, na = 0, nb = 0;
-        for (int i = 0; i < a.Length; i++)
-        {
-            dot += (double)a[i] * b[i];
-            na += (double)a[i] * a[i];
-            nb += (double)b[i] * b[i];
-        }
-        return dot / Math.Sqrt(na * nb);
     }
 }

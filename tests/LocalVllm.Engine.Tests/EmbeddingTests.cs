@@ -90,4 +90,29 @@ public sealed class EmbeddingTests
         await engine.WhenIdleAsync();
         await engine.InvokeAsync(e => EngineHarness.AssertNoLeaks(e));
     }
+
+    /// <summary>
+    /// The offline API's Embed (texts) gives the engine's vectors of the encoded texts, and Score the cosine of each
+    /// pair, computed here from those vectors: one text against many, or pairwise; uneven lists are refused.
+    /// </summary>
+    [Fact]
+    public void Offline_embed_and_score_are_the_engines_vectors_and_their_cosines()
+    {
+        using var llm = new Llm(EngineHarness.Options("stories260K"));
+        string[] texts = ["Lily liked her dog.", "The cat sat on the mat.", "The rocket flew to the moon."];
+        var vectors = llm.Embed(texts);
+        var direct = llm.Engine.Embed(texts.Select(t => (IReadOnlyList<int>)llm.Engine.EncodePrompt(t)).ToArray());
+        for (int i = 0; i < texts.Length; i++) Assert.Equal(direct[i], vectors[i]);
+        static double Cos(float[] a, float[] b) => a.Zip(b, (x, y) => (double)x * y).Sum() / Math.Sqrt(a.Sum(x => (double)x * x) * b.Sum(x => (double)x * x));
+        var query = llm.Embed(["Where is the cat?"])[0];
+
+        var scores = llm.Score(["Where is the cat?"], texts);
+        Assert.Equal(texts.Length, scores.Length);
+        for (int i = 0; i < texts.Length; i++) Assert.Equal(Cos(query, vectors[i]), scores[i], 1e-6);
+        var pairwise = llm.Score([texts[0], texts[1]], [texts[2], texts[1]]);
+        Assert.Equal(Cos(vectors[0], vectors[2]), pairwise[0], 1e-6);
+        Assert.Equal(1.0, pairwise[1], 1e-6); // a text against itself
+        Assert.Throws<ArgumentException>(() => llm.Score(texts[..2], texts));
+        EngineHarness.AssertNoLeaks(llm.Engine);
+    }
 }
