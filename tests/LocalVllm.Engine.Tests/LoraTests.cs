@@ -199,6 +199,41 @@ public sealed class LoraTests : IDisposable
     }
 
     /// <summary>
+    /// An adapter named by a hub repository id (as vLLM takes them) is downloaded into the model cache (only its config
+    /// and weights) and serves its merged model's output; a model repository named as an adapter is refused by name.
+    /// </summary>
+    [Fact]
+    public void An_adapter_named_by_a_hub_id_is_downloaded_and_served()
+    {
+        const string model = "stories260K";
+        string a = Adapter(model, seed: 17);
+        var prompts = Prompts(2, 20, seed: 13);
+        IReadOnlyList<RequestOutput> expected;
+        using (var merged = new Llm(Options(Merged(model, a)))) expected = merged.Generate(prompts, Greedy);
+
+        var cache = Directory.CreateTempSubdirectory("lora-hub").FullName;
+        try
+        {
+            using var hub = new FakeHub(a, "someone/story-style");
+            using var llm = new Llm(Options(model, o => o.Hub = new Loading.Hub.HubOptions { CacheDir = cache, Endpoint = hub.Endpoint, ConsoleProgress = false }));
+            var got = llm.Generate(prompts, Greedy, new LoraRequest("style", 1, "someone/story-style"));
+            for (int i = 0; i < prompts.Length; i++) AssertSame(expected[i], got[i], $"prompt {i}");
+            var snapshot = Path.Combine(cache, "models--someone--story-style", "snapshots", FakeHub.Commit);
+            Assert.Equal(["adapter_config.json", "adapter_model.safetensors"], Directory.GetFiles(snapshot).Select(Path.GetFileName).Order());
+
+            using var modelHub = new FakeHub(Fixtures.Model(model), "someone/not-an-adapter");
+            using var other = new Llm(Options(model, o => o.Hub = new Loading.Hub.HubOptions { CacheDir = cache, Endpoint = modelHub.Endpoint, ConsoleProgress = false }));
+            var e = Assert.ThrowsAny<Exception>(() => other.Generate(prompts, Greedy, new LoraRequest("wrong", 1, "someone/not-an-adapter")));
+            Assert.Contains("has no adapter_config.json: it is not a PEFT adapter repository", e.Message);
+            EngineHarness.AssertNoLeaks(llm.Engine);
+        }
+        finally
+        {
+            Directory.Delete(cache, recursive: true);
+        }
+    }
+
+    /// <summary>
     /// The decode kernel against libtorch's products, at sizes that are no multiple of any vector width: each run's rows
     /// get their own adapter's update, the rows between runs are left as they were.
     /// </summary>

@@ -197,7 +197,9 @@ public sealed class LlmEngine : IDisposable
             loaded.LastUsedStep = ++_loraUses;
             return loaded;
         }
-        var adapter = Lora.LoraAdapter.Load(lora, Model.Config, Model.DType, Model.Device, Options.MaxLoraRank);
+        // A folder, or a hub repository id (owner/name[@revision]) fetched into the model cache, as vLLM resolves adapters.
+        string folder = System.IO.Directory.Exists(lora.Path) || !ModelResolver.IsRepoId(lora.Path) ? lora.Path : ModelResolver.ResolveAdapter(lora.Path, Options.Hub);
+        var adapter = Lora.LoraAdapter.Load(lora, Model.Config, Model.DType, Model.Device, Options.MaxLoraRank, folder);
         int cap = Options.MaxCpuLoras ?? Options.MaxLoras;
         foreach (var idle in _loras.Values.Where(a => !InUse(a)).OrderBy(a => a.LastUsedStep).Take(Math.Max(0, _loras.Count + 1 - cap)).ToList())
         {

@@ -53,18 +53,19 @@ internal sealed partial class LoraAdapter : IDisposable
     /// <see cref="ArgumentException"/> (or a file exception) naming what does not fit: a missing file, a rank above
     /// <paramref name="maxRank"/>, a module this engine does not adapt, a shape that is not the model's.
     /// </summary>
-    public static LoraAdapter Load(LoraRequest request, ModelConfig config, ScalarType dtype, Device device, int maxRank)
+    public static LoraAdapter Load(LoraRequest request, ModelConfig config, ScalarType dtype, Device device, int maxRank, string? folder = null)
     {
+        folder ??= request.Path;
         ArgumentNullException.ThrowIfNull(request);
         if (request.Id < 1) throw new ArgumentException($"LoRA adapter '{request.Name}': Id must be a positive number, got {request.Id}.", nameof(request));
         if (string.IsNullOrWhiteSpace(request.Name)) throw new ArgumentException("A LoRA adapter needs a name.", nameof(request));
-        var configPath = System.IO.Path.Combine(request.Path, "adapter_config.json");
-        var weightsPath = System.IO.Path.Combine(request.Path, "adapter_model.safetensors");
-        if (!Directory.Exists(request.Path)) throw new DirectoryNotFoundException($"LoRA adapter '{request.Name}': folder '{request.Path}' not found.");
+        var configPath = System.IO.Path.Combine(folder, "adapter_config.json");
+        var weightsPath = System.IO.Path.Combine(folder, "adapter_model.safetensors");
+        if (!Directory.Exists(folder)) throw new DirectoryNotFoundException($"LoRA adapter '{request.Name}': folder '{folder}' not found.");
         if (!File.Exists(configPath)) throw new FileNotFoundException($"LoRA adapter '{request.Name}': '{configPath}' not found (a PEFT adapter folder holds adapter_config.json).", configPath);
         if (!File.Exists(weightsPath))
             throw new FileNotFoundException($"LoRA adapter '{request.Name}': '{weightsPath}' not found" +
-                (File.Exists(System.IO.Path.Combine(request.Path, "adapter_model.bin")) ? " (only adapter_model.bin is there: convert it to safetensors)." : "."), weightsPath);
+                (File.Exists(System.IO.Path.Combine(folder, "adapter_model.bin")) ? " (only adapter_model.bin is there: convert it to safetensors)." : "."), weightsPath);
 
         var cfg = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject
                   ?? throw new InvalidDataException($"LoRA adapter '{request.Name}': adapter_config.json is not a JSON object.");

@@ -17,6 +17,14 @@ namespace LocalVllm.Engine.Loading.Hub;
 /// </summary>
 public static partial class ModelResolver
 {
+    /// <summary>What a repository holds: a model (config, weights, tokenizer) or a PEFT LoRA adapter (its config and weights).</summary>
+    private sealed record RepoKind(string What, string Marker, Func<string, bool> IsNeeded, Func<string, List<string>> Missing);
+
+    private static readonly RepoKind ModelRepo = new("a transformers model repository", "config.json", IsNeeded, MissingFiles);
+    private static readonly RepoKind AdapterRepo = new("a PEFT adapter repository", "adapter_config.json",
+        file => file is "adapter_config.json" or "adapter_model.safetensors",
+        dir => [.. new[] { "adapter_config.json", "adapter_model.safetensors" }.Where(f => !File.Exists(Path.Combine(dir, f)))]);
+
     /// <summary>Files the engine needs; others in the repository are not downloaded.</summary>
     private static bool IsNeeded(string file) =>
         file is "config.json" or "generation_config.json" or "model.safetensors.index.json" or "tokenizer.json" or "tokenizer_config.json"
@@ -38,7 +46,17 @@ public static partial class ModelResolver
         ResolveAsync(model, options, cancellationToken).GetAwaiter().GetResult();
 
     /// <inheritdoc cref="Resolve"/>
-    public static async Task<string> ResolveAsync(string model, HubOptions? options = null, CancellationToken cancellationToken = default)
+    public static Task<string> ResolveAsync(string model, HubOptions? options = null, CancellationToken cancellationToken = default) =>
+        ResolveAsync(model, ModelRepo, options, cancellationToken);
+
+    /// <summary>
+    /// Returns a local directory holding the LoRA adapter <paramref name="adapter"/> (a folder, or a hub repository id
+    /// whose adapter_config.json and adapter_model.safetensors are downloaded into the same cache as models).
+    /// </summary>
+    public static string ResolveAdapter(string adapter, HubOptions? options = null, CancellationToken cancellationToken = default) =>
+        ResolveAsync(adapter, AdapterRepo, options, cancellationToken).GetAwaiter().GetResult();
+
+    private static async Task<string> ResolveAsync(string model, RepoKind kind, HubOptions? options, CancellationToken cancellationToken)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(model);
         if (Directory.Exists(model)) return Path.GetFullPath(model);
@@ -50,9 +68,9 @@ public static partial class ModelResolver
         CheckRevision(repo, revision);
         string repoDir = Path.Combine(options.CacheDir, "models--" + repo.Replace("/", "--"));
 
-        if (CachedSnapshot(repoDir, revision) is string cached) return cached;
+        if (CachedSnapshot(repoDir, revision, kind) is string cached) return cached;
         if (options.Offline)
-            throw new HubException(OfflineMessage(repo, revision, repoDir, MissingIn(repoDir, revision)));
+            throw new HubException(OfflineMessage(repo, revision, repoDir, MissingIn(repoDir, revision, kind)));
 
         using var http = new HttpClient(options.Handler ?? new SocketsHttpHandler { AllowAutoRedirect = false }, disposeHandler: options.Handler is null)
         {
@@ -60,7 +78,7 @@ public static partial class ModelResolver
         };
         try
         {
-            return await DownloadAsync(http, repo, revision, repoDir, options, cancellationToken).ConfigureAwait(false);
+            return await DownloadAsync(http, repo, revision, repoDir, options, kind, cancellationToken).ConfigureAwait(false);
         }
         catch (HttpRequestException e) when (e.StatusCode is null)
         {
@@ -71,12 +89,12 @@ public static partial class ModelResolver
     }
 
     /// <summary>The snapshot directory for <paramref name="revision"/> if it is complete in the cache, else null.</summary>
-    private static string? CachedSnapshot(string repoDir, string revision)
+    private static string? CachedSnapshot(string repoDir, string revision, RepoKind kind)
     {
         var commit = CommitFor(repoDir, revision);
         if (commit is null) return null;
         var snapshot = Path.Combine(repoDir, "snapshots", commit);
-        return Directory.Exists(snapshot) && MissingFiles(snapshot).Count == 0 ? snapshot : null;
+        return Directory.Exists(snapshot) && kind.Missing(snapshot).Count == 0 ? snapshot : null;
     }
 
     private static string? CommitFor(string repoDir, string revision)
@@ -137,17 +155,17 @@ public static partial class ModelResolver
         return missing;
     }
 
-    private static List<string> MissingIn(string repoDir, string revision)
+    private static List<string> MissingIn(string repoDir, string revision, RepoKind kind)
     {
         var commit = CommitFor(repoDir, revision);
-        return commit is null ? [$"refs/{revision}"] : MissingFiles(Path.Combine(repoDir, "snapshots", commit));
+        return commit is null ? [$"refs/{revision}"] : kind.Missing(Path.Combine(repoDir, "snapshots", commit));
     }
 
     private static string OfflineMessage(string repo, string revision, string repoDir, List<string> missing) =>
         $"Offline mode (HF_HUB_OFFLINE): '{repo}@{revision}' is not complete in the cache '{repoDir}'; missing: {string.Join(", ", missing)}. " +
         $"Download it first (e.g. `huggingface-cli download {repo}`), or unset HF_HUB_OFFLINE.";
 
-    private static async Task<string> DownloadAsync(HttpClient http, string repo, string revision, string repoDir, HubOptions o, CancellationToken ct)
+    private static async Task<string> DownloadAsync(HttpClient http, string repo, string revision, string repoDir, HubOptions o, RepoKind kind, CancellationToken ct)
     {
         // The file list and the commit the revision points to.
         var info = await SendAsync(http, HttpMethod.Get, $"{o.Endpoint}/api/models/{repo}/revision/{Uri.EscapeDataString(revision)}", o, repo, revision, ct).ConfigureAwait(false);
@@ -156,8 +174,8 @@ public static partial class ModelResolver
         var commit = json["sha"]?.GetValue<string>() ?? throw new HubException($"The hub's answer for '{repo}@{revision}' has no commit sha.");
         if (!CommitPattern().IsMatch(commit))
             throw new HubException($"The hub's answer for '{repo}@{revision}' has an invalid commit sha '{commit}' (expected 40 hex digits); nothing was written.");
-        var files = json["siblings"]!.AsArray().Select(s => s!["rfilename"]!.GetValue<string>()).Where(IsNeeded).ToList();
-        if (!files.Contains("config.json")) throw new HubException($"'{repo}@{revision}' has no config.json: it is not a transformers model repository.");
+        var files = json["siblings"]!.AsArray().Select(s => s!["rfilename"]!.GetValue<string>()).Where(kind.IsNeeded).ToList();
+        if (!files.Contains(kind.Marker)) throw new HubException($"'{repo}@{revision}' has no {kind.Marker}: it is not {kind.What}.");
 
         var snapshot = Inside(repoDir, Path.Combine(repoDir, "snapshots", commit), "a snapshot");
         Directory.CreateDirectory(snapshot);
@@ -175,7 +193,7 @@ public static partial class ModelResolver
             Directory.CreateDirectory(Path.GetDirectoryName(refFile)!);
             await File.WriteAllTextAsync(refFile, commit, ct).ConfigureAwait(false);
         }
-        var missing = MissingFiles(snapshot);
+        var missing = kind.Missing(snapshot);
         if (missing.Count > 0) throw new HubException($"'{repo}@{revision}' lacks files the engine needs: {string.Join(", ", missing)}.");
         return snapshot;
     }
