@@ -32,7 +32,10 @@ public sealed class Sequence
 
     /// <summary>The LoRA adapter this sequence runs under, or null for the base model.</summary>
     internal Lora.LoraAdapter? Lora { get; init; }
-    /// <summary>Mixed into the hash of the first block, so that prefixes computed under different adapters never match.</summary>
+    /// <summary>
+    /// Mixed into the hash of the first block, so that prefixes computed under different adapters, or for requests with
+    /// different cache salts, never match.
+    /// </summary>
     internal ulong PrefixSalt => (Lora?.PrefixSalt ?? 0) ^ _cacheSalt;
     private readonly ulong _cacheSalt;
 
